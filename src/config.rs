@@ -1,0 +1,495 @@
+//! Layered configuration (built-in defaults, /etc file, --config file, RTCAM__ env) and its validation.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::topics::is_valid_id;
+
+/// The compiled-in defaults; every key rtcam knows is in this file.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// System-wide config file, read when present.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/rtcam/rtcam.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub device: DeviceConfig,
+    pub capture: CaptureConfig,
+    pub encoder: EncoderConfig,
+    pub webrtc: WebrtcConfig,
+    pub mqtt: MqttConfig,
+    pub broker: BrokerConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub id: String,
+}
+
+/// Defines a config enum whose parse error lists every allowed spelling.
+macro_rules! config_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "&'static str")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALLOWED: &'static [&'static str] = &[$($text),+];
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                match s.as_str() {
+                    $($text => Ok(Self::$variant),)+
+                    _ => Err(format!(
+                        "{s:?} is not allowed; use one of {}",
+                        Self::ALLOWED.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl From<$name> for &'static str {
+            fn from(v: $name) -> &'static str {
+                match v { $($name::$variant => $text),+ }
+            }
+        }
+    };
+}
+
+config_enum!(
+    /// Where pictures come from.
+    SourceKind { V4l2 = "v4l2", TestPattern = "test-pattern" }
+);
+
+config_enum!(
+    /// Pixel format asked of a V4L2 camera.
+    PixelFormatChoice { Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV" }
+);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    pub source: SourceKind,
+    pub device: PathBuf,
+    pub format: PixelFormatChoice,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub buffers: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderConfig {
+    pub bitrate: u32,
+    pub keyframe_interval: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnServer {
+    pub url: String,
+    pub username: String,
+    /// File whose first line is the TURN credential (kept out of the config and the logs).
+    pub credential_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebrtcConfig {
+    pub max_viewers: u32,
+    pub bind_addresses: Vec<IpAddr>,
+    pub udp_port_min: u16,
+    pub udp_port_max: u16,
+    pub stun_servers: Vec<String>,
+    pub turn_servers: Vec<TurnServer>,
+    pub max_sdp_bytes: usize,
+    pub connect_timeout_ms: u64,
+    pub disconnect_timeout_ms: u64,
+    pub viewer_queue_frames: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub prefix: String,
+    pub username: String,
+    pub password_file: PathBuf,
+    pub keep_alive_s: u64,
+    pub max_payload_bytes: usize,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub state_min_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub ws_listen: SocketAddr,
+}
+
+config_enum!(
+    /// Where logs go.
+    LogTarget { Auto = "auto", Journald = "journald", Stderr = "stderr" }
+);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub target: LogTarget,
+}
+
+/// A configuration that could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A value out of its allowed set; names the key and what is allowed.
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Where configuration comes from, lowest priority first.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// Read when it exists (normally [`SYSTEM_CONFIG_PATH`]).
+    pub system_file: Option<PathBuf>,
+    /// `--config PATH`: must exist.
+    pub explicit_file: Option<PathBuf>,
+    /// Environment variables to apply (normally `std::env::vars()`); only `RTCAM__*` are used.
+    pub env: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Loads defaults, then each source in order, then validates.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = &sources.system_file {
+            builder = builder.add_source(toml_file(path).required(false));
+        }
+        if let Some(path) = &sources.explicit_file {
+            builder = builder.add_source(toml_file(path).required(true));
+        }
+        let env: config::Map<String, String> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with("RTCAM__"))
+            .cloned()
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("RTCAM")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("webrtc.bind_addresses")
+                .with_list_parse_key("webrtc.stun_servers")
+                .source(Some(env)),
+        );
+        let config: Config = builder.build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value against its allowed range; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_valid_id(&self.device.id) {
+            return Err(invalid(
+                "device.id",
+                "1 to 64 characters from A-Z a-z 0-9 _ -",
+            ));
+        }
+        let c = &self.capture;
+        if !(16..=3840).contains(&c.width) || !c.width.is_multiple_of(2) {
+            return Err(invalid("capture.width", "an even number from 16 to 3840"));
+        }
+        if !(16..=2160).contains(&c.height) || !c.height.is_multiple_of(2) {
+            return Err(invalid("capture.height", "an even number from 16 to 2160"));
+        }
+        if !(1..=120).contains(&c.fps) {
+            return Err(invalid("capture.fps", "1 to 120"));
+        }
+        if !(2..=32).contains(&c.buffers) {
+            return Err(invalid("capture.buffers", "2 to 32"));
+        }
+        if c.source == SourceKind::TestPattern && c.width < 160 {
+            return Err(invalid(
+                "capture.width",
+                "at least 160 with source = \"test-pattern\" (room for the frame-number cells)",
+            ));
+        }
+        if !crate::protocol::command::BITRATE_RANGE.contains(&self.encoder.bitrate) {
+            return Err(invalid(
+                "encoder.bitrate",
+                "100000 to 20000000 bits per second",
+            ));
+        }
+        if !(1..=3600).contains(&self.encoder.keyframe_interval) {
+            return Err(invalid("encoder.keyframe_interval", "1 to 3600 frames"));
+        }
+        let w = &self.webrtc;
+        if !(1..=64).contains(&w.max_viewers) {
+            return Err(invalid("webrtc.max_viewers", "1 to 64"));
+        }
+        if w.bind_addresses.is_empty() {
+            return Err(invalid(
+                "webrtc.bind_addresses",
+                "at least one IP address, e.g. [\"0.0.0.0\"]",
+            ));
+        }
+        if (w.udp_port_min == 0) != (w.udp_port_max == 0) || w.udp_port_min > w.udp_port_max {
+            return Err(invalid(
+                "webrtc.udp_port_min",
+                "both 0 (any port), or 1..=65535 with udp_port_min <= udp_port_max",
+            ));
+        }
+        for url in &w.stun_servers {
+            if !(url.starts_with("stun:") || url.starts_with("stuns:")) {
+                return Err(invalid(
+                    "webrtc.stun_servers",
+                    format!("{url:?} is not a stun: or stuns: URL"),
+                ));
+            }
+        }
+        for t in &w.turn_servers {
+            if !(t.url.starts_with("turn:") || t.url.starts_with("turns:")) {
+                return Err(invalid(
+                    "webrtc.turn_servers",
+                    format!("{:?} is not a turn: or turns: URL", t.url),
+                ));
+            }
+        }
+        if !(1024..=1 << 20).contains(&w.max_sdp_bytes) {
+            return Err(invalid("webrtc.max_sdp_bytes", "1024 to 1048576"));
+        }
+        if !(1000..=600_000).contains(&w.connect_timeout_ms) {
+            return Err(invalid("webrtc.connect_timeout_ms", "1000 to 600000"));
+        }
+        if !(500..=600_000).contains(&w.disconnect_timeout_ms) {
+            return Err(invalid("webrtc.disconnect_timeout_ms", "500 to 600000"));
+        }
+        if !(2..=120).contains(&w.viewer_queue_frames) {
+            return Err(invalid("webrtc.viewer_queue_frames", "2 to 120"));
+        }
+        let m = &self.mqtt;
+        if m.host.is_empty() {
+            return Err(invalid("mqtt.host", "a host name or IP address"));
+        }
+        if m.port == 0 {
+            return Err(invalid("mqtt.port", "1 to 65535"));
+        }
+        let prefix = m.prefix.trim_end_matches('/');
+        if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.split('/').any(str::is_empty)
+        {
+            return Err(invalid(
+                "mqtt.prefix",
+                "a topic prefix without wildcards (+ #), empty levels or a leading /",
+            ));
+        }
+        if !(5..=3600).contains(&m.keep_alive_s) {
+            return Err(invalid("mqtt.keep_alive_s", "5 to 3600"));
+        }
+        if !(1024..=16 << 20).contains(&m.max_payload_bytes) {
+            return Err(invalid("mqtt.max_payload_bytes", "1024 to 16777216"));
+        }
+        if m.reconnect_min_ms == 0 || m.reconnect_min_ms > m.reconnect_max_ms {
+            return Err(invalid(
+                "mqtt.reconnect_min_ms",
+                "at least 1 and not above mqtt.reconnect_max_ms",
+            ));
+        }
+        if m.state_min_interval_ms > 60_000 {
+            return Err(invalid("mqtt.state_min_interval_ms", "0 to 60000"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                "a tracing filter such as \"info\" or \"rtcam=debug,warn\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (secrets live in files, so nothing is masked).
+    pub fn to_toml(&self) -> String {
+        // Every field is a plain TOML value; serialization cannot fail.
+        toml::to_string(self).expect("config serializes to TOML")
+    }
+}
+
+fn toml_file(path: &Path) -> config::File<config::FileSourceFile, config::FileFormat> {
+    config::File::from(path).format(config::FileFormat::Toml)
+}
+
+/// Reads the first line of a secret file, trimmed.
+pub fn read_secret(key: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    Ok(text.lines().next().unwrap_or("").trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_with(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let tmp = file.map(|text| {
+            let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+            f
+        });
+        Config::load(&Sources {
+            system_file: None,
+            explicit_file: tmp.as_ref().map(|f| f.path().to_path_buf()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    fn err(file: Option<&str>, env: &[(&str, &str)]) -> String {
+        load_with(file, env).expect_err("should fail").to_string()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(c.device.id, "rtcam");
+        assert_eq!(c.capture.source, SourceKind::V4l2);
+        assert_eq!(c.capture.format, PixelFormatChoice::Auto);
+        assert_eq!(c.webrtc.max_viewers, 4);
+        assert!(!c.broker.enabled);
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let c = Config::load(&Sources {
+                explicit_file: Some(path.clone()),
+                ..Default::default()
+            });
+            assert!(c.is_ok(), "{}: {:?}", path.display(), c.err());
+            checked += 1;
+        }
+        assert!(checked >= 2, "default.toml and demo.toml at least");
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let c = load_with(
+            Some("[capture]\nsource = \"test-pattern\"\nwidth = 1280\n"),
+            &[
+                ("RTCAM__CAPTURE__WIDTH", "320"),
+                ("RTCAM__MQTT__HOST", "broker.lan"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.capture.source, SourceKind::TestPattern);
+        assert_eq!(c.capture.width, 320);
+        assert_eq!(c.capture.height, 480);
+        assert_eq!(c.mqtt.host, "broker.lan");
+    }
+
+    #[test]
+    fn env_lists_and_numbers_parse() {
+        let c = load_with(
+            None,
+            &[
+                ("RTCAM__WEBRTC__BIND_ADDRESSES", "127.0.0.1,::1"),
+                ("RTCAM__WEBRTC__MAX_VIEWERS", "2"),
+                ("RTCAM__BROKER__ENABLED", "true"),
+                ("OTHER__WEBRTC__MAX_VIEWERS", "9"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.webrtc.bind_addresses.len(), 2);
+        assert_eq!(c.webrtc.max_viewers, 2);
+        assert!(c.broker.enabled);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = err(Some("[capture]\nwidht = 5\n"), &[]);
+        assert!(e.contains("widht"), "{e}");
+        let e = err(Some("[camera]\nx = 1\n"), &[]);
+        assert!(e.contains("camera"), "{e}");
+        let e = err(None, &[("RTCAM__MQTT__HOTS", "x")]);
+        assert!(e.contains("hots"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_allowed_values() {
+        let e = err(Some("[capture]\nsource = \"webcam\"\n"), &[]);
+        assert!(e.contains("webcam") && e.contains("test-pattern"), "{e}");
+        let e = err(Some("[capture]\nformat = \"RGB3\"\n"), &[]);
+        assert!(e.contains("RGB3") && e.contains("YUYV"), "{e}");
+        let e = err(Some("[capture]\nwidth = 641\n"), &[]);
+        assert!(e.contains("capture.width") && e.contains("even"), "{e}");
+        let e = err(Some("[webrtc]\nmax_viewers = 0\n"), &[]);
+        assert!(
+            e.contains("webrtc.max_viewers") && e.contains("1 to 64"),
+            "{e}"
+        );
+        let e = err(Some("[device]\nid = \"a/b\"\n"), &[]);
+        assert!(e.contains("device.id"), "{e}");
+        let e = err(Some("[encoder]\nbitrate = 5\n"), &[]);
+        assert!(e.contains("encoder.bitrate"), "{e}");
+        let e = err(Some("[webrtc]\nudp_port_min = 5000\n"), &[]);
+        assert!(e.contains("webrtc.udp_port_min"), "{e}");
+        let e = err(Some("[webrtc]\nstun_servers = [\"http://x\"]\n"), &[]);
+        assert!(e.contains("webrtc.stun_servers"), "{e}");
+        let e = err(Some("[mqtt]\nprefix = \"a/#\"\n"), &[]);
+        assert!(e.contains("mqtt.prefix"), "{e}");
+        let e = err(Some("[log]\ntarget = \"syslog\"\n"), &[]);
+        assert!(e.contains("syslog") && e.contains("journald"), "{e}");
+        let e = err(Some("[webrtc]\nbind_addresses = [\"nope\"]\n"), &[]);
+        assert!(e.contains("nope") || e.contains("bind_addresses"), "{e}");
+        let e = err(None, &[("RTCAM__CAPTURE__FPS", "fast")]);
+        assert!(e.contains("fps") || e.contains("fast"), "{e}");
+    }
+
+    #[test]
+    fn explicit_file_must_exist() {
+        let e = Config::load(&Sources {
+            explicit_file: Some("/nonexistent/rtcam.toml".into()),
+            ..Default::default()
+        })
+        .expect_err("missing file");
+        assert!(e.to_string().contains("/nonexistent/rtcam.toml"), "{e}");
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_toml() {
+        let c = load_with(Some("[device]\nid = \"cam-7\"\n"), &[]).unwrap();
+        let text = c.to_toml();
+        let again = load_with(Some(&text), &[]).unwrap();
+        assert_eq!(c, again);
+    }
+}

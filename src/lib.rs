@@ -1,0 +1,17 @@
+//! rtcam: camera appliance firmware — V4L2 capture, openh264 encoding, WebRTC viewers signaled over MQTT.
+
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod config;
+pub mod control;
+pub mod logging;
+pub mod media;
+pub mod mqtt;
+pub mod ports;
+pub mod protocol;
+pub mod service;
+pub mod sessions;
+pub mod signaling;
+pub mod state;
+pub mod systemd;
+pub mod viewer;

@@ -1,0 +1,34 @@
+//! Logging setup: journald when running under systemd with a journal, else stderr.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::LogTarget;
+
+/// Installs the global subscriber. `level` is a tracing filter (validated by the config).
+pub fn init(level: &str, target: LogTarget) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let use_journald = match target {
+        LogTarget::Journald => true,
+        LogTarget::Stderr => false,
+        LogTarget::Auto => under_journal,
+    };
+    if use_journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let _ = tracing_subscriber::registry()
+                    .with(filter)
+                    .with(layer)
+                    .try_init();
+                return;
+            }
+            Err(e) => eprintln!("rtcam: journald unavailable ({e}); logging to stderr"),
+        }
+    }
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .try_init();
+}

@@ -1,0 +1,239 @@
+//! Encode-once fan-out: each viewer's bounded queue; a full queue skips that viewer to the next keyframe.
+
+use super::frame::EncodedFrame;
+
+/// Result of offering a frame to one viewer's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkResult {
+    Sent,
+    Full,
+    Closed,
+}
+
+/// A viewer's queue, as the fan-out sees it.
+pub trait FrameSink {
+    fn offer(&self, frame: &EncodedFrame) -> SinkResult;
+}
+
+impl FrameSink for tokio::sync::mpsc::Sender<EncodedFrame> {
+    fn offer(&self, frame: &EncodedFrame) -> SinkResult {
+        match self.try_send(frame.clone()) {
+            Ok(()) => SinkResult::Sent,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => SinkResult::Full,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => SinkResult::Closed,
+        }
+    }
+}
+
+/// Identifies a subscriber (the viewer session's numeric id).
+pub type SubscriberId = u64;
+
+struct Subscriber<S> {
+    id: SubscriberId,
+    sink: S,
+    /// Set on join and after an overflow: only a keyframe may be sent next.
+    awaiting_keyframe: bool,
+}
+
+/// What one delivery did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivery {
+    pub sent: usize,
+    /// Frames not delivered to a viewer because its queue was full or it awaits a keyframe.
+    pub dropped: usize,
+    /// Some viewer needs a keyframe: the encoder should produce one soon.
+    pub keyframe_needed: bool,
+    /// Subscribers removed because their queue was closed.
+    pub closed: usize,
+}
+
+/// All current subscribers.
+pub struct Fanout<S> {
+    subscribers: Vec<Subscriber<S>>,
+}
+
+impl<S> Default for Fanout<S> {
+    fn default() -> Self {
+        Self {
+            subscribers: Vec::new(),
+        }
+    }
+}
+
+impl<S: FrameSink> Fanout<S> {
+    /// Adds a viewer; it receives frames from the next keyframe on.
+    pub fn subscribe(&mut self, id: SubscriberId, sink: S) {
+        self.subscribers.retain(|s| s.id != id);
+        self.subscribers.push(Subscriber {
+            id,
+            sink,
+            awaiting_keyframe: true,
+        });
+    }
+
+    pub fn unsubscribe(&mut self, id: SubscriberId) {
+        self.subscribers.retain(|s| s.id != id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subscribers.is_empty()
+    }
+
+    /// True when some subscriber waits for a keyframe.
+    pub fn wants_keyframe(&self) -> bool {
+        self.subscribers.iter().any(|s| s.awaiting_keyframe)
+    }
+
+    /// Offers `frame` to every subscriber.
+    pub fn deliver(&mut self, frame: &EncodedFrame) -> Delivery {
+        let mut d = Delivery::default();
+        self.subscribers.retain_mut(|s| {
+            if s.awaiting_keyframe && !frame.keyframe {
+                d.dropped += 1;
+                return true;
+            }
+            match s.sink.offer(frame) {
+                SinkResult::Sent => {
+                    s.awaiting_keyframe = false;
+                    d.sent += 1;
+                    true
+                }
+                SinkResult::Full => {
+                    s.awaiting_keyframe = true;
+                    d.dropped += 1;
+                    true
+                }
+                SinkResult::Closed => {
+                    d.closed += 1;
+                    false
+                }
+            }
+        });
+        d.keyframe_needed = self.wants_keyframe();
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::time::{Duration, Instant};
+
+    /// A queue of fixed capacity that the test drains by hand.
+    #[derive(Clone)]
+    struct FakeSink {
+        queue: Rc<RefCell<Vec<u64>>>,
+        capacity: usize,
+        closed: Rc<RefCell<bool>>,
+    }
+
+    impl FakeSink {
+        fn new(capacity: usize) -> Self {
+            Self {
+                queue: Rc::default(),
+                capacity,
+                closed: Rc::default(),
+            }
+        }
+        fn drain(&self) -> Vec<u64> {
+            std::mem::take(&mut self.queue.borrow_mut())
+        }
+    }
+
+    impl FrameSink for FakeSink {
+        fn offer(&self, frame: &EncodedFrame) -> SinkResult {
+            if *self.closed.borrow() {
+                return SinkResult::Closed;
+            }
+            let mut q = self.queue.borrow_mut();
+            if q.len() >= self.capacity {
+                return SinkResult::Full;
+            }
+            q.push(frame.seq);
+            SinkResult::Sent
+        }
+    }
+
+    fn frame(seq: u64, keyframe: bool) -> EncodedFrame {
+        EncodedFrame {
+            data: Bytes::from_static(b"\0\0\0\x01"),
+            keyframe,
+            seq,
+            captured_at: Instant::now(),
+            duration: Duration::from_millis(33),
+        }
+    }
+
+    #[test]
+    fn new_viewer_starts_at_a_keyframe() {
+        let mut f = Fanout::default();
+        let a = FakeSink::new(10);
+        f.subscribe(1, a.clone());
+        assert!(f.wants_keyframe());
+        let d = f.deliver(&frame(0, false));
+        assert_eq!((d.sent, d.dropped, d.keyframe_needed), (0, 1, true));
+        let d = f.deliver(&frame(1, true));
+        assert_eq!((d.sent, d.keyframe_needed), (1, false));
+        f.deliver(&frame(2, false));
+        assert_eq!(a.drain(), vec![1, 2]);
+    }
+
+    #[test]
+    fn slow_viewer_skips_to_next_keyframe_without_holding_up_others() {
+        let mut f = Fanout::default();
+        let fast = FakeSink::new(100);
+        let slow = FakeSink::new(2);
+        f.subscribe(1, fast.clone());
+        f.subscribe(2, slow.clone());
+        f.deliver(&frame(0, true));
+        f.deliver(&frame(1, false));
+        let d = f.deliver(&frame(2, false)); // slow is full now
+        assert_eq!((d.sent, d.dropped, d.keyframe_needed), (1, 1, true));
+        assert_eq!(slow.drain(), vec![0, 1]);
+        // Room again, but a P-frame would reference the lost frame 2: skip it.
+        let d = f.deliver(&frame(3, false));
+        assert_eq!((d.sent, d.dropped), (1, 1));
+        f.deliver(&frame(4, true));
+        f.deliver(&frame(5, false));
+        assert_eq!(slow.drain(), vec![4, 5]);
+        assert_eq!(fast.drain(), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn closed_viewers_are_removed() {
+        let mut f = Fanout::default();
+        let a = FakeSink::new(10);
+        f.subscribe(1, a.clone());
+        *a.closed.borrow_mut() = true;
+        let d = f.deliver(&frame(0, true));
+        assert_eq!(d.closed, 1);
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn unsubscribe_and_resubscribe() {
+        let mut f = Fanout::default();
+        f.subscribe(1, FakeSink::new(1));
+        f.subscribe(1, FakeSink::new(1));
+        assert_eq!(f.len(), 1);
+        f.unsubscribe(1);
+        assert!(f.is_empty());
+        assert!(!f.wants_keyframe());
+    }
+
+    #[test]
+    fn real_channel_sink_reports_full_and_closed() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        assert_eq!(tx.offer(&frame(0, true)), SinkResult::Sent);
+        assert_eq!(tx.offer(&frame(1, true)), SinkResult::Full);
+        drop(rx);
+        assert_eq!(tx.offer(&frame(2, true)), SinkResult::Closed);
+    }
+}

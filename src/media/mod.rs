@@ -1,0 +1,9 @@
+//! Media path: frame sources (V4L2, test pattern), pixel conversion, H.264 encoding, fan-out.
+
+pub mod convert;
+pub mod encoder;
+pub mod fanout;
+pub mod frame;
+pub mod pattern;
+pub mod pipeline;
+pub mod v4l2;

@@ -1,0 +1,514 @@
+//! The capture/encode thread: runs the source only while viewers watch, encodes once, fans out.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::encoder::{EncoderSettings, H264Encoder};
+use super::fanout::{Fanout, SubscriberId};
+use super::frame::{EncodedFrame, I420Buffer, I420View};
+use super::pattern::PatternGenerator;
+
+/// What a source delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceInfo {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub pixel_format: String,
+}
+
+/// Per-frame facts from the source.
+#[derive(Debug, Clone, Copy)]
+pub struct CapturedFrame {
+    pub seq: u64,
+    pub captured_at: Instant,
+    /// Pixel bytes copied or converted before the encoder could read the picture.
+    pub bytes_copied: usize,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    /// The device failed (gone, I/O error): close it and reopen later.
+    #[error("camera error: {0}")]
+    Device(String),
+    /// The device works but cannot give what is configured: reopening will not help soon.
+    #[error("camera unsupported: {0}")]
+    Unsupported(String),
+    #[error("camera delivered no frame for {0:?}")]
+    Stalled(Duration),
+    /// One unusable frame; the next may be fine.
+    #[error("bad frame: {0}")]
+    BadFrame(String),
+}
+
+/// A picture source: a camera or the test pattern.
+pub trait FrameSource: Send {
+    fn info(&self) -> SourceInfo;
+    /// Blocks until the next picture and hands it to `consume`, borrowed.
+    fn next_frame(
+        &mut self,
+        consume: &mut dyn FnMut(&I420View<'_>, CapturedFrame),
+    ) -> Result<(), SourceError>;
+}
+
+/// Opens the configured source each time capture starts.
+pub type SourceOpener = Box<dyn FnMut() -> Result<Box<dyn FrameSource>, SourceError> + Send>;
+
+/// Milliseconds since the Unix epoch, modulo 2^32, as drawn into the test pattern.
+pub fn unix_ms_u32() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u32)
+        .unwrap_or(0)
+}
+
+/// Synthetic frames paced at the configured rate, stamped with frame number and time.
+pub struct TestPattern {
+    generator: PatternGenerator,
+    buffer: I420Buffer,
+    info: SourceInfo,
+    seq: u64,
+    next_due: Option<Instant>,
+    paced: bool,
+}
+
+impl TestPattern {
+    /// `paced = false` produces frames as fast as asked (benchmarks).
+    pub fn new(width: u32, height: u32, fps: u32, paced: bool) -> Self {
+        Self {
+            generator: PatternGenerator::new(width as usize, height as usize),
+            buffer: I420Buffer::default(),
+            info: SourceInfo {
+                width,
+                height,
+                fps,
+                pixel_format: "test-pattern".into(),
+            },
+            seq: 0,
+            next_due: None,
+            paced,
+        }
+    }
+}
+
+impl FrameSource for TestPattern {
+    fn info(&self) -> SourceInfo {
+        self.info.clone()
+    }
+
+    fn next_frame(
+        &mut self,
+        consume: &mut dyn FnMut(&I420View<'_>, CapturedFrame),
+    ) -> Result<(), SourceError> {
+        if self.paced {
+            let period = Duration::from_secs(1) / self.info.fps;
+            let now = Instant::now();
+            let due = self.next_due.unwrap_or(now);
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            // After a long stall, restart the cadence rather than bursting to catch up.
+            let next = due + period;
+            self.next_due = Some(if next < Instant::now() {
+                Instant::now()
+            } else {
+                next
+            });
+        }
+        let captured_at = Instant::now();
+        self.generator
+            .render(self.seq as u32, unix_ms_u32(), &mut self.buffer);
+        consume(
+            &self.buffer.view(),
+            CapturedFrame {
+                seq: self.seq,
+                captured_at,
+                bytes_copied: 0,
+            },
+        );
+        self.seq += 1;
+        Ok(())
+    }
+}
+
+/// Live counters, read by the state publisher and the benchmarks.
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub capturing: AtomicBool,
+    pub viewers: AtomicU32,
+    pub width: AtomicU32,
+    pub height: AtomicU32,
+    pub fps: AtomicU32,
+    pub bitrate: AtomicU32,
+    pub frames_encoded: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub bytes_copied_last: AtomicU64,
+    pub bytes_copied_total: AtomicU64,
+    pub source_errors: AtomicU64,
+    /// Bumped on every change a dashboard cares about right away (viewers, capturing).
+    pub generation: AtomicU64,
+    /// Milliseconds since `epoch` when the capture thread last made progress (a frame, or an
+    /// attempt to open the camera). The watchdog reads it.
+    last_progress_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl PipelineStats {
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    fn progressed(&self) {
+        self.last_progress_ms
+            .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// True when the capture thread made progress within `window`.
+    pub fn progress_is_recent(&self, window: Duration) -> bool {
+        self.now_ms()
+            .saturating_sub(self.last_progress_ms.load(Ordering::Relaxed))
+            <= window.as_millis() as u64
+    }
+}
+
+/// Requests to the capture thread.
+pub enum Control {
+    Subscribe {
+        id: SubscriberId,
+        sink: mpsc::Sender<EncodedFrame>,
+    },
+    Unsubscribe {
+        id: SubscriberId,
+    },
+    Keyframe,
+    SetBitrate {
+        bps: u32,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
+    Shutdown,
+}
+
+/// The pipeline is gone (shut down or crashed).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("capture pipeline is not running")]
+pub struct PipelineGone;
+
+/// Cloneable handle to the capture thread.
+#[derive(Clone)]
+pub struct PipelineHandle {
+    tx: mpsc::Sender<Control>,
+    stats: Arc<PipelineStats>,
+}
+
+impl PipelineHandle {
+    pub fn stats(&self) -> &Arc<PipelineStats> {
+        &self.stats
+    }
+
+    pub async fn subscribe(
+        &self,
+        id: SubscriberId,
+        sink: mpsc::Sender<EncodedFrame>,
+    ) -> Result<(), PipelineGone> {
+        self.tx
+            .send(Control::Subscribe { id, sink })
+            .await
+            .map_err(|_| PipelineGone)
+    }
+
+    /// Never blocks: used from drop paths too.
+    pub fn unsubscribe(&self, id: SubscriberId) {
+        if self.tx.try_send(Control::Unsubscribe { id }).is_err() {
+            // Queue full or thread gone: the closed sink is noticed on the next frame anyway.
+            tracing::debug!(id, "unsubscribe deferred to sink close");
+        }
+    }
+
+    /// Never blocks; keyframe requests coalesce, so a full queue may drop one.
+    pub fn request_keyframe(&self) {
+        let _ = self.tx.try_send(Control::Keyframe);
+    }
+
+    pub async fn set_bitrate(&self, bps: u32) -> Result<u32, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Control::SetBitrate { bps, reply })
+            .await
+            .map_err(|_| PipelineGone.to_string())?;
+        rx.await.map_err(|_| PipelineGone.to_string())?
+    }
+}
+
+/// Static pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub encoder: EncoderSettings,
+    /// Wait between attempts to (re)open a failed camera while viewers watch.
+    pub reopen_delay: Duration,
+}
+
+/// Starts the capture/encode thread. It ends when `cancel` fires or every handle is gone.
+pub fn spawn(
+    config: PipelineConfig,
+    opener: SourceOpener,
+    cancel: CancellationToken,
+) -> std::io::Result<(PipelineHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel(256);
+    let stats = Arc::new(PipelineStats::default());
+    stats
+        .bitrate
+        .store(config.encoder.bitrate, Ordering::Relaxed);
+    stats.fps.store(config.encoder.fps, Ordering::Relaxed);
+    let handle = PipelineHandle {
+        tx: tx.clone(),
+        stats: stats.clone(),
+    };
+    // Wakes the thread out of its idle wait on shutdown.
+    let waker_cancel = cancel.clone();
+    let waker = async move {
+        waker_cancel.cancelled().await;
+        let _ = tx.send(Control::Shutdown).await;
+    };
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(waker);
+    }
+    let thread = std::thread::Builder::new()
+        .name("rtcam-capture".into())
+        .spawn(move || {
+            let mut worker = Worker {
+                config,
+                opener,
+                rx,
+                stats,
+                cancel,
+                fanout: Fanout::default(),
+                running: None,
+            };
+            worker.run();
+        })?;
+    Ok((handle, thread))
+}
+
+struct Running {
+    source: Box<dyn FrameSource>,
+    encoder: H264Encoder,
+    out: Vec<u8>,
+    frame_duration: Duration,
+    /// Encoder timestamps count from here.
+    started: Instant,
+}
+
+struct Worker {
+    config: PipelineConfig,
+    opener: SourceOpener,
+    rx: mpsc::Receiver<Control>,
+    stats: Arc<PipelineStats>,
+    cancel: CancellationToken,
+    fanout: Fanout<mpsc::Sender<EncodedFrame>>,
+    running: Option<Running>,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut next_open_attempt = Instant::now();
+        while !self.cancel.is_cancelled() {
+            if self.fanout.is_empty() {
+                self.stop_capture();
+                // Idle: sleep until someone asks for something.
+                match self.rx.blocking_recv() {
+                    Some(c) => {
+                        if !self.handle(c) {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+                continue;
+            }
+            if !self.drain_controls() {
+                break;
+            }
+            if self.running.is_none() {
+                let now = Instant::now();
+                if now < next_open_attempt {
+                    // Keep serving control messages while waiting to retry the camera.
+                    std::thread::sleep((next_open_attempt - now).min(Duration::from_millis(50)));
+                    continue;
+                }
+                self.stats.progressed();
+                if let Err(e) = self.start_capture() {
+                    self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, retry_in = ?self.config.reopen_delay, "cannot start capture");
+                    next_open_attempt = Instant::now() + self.config.reopen_delay;
+                    continue;
+                }
+            }
+            if let Err(e) = self.capture_one() {
+                match e {
+                    SourceError::BadFrame(_) => {
+                        tracing::warn!(error = %e, "skipping frame");
+                    }
+                    _ => {
+                        self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "capture failed; releasing the camera and retrying");
+                        self.stop_capture();
+                        next_open_attempt = Instant::now() + self.config.reopen_delay;
+                    }
+                }
+            }
+        }
+        self.stop_capture();
+        self.fanout = Fanout::default();
+        self.stats.viewers.store(0, Ordering::Relaxed);
+        tracing::debug!("capture thread finished");
+    }
+
+    /// Applies queued controls; false on shutdown.
+    fn drain_controls(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(c) => {
+                    if !self.handle(c) {
+                        return false;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn handle(&mut self, control: Control) -> bool {
+        match control {
+            Control::Subscribe { id, sink } => {
+                self.fanout.subscribe(id, sink);
+                self.viewers_changed();
+            }
+            Control::Unsubscribe { id } => {
+                self.fanout.unsubscribe(id);
+                self.viewers_changed();
+            }
+            Control::Keyframe => {
+                if let Some(r) = self.running.as_mut() {
+                    r.encoder.request_keyframe();
+                }
+            }
+            Control::SetBitrate { bps, reply } => {
+                self.config.encoder.bitrate = bps;
+                let result = match self.running.as_mut() {
+                    Some(r) => r.encoder.set_bitrate(bps).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                };
+                if result.is_ok() {
+                    self.stats.bitrate.store(bps, Ordering::Relaxed);
+                    self.stats.bump();
+                }
+                let _ = reply.send(result.map(|()| bps));
+            }
+            Control::Shutdown => return false,
+        }
+        true
+    }
+
+    fn viewers_changed(&self) {
+        self.stats
+            .viewers
+            .store(self.fanout.len() as u32, Ordering::Relaxed);
+        self.stats.bump();
+    }
+
+    fn start_capture(&mut self) -> Result<(), SourceError> {
+        let source = (self.opener)()?;
+        let info = source.info();
+        let mut settings = self.config.encoder;
+        settings.fps = info.fps;
+        let encoder = H264Encoder::new(settings)
+            .map_err(|e| SourceError::Unsupported(format!("encoder: {e}")))?;
+        self.stats.width.store(info.width, Ordering::Relaxed);
+        self.stats.height.store(info.height, Ordering::Relaxed);
+        self.stats.fps.store(info.fps, Ordering::Relaxed);
+        self.stats.capturing.store(true, Ordering::Relaxed);
+        self.stats.bump();
+        tracing::info!(width = info.width, height = info.height, fps = info.fps, format = %info.pixel_format, "capture started");
+        self.running = Some(Running {
+            source,
+            encoder,
+            out: Vec::new(),
+            frame_duration: Duration::from_secs(1) / info.fps.max(1),
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    fn stop_capture(&mut self) {
+        if self.running.take().is_some() {
+            self.stats.capturing.store(false, Ordering::Relaxed);
+            self.stats.bump();
+            tracing::info!("capture stopped");
+        }
+    }
+
+    fn capture_one(&mut self) -> Result<(), SourceError> {
+        // Invariant: called only after start_capture succeeded.
+        let Some(r) = self.running.as_mut() else {
+            return Ok(());
+        };
+        if self.fanout.wants_keyframe() {
+            r.encoder.request_keyframe();
+        }
+        let mut encoded: Option<Result<(bool, CapturedFrame), String>> = None;
+        let (encoder, out, started) = (&mut r.encoder, &mut r.out, r.started);
+        r.source.next_frame(&mut |view, meta| {
+            let ts = meta.captured_at.duration_since(started).as_millis() as u64;
+            let result = encoder
+                .encode(view, ts, out)
+                .map(|e| (e.keyframe, meta))
+                .map_err(|e| e.to_string());
+            encoded = Some(result);
+        })?;
+        let Some(result) = encoded else {
+            return Ok(());
+        };
+        let (keyframe, meta) = result.map_err(|e| SourceError::BadFrame(format!("encode: {e}")))?;
+        self.stats
+            .bytes_copied_last
+            .store(meta.bytes_copied as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_copied_total
+            .fetch_add(meta.bytes_copied as u64, Ordering::Relaxed);
+        if r.out.is_empty() {
+            return Ok(()); // the encoder skipped this picture
+        }
+        self.stats.frames_encoded.fetch_add(1, Ordering::Relaxed);
+        self.stats.progressed();
+        // Hand the bitstream over without copying; the next frame gets a fresh Vec.
+        let capacity = r.out.capacity();
+        let data = Bytes::from(std::mem::replace(&mut r.out, Vec::with_capacity(capacity)));
+        let frame = EncodedFrame {
+            data,
+            keyframe,
+            seq: meta.seq,
+            captured_at: meta.captured_at,
+            duration: r.frame_duration,
+        };
+        let d = self.fanout.deliver(&frame);
+        if d.dropped > 0 {
+            self.stats
+                .frames_dropped
+                .fetch_add(d.dropped as u64, Ordering::Relaxed);
+        }
+        if d.closed > 0 {
+            self.viewers_changed();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! V4L2 camera capture with MMAP buffers: format negotiation, zero-copy YU12, one-pass YUYV/NV12.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use v4l::buffer::Type;
+use v4l::io::mmap::Stream;
+use v4l::io::traits::CaptureStream;
+use v4l::prelude::*;
+use v4l::video::Capture;
+use v4l::{Format, FourCC};
+
+use super::convert::{ConvertError, Converter};
+use super::frame::I420View;
+use super::pipeline::{CapturedFrame, FrameSource, SourceError, SourceInfo};
+use crate::config::PixelFormatChoice;
+
+/// Pixel formats rtcam can encode, in order of preference for `format = "auto"`.
+const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 3] = [
+    (PixelFormatChoice::Yu12, b"YU12"),
+    (PixelFormatChoice::Nv12, b"NV12"),
+    (PixelFormatChoice::Yuyv, b"YUYV"),
+];
+
+/// How long a dequeue may block before the camera counts as stalled.
+const DEQUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the camera was asked for.
+#[derive(Debug, Clone)]
+pub struct CameraRequest {
+    pub device: PathBuf,
+    pub format: PixelFormatChoice,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub buffers: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Yu12,
+    Nv12,
+    Yuyv,
+}
+
+/// An open, streaming V4L2 camera.
+pub struct Camera {
+    // Field order matters: the stream (mmap'd buffers) is dropped before the device handle.
+    // `None` only inside Drop.
+    stream: Option<Stream<'static>>,
+    _device: Device,
+    layout: Layout,
+    info: SourceInfo,
+    stride: usize,
+    converter: Converter,
+    seq: u64,
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> SourceError {
+    SourceError::Device(format!("{what} on {}: {e}", path.display()))
+}
+
+fn fourcc_str(f: FourCC) -> String {
+    f.str()
+        .map(str::to_owned)
+        .unwrap_or_else(|_| format!("{:?}", f.repr))
+}
+
+impl Camera {
+    /// Opens the device and negotiates format, size and frame rate with the driver.
+    pub fn open(req: &CameraRequest) -> Result<Self, SourceError> {
+        let path = &req.device;
+        let device = Device::with_path(path).map_err(|e| io_err("open", path, e))?;
+        let offered = device
+            .enum_formats()
+            .map_err(|e| io_err("VIDIOC_ENUM_FMT", path, e))?;
+        let offered_names: Vec<String> = offered.iter().map(|d| fourcc_str(d.fourcc)).collect();
+        let wanted: Vec<&[u8; 4]> = match req.format {
+            PixelFormatChoice::Auto => SUPPORTED.iter().map(|(_, f)| *f).collect(),
+            choice => SUPPORTED
+                .iter()
+                .filter(|(c, _)| *c == choice)
+                .map(|(_, f)| *f)
+                .collect(),
+        };
+        let Some(fourcc) = wanted
+            .iter()
+            .map(|f| FourCC::new(f))
+            .find(|f| offered.iter().any(|d| d.fourcc == *f))
+        else {
+            return Err(SourceError::Unsupported(format!(
+                "{} offers {}; capture.format = {:?} needs one of {}",
+                path.display(),
+                offered_names.join(", "),
+                req.format,
+                wanted
+                    .iter()
+                    .map(|f| String::from_utf8_lossy(*f).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        let got = device
+            .set_format(&Format::new(req.width, req.height, fourcc))
+            .map_err(|e| io_err("VIDIOC_S_FMT", path, e))?;
+        if got.fourcc != fourcc {
+            return Err(SourceError::Unsupported(format!(
+                "{} switched the format to {} instead of {}; it offers {}",
+                path.display(),
+                fourcc_str(got.fourcc),
+                fourcc_str(fourcc),
+                offered_names.join(", ")
+            )));
+        }
+        if (got.width, got.height) != (req.width, req.height) {
+            let sizes = device
+                .enum_framesizes(fourcc)
+                .map(|s| {
+                    s.into_iter()
+                        .map(|fs| match fs.size {
+                            v4l::framesize::FrameSizeEnum::Discrete(d) => d.to_string(),
+                            v4l::framesize::FrameSizeEnum::Stepwise(s) => s.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            tracing::warn!(
+                requested = %format!("{}x{}", req.width, req.height),
+                actual = %format!("{}x{}", got.width, got.height),
+                offered = %sizes,
+                "camera chose a different size; streaming what it delivers"
+            );
+        }
+        if got.width % 2 != 0 || got.height % 2 != 0 {
+            return Err(SourceError::Unsupported(format!(
+                "{}x{} from {} is odd-sized; H.264 4:2:0 needs even dimensions",
+                got.width,
+                got.height,
+                path.display()
+            )));
+        }
+        let params = device
+            .set_params(&v4l::video::capture::Parameters::with_fps(req.fps))
+            .map_err(|e| io_err("VIDIOC_S_PARM", path, e))?;
+        let fps = params
+            .interval
+            .denominator
+            .checked_div(params.interval.numerator)
+            .map_or(req.fps, |f| f.max(1));
+        let layout = match &fourcc.repr {
+            b"YU12" => Layout::Yu12,
+            b"NV12" => Layout::Nv12,
+            _ => Layout::Yuyv,
+        };
+        let min_stride = match layout {
+            Layout::Yuyv => got.width * 2,
+            _ => got.width,
+        };
+        let stride = got.stride.max(min_stride) as usize;
+        let mut stream = Stream::with_buffers(&device, Type::VideoCapture, req.buffers)
+            .map_err(|e| io_err("VIDIOC_REQBUFS/mmap", path, e))?;
+        stream.set_timeout(DEQUEUE_TIMEOUT);
+        let info = SourceInfo {
+            width: got.width,
+            height: got.height,
+            fps,
+            pixel_format: fourcc_str(fourcc),
+        };
+        tracing::info!(
+            device = %path.display(),
+            format = %info.pixel_format,
+            width = info.width,
+            height = info.height,
+            fps,
+            stride,
+            "camera streaming"
+        );
+        Ok(Self {
+            stream: Some(stream),
+            _device: device,
+            layout,
+            info,
+            stride,
+            converter: Converter::default(),
+            seq: 0,
+        })
+    }
+}
+
+impl FrameSource for Camera {
+    fn info(&self) -> SourceInfo {
+        self.info.clone()
+    }
+
+    fn next_frame(
+        &mut self,
+        consume: &mut dyn FnMut(&I420View<'_>, CapturedFrame),
+    ) -> Result<(), SourceError> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(SourceError::Device("camera already released".into()));
+        };
+        let (buf, meta) = match CaptureStream::next(stream) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(SourceError::Stalled(DEQUEUE_TIMEOUT));
+            }
+            Err(e) => return Err(SourceError::Device(format!("VIDIOC_DQBUF: {e}"))),
+        };
+        let captured_at = Instant::now();
+        // The driver says how much of the buffer holds this frame; never read past it.
+        let used = (meta.bytesused as usize).min(buf.len());
+        let data = &buf[..used];
+        let (w, h) = (self.info.width as usize, self.info.height as usize);
+        let frame = |bytes_copied| CapturedFrame {
+            seq: self.seq,
+            captured_at,
+            bytes_copied,
+        };
+        let result = match self.layout {
+            Layout::Yu12 => I420View::from_contiguous(data, w, h, self.stride)
+                .map_err(ConvertError::from)
+                .map(|view| consume(&view, frame(0))),
+            Layout::Nv12 => self
+                .converter
+                .nv12(data, w, h, self.stride)
+                .map(|(view, copied)| consume(&view, frame(copied))),
+            Layout::Yuyv => self
+                .converter
+                .yuyv(data, w, h, self.stride)
+                .map(|(view, copied)| consume(&view, frame(copied))),
+        };
+        self.seq += 1;
+        // A short or corrupt buffer is one bad frame, not a dead camera.
+        result.map_err(|e| SourceError::BadFrame(e.to_string()))
+    }
+}
+
+impl Drop for Camera {
+    fn drop(&mut self) {
+        // v4l's Stream panics in its Drop when STREAMOFF fails with anything but ENODEV (a
+        // camera in a bad state); contain that so releasing a broken camera is logged, not fatal.
+        if let Some(stream) = self.stream.take() {
+            let released = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(stream)));
+            if released.is_err() {
+                tracing::warn!("VIDIOC_STREAMOFF failed while releasing the camera");
+            }
+        }
+    }
+}

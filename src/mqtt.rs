@@ -1,0 +1,219 @@
+//! MQTT connection: one task owns the rumqttc event loop; everyone else publishes through a non-blocking handle.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::signal::{DeviceMessage, status_payload};
+use crate::protocol::topics::{SessionId, Topics};
+use crate::viewer::SignalTransport;
+
+/// Largest packet the client accepts from the broker. Bigger ones would make rumqttc drop
+/// the connection; the application rejects anything above `mqtt.max_payload_bytes` itself.
+const MAX_INCOMING_PACKET: usize = 16 << 20;
+
+/// Connection settings, resolved from the config (secrets already read from their files).
+#[derive(Clone)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    pub keep_alive: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub topics: Topics,
+    pub device_id: String,
+}
+
+/// An inbound publish.
+#[derive(Debug)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+}
+
+/// Cloneable publishing handle. Publishing never waits for the broker: while it is away,
+/// messages beyond the client's queue are dropped with a warning instead of stalling callers.
+#[derive(Clone)]
+pub struct MqttHandle {
+    client: AsyncClient,
+    topics: Topics,
+}
+
+impl MqttHandle {
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    pub fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) {
+        if let Err(e) = self
+            .client
+            .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
+        {
+            tracing::warn!(%topic, error = %e, "MQTT publish dropped");
+        }
+    }
+
+    /// Publishes `offline` and disconnects cleanly (used at shutdown).
+    pub async fn go_offline(&self, device_id: &str) {
+        let _ = self
+            .client
+            .publish(
+                self.topics.status(),
+                QoS::AtLeastOnce,
+                true,
+                status_payload(device_id, false),
+            )
+            .await;
+        let _ = self.client.disconnect().await;
+    }
+}
+
+impl SignalTransport for MqttHandle {
+    fn send(&self, id: &SessionId, message: &DeviceMessage) {
+        self.publish(self.topics.session_out(id), message.to_json(), false);
+    }
+}
+
+/// Builds the client handle and the event loop the connection task will own.
+pub fn connect(settings: &MqttSettings) -> (MqttHandle, EventLoop) {
+    let mut options = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
+    options
+        .set_keep_alive(settings.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET)
+        .set_last_will(LastWill::new(
+            settings.topics.status(),
+            status_payload(&settings.device_id, false),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if !settings.username.is_empty() {
+        options.set_credentials(&settings.username, &settings.password);
+    }
+    let (client, eventloop) = AsyncClient::new(options, 256);
+    (
+        MqttHandle {
+            client,
+            topics: settings.topics.clone(),
+        },
+        eventloop,
+    )
+}
+
+/// Owns the event loop: polls it, re-subscribes and re-announces after every (re)connect,
+/// backs off between failed attempts, and forwards inbound publishes without ever blocking.
+/// `connected` counts successful connections (0 = never connected).
+pub async fn run_event_loop(
+    mut eventloop: EventLoop,
+    handle: MqttHandle,
+    settings: MqttSettings,
+    inbound: mpsc::Sender<Inbound>,
+    connected: watch::Sender<u64>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = settings.reconnect_min;
+    loop {
+        let event = tokio::select! {
+            _ = cancel.cancelled() => break,
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(host = %settings.host, port = settings.port, code = ?ack.code, "MQTT connected");
+                backoff = settings.reconnect_min;
+                // try_* only queue the request; awaiting here would deadlock this very loop.
+                let filter = settings.topics.session_in_filter();
+                if let Err(e) = handle.client.try_subscribe(&filter, QoS::AtLeastOnce) {
+                    tracing::error!(error = %e, "cannot queue MQTT subscribe");
+                }
+                handle.publish(
+                    settings.topics.status(),
+                    status_payload(&settings.device_id, true),
+                    true,
+                );
+                connected.send_modify(|n| *n += 1);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = p.topic.clone();
+                if inbound
+                    .try_send(Inbound {
+                        topic,
+                        payload: p.payload,
+                    })
+                    .is_err()
+                {
+                    tracing::warn!("signaling queue full; inbound MQTT message dropped");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection error");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(settings.reconnect_max);
+            }
+        }
+    }
+    tracing::debug!("MQTT event loop finished");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(port: u16) -> MqttSettings {
+        MqttSettings {
+            host: "127.0.0.1".into(),
+            port,
+            client_id: "rtcam-test".into(),
+            username: String::new(),
+            password: String::new(),
+            keep_alive: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(80),
+            topics: Topics::new("rtcam", "t"),
+            device_id: "t".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_broker_backs_off_and_shuts_down_cleanly() {
+        // Bind then drop: nothing listens on this port.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let s = settings(port);
+        let (handle, eventloop) = connect(&s);
+        let (tx, _rx) = mpsc::channel(4);
+        let (ctx, crx) = watch::channel(0);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run_event_loop(
+            eventloop,
+            handle.clone(),
+            s,
+            tx,
+            ctx,
+            cancel.clone(),
+        ));
+        // Publishing while disconnected must not block.
+        for _ in 0..1000 {
+            handle.publish("x".into(), vec![1], false);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(*crx.borrow(), 0);
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("event loop stops on cancel")
+            .unwrap();
+    }
+}

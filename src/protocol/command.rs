@@ -1,0 +1,330 @@
+//! Control commands over the data channel (docs/protocol.md §6): framing, validation and replies.
+
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+/// Largest accepted command message, bytes.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+/// Bitrate range `set-bitrate` accepts, bits per second.
+pub const BITRATE_RANGE: std::ops::RangeInclusive<u32> = 100_000..=20_000_000;
+
+/// A validated command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Ping { t: Value },
+    Keyframe,
+    SetBitrate { bps: u32 },
+}
+
+/// Error codes of command replies; the strings are part of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommandErrorCode {
+    BadJson,
+    BadRequest,
+    UnknownCommand,
+    BadArgs,
+    OutOfRange,
+    TooLarge,
+    Unavailable,
+}
+
+/// A failed command: code and message for the reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    pub code: CommandErrorCode,
+    pub message: String,
+}
+
+impl CommandError {
+    pub fn new(code: CommandErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A request's id as the caller gave it (string or number), or `null` when unusable.
+pub type RequestId = Value;
+
+/// One parsed request: its id (always known, possibly `null`) and the command or the error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: RequestId,
+    pub command: Result<Command, CommandError>,
+}
+
+/// Parses one data-channel message. Never fails: problems become the request's error.
+pub fn parse_request(message: &[u8]) -> Request {
+    let fail = |id: Value, code, msg: String| Request {
+        id,
+        command: Err(CommandError::new(code, msg)),
+    };
+    if message.len() > MAX_COMMAND_BYTES {
+        return fail(
+            Value::Null,
+            CommandErrorCode::TooLarge,
+            format!(
+                "message is {} bytes; the limit is {MAX_COMMAND_BYTES}",
+                message.len()
+            ),
+        );
+    }
+    let value: Value = match serde_json::from_slice(message) {
+        Ok(v) => v,
+        Err(e) => {
+            return fail(
+                Value::Null,
+                CommandErrorCode::BadJson,
+                format!("not JSON: {e}"),
+            );
+        }
+    };
+    let Value::Object(mut obj) = value else {
+        return fail(
+            Value::Null,
+            CommandErrorCode::BadJson,
+            "a command must be a JSON object".into(),
+        );
+    };
+    let id = match obj.remove("id") {
+        Some(id @ (Value::String(_) | Value::Number(_))) => id,
+        Some(_) => {
+            return fail(
+                Value::Null,
+                CommandErrorCode::BadRequest,
+                "`id` must be a string or a number".into(),
+            );
+        }
+        None => {
+            return fail(
+                Value::Null,
+                CommandErrorCode::BadRequest,
+                "missing field `id`".into(),
+            );
+        }
+    };
+    let command = parse_command(obj);
+    Request { id, command }
+}
+
+fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
+    let cmd = match obj.remove("cmd") {
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(bad_request("`cmd` must be a string")),
+        None => return Err(bad_request("missing field `cmd`")),
+    };
+    let mut args = match obj.remove("args") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(a)) => a,
+        Some(_) => return Err(bad_request("`args` must be an object")),
+    };
+    if let Some(extra) = obj.keys().next() {
+        return Err(bad_request(format!(
+            "unknown field `{extra}`; a command has `id`, `cmd` and `args`"
+        )));
+    }
+    let command = match cmd.as_str() {
+        "ping" => Command::Ping {
+            t: args.remove("t").unwrap_or(Value::Null),
+        },
+        "keyframe" => Command::Keyframe,
+        "set-bitrate" => {
+            let bps = take_u32(&mut args, "bps", BITRATE_RANGE)?;
+            Command::SetBitrate { bps }
+        }
+        other => {
+            return Err(CommandError::new(
+                CommandErrorCode::UnknownCommand,
+                format!("unknown command `{other}`; known: ping, keyframe, set-bitrate"),
+            ));
+        }
+    };
+    if let Some(extra) = args.keys().next() {
+        return Err(CommandError::new(
+            CommandErrorCode::BadArgs,
+            format!("`{cmd}` takes no argument `{extra}`"),
+        ));
+    }
+    Ok(command)
+}
+
+fn bad_request(msg: impl Into<String>) -> CommandError {
+    CommandError::new(CommandErrorCode::BadRequest, msg)
+}
+
+fn take_u32(
+    args: &mut Map<String, Value>,
+    key: &str,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, CommandError> {
+    let value = args.remove(key).ok_or_else(|| {
+        CommandError::new(
+            CommandErrorCode::BadArgs,
+            format!("missing argument `args.{key}`"),
+        )
+    })?;
+    let Some(n) = value.as_u64().or_else(|| {
+        // Accept 5e5-style floats only when they are whole numbers.
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+            .map(|f| f as u64)
+    }) else {
+        return Err(CommandError::new(
+            CommandErrorCode::BadArgs,
+            format!("`args.{key}` must be a non-negative integer"),
+        ));
+    };
+    match u32::try_from(n) {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(CommandError::new(
+            CommandErrorCode::OutOfRange,
+            format!(
+                "args.{key} must be between {} and {}",
+                range.start(),
+                range.end()
+            ),
+        )),
+    }
+}
+
+/// The reply JSON for a request.
+pub fn reply(id: &RequestId, outcome: &Result<Value, CommandError>) -> String {
+    let v = match outcome {
+        Ok(result) => json!({"id": id, "ok": true, "result": result}),
+        Err(e) => json!({"id": id, "ok": false, "error": {"code": e.code, "message": e.message}}),
+    };
+    v.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> Request {
+        parse_request(v.to_string().as_bytes())
+    }
+
+    fn err_code(r: &Request) -> CommandErrorCode {
+        r.command.as_ref().expect_err("should fail").code
+    }
+
+    #[test]
+    fn parses_known_commands() {
+        assert_eq!(
+            req(json!({"id":1,"cmd":"ping"})),
+            Request {
+                id: json!(1),
+                command: Ok(Command::Ping { t: Value::Null })
+            }
+        );
+        assert_eq!(
+            req(json!({"id":"a","cmd":"ping","args":{"t":{"x":[1]}}})).command,
+            Ok(Command::Ping {
+                t: json!({"x":[1]})
+            })
+        );
+        assert_eq!(
+            req(json!({"id":"k","cmd":"keyframe","args":{}})).command,
+            Ok(Command::Keyframe)
+        );
+        assert_eq!(
+            req(json!({"id":2,"cmd":"set-bitrate","args":{"bps":500000}})).command,
+            Ok(Command::SetBitrate { bps: 500_000 })
+        );
+        assert_eq!(
+            req(json!({"id":2,"cmd":"set-bitrate","args":{"bps":5e5}})).command,
+            Ok(Command::SetBitrate { bps: 500_000 })
+        );
+    }
+
+    #[test]
+    fn unknown_command_keeps_the_id() {
+        let r = req(json!({"id":"x7","cmd":"self-destruct"}));
+        assert_eq!(r.id, json!("x7"));
+        assert_eq!(err_code(&r), CommandErrorCode::UnknownCommand);
+    }
+
+    #[test]
+    fn rejects_bad_framing() {
+        let r = parse_request(b"{not json");
+        assert_eq!(
+            (r.id.clone(), err_code(&r)),
+            (Value::Null, CommandErrorCode::BadJson)
+        );
+        assert_eq!(err_code(&req(json!([1]))), CommandErrorCode::BadJson);
+        for bad in [
+            json!({"cmd":"ping"}),
+            json!({"id":null,"cmd":"ping"}),
+            json!({"id":[1],"cmd":"ping"}),
+        ] {
+            let r = req(bad.clone());
+            assert_eq!(r.id, Value::Null, "{bad}");
+            assert_eq!(err_code(&r), CommandErrorCode::BadRequest, "{bad}");
+        }
+        for bad in [
+            json!({"id":1}),
+            json!({"id":1,"cmd":5}),
+            json!({"id":1,"cmd":"ping","args":[1]}),
+            json!({"id":1,"cmd":"ping","extra":1}),
+        ] {
+            let r = req(bad.clone());
+            assert_eq!(r.id, json!(1), "{bad}");
+            assert_eq!(err_code(&r), CommandErrorCode::BadRequest, "{bad}");
+        }
+    }
+
+    #[test]
+    fn validates_bitrate_arguments() {
+        let code = |args: Value| err_code(&req(json!({"id":1,"cmd":"set-bitrate","args":args})));
+        assert_eq!(code(json!({})), CommandErrorCode::BadArgs);
+        assert_eq!(code(json!({"bps":"fast"})), CommandErrorCode::BadArgs);
+        assert_eq!(code(json!({"bps":-5})), CommandErrorCode::BadArgs);
+        assert_eq!(code(json!({"bps":1.5})), CommandErrorCode::BadArgs);
+        assert_eq!(code(json!({"bps":99_999})), CommandErrorCode::OutOfRange);
+        assert_eq!(
+            code(json!({"bps":20_000_001})),
+            CommandErrorCode::OutOfRange
+        );
+        assert_eq!(code(json!({"bps":1e30})), CommandErrorCode::OutOfRange);
+        assert_eq!(code(json!({"bps":500000,"x":1})), CommandErrorCode::BadArgs);
+        assert_eq!(
+            req(json!({"id":1,"cmd":"set-bitrate","args":{"bps":20_000_000}})).command,
+            Ok(Command::SetBitrate { bps: 20_000_000 })
+        );
+        assert_eq!(
+            err_code(&req(json!({"id":1,"cmd":"keyframe","args":{"now":true}}))),
+            CommandErrorCode::BadArgs
+        );
+    }
+
+    #[test]
+    fn rejects_oversized_messages() {
+        let big = format!(
+            r#"{{"id":1,"cmd":"ping","args":{{"t":"{}"}}}}"#,
+            "x".repeat(MAX_COMMAND_BYTES)
+        );
+        assert_eq!(
+            err_code(&parse_request(big.as_bytes())),
+            CommandErrorCode::TooLarge
+        );
+    }
+
+    #[test]
+    fn replies_have_the_documented_shape() {
+        let ok: Value = serde_json::from_str(&reply(&json!(3), &Ok(json!({"pong":true})))).unwrap();
+        assert_eq!(ok, json!({"id":3,"ok":true,"result":{"pong":true}}));
+        let err: Value = serde_json::from_str(&reply(
+            &Value::Null,
+            &Err(CommandError::new(CommandErrorCode::UnknownCommand, "nope")),
+        ))
+        .unwrap();
+        assert_eq!(
+            err,
+            json!({"id":null,"ok":false,"error":{"code":"unknown-command","message":"nope"}})
+        );
+    }
+}

@@ -1,0 +1,8 @@
+//! Pure wire-protocol logic (topics, signaling messages, commands): no I/O, no clocks.
+
+pub mod command;
+pub mod signal;
+pub mod topics;
+
+/// The protocol version every message carries as `"v"` (docs/protocol.md).
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,462 @@
+//! Signaling messages on the per-session topics (docs/protocol.md §3–4): parsing with error codes, and building.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use super::PROTOCOL_VERSION;
+
+/// Error codes of `{"type":"error"}` replies; the strings are part of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    PayloadTooLarge,
+    BadJson,
+    BadSchema,
+    UnsupportedVersion,
+    SdpTooLarge,
+    BadSdp,
+    BadCandidate,
+    UnknownSession,
+    SessionExists,
+    MaxViewers,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PayloadTooLarge => "payload-too-large",
+            Self::BadJson => "bad-json",
+            Self::BadSchema => "bad-schema",
+            Self::UnsupportedVersion => "unsupported-version",
+            Self::SdpTooLarge => "sdp-too-large",
+            Self::BadSdp => "bad-sdp",
+            Self::BadCandidate => "bad-candidate",
+            Self::UnknownSession => "unknown-session",
+            Self::SessionExists => "session-exists",
+            Self::MaxViewers => "max-viewers",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected inbound message: the code and a human-readable reason for the error reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {reason}")]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+impl Rejection {
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The browser's `RTCIceCandidateInit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceCandidate {
+    pub candidate: String,
+    #[serde(rename = "sdpMid", default, skip_serializing_if = "Option::is_none")]
+    pub sdp_mid: Option<String>,
+    #[serde(
+        rename = "sdpMLineIndex",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sdp_mline_index: Option<u16>,
+    #[serde(
+        rename = "usernameFragment",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub username_fragment: Option<String>,
+}
+
+/// A message a viewer sends on `.../session/<id>/in`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewerMessage {
+    Offer {
+        sdp: String,
+    },
+    /// `None` is end-of-candidates.
+    Candidate(Option<IceCandidate>),
+    Bye,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+enum InboundWire {
+    // `v` was already checked; it stays in the schema so deny_unknown_fields accepts it.
+    Offer {
+        #[serde(rename = "v")]
+        _v: u32,
+        sdp: String,
+    },
+    Candidate {
+        #[serde(rename = "v")]
+        _v: u32,
+        candidate: Option<IceCandidate>,
+    },
+    Bye {
+        #[serde(rename = "v")]
+        _v: u32,
+        #[serde(default)]
+        #[allow(dead_code)] // accepted for symmetry with the device's bye; not acted on
+        reason: Option<String>,
+    },
+}
+
+/// Limits applied while parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_payload_bytes: usize,
+    pub max_sdp_bytes: usize,
+}
+
+/// Parses one inbound payload, or says exactly why not.
+pub fn parse_viewer_message(payload: &[u8], limits: Limits) -> Result<ViewerMessage, Rejection> {
+    if payload.len() > limits.max_payload_bytes {
+        return Err(Rejection::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "payload is {} bytes; mqtt.max_payload_bytes is {}",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| Rejection::new(ErrorCode::BadJson, format!("not JSON: {e}")))?;
+    let Some(obj) = value.as_object() else {
+        return Err(Rejection::new(
+            ErrorCode::BadJson,
+            "payload must be a JSON object",
+        ));
+    };
+    // The version is checked before the schema so a future v2 message gets the right code.
+    match obj.get("v") {
+        Some(v) if v.as_u64() == Some(u64::from(PROTOCOL_VERSION)) => {}
+        Some(v) => {
+            return Err(Rejection::new(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {v} is not supported; this device speaks v=1"),
+            ));
+        }
+        None => {
+            return Err(Rejection::new(
+                ErrorCode::BadSchema,
+                "missing field `v` (protocol version, 1)",
+            ));
+        }
+    }
+    // serde treats a missing Option as null; the protocol requires `candidate` to be present.
+    if obj.get("type").and_then(|t| t.as_str()) == Some("candidate")
+        && !obj.contains_key("candidate")
+    {
+        return Err(Rejection::new(
+            ErrorCode::BadSchema,
+            "missing field `candidate` (an RTCIceCandidateInit, or null for end of candidates)",
+        ));
+    }
+    let wire: InboundWire = serde_json::from_value(value)
+        .map_err(|e| Rejection::new(ErrorCode::BadSchema, e.to_string()))?;
+    Ok(match wire {
+        InboundWire::Offer { sdp, .. } => {
+            if sdp.len() > limits.max_sdp_bytes {
+                return Err(Rejection::new(
+                    ErrorCode::SdpTooLarge,
+                    format!(
+                        "offer SDP is {} bytes; webrtc.max_sdp_bytes is {}",
+                        sdp.len(),
+                        limits.max_sdp_bytes
+                    ),
+                ));
+            }
+            ViewerMessage::Offer { sdp }
+        }
+        InboundWire::Candidate { candidate, .. } => ViewerMessage::Candidate(candidate),
+        InboundWire::Bye { .. } => ViewerMessage::Bye,
+    })
+}
+
+/// Why the device ends a session (the `reason` of its bye).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ByeReason {
+    Shutdown,
+    Timeout,
+    IceFailed,
+    Closed,
+}
+
+/// A message the device sends on `.../session/<id>/out`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum DeviceMessage {
+    Answer {
+        v: u32,
+        sdp: String,
+    },
+    Candidate {
+        v: u32,
+        candidate: Option<IceCandidate>,
+    },
+    Error {
+        v: u32,
+        code: ErrorCode,
+        reason: String,
+    },
+    Bye {
+        v: u32,
+        reason: ByeReason,
+    },
+}
+
+impl DeviceMessage {
+    pub fn answer(sdp: String) -> Self {
+        Self::Answer {
+            v: PROTOCOL_VERSION,
+            sdp,
+        }
+    }
+
+    pub fn candidate(candidate: Option<IceCandidate>) -> Self {
+        Self::Candidate {
+            v: PROTOCOL_VERSION,
+            candidate,
+        }
+    }
+
+    pub fn error(rejection: &Rejection) -> Self {
+        Self::Error {
+            v: PROTOCOL_VERSION,
+            code: rejection.code,
+            reason: rejection.reason.clone(),
+        }
+    }
+
+    pub fn bye(reason: ByeReason) -> Self {
+        Self::Bye {
+            v: PROTOCOL_VERSION,
+            reason,
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing these plain structs cannot fail: no maps with non-string keys, no floats.
+        serde_json::to_vec(self).expect("device message serializes")
+    }
+}
+
+/// `<prefix>/<device>/status` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status<'a> {
+    pub v: u32,
+    pub status: &'a str,
+    pub device: &'a str,
+    pub protocol: u32,
+}
+
+/// The retained status payload, `online` or `offline`.
+pub fn status_payload(device: &str, online: bool) -> Vec<u8> {
+    let status = Status {
+        v: PROTOCOL_VERSION,
+        status: if online { "online" } else { "offline" },
+        device,
+        protocol: PROTOCOL_VERSION,
+    };
+    // Plain struct of strings and integers: serialization cannot fail.
+    serde_json::to_vec(&status).expect("status serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIMITS: Limits = Limits {
+        max_payload_bytes: 1024,
+        max_sdp_bytes: 100,
+    };
+
+    fn parse(v: serde_json::Value) -> Result<ViewerMessage, Rejection> {
+        parse_viewer_message(v.to_string().as_bytes(), LIMITS)
+    }
+
+    fn code(r: Result<ViewerMessage, Rejection>) -> ErrorCode {
+        r.expect_err("should be rejected").code
+    }
+
+    #[test]
+    fn parses_offer() {
+        assert_eq!(
+            parse(json!({"v":1,"type":"offer","sdp":"v=0"})),
+            Ok(ViewerMessage::Offer { sdp: "v=0".into() })
+        );
+    }
+
+    #[test]
+    fn parses_candidates_and_end_of_candidates() {
+        let m = parse(json!({"v":1,"type":"candidate","candidate":{
+            "candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}}))
+        .unwrap();
+        let ViewerMessage::Candidate(Some(c)) = m else {
+            panic!("{m:?}")
+        };
+        assert_eq!(c.sdp_mid.as_deref(), Some("0"));
+        assert_eq!(c.sdp_mline_index, Some(0));
+        assert_eq!(
+            parse(json!({"v":1,"type":"candidate","candidate":null})),
+            Ok(ViewerMessage::Candidate(None))
+        );
+    }
+
+    #[test]
+    fn parses_bye_with_or_without_reason() {
+        assert_eq!(parse(json!({"v":1,"type":"bye"})), Ok(ViewerMessage::Bye));
+        assert_eq!(
+            parse(json!({"v":1,"type":"bye","reason":"closed"})),
+            Ok(ViewerMessage::Bye)
+        );
+    }
+
+    #[test]
+    fn rejects_non_json_and_non_objects() {
+        assert_eq!(
+            code(parse_viewer_message(b"hello", LIMITS)),
+            ErrorCode::BadJson
+        );
+        assert_eq!(code(parse_viewer_message(b"", LIMITS)), ErrorCode::BadJson);
+        assert_eq!(code(parse(json!([1, 2]))), ErrorCode::BadJson);
+        assert_eq!(code(parse(json!("offer"))), ErrorCode::BadJson);
+        assert_eq!(
+            code(parse_viewer_message(&[0xff, 0xfe], LIMITS)),
+            ErrorCode::BadJson
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_versions() {
+        assert_eq!(
+            code(parse(json!({"v":2,"type":"offer","sdp":"x"}))),
+            ErrorCode::UnsupportedVersion
+        );
+        assert_eq!(
+            code(parse(json!({"v":"1","type":"offer","sdp":"x"}))),
+            ErrorCode::UnsupportedVersion
+        );
+        assert_eq!(
+            code(parse(json!({"type":"offer","sdp":"x"}))),
+            ErrorCode::BadSchema
+        );
+    }
+
+    #[test]
+    fn rejects_schema_violations() {
+        for bad in [
+            json!({"v":1}),
+            json!({"v":1,"type":"answer","sdp":"x"}),
+            json!({"v":1,"type":"offer"}),
+            json!({"v":1,"type":"offer","sdp":5}),
+            json!({"v":1,"type":"offer","sdp":"x","extra":true}),
+            json!({"v":1,"type":"candidate"}),
+            json!({"v":1,"type":"candidate","candidate":{"sdpMid":"0"}}),
+            json!({"v":1,"type":"candidate","candidate":{"candidate":"c","sdpMLineIndex":-1}}),
+            json!({"v":1,"type":"candidate","candidate":{"candidate":"c","bogus":1}}),
+        ] {
+            assert_eq!(code(parse(bad.clone())), ErrorCode::BadSchema, "{bad}");
+        }
+    }
+
+    #[test]
+    fn enforces_size_limits() {
+        let big_sdp = "a".repeat(101);
+        assert_eq!(
+            code(parse(json!({"v":1,"type":"offer","sdp":big_sdp}))),
+            ErrorCode::SdpTooLarge
+        );
+        let huge = vec![b' '; 1025];
+        assert_eq!(
+            code(parse_viewer_message(&huge, LIMITS)),
+            ErrorCode::PayloadTooLarge
+        );
+    }
+
+    #[test]
+    fn device_messages_match_the_documented_json() {
+        let v =
+            |m: DeviceMessage| serde_json::from_slice::<serde_json::Value>(&m.to_json()).unwrap();
+        assert_eq!(
+            v(DeviceMessage::answer("s".into())),
+            json!({"v":1,"type":"answer","sdp":"s"})
+        );
+        assert_eq!(
+            v(DeviceMessage::candidate(None)),
+            json!({"v":1,"type":"candidate","candidate":null})
+        );
+        assert_eq!(
+            v(DeviceMessage::error(&Rejection::new(
+                ErrorCode::MaxViewers,
+                "full"
+            ))),
+            json!({"v":1,"type":"error","code":"max-viewers","reason":"full"})
+        );
+        assert_eq!(
+            v(DeviceMessage::bye(ByeReason::IceFailed)),
+            json!({"v":1,"type":"bye","reason":"ice-failed"})
+        );
+        let c = IceCandidate {
+            candidate: "candidate:x".into(),
+            sdp_mid: Some("0".into()),
+            sdp_mline_index: Some(0),
+            username_fragment: None,
+        };
+        assert_eq!(
+            v(DeviceMessage::candidate(Some(c))),
+            json!({"v":1,"type":"candidate","candidate":{"candidate":"candidate:x","sdpMid":"0","sdpMLineIndex":0}})
+        );
+    }
+
+    #[test]
+    fn error_code_strings_are_stable() {
+        for code in [
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::BadJson,
+            ErrorCode::BadSchema,
+            ErrorCode::UnsupportedVersion,
+            ErrorCode::SdpTooLarge,
+            ErrorCode::BadSdp,
+            ErrorCode::BadCandidate,
+            ErrorCode::UnknownSession,
+            ErrorCode::SessionExists,
+            ErrorCode::MaxViewers,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+        }
+    }
+
+    #[test]
+    fn status_payloads() {
+        let on: serde_json::Value = serde_json::from_slice(&status_payload("cam1", true)).unwrap();
+        assert_eq!(
+            on,
+            json!({"v":1,"status":"online","device":"cam1","protocol":1})
+        );
+        let off: serde_json::Value =
+            serde_json::from_slice(&status_payload("cam1", false)).unwrap();
+        assert_eq!(off["status"], "offline");
+    }
+}

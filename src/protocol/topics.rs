@@ -1,0 +1,167 @@
+//! Builds and parses rtcam's MQTT topic names (docs/protocol.md §2).
+
+use std::fmt;
+
+/// Longest session or device id accepted.
+pub const MAX_ID_LEN: usize = 64;
+
+/// True when `id` is 1..=64 characters of `[A-Za-z0-9_-]`.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A validated session id chosen by a viewer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// Validates `id` against the session id rules.
+    pub fn parse(id: &str) -> Option<Self> {
+        is_valid_id(id).then(|| Self(id.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Topic names of one device: `<prefix>/<device>/...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    base: String,
+}
+
+/// What an inbound topic addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundTopic {
+    /// `<base>/session/<id>/in` with a valid id.
+    SessionIn(SessionId),
+    /// `<base>/session/<id>/in` whose id breaks the rules (no reply topic can be trusted).
+    BadSessionId(String),
+    /// Anything else.
+    Other,
+}
+
+impl Topics {
+    /// `prefix` may contain `/` levels but no wildcards; `device` must be a valid id.
+    pub fn new(prefix: &str, device: &str) -> Self {
+        Self {
+            base: format!("{}/{}", prefix.trim_end_matches('/'), device),
+        }
+    }
+
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+
+    pub fn state(&self) -> String {
+        format!("{}/state", self.base)
+    }
+
+    /// Filter the device subscribes to for every session's inbound messages.
+    pub fn session_in_filter(&self) -> String {
+        format!("{}/session/+/in", self.base)
+    }
+
+    pub fn session_in(&self, id: &SessionId) -> String {
+        format!("{}/session/{}/in", self.base, id)
+    }
+
+    pub fn session_out(&self, id: &SessionId) -> String {
+        format!("{}/session/{}/out", self.base, id)
+    }
+
+    /// Classifies a topic a message arrived on.
+    pub fn parse_inbound(&self, topic: &str) -> InboundTopic {
+        let Some(rest) = topic
+            .strip_prefix(self.base.as_str())
+            .and_then(|r| r.strip_prefix("/session/"))
+        else {
+            return InboundTopic::Other;
+        };
+        let Some(id) = rest.strip_suffix("/in") else {
+            return InboundTopic::Other;
+        };
+        match SessionId::parse(id) {
+            Some(id) => InboundTopic::SessionIn(id),
+            None => InboundTopic::BadSessionId(id.to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics() -> Topics {
+        Topics::new("rtcam", "cam1")
+    }
+
+    #[test]
+    fn builds_documented_topics() {
+        let t = topics();
+        let sid = SessionId::parse("a1b2c3").unwrap();
+        assert_eq!(t.status(), "rtcam/cam1/status");
+        assert_eq!(t.state(), "rtcam/cam1/state");
+        assert_eq!(t.session_in_filter(), "rtcam/cam1/session/+/in");
+        assert_eq!(t.session_in(&sid), "rtcam/cam1/session/a1b2c3/in");
+        assert_eq!(t.session_out(&sid), "rtcam/cam1/session/a1b2c3/out");
+    }
+
+    #[test]
+    fn trailing_slash_in_prefix_is_ignored() {
+        assert_eq!(
+            Topics::new("home/cams/", "x").status(),
+            "home/cams/x/status"
+        );
+    }
+
+    #[test]
+    fn parses_session_in() {
+        let t = topics();
+        assert_eq!(
+            t.parse_inbound("rtcam/cam1/session/abc_-9/in"),
+            InboundTopic::SessionIn(SessionId::parse("abc_-9").unwrap())
+        );
+    }
+
+    #[test]
+    fn rejects_bad_session_ids() {
+        let t = topics();
+        let long = "x".repeat(65);
+        for bad in ["", "a b", "a.b", "é", long.as_str()] {
+            assert_eq!(
+                t.parse_inbound(&format!("rtcam/cam1/session/{bad}/in")),
+                InboundTopic::BadSessionId(bad.to_owned()),
+                "{bad:?}"
+            );
+        }
+        assert!(SessionId::parse(&"x".repeat(64)).is_some());
+    }
+
+    #[test]
+    fn other_topics_are_other() {
+        let t = topics();
+        for other in [
+            "rtcam/cam1/status",
+            "rtcam/cam2/session/a/in",
+            "rtcam/cam1/session/a/out",
+            "rtcam/cam1/session/a/in/extra",
+            "rtcam/cam1/session/",
+            "rtcam/cam1",
+            "",
+        ] {
+            assert_eq!(t.parse_inbound(other), InboundTopic::Other, "{other}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Wires the service together (broker, pipeline, MQTT, signaling, state, watchdog) and shuts it down in order.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use webrtc::peer_connection::RTCIceServer;
+
+use crate::config::{Config, SourceKind, read_secret};
+use crate::control::Controller;
+use crate::media::encoder::EncoderSettings;
+use crate::media::pipeline::{self, FrameSource, PipelineConfig, SourceOpener, TestPattern};
+use crate::media::v4l2::{Camera, CameraRequest};
+use crate::mqtt::{self, MqttSettings};
+use crate::ports::PortPool;
+use crate::protocol::signal::Limits;
+use crate::protocol::topics::Topics;
+use crate::sessions::Registry;
+use crate::state::{StateInfo, run_state_publisher};
+use crate::viewer::{SessionContext, WebrtcSettings};
+
+/// Opens the configured source each time capture starts (never falls back to another).
+pub fn source_opener(config: &Config) -> SourceOpener {
+    let c = config.capture.clone();
+    match c.source {
+        SourceKind::TestPattern => Box::new(move || {
+            Ok(Box::new(TestPattern::new(c.width, c.height, c.fps, true)) as Box<dyn FrameSource>)
+        }),
+        SourceKind::V4l2 => {
+            let request = CameraRequest {
+                device: c.device,
+                format: c.format,
+                width: c.width,
+                height: c.height,
+                fps: c.fps,
+                buffers: c.buffers,
+            };
+            Box::new(move || Ok(Box::new(Camera::open(&request)?) as Box<dyn FrameSource>))
+        }
+    }
+}
+
+fn ice_servers(config: &Config) -> Result<Vec<RTCIceServer>> {
+    let mut servers = Vec::new();
+    if !config.webrtc.stun_servers.is_empty() {
+        servers.push(RTCIceServer {
+            urls: config.webrtc.stun_servers.clone(),
+            ..Default::default()
+        });
+    }
+    for turn in &config.webrtc.turn_servers {
+        servers.push(RTCIceServer {
+            urls: vec![turn.url.clone()],
+            username: turn.username.clone(),
+            credential: read_secret("webrtc.turn_servers.credential_file", &turn.credential_file)?,
+        });
+    }
+    Ok(servers)
+}
+
+fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
+    let m = &config.mqtt;
+    let password = if m.password_file.as_os_str().is_empty() {
+        String::new()
+    } else {
+        read_secret("mqtt.password_file", &m.password_file)?
+    };
+    Ok(MqttSettings {
+        host: m.host.clone(),
+        port: m.port,
+        client_id: format!("rtcam-{}", config.device.id),
+        username: m.username.clone(),
+        password,
+        keep_alive: Duration::from_secs(m.keep_alive_s),
+        reconnect_min: Duration::from_millis(m.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(m.reconnect_max_ms),
+        topics: Topics::new(&m.prefix, &config.device.id),
+        device_id: config.device.id.clone(),
+    })
+}
+
+/// Runs until `cancel` fires, then shuts down: viewers get a bye, status goes `offline`,
+/// the camera is released.
+pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
+    if config.broker.enabled {
+        start_broker(&config)?;
+    }
+    if config.capture.source == SourceKind::TestPattern {
+        tracing::warn!(
+            "capture.source = \"test-pattern\": streaming synthetic frames, not a camera"
+        );
+    }
+    let mqtt_settings = mqtt_settings(&config)?;
+    let ice_servers = ice_servers(&config)?;
+
+    let (pipeline, capture_thread) = pipeline::spawn(
+        PipelineConfig {
+            encoder: EncoderSettings {
+                bitrate: config.encoder.bitrate,
+                fps: config.capture.fps,
+                keyframe_interval: config.encoder.keyframe_interval,
+            },
+            reopen_delay: Duration::from_millis(1000),
+        },
+        source_opener(&config),
+        cancel.clone(),
+    )
+    .context("starting the capture thread")?;
+
+    // The MQTT loop outlives the root token briefly so the goodbyes can still go out.
+    let mqtt_stop = CancellationToken::new();
+    let (mqtt, eventloop) = mqtt::connect(&mqtt_settings);
+    let (inbound_tx, inbound_rx) = mpsc::channel(256);
+    let (connected_tx, connected_rx) = watch::channel(0u64);
+    let mqtt_task = tokio::spawn(mqtt::run_event_loop(
+        eventloop,
+        mqtt.clone(),
+        mqtt_settings.clone(),
+        inbound_tx,
+        connected_tx,
+        mqtt_stop.clone(),
+    ));
+
+    let (ended_tx, ended_rx) = mpsc::channel(64);
+    let w = &config.webrtc;
+    let ctx = Arc::new(SessionContext {
+        settings: WebrtcSettings {
+            ice_servers,
+            bind_addresses: w.bind_addresses.clone(),
+            ports: PortPool::new(w.udp_port_min, w.udp_port_max),
+            connect_timeout: Duration::from_millis(w.connect_timeout_ms),
+            disconnect_timeout: Duration::from_millis(w.disconnect_timeout_ms),
+            queue_frames: w.viewer_queue_frames,
+        },
+        pipeline: pipeline.clone(),
+        controller: Controller::new(pipeline.clone()),
+        signal: Arc::new(mqtt.clone()),
+        ended: ended_tx,
+    });
+    let registry = Registry::new(
+        w.max_viewers as usize,
+        Limits {
+            max_payload_bytes: config.mqtt.max_payload_bytes,
+            max_sdp_bytes: w.max_sdp_bytes,
+        },
+    );
+    let signaling = tokio::spawn(crate::signaling::run_signaling(
+        mqtt_settings.topics.clone(),
+        registry,
+        ctx,
+        inbound_rx,
+        ended_rx,
+        cancel.clone(),
+    ));
+    let state_task = tokio::spawn(run_state_publisher(
+        pipeline.stats().clone(),
+        StateInfo {
+            max_viewers: w.max_viewers,
+            source: match config.capture.source {
+                SourceKind::TestPattern => "test-pattern".into(),
+                SourceKind::V4l2 => config.capture.device.display().to_string(),
+            },
+        },
+        mqtt.clone(),
+        Duration::from_millis(config.mqtt.state_min_interval_ms),
+        connected_rx.clone(),
+        cancel.clone(),
+    ));
+    let stats = pipeline.stats().clone();
+    let watchdog = tokio::spawn(crate::systemd::run_watchdog(
+        move || {
+            stats.viewers.load(Ordering::Relaxed) == 0
+                || stats.progress_is_recent(Duration::from_secs(10))
+        },
+        cancel.clone(),
+    ));
+    let mut ready_rx = connected_rx;
+    let ready_cancel = cancel.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = ready_cancel.cancelled() => {}
+            r = ready_rx.wait_for(|n| *n > 0) => if r.is_ok() {
+                crate::systemd::notify_ready();
+                tracing::info!(device = %mqtt_settings.device_id, "rtcam ready");
+            }
+        }
+    });
+
+    cancel.cancelled().await;
+    crate::systemd::notify_stopping();
+    tracing::info!("shutting down");
+    let _ = signaling.await;
+    let _ = state_task.await;
+    let _ = watchdog.await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), mqtt.go_offline(&config.device.id)).await;
+    // Give the event loop a moment to flush the offline status and the DISCONNECT.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mqtt_stop.cancel();
+    let _ = mqtt_task.await;
+    let joined = tokio::task::spawn_blocking(move || capture_thread.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        tracing::error!("capture thread ended abnormally");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(feature = "embedded-broker")]
+fn start_broker(config: &Config) -> Result<()> {
+    crate::broker::start(&config.broker)
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+fn start_broker(_config: &Config) -> Result<()> {
+    anyhow::bail!(
+        "broker.enabled = true, but this build has no embedded broker (feature \"embedded-broker\"); use an external broker"
+    )
+}

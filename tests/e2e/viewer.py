@@ -1,0 +1,677 @@
+"""aiortc viewer for rtcam, speaking only docs/protocol.md (v1).
+
+Library use (inside an asyncio loop)::
+
+    v = Viewer("127.0.0.1", 1883, "testcam")
+    await v.start()                    # MQTT connect, offer, answer, ICE
+    await v.wait_frames(30)
+    reply = await v.command("ping")    # data channel `control`
+    await v.bye()                      # or: v.die() in a subprocess, see ViewerProcess
+
+CLI (one JSON object per line on stdout)::
+
+    python viewer.py --port 1883 --device testcam --duration 10 [--no-bye] [--die-after S]
+
+Only loopback is ever used: aioice's host-address discovery is patched to return
+127.0.0.1 (aioice skips 127.0.0.1 otherwise, so nothing would connect inside a
+network namespace holding only `lo`), and no STUN/TURN server is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import logging
+import os
+import secrets
+import signal
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aioice.ice
+import paho.mqtt.client as mqtt
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import candidate_from_sdp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pattern import decode_frame  # noqa: E402
+
+log = logging.getLogger("viewer")
+
+# --------------------------------------------------------------------------------------
+# Loopback-only ICE
+# --------------------------------------------------------------------------------------
+
+_ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
+
+
+def _loopback_host_addresses(use_ipv4: bool = True, use_ipv6: bool = False) -> list[str]:
+    return ["127.0.0.1"] if use_ipv4 else []
+
+
+def patch_aioice_loopback() -> None:
+    """Make aioice gather exactly one host candidate, on 127.0.0.1.
+
+    aioice.Connection.gather_candidates() calls the module-global
+    ``aioice.ice.get_host_addresses(use_ipv4=..., use_ipv6=...)``, so replacing the module
+    attribute is enough. Fail loudly if a different aioice changed that contract.
+    """
+    params = list(inspect.signature(_ORIGINAL_GET_HOST_ADDRESSES).parameters)
+    if params != ["use_ipv4", "use_ipv6"]:
+        raise RuntimeError(
+            f"aioice.ice.get_host_addresses has signature {params}; the loopback patch in "
+            "tests/e2e/viewer.py needs updating for this aioice version"
+        )
+    aioice.ice.get_host_addresses = _loopback_host_addresses
+
+
+patch_aioice_loopback()
+
+
+def rtc_configuration() -> RTCConfiguration:
+    # iceServers=[]: aiortc otherwise adds stun.l.google.com, i.e. non-loopback traffic.
+    return RTCConfiguration(iceServers=[])
+
+
+# --------------------------------------------------------------------------------------
+# MQTT (paho v2 API, network thread bridged into asyncio)
+# --------------------------------------------------------------------------------------
+
+
+class MqttLink:
+    """A paho client whose acks and messages are delivered to an asyncio loop."""
+
+    def __init__(self, host: str, port: int, client_id: str, loop: asyncio.AbstractEventLoop):
+        self.host, self.port, self.loop = host, port, loop
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
+        )
+        self._lock = threading.Lock()
+        self._acks: dict[tuple[str, int], asyncio.Future] = {}
+        self._early: set[tuple[str, int]] = set()
+        self._connected: asyncio.Future = loop.create_future()
+        self.handlers: dict[str, Any] = {}  # topic -> callable(payload bytes), run in loop
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+
+    # paho thread -> loop
+    def _resolve(self, fut: asyncio.Future, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self.loop.call_soon_threadsafe(self._resolve, self._connected, reason_code)
+
+    def _ack(self, kind: str, mid: int, value: Any) -> None:
+        with self._lock:
+            fut = self._acks.pop((kind, mid), None)
+            if fut is None:
+                self._early.add((kind, mid))
+                return
+        self.loop.call_soon_threadsafe(self._resolve, fut, value)
+
+    def _on_subscribe(self, client, userdata, mid, reason_code_list, properties):
+        self._ack("sub", mid, reason_code_list)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        self._ack("pub", mid, reason_code)
+
+    def _on_message(self, client, userdata, msg):
+        handler = self.handlers.get(msg.topic)
+        if handler is None:
+            for pattern, h in self.handlers.items():
+                if mqtt.topic_matches_sub(pattern, msg.topic):
+                    handler = h
+                    break
+        if handler is not None:
+            self.loop.call_soon_threadsafe(handler, msg.topic, msg.payload)
+
+    async def _wait_ack(self, kind: str, mid: int, timeout: float) -> Any:
+        with self._lock:
+            if (kind, mid) in self._early:
+                self._early.discard((kind, mid))
+                return None
+            fut = self.loop.create_future()
+            self._acks[(kind, mid)] = fut
+        return await asyncio.wait_for(fut, timeout)
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        self.client.connect(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        rc = await asyncio.wait_for(self._connected, timeout)
+        if rc != 0 and getattr(rc, "is_failure", False):
+            raise ConnectionError(f"MQTT connect to {self.host}:{self.port} refused: {rc}")
+
+    async def subscribe(self, topic: str, handler, qos: int = 1, timeout: float = 10.0) -> None:
+        self.handlers[topic] = handler
+        rc, mid = self.client.subscribe(topic, qos)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"MQTT subscribe {topic}: {mqtt.error_string(rc)}")
+        await self._wait_ack("sub", mid, timeout)
+
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 10.0):
+        info = self.client.publish(topic, payload, qos=qos)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"MQTT publish {topic}: {mqtt.error_string(info.rc)}")
+        if qos > 0:
+            await self._wait_ack("pub", info.mid, timeout)
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+# --------------------------------------------------------------------------------------
+# Viewer
+# --------------------------------------------------------------------------------------
+
+
+class ViewerError(Exception):
+    def __init__(self, message: str, code: str | None = None, reply: dict | None = None):
+        super().__init__(message)
+        self.code, self.reply = code, reply
+
+
+@dataclass
+class FrameRecord:
+    seq: int | None
+    ts: int | None
+    arrival_ms: float
+    crc_ok: bool
+    pattern_ok: bool
+    width: int
+    height: int
+    problems: list[str] = field(default_factory=list)
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(8)
+
+
+class Viewer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        device: str,
+        prefix: str = "rtcam",
+        session: str | None = None,
+        decode: bool = True,
+        keep_problems: int = 20,
+    ):
+        self.host, self.port, self.device, self.prefix = host, port, device, prefix
+        self.session = session or new_session_id()
+        self.decode = decode
+        self.keep_problems = keep_problems
+        base = f"{prefix}/{device}/session/{self.session}"
+        self.topic_in, self.topic_out = f"{base}/in", f"{base}/out"
+        self.frames: list[FrameRecord] = []
+        self.decode_failures = 0
+        self.messages: list[tuple[float, dict | None, bytes]] = []  # everything on `out`
+        self.errors: list[dict] = []
+        self.byes: list[dict] = []
+        self.remote_candidates: list[dict | None] = []
+        self.answer_sdp: str | None = None
+        self.offer_sdp: str | None = None
+        self.t_offer_ms: float | None = None
+        self.t_answer_ms: float | None = None
+        self.t_connected_ms: float | None = None
+        self.t_first_frame_ms: float | None = None
+        self.connection_states: list[str] = []
+        self.pc: RTCPeerConnection | None = None
+        self.dc = None
+        self.mqtt: MqttLink | None = None
+        self._answer: asyncio.Future | None = None
+        self._dc_open: asyncio.Event | None = None
+        self._frame_event: asyncio.Event | None = None
+        self._msg_event: asyncio.Event | None = None
+        self._replies: dict[str, asyncio.Future] = {}
+        self.unmatched_replies: list[dict] = []
+        self._pending_candidates: list[dict | None] = []
+        self._tasks: list[asyncio.Task] = []
+        self._next_id = 1
+        self.closed = False
+
+    # ---- signaling ------------------------------------------------------------------
+
+    def _on_out(self, topic: str, payload: bytes) -> None:
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            msg = None
+        self.messages.append((now_ms(), msg, payload))
+        self._msg_event.set()
+        if not isinstance(msg, dict):
+            log.warning("%s: non-JSON message on out: %r", self.session, payload[:200])
+            return
+        kind = msg.get("type")
+        if kind == "answer":
+            self.t_answer_ms = now_ms()
+            self.answer_sdp = msg.get("sdp")
+            if not self._answer.done():
+                self._answer.set_result(msg)
+        elif kind == "candidate":
+            cand = msg.get("candidate")
+            self.remote_candidates.append(cand)
+            if self.pc is not None and self.pc.remoteDescription is not None:
+                self._tasks.append(asyncio.ensure_future(self._add_candidate(cand)))
+            else:
+                self._pending_candidates.append(cand)
+        elif kind == "error":
+            self.errors.append(msg)
+            if self._answer is not None and not self._answer.done():
+                self._answer.set_exception(
+                    ViewerError(
+                        f"device refused offer: {msg.get('code')}: {msg.get('reason')}",
+                        code=msg.get("code"),
+                        reply=msg,
+                    )
+                )
+        elif kind == "bye":
+            self.byes.append(msg)
+            if self._answer is not None and not self._answer.done():
+                self._answer.set_exception(ViewerError(f"device sent bye: {msg}", reply=msg))
+
+    async def _add_candidate(self, cand: dict | None) -> None:
+        if cand is None:
+            await self.pc.addIceCandidate(None)
+            return
+        line = cand.get("candidate") or ""
+        if not line:  # empty string: end-of-candidates in browser form
+            return
+        if line.startswith("candidate:"):
+            line = line[len("candidate:") :]
+        c = candidate_from_sdp(line)
+        c.sdpMid = cand.get("sdpMid")
+        c.sdpMLineIndex = cand.get("sdpMLineIndex")
+        await self.pc.addIceCandidate(c)
+
+    async def send(self, msg: dict | str | bytes, topic: str | None = None) -> None:
+        payload = msg if isinstance(msg, (str, bytes)) else json.dumps(msg)
+        await self.mqtt.publish(topic or self.topic_in, payload)
+
+    async def wait_message(self, predicate, timeout: float) -> dict:
+        """Wait for a message on `out` (already received or future) matching predicate."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for _, msg, _raw in self.messages[seen:]:
+                if isinstance(msg, dict) and predicate(msg):
+                    return msg
+            seen = len(self.messages)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError()
+            self._msg_event.clear()
+            try:
+                await asyncio.wait_for(self._msg_event.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def start(self, timeout: float = 20.0, wait_connected: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self._answer = loop.create_future()
+        self._dc_open = asyncio.Event()
+        self._frame_event = asyncio.Event()
+        self._msg_event = asyncio.Event()
+        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop)
+        await self.mqtt.connect()
+        # Protocol 2: subscribe to `out` before publishing the offer.
+        await self.mqtt.subscribe(self.topic_out, self._on_out)
+
+        self.pc = RTCPeerConnection(rtc_configuration())
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.dc = self.pc.createDataChannel("control")
+        self.dc.on("open", self._dc_open.set)
+        self.dc.on("message", self._on_dc_message)
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+
+        offer = await self.pc.createOffer()
+        await self.pc.setLocalDescription(offer)  # aiortc: gathering completes here
+        self.offer_sdp = self.pc.localDescription.sdp
+        self.t_offer_ms = now_ms()
+        await self.send({"v": 1, "type": "offer", "sdp": self.offer_sdp})
+
+        answer = await asyncio.wait_for(self._answer, timeout)
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        pending, self._pending_candidates = self._pending_candidates, []
+        for cand in pending:
+            await self._add_candidate(cand)
+        if wait_connected:
+            left = max(1.0, timeout - (now_ms() - self.t_offer_ms) / 1000)
+            await self.wait_connected(left)
+
+    def _on_state(self) -> None:
+        state = self.pc.connectionState
+        self.connection_states.append(state)
+        if state == "connected" and self.t_connected_ms is None:
+            self.t_connected_ms = now_ms()
+        log.info("%s: connection state %s", self.session, state)
+
+    async def wait_connected(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pc.connectionState != "connected":
+            if self.pc.connectionState in ("failed", "closed"):
+                raise ViewerError(f"peer connection {self.pc.connectionState}")
+            if time.monotonic() > deadline:
+                raise asyncio.TimeoutError(
+                    f"peer connection still {self.pc.connectionState} after {timeout}s "
+                    f"(remote candidates: {self.remote_candidates})"
+                )
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(self._dc_open.wait(), max(0.5, deadline - time.monotonic()))
+
+    def _on_track(self, track) -> None:
+        if track.kind == "video":
+            self._tasks.append(asyncio.ensure_future(self._recv_video(track)))
+
+    async def _recv_video(self, track) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            arrival = now_ms()
+            if self.t_first_frame_ms is None:
+                self.t_first_frame_ms = arrival
+            if not self.decode:
+                rec = FrameRecord(None, None, arrival, False, False, frame.width, frame.height)
+            else:
+                try:
+                    yuv = frame.to_ndarray(format="yuv420p")
+                    r = decode_frame(yuv, frame.width, frame.height)
+                    probs = r.problems if self.decode_failures < self.keep_problems else []
+                    if r.problems:
+                        self.decode_failures += 1
+                    rec = FrameRecord(
+                        r.seq, r.ts, arrival, r.crc_ok, r.pattern_ok, frame.width, frame.height, probs
+                    )
+                except Exception as e:  # keep receiving; record the failure
+                    self.decode_failures += 1
+                    rec = FrameRecord(
+                        None, None, arrival, False, False, frame.width, frame.height, [repr(e)]
+                    )
+            self.frames.append(rec)
+            self._frame_event.set()
+
+    async def wait_frames(self, n: int, timeout: float) -> None:
+        """Wait until at least n more frames than now have arrived."""
+        target = len(self.frames) + n
+        deadline = time.monotonic() + timeout
+        while len(self.frames) < target:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError(
+                    f"{self.session}: {len(self.frames)} frames, wanted {target} within {timeout}s"
+                )
+            self._frame_event.clear()
+            try:
+                await asyncio.wait_for(self._frame_event.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    # ---- data channel ---------------------------------------------------------------
+
+    def _on_dc_message(self, message) -> None:
+        try:
+            reply = json.loads(message)
+        except ValueError:
+            self.unmatched_replies.append({"_raw": message})
+            return
+        key = json.dumps(reply.get("id")) if isinstance(reply, dict) else None
+        fut = self._replies.pop(key, None) if key is not None else None
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+        else:
+            self.unmatched_replies.append(reply)
+
+    async def command(
+        self, cmd: str, args: dict | None = None, id: Any = None, timeout: float = 5.0
+    ) -> dict:
+        """Send one data-channel command, return its reply (matched by id)."""
+        if id is None:
+            id = str(self._next_id)
+            self._next_id += 1
+        msg: dict[str, Any] = {"id": id, "cmd": cmd}
+        if args is not None:
+            msg["args"] = args
+        return await self.command_raw(json.dumps(msg), reply_id=id, timeout=timeout)
+
+    async def command_raw(self, text: str, reply_id: Any = None, timeout: float = 5.0) -> dict:
+        """Send text as-is; wait for the reply whose id equals reply_id (None: id null)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._replies[json.dumps(reply_id)] = fut
+        self.dc.send(text)
+        return await asyncio.wait_for(fut, timeout)
+
+    async def ping(self, t: Any = None, timeout: float = 5.0) -> tuple[dict, float]:
+        """Ping over the data channel; returns (reply, round trip ms)."""
+        t0 = now_ms()
+        reply = await self.command("ping", None if t is None else {"t": t}, timeout=timeout)
+        return reply, now_ms() - t0
+
+    # ---- teardown ---------------------------------------------------------------------
+
+    async def bye(self, reason: str | None = None) -> None:
+        """Send bye, then close the peer connection and MQTT."""
+        msg: dict[str, Any] = {"v": 1, "type": "bye"}
+        if reason:
+            msg["reason"] = reason
+        await self.send(msg)
+        await self.close(send_bye=False)
+
+    async def close(self, send_bye: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if send_bye and self.mqtt is not None:
+            try:
+                await self.send({"v": 1, "type": "bye"})
+            except Exception:
+                pass
+        if self.pc is not None:
+            await self.pc.close()
+        for t in self._tasks:
+            t.cancel()
+        if self.mqtt is not None:
+            self.mqtt.close()
+
+    def die(self) -> None:
+        """Vanish without bye, close or DTLS alert: SIGKILL this very process."""
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # ---- stats ----------------------------------------------------------------------
+
+    def stats(self, since_ms: float | None = None, until_ms: float | None = None) -> dict:
+        frames = [
+            f
+            for f in self.frames
+            if (since_ms is None or f.arrival_ms >= since_ms)
+            and (until_ms is None or f.arrival_ms <= until_ms)
+        ]
+        s = summarize(frames)
+        if self.t_offer_ms is not None and self.t_first_frame_ms is not None:
+            s["offer_to_first_frame_ms"] = round(self.t_first_frame_ms - self.t_offer_ms, 1)
+        return s
+
+
+def latency_ms(f: FrameRecord) -> float:
+    """arrival - capture timestamp, both Unix ms mod 2^32, as a signed difference."""
+    d = (int(f.arrival_ms) - f.ts) % (1 << 32)
+    return float(d - (1 << 32) if d >= (1 << 31) else d)
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def summarize(frames: list[FrameRecord]) -> dict:
+    good = [f for f in frames if f.crc_ok]
+    out: dict[str, Any] = {
+        "frames": len(frames),
+        "crc_ok": len(good),
+        "pattern_ok": sum(1 for f in frames if f.pattern_ok),
+    }
+    if good:
+        seqs = [f.seq for f in good]
+        out["seq_first"], out["seq_last"] = seqs[0], seqs[-1]
+        out["seq_span"] = seqs[-1] - seqs[0] + 1
+        out["unique_seqs"] = len(set(seqs))
+        out["non_increasing"] = sum(1 for a, b in zip(seqs, seqs[1:]) if b <= a)
+        out["ts_span_ms"] = (good[-1].ts - good[0].ts) % (1 << 32)
+        lat = [latency_ms(f) for f in good]
+        out["latency_ms"] = {
+            "min": round(min(lat), 1),
+            "p50": round(statistics.median(lat), 1),
+            "p95": round(percentile(lat, 95), 1),
+            "max": round(max(lat), 1),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Subprocess wrapper (for "viewer dies without bye")
+# --------------------------------------------------------------------------------------
+
+
+class ViewerProcess:
+    """Runs this file as a CLI viewer in a child process; lines of JSON events on stdout."""
+
+    def __init__(self, host: str, port: int, device: str, *extra: str, prefix: str = "rtcam"):
+        self.session = new_session_id()
+        self.args = [
+            sys.executable, os.path.abspath(__file__), "--host", host, "--port", str(port),
+            "--device", device, "--prefix", prefix, "--session", self.session, *extra,
+        ]  # fmt: skip
+        self.proc: asyncio.subprocess.Process | None = None
+        self.events: list[dict] = []
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+
+    async def wait_event(self, name: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        for ev in self.events:
+            if ev.get("event") == name:
+                return ev
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError(f"viewer process: no {name!r} event in {timeout}s")
+            line = await asyncio.wait_for(self.proc.stdout.readline(), left)
+            if not line:
+                err = (await self.proc.stderr.read()).decode(errors="replace")
+                raise ViewerError(
+                    f"viewer process exited ({await self.proc.wait()}) before {name!r}; "
+                    f"events {self.events}; stderr:\n{err[-3000:]}"
+                )
+            ev = json.loads(line)
+            self.events.append(ev)
+            if ev.get("event") == name:
+                return ev
+            if ev.get("event") == "error":
+                raise ViewerError(f"viewer process failed: {ev}")
+
+    def kill(self) -> None:
+        """SIGKILL: no bye, no DTLS close_notify, no SCTP abort, no MQTT DISCONNECT."""
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def _emit(event: str, **data: Any) -> None:
+    print(json.dumps({"event": event, **data}), flush=True)
+
+
+async def _cli(a: argparse.Namespace) -> int:
+    v = Viewer(a.host, a.port, a.device, prefix=a.prefix, session=a.session)
+    try:
+        await v.start(timeout=a.timeout)
+    except ViewerError as e:
+        _emit("error", message=str(e), code=e.code)
+        return 2
+    except asyncio.TimeoutError as e:
+        _emit("error", message=f"timeout: {e}")
+        return 2
+    _emit("connected", session=v.session, ms_from_offer=round(v.t_connected_ms - v.t_offer_ms, 1))
+    await v.wait_frames(1, a.timeout)
+    _emit(
+        "first-frame",
+        session=v.session,
+        ms_from_offer=round(v.t_first_frame_ms - v.t_offer_ms, 1),
+        frame=asdict(v.frames[0]),
+    )
+    if a.ping:
+        reply, rtt = await v.ping(t="cli")
+        _emit("ping", reply=reply, rtt_ms=round(rtt, 2))
+    end = time.monotonic() + a.duration
+    die_at = time.monotonic() + a.die_after if a.die_after is not None else None
+    while time.monotonic() < end:
+        await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+        if die_at is not None and time.monotonic() >= die_at:
+            _emit("dying", frames=len(v.frames))
+            v.die()
+        _emit("stats", **v.stats())
+    if a.no_bye:
+        _emit("done", bye=False, **v.stats())
+        v.die()
+    await v.bye()
+    _emit("done", bye=True, **v.stats())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--device", default="rtcam")
+    p.add_argument("--prefix", default="rtcam")
+    p.add_argument("--session", default=None)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of video to receive")
+    p.add_argument("--timeout", type=float, default=20.0, help="connect/first frame timeout")
+    p.add_argument("--ping", action="store_true", help="ping over the data channel once")
+    p.add_argument("--no-bye", action="store_true", help="at the end, die instead of bye")
+    p.add_argument("--die-after", type=float, default=None, help="SIGKILL self after S seconds")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr
+    )
+    return asyncio.run(_cli(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
