@@ -114,6 +114,7 @@ pub struct WebrtcConfig {
     pub connect_timeout_ms: u64,
     pub disconnect_timeout_ms: u64,
     pub viewer_queue_frames: usize,
+    pub certificate_path: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod certificate;
 pub mod config;
 pub mod control;
 pub mod logging;

@@ -129,6 +129,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
     let ctx = Arc::new(SessionContext {
         settings: WebrtcSettings {
             ice_servers,
+            certificate: crate::certificate::load_or_create(&w.certificate_path)?,
             bind_addresses: w.bind_addresses.clone(),
             ports: PortPool::new(w.udp_port_min, w.udp_port_max),
             connect_timeout: Duration::from_millis(w.connect_timeout_ms),

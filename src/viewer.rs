@@ -24,7 +24,7 @@ use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCCertificate,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceGatheringState, RTCIceServer,
     RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry,
     register_default_interceptors,
@@ -46,6 +46,8 @@ pub const CONTROL_LABEL: &str = "control";
 /// WebRTC settings shared by every session.
 pub struct WebrtcSettings {
     pub ice_servers: Vec<RTCIceServer>,
+    /// One DTLS certificate for every session (cached on disk by the service).
+    pub certificate: RTCCertificate,
     pub bind_addresses: Vec<IpAddr>,
     pub ports: PortPool,
     pub connect_timeout: Duration,
@@ -167,7 +169,8 @@ fn random_u32() -> u32 {
         .finish() as u32
 }
 
-fn h264_codec() -> RTCRtpCodec {
+/// The H.264 codec rtcam sends: Constrained Baseline, packetization-mode=1.
+pub fn h264_codec() -> RTCRtpCodec {
     let fb = |typ: &str, parameter: &str| RTCPFeedback {
         typ: typ.into(),
         parameter: parameter.into(),
@@ -216,6 +219,7 @@ async fn run_session(
     };
     let config = RTCConfigurationBuilder::new()
         .with_ice_servers(settings.ice_servers.clone())
+        .with_certificates(vec![settings.certificate.clone()])
         .build();
     let (ev_tx, mut events) = mpsc::channel(64);
     let addrs: Vec<SocketAddr> = settings

@@ -512,3 +512,118 @@ impl Worker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawn_pattern(cancel: &CancellationToken) -> (PipelineHandle, std::thread::JoinHandle<()>) {
+        spawn(
+            PipelineConfig {
+                encoder: EncoderSettings {
+                    bitrate: 500_000,
+                    fps: 30,
+                    keyframe_interval: 30,
+                },
+                reopen_delay: Duration::from_millis(50),
+            },
+            Box::new(|| Ok(Box::new(TestPattern::new(320, 240, 30, true)) as Box<dyn FrameSource>)),
+            cancel.clone(),
+        )
+        .unwrap()
+    }
+
+    async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn captures_only_while_subscribed_and_starts_with_a_keyframe() {
+        let cancel = CancellationToken::new();
+        let (handle, thread) = spawn_pattern(&cancel);
+        let stats = handle.stats().clone();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !stats.capturing.load(Ordering::Relaxed),
+            "idle without viewers"
+        );
+
+        let (tx, mut rx) = mpsc::channel(8);
+        handle.subscribe(1, tx).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(first.keyframe, "a new viewer starts at a keyframe");
+        let second = rx.recv().await.unwrap();
+        assert!(second.seq > first.seq);
+        assert!(stats.capturing.load(Ordering::Relaxed));
+        assert_eq!(stats.viewers.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.bytes_copied_last.load(Ordering::Relaxed), 0);
+
+        assert_eq!(handle.set_bitrate(300_000).await, Ok(300_000));
+        assert_eq!(stats.bitrate.load(Ordering::Relaxed), 300_000);
+
+        // A viewer that goes away without unsubscribing is noticed by its closed queue.
+        drop(rx);
+        wait_for("capture to stop", || {
+            !stats.capturing.load(Ordering::Relaxed)
+        })
+        .await;
+        assert_eq!(stats.viewers.load(Ordering::Relaxed), 0);
+
+        cancel.cancel();
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn failing_source_is_retried_not_fatal() {
+        let cancel = CancellationToken::new();
+        let attempts = Arc::new(AtomicU32::new(0));
+        let a = attempts.clone();
+        let (handle, thread) = spawn(
+            PipelineConfig {
+                encoder: EncoderSettings {
+                    bitrate: 500_000,
+                    fps: 30,
+                    keyframe_interval: 30,
+                },
+                reopen_delay: Duration::from_millis(20),
+            },
+            Box::new(move || {
+                if a.fetch_add(1, Ordering::Relaxed) < 3 {
+                    Err(SourceError::Device("no such device".into()))
+                } else {
+                    Ok(Box::new(TestPattern::new(160, 120, 30, true)) as Box<dyn FrameSource>)
+                }
+            }),
+            cancel.clone(),
+        )
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        handle.subscribe(7, tx).await.unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(frame.keyframe);
+        assert!(attempts.load(Ordering::Relaxed) >= 4);
+        assert_eq!(handle.stats().source_errors.load(Ordering::Relaxed), 3);
+        cancel.cancel();
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            handle.set_bitrate(200_000).await.is_err(),
+            "gone after shutdown"
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! Prints pipeline vs bare-openh264 CPU cost per frame, fps and bytes copied, for I420 and YUYV input.
+//!
+//! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rtc::rtp::packetizer::{Packetizer, new_packetizer};
+use rtc::rtp::sequence::new_random_sequencer;
+use rtcam::media::convert::Converter;
+use rtcam::media::encoder::{EncoderSettings, H264Encoder};
+use rtcam::media::frame::{I420Buffer, I420View};
+use rtcam::media::pattern::PatternGenerator;
+
+/// CPU time this process has used (all threads).
+fn cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Packs an I420 picture into YUYV, as a camera would deliver it.
+fn to_yuyv(src: &I420Buffer) -> Vec<u8> {
+    let (w, h, cw) = (src.width, src.height, src.chroma_width());
+    let v = src.view();
+    let mut out = vec![0u8; w * h * 2];
+    for row in 0..h {
+        for x in (0..w).step_by(2) {
+            let o = row * w * 2 + x * 2;
+            let c = (row / 2) * cw + x / 2;
+            out[o..o + 4].copy_from_slice(&[
+                v.y[row * w + x],
+                v.u[c],
+                v.y[row * w + x + 1],
+                v.v[c],
+            ]);
+        }
+    }
+    out
+}
+
+struct Result {
+    cpu_per_frame_ms: f64,
+    fps: f64,
+    bytes_copied: usize,
+    encoded_bytes: usize,
+}
+
+fn settings(w: usize) -> EncoderSettings {
+    EncoderSettings {
+        bitrate: match w {
+            ..=640 => 1_000_000,
+            ..=1280 => 2_500_000,
+            _ => 4_000_000,
+        },
+        fps: 30,
+        keyframe_interval: 60,
+    }
+}
+
+/// Bare openh264 on pre-made I420 frames.
+fn bare(frames: &[I420Buffer]) -> Result {
+    let mut enc = H264Encoder::new(settings(frames[0].width)).expect("encoder");
+    let mut out = Vec::new();
+    let (mut encoded, start_cpu, start) = (0, cpu_time(), Instant::now());
+    for (i, f) in frames.iter().enumerate() {
+        enc.encode(&f.view(), i as u64 * 33, &mut out)
+            .expect("encode");
+        encoded += out.len();
+    }
+    finish(frames.len(), start_cpu, start, 0, encoded)
+}
+
+/// What rtcam does per frame: view or convert the camera buffer, encode, hand off as
+/// `Bytes`, packetize into RTP.
+fn pipeline(buffers: &[Vec<u8>], w: usize, h: usize, yuyv: bool) -> Result {
+    let mut enc = H264Encoder::new(settings(w)).expect("encoder");
+    let mut converter = Converter::default();
+    let codec = rtcam::viewer::h264_codec();
+    let mut packetizer = new_packetizer(
+        Instant::now(),
+        1200,
+        102,
+        0x1234,
+        codec.payloader().expect("payloader"),
+        Box::new(new_random_sequencer()),
+        90_000,
+    );
+    let mut out = Vec::new();
+    let (mut copied, mut encoded, mut packets) = (0, 0, 0);
+    let (start_cpu, start) = (cpu_time(), Instant::now());
+    for (i, buf) in buffers.iter().enumerate() {
+        let (view, bytes_copied): (I420View<'_>, usize) = if yuyv {
+            converter.yuyv(buf, w, h, w * 2).expect("yuyv")
+        } else {
+            (I420View::from_contiguous(buf, w, h, w).expect("i420"), 0)
+        };
+        copied += bytes_copied;
+        enc.encode(&view, i as u64 * 33, &mut out).expect("encode");
+        encoded += out.len();
+        let data = Bytes::from(std::mem::take(&mut out));
+        packets += packetizer
+            .packetize(Instant::now(), &data, 3000)
+            .expect("packetize")
+            .len();
+    }
+    assert!(packets >= buffers.len(), "every frame packetized");
+    finish(
+        buffers.len(),
+        start_cpu,
+        start,
+        copied / buffers.len(),
+        encoded,
+    )
+}
+
+fn finish(
+    n: usize,
+    start_cpu: Duration,
+    start: Instant,
+    bytes_copied: usize,
+    encoded: usize,
+) -> Result {
+    let cpu = cpu_time() - start_cpu;
+    Result {
+        cpu_per_frame_ms: cpu.as_secs_f64() * 1000.0 / n as f64,
+        fps: n as f64 / start.elapsed().as_secs_f64(),
+        bytes_copied,
+        encoded_bytes: encoded / n,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let frames_n = args
+        .iter()
+        .position(|a| a == "--frames")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120usize);
+    println!(
+        "{:<10} {:<5} {:>9} {:>15} {:>15} {:>7} {:>13} {:>12}",
+        "size",
+        "input",
+        "fps",
+        "pipeline ms/f",
+        "openh264 ms/f",
+        "ratio",
+        "copied B/f",
+        "encoded B/f"
+    );
+    for (w, h) in [(640, 480), (1280, 720), (1920, 1080)] {
+        let pattern = PatternGenerator::new(w, h);
+        let frames: Vec<I420Buffer> = (0..frames_n as u32)
+            .map(|seq| {
+                let mut b = I420Buffer::default();
+                pattern.render(seq, seq * 33, &mut b);
+                b
+            })
+            .collect();
+        for yuyv in [false, true] {
+            let buffers: Vec<Vec<u8>> = if yuyv {
+                frames.iter().map(to_yuyv).collect()
+            } else {
+                frames.iter().map(|f| f.data.clone()).collect()
+            };
+            // Alternate to spread any frequency drift over both measurements.
+            let b1 = bare(&frames);
+            let p1 = pipeline(&buffers, w, h, yuyv);
+            let b2 = bare(&frames);
+            let p2 = pipeline(&buffers, w, h, yuyv);
+            let bare_ms = (b1.cpu_per_frame_ms + b2.cpu_per_frame_ms) / 2.0;
+            let pipe_ms = (p1.cpu_per_frame_ms + p2.cpu_per_frame_ms) / 2.0;
+            println!(
+                "{:<10} {:<5} {:>9.1} {:>15.3} {:>15.3} {:>7.3} {:>13} {:>12}",
+                format!("{w}x{h}"),
+                if yuyv { "YUYV" } else { "I420" },
+                (p1.fps + p2.fps) / 2.0,
+                pipe_ms,
+                bare_ms,
+                pipe_ms / bare_ms,
+                p1.bytes_copied,
+                p1.encoded_bytes,
+            );
+            let _ = b1.encoded_bytes;
+        }
+    }
+}
