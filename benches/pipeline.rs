@@ -53,10 +53,12 @@ struct Result {
 
 fn settings(w: usize) -> EncoderSettings {
     EncoderSettings {
-        bitrate: match w {
-            ..=640 => 1_000_000,
-            ..=1280 => 2_500_000,
-            _ => 4_000_000,
+        bitrate: if w <= 640 {
+            1_000_000
+        } else if w <= 1280 {
+            2_500_000
+        } else {
+            4_000_000
         },
         fps: 30,
         keyframe_interval: 60,
