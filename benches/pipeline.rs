@@ -158,10 +158,23 @@ fn main() {
     );
     for (w, h) in [(640, 480), (1280, 720), (1920, 1080)] {
         let pattern = PatternGenerator::new(w, h);
+        // Camera-like content: the test pattern with a panning texture over its lower third,
+        // so the encoder has real motion to code (a static pattern costs it almost nothing).
+        let texture: Vec<u8> = (0..(w + 4096) * h)
+            .map(|i| {
+                let (x, y) = (i % (w + 4096), i / (w + 4096));
+                ((x * 7 + y * 13 + (x * y) % 31) % 200 + 28) as u8
+            })
+            .collect();
         let frames: Vec<I420Buffer> = (0..frames_n as u32)
             .map(|seq| {
                 let mut b = I420Buffer::default();
                 pattern.render(seq, seq * 33, &mut b);
+                let shift = (seq as usize * 5) % 4096;
+                for row in h * 2 / 3..h {
+                    let src = &texture[row * (w + 4096) + shift..row * (w + 4096) + shift + w];
+                    b.data[row * w..(row + 1) * w].copy_from_slice(src);
+                }
                 b
             })
             .collect();

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
@@ -27,7 +28,7 @@ use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCCertificate,
     RTCConfigurationBuilder, RTCIceCandidateInit, RTCIceGatheringState, RTCIceServer,
     RTCPeerConnectionIceEvent, RTCPeerConnectionState, RTCSessionDescription, Registry,
-    register_default_interceptors,
+    SettingEngineBuilder, register_default_interceptors,
 };
 
 use crate::control::Controller;
@@ -184,6 +185,47 @@ pub fn h264_codec() -> RTCRtpCodec {
     }
 }
 
+/// One peer connection with rtcam's codec, interceptors, ICE servers and certificate.
+async fn build_peer_connection(
+    settings: &WebrtcSettings,
+    addrs: &[SocketAddr],
+    events: &mpsc::Sender<PcEvent>,
+    mdns: MulticastDnsMode,
+) -> Result<Arc<dyn PeerConnection>, String> {
+    let mut media_engine = MediaEngine::default();
+    media_engine
+        .register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: h264_codec(),
+                payload_type: 102,
+            },
+            RtpCodecKind::Video,
+        )
+        .map_err(|e| e.to_string())?;
+    let registry = register_default_interceptors(Registry::new(), &mut media_engine)
+        .map_err(|e| e.to_string())?
+        .with(Slot::from(14_000), KeyframeRequestInterceptor::default());
+    let config = RTCConfigurationBuilder::new()
+        .with_ice_servers(settings.ice_servers.clone())
+        .with_certificates(vec![settings.certificate.clone()])
+        .build();
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(config)
+        .with_media_engine(media_engine)
+        .with_setting_engine(
+            SettingEngineBuilder::new()
+                .with_multicast_dns_mode(mdns)
+                .build(),
+        )
+        .with_interceptor_registry(registry)
+        .with_handler(Arc::new(Handler { tx: events.clone() }))
+        .with_udp_addrs(addrs.to_vec())
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(pc))
+}
+
 async fn run_session(
     ctx: &SessionContext,
     id: &SessionId,
@@ -202,43 +244,29 @@ async fn run_session(
         Err(e) => return End::Rejected(Rejection::new(ErrorCode::BadSdp, e.to_string())),
     };
 
-    let mut media_engine = MediaEngine::default();
     let codec = h264_codec();
-    if let Err(e) = media_engine.register_codec(
-        RTCRtpCodecParameters {
-            rtp_codec: codec.clone(),
-            payload_type: 102,
-        },
-        RtpCodecKind::Video,
-    ) {
-        return internal(e);
-    }
-    let registry = match register_default_interceptors(Registry::new(), &mut media_engine) {
-        Ok(r) => r.with(Slot::from(14_000), KeyframeRequestInterceptor::default()),
-        Err(e) => return internal(e),
-    };
-    let config = RTCConfigurationBuilder::new()
-        .with_ice_servers(settings.ice_servers.clone())
-        .with_certificates(vec![settings.certificate.clone()])
-        .build();
     let (ev_tx, mut events) = mpsc::channel(64);
     let addrs: Vec<SocketAddr> = settings
         .bind_addresses
         .iter()
         .map(|ip| SocketAddr::new(*ip, lease.port))
         .collect();
-    let pc = match PeerConnectionBuilder::new()
-        .with_configuration(config)
-        .with_media_engine(media_engine)
-        .with_interceptor_registry(registry)
-        .with_handler(Arc::new(Handler { tx: ev_tx }))
-        .with_udp_addrs(addrs)
-        .build()
+    // mDNS lets the device resolve browsers' `.local` host candidates on a LAN, but needs a
+    // multicast-capable interface; without one, stream anyway with mDNS off.
+    let pc = match build_peer_connection(settings, &addrs, &ev_tx, MulticastDnsMode::QueryOnly)
         .await
     {
-        Ok(pc) => Arc::new(pc) as Arc<dyn PeerConnection>,
-        Err(e) => return internal(format!("peer connection: {e}")),
+        Ok(pc) => pc,
+        Err(e) => {
+            tracing::warn!(error = %e, "peer connection with mDNS failed; retrying without mDNS");
+            match build_peer_connection(settings, &addrs, &ev_tx, MulticastDnsMode::Disabled).await
+            {
+                Ok(pc) => pc,
+                Err(e) => return internal(format!("peer connection: {e}")),
+            }
+        }
     };
+    drop(ev_tx);
     let session_cancel = cancel.child_token();
     let end = negotiate_and_stream(
         ctx,
@@ -320,6 +348,7 @@ async fn negotiate_and_stream(
             "the offer has no video section rtcam can send H.264 (packetization-mode=1) on",
         ));
     }
+    let bundle_mid = first_mid(&answer_sdp).unwrap_or_else(|| "0".to_owned());
     tracing::debug!(sdp = %answer_sdp, "answer");
     ctx.signal.send(id, &DeviceMessage::answer(answer_sdp));
     let offered_at = Instant::now();
@@ -367,10 +396,12 @@ async fn negotiate_and_stream(
             event = events.recv() => match event {
                 None => return End::Bye(ByeReason::Closed),
                 Some(PcEvent::Candidate(ev)) => match ev.candidate.to_json() {
+                    // webrtc-rs leaves the mid empty; browsers need it. Everything is bundled
+                    // on the first media section, so that is where every candidate belongs.
                     Ok(init) => ctx.signal.send(id, &DeviceMessage::candidate(Some(IceCandidate {
                         candidate: init.candidate,
-                        sdp_mid: init.sdp_mid,
-                        sdp_mline_index: init.sdp_mline_index,
+                        sdp_mid: Some(bundle_mid.clone()),
+                        sdp_mline_index: Some(0),
                         username_fragment: init.username_fragment,
                     }))),
                     Err(e) => tracing::warn!(error = %e, "cannot serialize local candidate"),
@@ -526,6 +557,13 @@ async fn serve_data_channel(
     }
 }
 
+/// The `a=mid:` of the first media section.
+fn first_mid(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=mid:"))
+        .map(str::to_owned)
+}
+
 fn is_keyframe_request(packet: &dyn rtc::rtcp::Packet) -> bool {
     let any = packet.as_any();
     any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
@@ -581,4 +619,28 @@ impl Interceptor for KeyframeRequestInterceptor {
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_mid_is_found() {
+        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 102\r\na=mid:video0\r\nm=application 9\r\na=mid:1\r\n";
+        assert_eq!(first_mid(sdp).as_deref(), Some("video0"));
+        assert_eq!(first_mid("v=0\r\n"), None);
+    }
+
+    #[test]
+    fn codec_is_constrained_baseline_mode_1() {
+        let c = h264_codec();
+        assert!(c.sdp_fmtp_line.contains("packetization-mode=1"));
+        assert!(c.sdp_fmtp_line.contains("profile-level-id=42e01f"));
+        assert!(
+            c.rtcp_feedback
+                .iter()
+                .any(|f| f.typ == "nack" && f.parameter == "pli")
+        );
+    }
 }
