@@ -31,6 +31,8 @@ fn short(len: usize, needed: usize, width: usize, height: usize, stride: usize) 
 
 impl Converter {
     /// Converts packed YUYV (4:2:2, `stride` bytes per line) to I420 with one pass.
+    /// (Not yuvutils-rs: its SIMD and scalar paths take chroma from different lines, and it
+    /// rejects padded lines, which drivers produce for some widths.)
     /// Returns the view and the number of bytes written.
     pub fn yuyv(
         &mut self,
@@ -46,29 +48,7 @@ impl Converter {
         self.i420.resize(width, height);
         let (cw, ch) = (self.i420.chroma_width(), self.i420.chroma_height());
         let (y, u, v) = self.i420.planes_mut();
-        if stride == width * 2 {
-            // Tight lines: yuvutils-rs's SIMD path (it does not accept padded lines).
-            let mut planar = yuvutils_rs::YuvPlanarImageMut {
-                y_plane: yuvutils_rs::BufferStoreMut::Borrowed(y),
-                y_stride: width as u32,
-                u_plane: yuvutils_rs::BufferStoreMut::Borrowed(u),
-                u_stride: cw as u32,
-                v_plane: yuvutils_rs::BufferStoreMut::Borrowed(v),
-                v_stride: cw as u32,
-                width: width as u32,
-                height: height as u32,
-            };
-            let packed = yuvutils_rs::YuvPackedImage {
-                yuy: &src[..needed],
-                yuy_stride: stride as u32,
-                width: width as u32,
-                height: height as u32,
-            };
-            yuvutils_rs::yuyv422_to_yuv420(&mut planar, &packed)
-                .map_err(|e| ConvertError::Yuyv(e.to_string()))?;
-        } else {
-            yuyv_padded(src, width, height, stride, y, u, v);
-        }
+        yuyv_to_i420(src, width, height, stride, y, u, v);
         let written = width * height + 2 * cw * ch;
         Ok((self.i420.view(), written))
     }
@@ -115,9 +95,9 @@ impl Converter {
     }
 }
 
-/// YUYV with padded lines (drivers round the stride up for some widths): luma copied,
-/// chroma taken from the even lines, exactly as yuvutils-rs does on the tight path.
-fn yuyv_padded(
+/// YUYV (4:2:2) to I420 in one pass over two lines at a time: luma copied, chroma averaged
+/// over each line pair (4:2:0 siting between the lines). Handles padded lines.
+fn yuyv_to_i420(
     src: &[u8],
     width: usize,
     height: usize,
@@ -127,20 +107,28 @@ fn yuyv_padded(
     v: &mut [u8],
 ) {
     let cw = width.div_ceil(2);
-    for row in 0..height {
-        let line = &src[row * stride..row * stride + width * 2];
-        for (dst, px) in y[row * width..(row + 1) * width]
-            .iter_mut()
-            .zip(line.iter().step_by(2))
-        {
-            *dst = *px;
-        }
-    }
+    let pairs = width / 2;
     for crow in 0..height.div_ceil(2) {
-        let line = &src[2 * crow * stride..2 * crow * stride + width * 2];
-        for (i, quad) in line.chunks_exact(4).enumerate().take(cw) {
-            u[crow * cw + i] = quad[1];
-            v[crow * cw + i] = quad[3];
+        let r0 = 2 * crow;
+        // An odd last line pairs with itself.
+        let r1 = (r0 + 1).min(height - 1);
+        let a = &src[r0 * stride..r0 * stride + pairs * 4];
+        let b = &src[r1 * stride..r1 * stride + pairs * 4];
+        let (y0, rest) = y[r0 * width..].split_at_mut(width);
+        let uo = &mut u[crow * cw..crow * cw + pairs];
+        let vo = &mut v[crow * cw..crow * cw + pairs];
+        for (i, (qa, qb)) in a.chunks_exact(4).zip(b.chunks_exact(4)).enumerate() {
+            y0[2 * i] = qa[0];
+            y0[2 * i + 1] = qa[2];
+            uo[i] = ((u16::from(qa[1]) + u16::from(qb[1]) + 1) >> 1) as u8;
+            vo[i] = ((u16::from(qa[3]) + u16::from(qb[3]) + 1) >> 1) as u8;
+        }
+        if r1 != r0 {
+            let y1 = &mut rest[..width];
+            for (i, qb) in b.chunks_exact(4).enumerate() {
+                y1[2 * i] = qb[0];
+                y1[2 * i + 1] = qb[2];
+            }
         }
     }
 }
@@ -150,7 +138,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn yuyv_converts_luma_exactly_and_samples_chroma_from_even_lines() {
+    fn yuyv_converts_luma_exactly_and_averages_chroma() {
         let (w, h, stride) = (4, 2, 10); // 2 bytes of padding per line
         let mut src = vec![0u8; stride * h];
         for row in 0..h {
@@ -164,26 +152,35 @@ mod tests {
         let (view, written) = c.yuyv(&src, w, h, stride).unwrap();
         assert_eq!(written, 8 + 2 + 2);
         assert_eq!(view.y, &[0, 1, 2, 3, 10, 11, 12, 13]);
-        // U of row 0 (100), not row 1 (110); V is 200 everywhere.
-        assert_eq!(view.u, &[100, 100]);
+        // U of rows 0 and 1 (100, 110) averages to 105; V is 200 everywhere.
+        assert_eq!(view.u, &[105, 105]);
         assert!(view.v.iter().all(|&v| v == 200));
     }
 
     #[test]
-    fn padded_and_tight_yuyv_paths_agree() {
-        let (w, h) = (64, 8);
-        let tight: Vec<u8> = (0..w * 2 * h).map(|i| (i * 7 % 251) as u8).collect();
-        let stride = w * 2 + 16;
-        let mut padded = vec![0u8; stride * h];
-        for row in 0..h {
-            padded[row * stride..row * stride + w * 2]
-                .copy_from_slice(&tight[row * w * 2..(row + 1) * w * 2]);
+    fn padded_and_tight_yuyv_agree_at_every_width() {
+        for (w, h) in [(8, 2), (64, 8), (130, 5)] {
+            let tight: Vec<u8> = (0..w * 2 * h).map(|i| (i * 7 % 251) as u8).collect();
+            let stride = w * 2 + 16;
+            let mut padded = vec![0u8; stride * h];
+            for row in 0..h {
+                padded[row * stride..row * stride + w * 2]
+                    .copy_from_slice(&tight[row * w * 2..(row + 1) * w * 2]);
+            }
+            let mut c1 = Converter::default();
+            let mut c2 = Converter::default();
+            let (a, _) = c1.yuyv(&tight, w, h, w * 2).unwrap();
+            let (b, _) = c2.yuyv(&padded, w, h, stride).unwrap();
+            assert_eq!((a.y, a.u, a.v), (b.y, b.u, b.v));
+            // Chroma is the rounded mean of lines 0 and 1; an odd last line pairs with itself.
+            let mean = |p: u8, q: u8| (u16::from(p) + u16::from(q)).div_ceil(2) as u8;
+            assert_eq!(a.u[0], mean(tight[1], tight[w * 2 + 1]));
+            assert_eq!(a.v[0], mean(tight[3], tight[w * 2 + 3]));
+            if h % 2 == 1 {
+                let last = (h - 1) * w * 2;
+                assert_eq!(a.u[(h / 2) * (w / 2)], tight[last + 1]);
+            }
         }
-        let mut c1 = Converter::default();
-        let mut c2 = Converter::default();
-        let (a, _) = c1.yuyv(&tight, w, h, w * 2).unwrap();
-        let (b, _) = c2.yuyv(&padded, w, h, stride).unwrap();
-        assert_eq!((a.y, a.u, a.v), (b.y, b.u, b.v));
     }
 
     #[test]
