@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -149,6 +149,10 @@ pub async fn run_event_loop(
                 {
                     tracing::warn!("signaling queue full; inbound MQTT message dropped");
                 }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                tracing::debug!("MQTT disconnected cleanly");
+                break;
             }
             Ok(_) => {}
             Err(e) => {

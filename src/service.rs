@@ -103,6 +103,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
                 fps: config.capture.fps,
                 keyframe_interval: config.encoder.keyframe_interval,
             },
+            width: config.capture.width,
+            height: config.capture.height,
             reopen_delay: Duration::from_millis(1000),
         },
         source_opener(&config),

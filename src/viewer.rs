@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::ice::mdns::MulticastDnsMode;
@@ -41,6 +42,8 @@ use crate::sessions::SessionKey;
 
 /// The H.264 payload type rtcam offers to match; browsers pick their own in the offer.
 const H264_FMTP: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
+/// Set once a peer connection could not open its mDNS socket; later sessions skip mDNS.
+static MDNS_UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 /// Label of the control data channel.
 pub const CONTROL_LABEL: &str = "control";
 
@@ -252,19 +255,24 @@ async fn run_session(
         .map(|ip| SocketAddr::new(*ip, lease.port))
         .collect();
     // mDNS lets the device resolve browsers' `.local` host candidates on a LAN, but needs a
-    // multicast-capable interface; without one, stream anyway with mDNS off.
-    let pc = match build_peer_connection(settings, &addrs, &ev_tx, MulticastDnsMode::QueryOnly)
-        .await
-    {
+    // multicast-capable interface; without one, stream anyway with mDNS off (and remember).
+    let mdns = if MDNS_UNAVAILABLE.load(Ordering::Relaxed) {
+        MulticastDnsMode::Disabled
+    } else {
+        MulticastDnsMode::QueryOnly
+    };
+    let pc = match build_peer_connection(settings, &addrs, &ev_tx, mdns).await {
         Ok(pc) => pc,
-        Err(e) => {
-            tracing::warn!(error = %e, "peer connection with mDNS failed; retrying without mDNS");
+        Err(e) if mdns != MulticastDnsMode::Disabled => {
+            MDNS_UNAVAILABLE.store(true, Ordering::Relaxed);
+            tracing::warn!(error = %e, "mDNS unavailable (no multicast route?); viewers' .local candidates will not resolve");
             match build_peer_connection(settings, &addrs, &ev_tx, MulticastDnsMode::Disabled).await
             {
                 Ok(pc) => pc,
                 Err(e) => return internal(format!("peer connection: {e}")),
             }
         }
+        Err(e) => return internal(format!("peer connection: {e}")),
     };
     drop(ev_tx);
     let session_cancel = cancel.child_token();
@@ -360,6 +368,9 @@ async fn negotiate_and_stream(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
+            // Shutdown first: at shutdown the input channel closes too, and that must not
+            // read as the viewer's own bye.
+            biased;
             _ = cancel.cancelled() => return End::Bye(ByeReason::Shutdown),
             _ = &mut connect_deadline, if !connected => {
                 tracing::warn!(timeout = ?settings.connect_timeout, "viewer did not connect in time");
@@ -374,7 +385,8 @@ async fn negotiate_and_stream(
                 }
             }
             input = inputs.recv() => match input {
-                None | Some(SessionInput::Bye) => return End::ViewerBye,
+                Some(SessionInput::Bye) => return End::ViewerBye,
+                None => return End::Bye(ByeReason::Shutdown),
                 Some(SessionInput::Candidate(None)) => {}
                 Some(SessionInput::Candidate(Some(c))) => {
                     let init = RTCIceCandidateInit {
@@ -385,7 +397,7 @@ async fn negotiate_and_stream(
                         url: None,
                     };
                     if let Err(e) = pc.add_ice_candidate(init).await {
-                        tracing::debug!(error = %e, "remote candidate refused");
+                        tracing::info!(error = %e, "remote candidate refused");
                         ctx.signal.send(id, &DeviceMessage::error(&Rejection::new(
                             ErrorCode::BadCandidate,
                             e.to_string(),

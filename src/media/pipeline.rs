@@ -252,6 +252,9 @@ impl PipelineHandle {
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
     pub encoder: EncoderSettings,
+    /// Configured picture size, reported while idle (the source may deliver another).
+    pub width: u32,
+    pub height: u32,
     /// Wait between attempts to (re)open a failed camera while viewers watch.
     pub reopen_delay: Duration,
 }
@@ -268,6 +271,8 @@ pub fn spawn(
         .bitrate
         .store(config.encoder.bitrate, Ordering::Relaxed);
     stats.fps.store(config.encoder.fps, Ordering::Relaxed);
+    stats.width.store(config.width, Ordering::Relaxed);
+    stats.height.store(config.height, Ordering::Relaxed);
     let handle = PipelineHandle {
         tx: tx.clone(),
         stats: stats.clone(),
@@ -525,6 +530,8 @@ mod tests {
                     fps: 30,
                     keyframe_interval: 30,
                 },
+                width: 320,
+                height: 240,
                 reopen_delay: Duration::from_millis(50),
             },
             Box::new(|| Ok(Box::new(TestPattern::new(320, 240, 30, true)) as Box<dyn FrameSource>)),
@@ -596,6 +603,8 @@ mod tests {
                     fps: 30,
                     keyframe_interval: 30,
                 },
+                width: 160,
+                height: 120,
                 reopen_delay: Duration::from_millis(20),
             },
             Box::new(move || {

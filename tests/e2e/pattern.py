@@ -9,9 +9,10 @@ Written from the protocol document only, not from rtcam's source:
 * ``x40 = x << 8 | crc8(x)``; CRC-8 poly 0x07, init 0, no reflection, no final xor, over
   the four big-endian bytes of the value.
 * A bit is read by averaging the luma of the middle half of its cell: ``> 128`` is 1.
-* Below row 1: eight vertical 75 % colour bars over the full width, and a grey box
-  (Y = U = V = 128) of ``64 * b / 16`` px whose left edge is at
-  ``x = (seq * 4 * b / 16) mod (width - box)`` and top at ``y = height / 2``.
+* Below row 1: eight vertical 75 % colour bars over the full width; bar ``k`` covers the
+  columns ``x`` with ``floor(8x / width) = k``.
+* A grey box (Y = U = V = 128) of side ``box = min(4b, height/2)`` rounded down to even,
+  top edge at ``y = height / 2``, left edge at ``x = floor(seq * b / 4) mod (width - box)``.
 
 ``decode_frame`` takes a yuv420p frame as produced by PyAV's
 ``VideoFrame.to_ndarray(format="yuv420p")`` (shape ``(h * 3 // 2, w)``) and returns a
@@ -62,13 +63,17 @@ def cell_size(width: int) -> int:
     return 2 * (width // 80)
 
 
-def box_size(width: int) -> int:
-    return 64 * cell_size(width) // 16
+def box_size(width: int, height: int) -> int:
+    return min(4 * cell_size(width), height // 2) & ~1
 
 
-def box_left(seq: int, width: int) -> int:
-    b = cell_size(width)
-    return (seq * 4 * b // 16) % (width - box_size(width))
+def box_left(seq: int, width: int, height: int) -> int:
+    return (seq * cell_size(width) // 4) % (width - box_size(width, height))
+
+
+def bar_columns(k: int, width: int) -> tuple[int, int]:
+    """[x0, x1) of bar k: the columns x with floor(8x / width) == k."""
+    return -(-k * width // 8), -(-(k + 1) * width // 8)
 
 
 def stamp40(value: int) -> int:
@@ -92,11 +97,10 @@ def render_frame(seq: int, ts: int, width: int = 640, height: int = 480) -> np.n
     y = np.zeros((height, width), np.uint8)
     u = np.zeros((height // 2, width // 2), np.uint8)
     v = np.zeros((height // 2, width // 2), np.uint8)
-    for i, (by, bu, bv) in enumerate(BARS):
-        x0, x1 = i * width // 8, (i + 1) * width // 8
-        y[:, x0:x1] = by
-        u[:, x0 // 2 : x1 // 2] = bu
-        v[:, x0 // 2 : x1 // 2] = bv
+    bar_of_x = (8 * np.arange(width)) // width
+    y[:, :] = np.array([c[0] for c in BARS], np.uint8)[bar_of_x]
+    u[:, :] = np.array([c[1] for c in BARS], np.uint8)[bar_of_x[::2]]
+    v[:, :] = np.array([c[2] for c in BARS], np.uint8)[bar_of_x[::2]]
     for row, value in ((0, seq), (1, ts)):
         bits = stamp40(value)
         y[row * b : (row + 1) * b, :] = BLACK
@@ -105,7 +109,7 @@ def render_frame(seq: int, ts: int, width: int = 640, height: int = 480) -> np.n
         for i in range(STAMP_BITS):
             if (bits >> (STAMP_BITS - 1 - i)) & 1:
                 y[row * b : (row + 1) * b, i * b : (i + 1) * b] = WHITE
-    size, left, top = box_size(width), box_left(seq, width), height // 2
+    size, left, top = box_size(width, height), box_left(seq, width, height), height // 2
     y[top : top + size, left : left + size] = BOX_YUV[0]
     u[top // 2 : (top + size) // 2, left // 2 : (left + size) // 2] = BOX_YUV[1]
     v[top // 2 : (top + size) // 2, left // 2 : (left + size) // 2] = BOX_YUV[2]
@@ -152,7 +156,7 @@ def check_bars(y, u, v, width: int, height: int, problems: list[str]) -> bool:
     y0, y1 = 2 * b + 8, height // 2 - 8  # clear of the stamp rows and of the box
     ok = True
     for i, (ey, eu, ev) in enumerate(BARS):
-        x0, x1 = i * width // 8, (i + 1) * width // 8
+        x0, x1 = bar_columns(i, width)
         w = x1 - x0
         mx0, mx1 = x0 + w // 4, x1 - w // 4
         got = (
@@ -171,7 +175,7 @@ def check_bars(y, u, v, width: int, height: int, problems: list[str]) -> bool:
 
 def find_box(y, u, v, width: int, height: int) -> int | None:
     """Left edge of the longest run of grey (Y, U, V all near 128) in the box's middle row."""
-    size = box_size(width)
+    size = box_size(width, height)
     row = height // 2 + size // 2
     ys = y[row, :].astype(np.int16)
     us = np.repeat(u[row // 2, :], 2)[:width].astype(np.int16)
@@ -192,8 +196,8 @@ def find_box(y, u, v, width: int, height: int) -> int | None:
 
 
 def check_box(y, u, v, seq: int, width: int, height: int, reading: PatternReading) -> bool:
-    size = box_size(width)
-    left, top = box_left(seq, width), height // 2
+    size = box_size(width, height)
+    left, top = box_left(seq, width, height), height // 2
     m = max(size // 8, 2)
     got = (
         _mean(y[top + m : top + size - m, left + m : left + size - m]),

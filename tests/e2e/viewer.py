@@ -45,7 +45,7 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import candidate_from_sdp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pattern import decode_frame  # noqa: E402
+from pattern import decode_frame
 
 log = logging.getLogger("viewer")
 
@@ -199,6 +199,36 @@ class FrameRecord:
     problems: list[str] = field(default_factory=list)
 
 
+def strip_candidates(sdp: str) -> tuple[str, list[dict]]:
+    """Turn a complete offer into a trickle-ICE one.
+
+    Removes the candidate lines (returned as RTCIceCandidateInit dicts in order) and
+    end-of-candidates, and sets ports/addresses to the `9` / `0.0.0.0` placeholders a
+    browser uses before gathering.
+    """
+    lines, found, mids = [], [], []
+    mline = -1
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            mline += 1
+            mids.append(None)
+            parts = line.split(" ")
+            parts[1] = "9"
+            line = " ".join(parts)
+        elif line.startswith("a=mid:") and mline >= 0:
+            mids[mline] = line[len("a=mid:") :]
+        elif line.startswith("c=IN IP4 ") and mline >= 0:
+            line = "c=IN IP4 0.0.0.0"
+        if line.startswith("a=candidate:"):
+            found.append((mline, line[2:]))
+            continue
+        if line == "a=end-of-candidates":
+            continue
+        lines.append(line)
+    cands = [{"candidate": c, "sdpMid": mids[i], "sdpMLineIndex": i} for i, c in found]
+    return "\r\n".join(lines) + "\r\n", cands
+
+
 def now_ms() -> float:
     return time.time() * 1000.0
 
@@ -298,8 +328,7 @@ class Viewer:
         line = cand.get("candidate") or ""
         if not line:  # empty string: end-of-candidates in browser form
             return
-        if line.startswith("candidate:"):
-            line = line[len("candidate:") :]
+        line = line.removeprefix("candidate:")
         c = candidate_from_sdp(line)
         c.sdpMid = cand.get("sdpMid")
         c.sdpMLineIndex = cand.get("sdpMLineIndex")
@@ -320,16 +349,24 @@ class Viewer:
             seen = len(self.messages)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise asyncio.TimeoutError()
+                raise TimeoutError()
             self._msg_event.clear()
             try:
                 await asyncio.wait_for(self._msg_event.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # ---- lifecycle --------------------------------------------------------------------
 
-    async def start(self, timeout: float = 20.0, wait_connected: bool = True) -> None:
+    async def start(
+        self, timeout: float = 20.0, wait_connected: bool = True, trickle: bool = False
+    ) -> None:
+        """Offer, apply the answer, wait for ICE/DTLS and the data channel.
+
+        trickle=False: the offer carries all candidates (aiortc gathers before offering).
+        trickle=True: the offer carries none; they follow as `candidate` messages, then
+        `null`, sent right after the offer (before the answer arrives).
+        """
         loop = asyncio.get_running_loop()
         self._answer = loop.create_future()
         self._dc_open = asyncio.Event()
@@ -351,8 +388,15 @@ class Viewer:
         offer = await self.pc.createOffer()
         await self.pc.setLocalDescription(offer)  # aiortc: gathering completes here
         self.offer_sdp = self.pc.localDescription.sdp
+        local_candidates: list[dict] = []
+        if trickle:
+            self.offer_sdp, local_candidates = strip_candidates(self.offer_sdp)
         self.t_offer_ms = now_ms()
         await self.send({"v": 1, "type": "offer", "sdp": self.offer_sdp})
+        if trickle:
+            for cand in local_candidates:
+                await self.send({"v": 1, "type": "candidate", "candidate": cand})
+            await self.send({"v": 1, "type": "candidate", "candidate": None})
 
         answer = await asyncio.wait_for(self._answer, timeout)
         await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
@@ -376,7 +420,7 @@ class Viewer:
             if self.pc.connectionState in ("failed", "closed"):
                 raise ViewerError(f"peer connection {self.pc.connectionState}")
             if time.monotonic() > deadline:
-                raise asyncio.TimeoutError(
+                raise TimeoutError(
                     f"peer connection still {self.pc.connectionState} after {timeout}s "
                     f"(remote candidates: {self.remote_candidates})"
                 )
@@ -406,7 +450,14 @@ class Viewer:
                     if r.problems:
                         self.decode_failures += 1
                     rec = FrameRecord(
-                        r.seq, r.ts, arrival, r.crc_ok, r.pattern_ok, frame.width, frame.height, probs
+                        r.seq,
+                        r.ts,
+                        arrival,
+                        r.crc_ok,
+                        r.pattern_ok,
+                        frame.width,
+                        frame.height,
+                        probs,
                     )
                 except Exception as e:  # keep receiving; record the failure
                     self.decode_failures += 1
@@ -423,13 +474,13 @@ class Viewer:
         while len(self.frames) < target:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise asyncio.TimeoutError(
+                raise TimeoutError(
                     f"{self.session}: {len(self.frames)} frames, wanted {target} within {timeout}s"
                 )
             self._frame_event.clear()
             try:
                 await asyncio.wait_for(self._frame_event.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # ---- data channel ---------------------------------------------------------------
@@ -564,9 +615,20 @@ class ViewerProcess:
     def __init__(self, host: str, port: int, device: str, *extra: str, prefix: str = "rtcam"):
         self.session = new_session_id()
         self.args = [
-            sys.executable, os.path.abspath(__file__), "--host", host, "--port", str(port),
-            "--device", device, "--prefix", prefix, "--session", self.session, *extra,
-        ]  # fmt: skip
+            sys.executable,
+            os.path.abspath(__file__),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--device",
+            device,
+            "--prefix",
+            prefix,
+            "--session",
+            self.session,
+            *extra,
+        ]
         self.proc: asyncio.subprocess.Process | None = None
         self.events: list[dict] = []
 
@@ -583,7 +645,7 @@ class ViewerProcess:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise asyncio.TimeoutError(f"viewer process: no {name!r} event in {timeout}s")
+                raise TimeoutError(f"viewer process: no {name!r} event in {timeout}s")
             line = await asyncio.wait_for(self.proc.stdout.readline(), left)
             if not line:
                 err = (await self.proc.stderr.read()).decode(errors="replace")
@@ -623,7 +685,7 @@ async def _cli(a: argparse.Namespace) -> int:
     except ViewerError as e:
         _emit("error", message=str(e), code=e.code)
         return 2
-    except asyncio.TimeoutError as e:
+    except TimeoutError as e:
         _emit("error", message=f"timeout: {e}")
         return 2
     _emit("connected", session=v.session, ms_from_offer=round(v.t_connected_ms - v.t_offer_ms, 1))
@@ -667,9 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--die-after", type=float, default=None, help="SIGKILL self after S seconds")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr)
     return asyncio.run(_cli(a))
 
 

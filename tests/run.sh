@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# rtcam's test command: formatting, lints, unit tests, release build, end-to-end tests.
+#
+#   ./tests/run.sh                  everything
+#   ./tests/run.sh --e2e-only       skip the cargo steps (uses an existing $RTCAM_BIN)
+#   ./tests/run.sh -- -k bye        extra arguments after -- go to pytest
+#
+# On a fresh Debian 12 machine, run as root: missing Debian packages are installed with apt.
+# A Rust toolchain (rustup, >= the crate's rust-version, with clippy and rustfmt) must be
+# installed beforehand. The end-to-end tests run inside a private network namespace
+# (`unshare -n`) holding only the loopback interface: they start their own mosquitto and
+# rtcam on 127.0.0.1 and cannot send a packet anywhere else.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+VENV="$REPO/target/e2e-venv"
+REQUIREMENTS="$REPO/tests/e2e/requirements.txt"
+E2E_TIMEOUT_S="${E2E_TIMEOUT_S:-1200}"
+
+e2e_only=0
+pytest_args=()
+while (($#)); do
+    case "$1" in
+        --e2e-only) e2e_only=1 ;;
+        --) shift; pytest_args=("$@"); break ;;
+        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# --- System packages ------------------------------------------------------------------
+step "checking system packages"
+missing=()
+for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config; do
+    status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+    if [[ "$status" != "install ok installed" ]]; then
+        missing+=("$pkg")
+    fi
+done
+if ! command -v python3 >/dev/null; then
+    missing+=(python3 python3-venv)
+elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    missing+=(python3-venv)  # Debian ships ensurepip separately
+fi
+if ((${#missing[@]})); then
+    [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} (run as root, or install them)"
+    step "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || die "mosquitto not found"
+command -v unshare >/dev/null || die "unshare (util-linux) not found"
+command -v ip >/dev/null || die "ip (iproute2) not found"
+
+# --- Python venv for the end-to-end tests ---------------------------------------------
+want="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
+have="$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)"
+if [[ "$want" != "$have" ]] || ! "$VENV/bin/python" -c 'import aiortc, paho.mqtt, pytest, numpy' 2>/dev/null; then
+    step "creating $VENV"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet \
+        --only-binary=:all: -r "$REQUIREMENTS"
+    echo "$want" >"$VENV/.requirements.sha256"
+fi
+
+# --- Rust -------------------------------------------------------------------------------
+if ((!e2e_only)); then
+    if ! command -v cargo >/dev/null && [[ -f "$HOME/.cargo/env" ]]; then
+        # shellcheck disable=SC1091
+        . "$HOME/.cargo/env"
+    fi
+    command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+    cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
+    cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
+
+    step "cargo fmt --check"
+    cargo fmt --check
+    step "cargo clippy --all-targets -- -D warnings"
+    cargo clippy --all-targets -- -D warnings
+    step "cargo test"
+    cargo test
+    step "cargo build --release"
+    cargo build --release
+fi
+
+# --- End-to-end tests -------------------------------------------------------------------
+export RTCAM_BIN="${RTCAM_BIN:-$REPO/target/release/rtcam}"
+[[ -x "$RTCAM_BIN" ]] || die "rtcam binary not found at $RTCAM_BIN"
+export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+unshare_args=(-n)
+[[ "$(id -u)" == 0 ]] || unshare_args=(-r -n)  # unprivileged: map to root in a user ns
+
+# The namespace has only `lo` and no route for multicast. E2E_LO_MULTICAST=1 adds
+# 224.0.0.0/4 on lo (for a device that insists on an mDNS socket; see tests/e2e/README.md).
+netns_setup='ip link set lo up'
+if [[ "${E2E_LO_MULTICAST:-0}" == 1 ]]; then
+    netns_setup+=' && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo'
+fi
+
+step "end-to-end tests (pytest tests/e2e in a private network namespace, RTCAM_BIN=$RTCAM_BIN)"
+timeout --kill-after=30 "$E2E_TIMEOUT_S" \
+    unshare "${unshare_args[@]}" -- bash -c \
+    "$netns_setup"' && exec "$0" -m pytest -v -p no:cacheprovider tests/e2e "$@"' \
+    "$VENV/bin/python" ${pytest_args[@]+"${pytest_args[@]}"}
