@@ -13,7 +13,7 @@ use crate::config::{Config, SourceKind, read_secret};
 use crate::control::Controller;
 use crate::media::encoder::EncoderSettings;
 use crate::media::pipeline::{self, FrameSource, PipelineConfig, SourceOpener, TestPattern};
-use crate::media::v4l2::{Camera, CameraRequest};
+use crate::media::v4l2::Camera;
 use crate::mqtt::{self, MqttSettings};
 use crate::ports::PortPool;
 use crate::protocol::signal::Limits;
@@ -30,15 +30,7 @@ pub fn source_opener(config: &Config) -> SourceOpener {
             Ok(Box::new(TestPattern::new(c.width, c.height, c.fps, true)) as Box<dyn FrameSource>)
         }),
         SourceKind::V4l2 => {
-            let request = CameraRequest {
-                device: c.device,
-                format: c.format,
-                width: c.width,
-                height: c.height,
-                fps: c.fps,
-                buffers: c.buffers,
-            };
-            Box::new(move || Ok(Box::new(Camera::open(&request)?) as Box<dyn FrameSource>))
+            Box::new(move || Ok(Box::new(Camera::open(&c)?) as Box<dyn FrameSource>))
         }
     }
 }

@@ -1,7 +1,7 @@
 //! V4L2 camera capture with MMAP buffers: format negotiation, zero-copy YU12, one-pass YUYV/NV12.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use v4l::buffer::Type;
@@ -14,7 +14,7 @@ use v4l::{Format, FourCC};
 use super::convert::{ConvertError, Converter};
 use super::frame::I420View;
 use super::pipeline::{CapturedFrame, FrameSource, SourceError, SourceInfo};
-use crate::config::PixelFormatChoice;
+use crate::config::{CaptureConfig, PixelFormatChoice};
 
 /// Pixel formats rtcam can encode, in order of preference for `format = "auto"`.
 const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 3] = [
@@ -25,17 +25,6 @@ const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 3] = [
 
 /// How long a dequeue may block before the camera counts as stalled.
 const DEQUEUE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// What the camera was asked for.
-#[derive(Debug, Clone)]
-pub struct CameraRequest {
-    pub device: PathBuf,
-    pub format: PixelFormatChoice,
-    pub width: u32,
-    pub height: u32,
-    pub fps: u32,
-    pub buffers: u32,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
@@ -69,7 +58,7 @@ fn fourcc_str(f: FourCC) -> String {
 
 impl Camera {
     /// Opens the device and negotiates format, size and frame rate with the driver.
-    pub fn open(req: &CameraRequest) -> Result<Self, SourceError> {
+    pub fn open(req: &CaptureConfig) -> Result<Self, SourceError> {
         let path = &req.device;
         let device = Device::with_path(path).map_err(|e| io_err("open", path, e))?;
         let offered = device
