@@ -20,8 +20,20 @@ pub struct Config {
     pub encoder: EncoderConfig,
     pub webrtc: WebrtcConfig,
     pub mqtt: MqttConfig,
+    pub control: ControlConfig,
     pub broker: BrokerConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    pub forward_namespaces: Vec<String>,
+    pub forward_timeout_ms: u64,
+    pub session_rate: u32,
+    pub session_burst: u32,
+    pub global_rate: u32,
+    pub global_burst: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +219,7 @@ impl Config {
                 .list_separator(",")
                 .with_list_parse_key("webrtc.bind_addresses")
                 .with_list_parse_key("webrtc.stun_servers")
+                .with_list_parse_key("control.forward_namespaces")
                 .source(Some(env)),
         );
         let config: Config = builder.build()?.try_deserialize()?;
@@ -293,6 +306,36 @@ impl Config {
         }
         if !(2..=120).contains(&w.viewer_queue_frames) {
             return Err(invalid("webrtc.viewer_queue_frames", "2 to 120"));
+        }
+        let k = &self.control;
+        for ns in &k.forward_namespaces {
+            let ok = !ns.is_empty()
+                && ns.len() <= 64
+                && ns.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            if !ok {
+                return Err(invalid(
+                    "control.forward_namespaces",
+                    format!("{ns:?}: namespaces are 1-64 characters from a-z 0-9 _ -"),
+                ));
+            }
+        }
+        if !(100..=600_000).contains(&k.forward_timeout_ms) {
+            return Err(invalid("control.forward_timeout_ms", "100 to 600000"));
+        }
+        for (key, v) in [
+            ("control.session_rate", k.session_rate),
+            ("control.session_burst", k.session_burst),
+            ("control.global_rate", k.global_rate),
+            ("control.global_burst", k.global_burst),
+        ] {
+            if !(1..=100_000).contains(&v) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "1 to 100000".into(),
+                });
+            }
         }
         let m = &self.mqtt;
         if m.host.is_empty() {

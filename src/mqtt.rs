@@ -73,6 +73,12 @@ impl MqttHandle {
     }
 }
 
+impl crate::control::Publisher for MqttHandle {
+    fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) {
+        MqttHandle::publish(self, topic, payload, retain);
+    }
+}
+
 impl SignalTransport for MqttHandle {
     fn send(&self, id: &SessionId, message: &DeviceMessage) {
         self.publish(self.topics.session_out(id), message.to_json(), false);
@@ -127,9 +133,10 @@ pub async fn run_event_loop(
                 tracing::info!(host = %settings.host, port = settings.port, code = ?ack.code, "MQTT connected");
                 backoff = settings.reconnect_min;
                 // try_* only queue the request; awaiting here would deadlock this very loop.
-                let filter = settings.topics.session_in_filter();
-                if let Err(e) = handle.client.try_subscribe(&filter, QoS::AtLeastOnce) {
-                    tracing::error!(error = %e, "cannot queue MQTT subscribe");
+                for filter in settings.topics.subscriptions() {
+                    if let Err(e) = handle.client.try_subscribe(&filter, QoS::AtLeastOnce) {
+                        tracing::error!(%filter, error = %e, "cannot queue MQTT subscribe");
+                    }
                 }
                 handle.publish(
                     settings.topics.status(),

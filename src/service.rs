@@ -9,10 +9,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use webrtc::peer_connection::RTCIceServer;
 
-use crate::config::{Config, SourceKind, read_secret};
-use crate::control::Controller;
+use crate::config::{CaptureConfig, Config, SourceKind, read_secret};
+use crate::control::{ControlSettings, Controller};
+use crate::forwarding::spawn_router;
 use crate::media::encoder::EncoderSettings;
-use crate::media::pipeline::{self, FrameSource, PipelineConfig, SourceOpener, TestPattern};
+use crate::media::pipeline::{
+    self, CaptureParams, FrameSource, PipelineConfig, SourceOpener, TestPattern,
+};
 use crate::media::v4l2::Camera;
 use crate::mqtt::{self, MqttSettings};
 use crate::ports::PortPool;
@@ -24,15 +27,21 @@ use crate::viewer::{SessionContext, WebrtcSettings};
 
 /// Opens the configured source each time capture starts (never falls back to another).
 pub fn source_opener(config: &Config) -> SourceOpener {
-    let c = config.capture.clone();
-    match c.source {
-        SourceKind::TestPattern => Box::new(move || {
-            Ok(Box::new(TestPattern::new(c.width, c.height, c.fps, true)) as Box<dyn FrameSource>)
-        }),
-        SourceKind::V4l2 => {
-            Box::new(move || Ok(Box::new(Camera::open(&c)?) as Box<dyn FrameSource>))
-        }
-    }
+    let base = config.capture.clone();
+    Box::new(move |p: CaptureParams| {
+        let c = CaptureConfig {
+            width: p.width,
+            height: p.height,
+            fps: p.fps,
+            ..base.clone()
+        };
+        Ok(match c.source {
+            SourceKind::TestPattern => {
+                Box::new(TestPattern::new(c.width, c.height, c.fps, true)) as Box<dyn FrameSource>
+            }
+            SourceKind::V4l2 => Box::new(Camera::open(&c)?),
+        })
+    })
 }
 
 fn ice_servers(config: &Config) -> Result<Vec<RTCIceServer>> {
@@ -95,8 +104,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
                 fps: config.capture.fps,
                 keyframe_interval: config.encoder.keyframe_interval,
             },
-            width: config.capture.width,
-            height: config.capture.height,
+            capture: CaptureParams {
+                width: config.capture.width,
+                height: config.capture.height,
+                fps: config.capture.fps,
+            },
             reopen_delay: Duration::from_millis(1000),
         },
         source_opener(&config),
@@ -120,6 +132,27 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
 
     let (ended_tx, ended_rx) = mpsc::channel(64);
     let w = &config.webrtc;
+    let state_info = StateInfo {
+        max_viewers: w.max_viewers,
+        source: match config.capture.source {
+            SourceKind::TestPattern => "test-pattern".into(),
+            SourceKind::V4l2 => config.capture.device.display().to_string(),
+        },
+    };
+    let k = &config.control;
+    let router = spawn_router(Duration::from_millis(k.forward_timeout_ms), cancel.clone());
+    let controller = Controller::new(
+        pipeline.clone(),
+        mqtt_settings.topics.clone(),
+        Arc::new(mqtt.clone()),
+        router,
+        ControlSettings {
+            forward_namespaces: k.forward_namespaces.clone(),
+            global_rate: k.global_rate,
+            global_burst: k.global_burst,
+        },
+        state_info.clone(),
+    );
     let ctx = Arc::new(SessionContext {
         settings: WebrtcSettings {
             ice_servers,
@@ -131,8 +164,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
             queue_frames: w.viewer_queue_frames,
         },
         pipeline: pipeline.clone(),
-        controller: Controller::new(pipeline.clone()),
+        controller,
+        command_rate: (k.session_rate, k.session_burst),
         signal: Arc::new(mqtt.clone()),
+        publisher: Arc::new(mqtt.clone()),
         ended: ended_tx,
     });
     let registry = Registry::new(
@@ -152,13 +187,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
     ));
     let state_task = tokio::spawn(run_state_publisher(
         pipeline.stats().clone(),
-        StateInfo {
-            max_viewers: w.max_viewers,
-            source: match config.capture.source {
-                SourceKind::TestPattern => "test-pattern".into(),
-                SourceKind::V4l2 => config.capture.device.display().to_string(),
-            },
-        },
+        state_info,
         mqtt.clone(),
         Duration::from_millis(config.mqtt.state_min_interval_ms),
         connected_rx.clone(),

@@ -6,9 +6,12 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::{Origin, Outcome};
+use crate::forwarding::RouterMsg;
 use crate::mqtt::Inbound;
 use crate::protocol::signal::DeviceMessage;
 use crate::protocol::topics::{InboundTopic, SessionId, Topics};
+use crate::ratelimit::TokenBucket;
 use crate::sessions::{Decision, Registry, SessionKey};
 use crate::viewer::{SessionContext, SessionEnded, SessionHandle, SessionInput, spawn_session};
 
@@ -23,6 +26,7 @@ pub async fn run_signaling(
 ) {
     let mut handles: HashMap<SessionKey, SessionHandle> = HashMap::new();
     let sessions_cancel = cancel.child_token();
+    let commands = spawn_mqtt_commands(ctx.clone(), topics.clone(), cancel.clone());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -35,6 +39,20 @@ pub async fn run_signaling(
                 let Some(msg) = msg else { break };
                 let id = match topics.parse_inbound(&msg.topic) {
                     InboundTopic::SessionIn(id) => id,
+                    InboundTopic::Command => {
+                        if commands.try_send(msg.payload).is_err() {
+                            tracing::warn!("MQTT command queue full; command dropped");
+                        }
+                        continue;
+                    }
+                    InboundTopic::ForwardReply => {
+                        ctx.controller.router().send(RouterMsg::ServiceReply(msg.payload));
+                        continue;
+                    }
+                    InboundTopic::Events => {
+                        ctx.controller.router().send(RouterMsg::Event(msg.payload));
+                        continue;
+                    }
                     InboundTopic::BadSessionId(id) => {
                         // No trustworthy reply topic exists for an invalid id.
                         tracing::warn!(id = %id.escape_debug(), "message with invalid session id ignored");
@@ -60,6 +78,35 @@ pub async fn run_signaling(
             e = ended.recv() => match e { Some(_) => remaining -= 1, None => break },
         }
     }
+}
+
+/// Runs MQTT commands one at a time under their own rate limit; replies go to the
+/// command's `reply_to`, else to `<base>/command/reply`.
+fn spawn_mqtt_commands(
+    ctx: Arc<SessionContext>,
+    topics: Topics,
+    cancel: CancellationToken,
+) -> mpsc::Sender<bytes::Bytes> {
+    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(64);
+    tokio::spawn(async move {
+        let (rate, burst) = ctx.command_rate;
+        let mut limiter = TokenBucket::new(rate, burst, std::time::Instant::now());
+        loop {
+            let payload = tokio::select! {
+                _ = cancel.cancelled() => break,
+                p = rx.recv() => match p { Some(p) => p, None => break },
+            };
+            let outcome = ctx
+                .controller
+                .handle_message(&Origin::Mqtt, &payload, &mut limiter)
+                .await;
+            if let Outcome::Reply { text, reply_to } = outcome {
+                let topic = reply_to.unwrap_or_else(|| topics.command_reply());
+                ctx.publisher.publish(topic, text.into_bytes(), false);
+            }
+        }
+    });
+    tx
 }
 
 async fn dispatch(

@@ -32,12 +32,14 @@ use webrtc::peer_connection::{
     SettingEngineBuilder, register_default_interceptors,
 };
 
-use crate::control::Controller;
+use crate::control::{Controller, Origin, Outcome};
+use crate::forwarding::RouterMsg;
 use crate::media::frame::EncodedFrame;
 use crate::media::pipeline::PipelineHandle;
 use crate::ports::PortPool;
 use crate::protocol::signal::{ByeReason, DeviceMessage, ErrorCode, IceCandidate, Rejection};
 use crate::protocol::topics::SessionId;
+use crate::ratelimit::TokenBucket;
 use crate::sessions::SessionKey;
 
 /// The H.264 payload type rtcam offers to match; browsers pick their own in the offer.
@@ -69,7 +71,11 @@ pub struct SessionContext {
     pub settings: WebrtcSettings,
     pub pipeline: PipelineHandle,
     pub controller: Controller,
+    /// Commands per second and burst allowed per viewer.
+    pub command_rate: (u32, u32),
     pub signal: Arc<dyn SignalTransport>,
+    /// MQTT publishing for command replies.
+    pub publisher: Arc<dyn crate::control::Publisher>,
     pub ended: mpsc::Sender<SessionEnded>,
 }
 
@@ -423,8 +429,14 @@ async fn negotiate_and_stream(
                 }
                 Some(PcEvent::DataChannel(dc)) => {
                     tokio::spawn(
-                        serve_data_channel(dc, ctx.controller.clone(), cancel.clone())
-                            .in_current_span(),
+                        serve_data_channel(
+                            dc,
+                            id.clone(),
+                            ctx.controller.clone(),
+                            ctx.command_rate,
+                            cancel.clone(),
+                        )
+                        .in_current_span(),
                     );
                 }
                 Some(PcEvent::State(state)) => {
@@ -542,7 +554,9 @@ async fn start_media(
 /// Answers every command on the `control` channel, one reply per message.
 async fn serve_data_channel(
     dc: Arc<dyn DataChannel>,
+    id: SessionId,
     controller: Controller,
+    rate: (u32, u32),
     cancel: CancellationToken,
 ) {
     let label = dc.label().await.unwrap_or_default();
@@ -550,23 +564,37 @@ async fn serve_data_channel(
         tracing::info!(%label, "ignoring data channel with unknown label");
         return;
     }
+    // Replies to forwarded commands and service events arrive here from the router.
+    let (relay_tx, mut relay) = mpsc::channel::<String>(32);
+    controller.router().send(RouterMsg::Register {
+        session: id.as_str().to_owned(),
+        tx: relay_tx,
+    });
+    let origin = Origin::Viewer(id.clone());
+    let mut limiter = TokenBucket::new(rate.0, rate.1, Instant::now());
     loop {
-        let event = tokio::select! {
+        let text = tokio::select! {
             _ = cancel.cancelled() => break,
-            e = dc.poll() => e,
-        };
-        match event {
-            Some(DataChannelEvent::OnMessage(message)) => {
-                let reply = controller.handle_message(&message.data).await;
-                if let Err(e) = dc.send_text(&reply).await {
-                    tracing::debug!(error = %e, "data channel reply failed");
-                    break;
+            r = relay.recv() => match r { Some(t) => t, None => break },
+            e = dc.poll() => match e {
+                Some(DataChannelEvent::OnMessage(message)) => {
+                    match controller.handle_message(&origin, &message.data, &mut limiter).await {
+                        Outcome::Reply { text, .. } => text,
+                        Outcome::Forwarded => continue,
+                    }
                 }
-            }
-            Some(DataChannelEvent::OnClose) | None => break,
-            Some(_) => {}
+                Some(DataChannelEvent::OnClose) | None => break,
+                Some(_) => continue,
+            },
+        };
+        if let Err(e) = dc.send_text(&text).await {
+            tracing::debug!(error = %e, "data channel send failed");
+            break;
         }
     }
+    controller.router().send(RouterMsg::Unregister {
+        session: id.as_str().to_owned(),
+    });
 }
 
 /// The `a=mid:` of the first media section.

@@ -56,8 +56,17 @@ pub trait FrameSource: Send {
     ) -> Result<(), SourceError>;
 }
 
+/// Picture geometry and rate asked of a source; the source reports what it really delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureParams {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+}
+
 /// Opens the configured source each time capture starts.
-pub type SourceOpener = Box<dyn FnMut() -> Result<Box<dyn FrameSource>, SourceError> + Send>;
+pub type SourceOpener =
+    Box<dyn FnMut(CaptureParams) -> Result<Box<dyn FrameSource>, SourceError> + Send>;
 
 /// Milliseconds since the Unix epoch, modulo 2^32, as drawn into the test pattern.
 pub fn unix_ms_u32() -> u32 {
@@ -194,6 +203,11 @@ pub enum Control {
         bps: u32,
         reply: oneshot::Sender<Result<u32, String>>,
     },
+    /// New size and/or rate: capture restarts, viewers stay connected.
+    Reconfigure {
+        params: CaptureParams,
+        reply: oneshot::Sender<Result<CaptureParams, String>>,
+    },
     Shutdown,
 }
 
@@ -238,6 +252,25 @@ impl PipelineHandle {
         let _ = self.tx.try_send(Control::Keyframe);
     }
 
+    /// Changes size and rate; on failure the previous settings stay in force.
+    pub async fn reconfigure(&self, params: CaptureParams) -> Result<CaptureParams, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Control::Reconfigure { params, reply })
+            .await
+            .map_err(|_| PipelineGone.to_string())?;
+        rx.await.map_err(|_| PipelineGone.to_string())?
+    }
+
+    /// What capture is currently set to.
+    pub fn params(&self) -> CaptureParams {
+        CaptureParams {
+            width: self.stats.width.load(Ordering::Relaxed),
+            height: self.stats.height.load(Ordering::Relaxed),
+            fps: self.stats.fps.load(Ordering::Relaxed),
+        }
+    }
+
     pub async fn set_bitrate(&self, bps: u32) -> Result<u32, String> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -252,9 +285,8 @@ impl PipelineHandle {
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
     pub encoder: EncoderSettings,
-    /// Configured picture size, reported while idle (the source may deliver another).
-    pub width: u32,
-    pub height: u32,
+    /// Configured picture size and rate (the source may deliver another).
+    pub capture: CaptureParams,
     /// Wait between attempts to (re)open a failed camera while viewers watch.
     pub reopen_delay: Duration,
 }
@@ -270,9 +302,9 @@ pub fn spawn(
     stats
         .bitrate
         .store(config.encoder.bitrate, Ordering::Relaxed);
-    stats.fps.store(config.encoder.fps, Ordering::Relaxed);
-    stats.width.store(config.width, Ordering::Relaxed);
-    stats.height.store(config.height, Ordering::Relaxed);
+    stats.fps.store(config.capture.fps, Ordering::Relaxed);
+    stats.width.store(config.capture.width, Ordering::Relaxed);
+    stats.height.store(config.capture.height, Ordering::Relaxed);
     let handle = PipelineHandle {
         tx: tx.clone(),
         stats: stats.clone(),
@@ -419,9 +451,49 @@ impl Worker {
                 }
                 let _ = reply.send(result.map(|()| bps));
             }
+            Control::Reconfigure { params, reply } => {
+                let _ = reply.send(self.reconfigure(params));
+            }
             Control::Shutdown => return false,
         }
         true
+    }
+
+    /// Applies new capture parameters; restarts a running capture and rolls back on failure.
+    fn reconfigure(&mut self, params: CaptureParams) -> Result<CaptureParams, String> {
+        let previous = self.config.capture;
+        self.config.capture = params;
+        if self.running.is_none() {
+            self.publish_params(params);
+            return Ok(params);
+        }
+        self.stop_capture();
+        match self.start_capture() {
+            Ok(()) => Ok(self.current_params()),
+            Err(e) => {
+                tracing::warn!(error = %e, "new capture settings failed; restoring the previous ones");
+                self.config.capture = previous;
+                if let Err(e2) = self.start_capture() {
+                    tracing::error!(error = %e2, "previous capture settings failed too; will retry");
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn current_params(&self) -> CaptureParams {
+        CaptureParams {
+            width: self.stats.width.load(Ordering::Relaxed),
+            height: self.stats.height.load(Ordering::Relaxed),
+            fps: self.stats.fps.load(Ordering::Relaxed),
+        }
+    }
+
+    fn publish_params(&self, p: CaptureParams) {
+        self.stats.width.store(p.width, Ordering::Relaxed);
+        self.stats.height.store(p.height, Ordering::Relaxed);
+        self.stats.fps.store(p.fps, Ordering::Relaxed);
+        self.stats.bump();
     }
 
     fn viewers_changed(&self) {
@@ -432,15 +504,17 @@ impl Worker {
     }
 
     fn start_capture(&mut self) -> Result<(), SourceError> {
-        let source = (self.opener)()?;
+        let source = (self.opener)(self.config.capture)?;
         let info = source.info();
         let mut settings = self.config.encoder;
         settings.fps = info.fps;
         let encoder = H264Encoder::new(settings)
             .map_err(|e| SourceError::Unsupported(format!("encoder: {e}")))?;
-        self.stats.width.store(info.width, Ordering::Relaxed);
-        self.stats.height.store(info.height, Ordering::Relaxed);
-        self.stats.fps.store(info.fps, Ordering::Relaxed);
+        self.publish_params(CaptureParams {
+            width: info.width,
+            height: info.height,
+            fps: info.fps,
+        });
         self.stats.capturing.store(true, Ordering::Relaxed);
         self.stats.bump();
         tracing::info!(width = info.width, height = info.height, fps = info.fps, format = %info.pixel_format, "capture started");
@@ -530,11 +604,20 @@ mod tests {
                     fps: 30,
                     keyframe_interval: 30,
                 },
-                width: 320,
-                height: 240,
+                capture: CaptureParams {
+                    width: 320,
+                    height: 240,
+                    fps: 30,
+                },
                 reopen_delay: Duration::from_millis(50),
             },
-            Box::new(|| Ok(Box::new(TestPattern::new(320, 240, 30, true)) as Box<dyn FrameSource>)),
+            Box::new(|p: CaptureParams| {
+                if p.width > 1000 {
+                    return Err(SourceError::Unsupported("too wide for this test".into()));
+                }
+                Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))
+                    as Box<dyn FrameSource>)
+            }),
             cancel.clone(),
         )
         .unwrap()
@@ -577,6 +660,35 @@ mod tests {
         assert_eq!(handle.set_bitrate(300_000).await, Ok(300_000));
         assert_eq!(stats.bitrate.load(Ordering::Relaxed), 300_000);
 
+        // Live resolution change: the same viewer keeps receiving, from a keyframe.
+        let wanted = CaptureParams {
+            width: 160,
+            height: 120,
+            fps: 15,
+        };
+        assert_eq!(handle.reconfigure(wanted).await, Ok(wanted));
+        let mut saw_keyframe_after = false;
+        for _ in 0..10 {
+            let f = rx.recv().await.unwrap();
+            if f.keyframe && f.seq == 0 {
+                saw_keyframe_after = true;
+                break;
+            }
+        }
+        assert!(
+            saw_keyframe_after,
+            "restarted capture begins with a keyframe"
+        );
+        // A failing change is refused and leaves the pipeline as it was.
+        let too_wide = CaptureParams {
+            width: 1920,
+            height: 1080,
+            fps: 30,
+        };
+        assert!(handle.reconfigure(too_wide).await.is_err());
+        assert_eq!(handle.params(), wanted);
+        assert!(rx.recv().await.is_some(), "still streaming");
+
         // A viewer that goes away without unsubscribing is noticed by its closed queue.
         drop(rx);
         wait_for("capture to stop", || {
@@ -603,11 +715,14 @@ mod tests {
                     fps: 30,
                     keyframe_interval: 30,
                 },
-                width: 160,
-                height: 120,
+                capture: CaptureParams {
+                    width: 160,
+                    height: 120,
+                    fps: 30,
+                },
                 reopen_delay: Duration::from_millis(20),
             },
-            Box::new(move || {
+            Box::new(move |_| {
                 if a.fetch_add(1, Ordering::Relaxed) < 3 {
                     Err(SourceError::Device("no such device".into()))
                 } else {

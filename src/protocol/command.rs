@@ -11,9 +11,43 @@ pub const BITRATE_RANGE: std::ops::RangeInclusive<u32> = 100_000..=20_000_000;
 /// A validated command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    Ping { t: Value },
+    Ping {
+        t: Value,
+    },
     Keyframe,
-    SetBitrate { bps: u32 },
+    SetBitrate {
+        bps: u32,
+    },
+    SetFps {
+        fps: u32,
+    },
+    SetResolution {
+        width: u32,
+        height: u32,
+    },
+    GetState,
+    /// `namespace.action` for another service on the device; rtcam only forwards it.
+    Forward {
+        namespace: String,
+        name: String,
+        args: Map<String, Value>,
+    },
+}
+
+/// Frame-rate range `set-fps` accepts.
+pub const FPS_RANGE: std::ops::RangeInclusive<u32> = 1..=60;
+/// Width range `set-resolution` accepts (even values only).
+pub const WIDTH_RANGE: std::ops::RangeInclusive<u32> = 160..=3840;
+/// Height range `set-resolution` accepts (even values only).
+pub const HEIGHT_RANGE: std::ops::RangeInclusive<u32> = 96..=2160;
+/// Longest accepted `reply_to` topic.
+pub const MAX_REPLY_TOPIC: usize = 256;
+
+/// Where a command came from: the framing differs only in `reply_to` (MQTT only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    DataChannel,
+    Mqtt,
 }
 
 /// Error codes of command replies; the strings are part of the protocol.
@@ -27,6 +61,11 @@ pub enum CommandErrorCode {
     OutOfRange,
     TooLarge,
     Unavailable,
+    /// A namespaced command whose namespace is not in `forward.namespaces`.
+    NotAllowed,
+    RateLimited,
+    /// A forwarded command got no reply in time.
+    Timeout,
 }
 
 /// A failed command: code and message for the reply.
@@ -54,13 +93,16 @@ pub type RequestId = Value;
 pub struct Request {
     pub id: RequestId,
     pub command: Result<Command, CommandError>,
+    /// MQTT only: the topic the caller wants the reply on.
+    pub reply_to: Option<String>,
 }
 
-/// Parses one data-channel message. Never fails: problems become the request's error.
-pub fn parse_request(message: &[u8]) -> Request {
+/// Parses one command message. Never fails: problems become the request's error.
+pub fn parse_request(message: &[u8], transport: Transport) -> Request {
     let fail = |id: Value, code, msg: String| Request {
         id,
         command: Err(CommandError::new(code, msg)),
+        reply_to: None,
     };
     if message.len() > MAX_COMMAND_BYTES {
         return fail(
@@ -106,8 +148,48 @@ pub fn parse_request(message: &[u8]) -> Request {
             );
         }
     };
+    let reply_to = match (transport, obj.remove("reply_to")) {
+        (_, None) => None,
+        (Transport::Mqtt, Some(Value::String(t)))
+            if !t.is_empty() && t.len() <= MAX_REPLY_TOPIC && !t.contains(['+', '#', '\0']) =>
+        {
+            Some(t)
+        }
+        (Transport::Mqtt, Some(_)) => {
+            return fail(
+                id,
+                CommandErrorCode::BadRequest,
+                format!(
+                    "`reply_to` must be a topic name without wildcards, at most {MAX_REPLY_TOPIC} bytes"
+                ),
+            );
+        }
+        (Transport::DataChannel, Some(_)) => {
+            return fail(
+                id,
+                CommandErrorCode::BadRequest,
+                "`reply_to` is only for MQTT commands; data-channel replies come back on the channel".into(),
+            );
+        }
+    };
     let command = parse_command(obj);
-    Request { id, command }
+    Request {
+        id,
+        command,
+        reply_to,
+    }
+}
+
+/// True for `namespace.action` names: lowercase letters, digits, `_` and `-`, one dot.
+fn split_namespaced(cmd: &str) -> Option<(&str, &str)> {
+    let (ns, name) = cmd.split_once('.')?;
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    (ok(ns) && ok(name)).then_some((ns, name))
 }
 
 fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
@@ -126,6 +208,13 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
             "unknown field `{extra}`; a command has `id`, `cmd` and `args`"
         )));
     }
+    if let Some((namespace, name)) = split_namespaced(&cmd) {
+        return Ok(Command::Forward {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            args,
+        });
+    }
     let command = match cmd.as_str() {
         "ping" => Command::Ping {
             t: args.remove("t").unwrap_or(Value::Null),
@@ -135,10 +224,28 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
             let bps = take_u32(&mut args, "bps", BITRATE_RANGE)?;
             Command::SetBitrate { bps }
         }
+        "set-fps" => Command::SetFps {
+            fps: take_u32(&mut args, "fps", FPS_RANGE)?,
+        },
+        "set-resolution" => {
+            let width = take_u32(&mut args, "width", WIDTH_RANGE)?;
+            let height = take_u32(&mut args, "height", HEIGHT_RANGE)?;
+            if width % 2 != 0 || height % 2 != 0 {
+                return Err(CommandError::new(
+                    CommandErrorCode::OutOfRange,
+                    "args.width and args.height must be even",
+                ));
+            }
+            Command::SetResolution { width, height }
+        }
+        "get-state" => Command::GetState,
         other => {
             return Err(CommandError::new(
                 CommandErrorCode::UnknownCommand,
-                format!("unknown command `{other}`; known: ping, keyframe, set-bitrate"),
+                format!(
+                    "unknown command `{other}`; known: ping, keyframe, set-bitrate, set-fps, \
+                     set-resolution, get-state, or namespace.action for forwarding"
+                ),
             ));
         }
     };
@@ -205,7 +312,11 @@ mod tests {
     use super::*;
 
     fn req(v: Value) -> Request {
-        parse_request(v.to_string().as_bytes())
+        parse_request(v.to_string().as_bytes(), Transport::DataChannel)
+    }
+
+    fn mqtt(v: Value) -> Request {
+        parse_request(v.to_string().as_bytes(), Transport::Mqtt)
     }
 
     fn err_code(r: &Request) -> CommandErrorCode {
@@ -218,7 +329,8 @@ mod tests {
             req(json!({"id":1,"cmd":"ping"})),
             Request {
                 id: json!(1),
-                command: Ok(Command::Ping { t: Value::Null })
+                command: Ok(Command::Ping { t: Value::Null }),
+                reply_to: None,
             }
         );
         assert_eq!(
@@ -250,7 +362,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_framing() {
-        let r = parse_request(b"{not json");
+        let r = parse_request(b"{not json", Transport::DataChannel);
         assert_eq!(
             (r.id.clone(), err_code(&r)),
             (Value::Null, CommandErrorCode::BadJson)
@@ -302,13 +414,84 @@ mod tests {
     }
 
     #[test]
+    fn parses_fps_resolution_and_state() {
+        assert_eq!(
+            req(json!({"id":1,"cmd":"set-fps","args":{"fps":15}})).command,
+            Ok(Command::SetFps { fps: 15 })
+        );
+        assert_eq!(
+            err_code(&req(json!({"id":1,"cmd":"set-fps","args":{"fps":0}}))),
+            CommandErrorCode::OutOfRange
+        );
+        assert_eq!(
+            req(json!({"id":1,"cmd":"set-resolution","args":{"width":1280,"height":720}})).command,
+            Ok(Command::SetResolution {
+                width: 1280,
+                height: 720
+            })
+        );
+        assert_eq!(
+            err_code(&req(
+                json!({"id":1,"cmd":"set-resolution","args":{"width":641,"height":480}})
+            )),
+            CommandErrorCode::OutOfRange
+        );
+        assert_eq!(
+            err_code(&req(
+                json!({"id":1,"cmd":"set-resolution","args":{"width":640}})
+            )),
+            CommandErrorCode::BadArgs
+        );
+        assert_eq!(
+            req(json!({"id":1,"cmd":"get-state"})).command,
+            Ok(Command::GetState)
+        );
+    }
+
+    #[test]
+    fn namespaced_commands_are_forward_requests() {
+        let r = req(json!({"id":"m1","cmd":"ptz.move","args":{"pan":-10}}));
+        let Ok(Command::Forward {
+            namespace,
+            name,
+            args,
+        }) = r.command
+        else {
+            panic!("{r:?}")
+        };
+        assert_eq!((namespace.as_str(), name.as_str()), ("ptz", "move"));
+        assert_eq!(args["pan"], json!(-10));
+        for bad in ["ptz.", ".move", "PTZ.move", "a.b.c", "ptz move"] {
+            assert_eq!(
+                err_code(&req(json!({"id":1,"cmd":bad}))),
+                CommandErrorCode::UnknownCommand,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn reply_to_only_over_mqtt() {
+        let r = mqtt(json!({"id":1,"cmd":"ping","reply_to":"dash/replies"}));
+        assert_eq!(r.reply_to.as_deref(), Some("dash/replies"));
+        assert!(r.command.is_ok());
+        for bad in [json!("a/+"), json!("a/#"), json!(""), json!(5)] {
+            let r = mqtt(json!({"id":1,"cmd":"ping","reply_to":bad}));
+            assert_eq!(err_code(&r), CommandErrorCode::BadRequest, "{bad}");
+            assert_eq!(r.id, json!(1));
+        }
+        let r = req(json!({"id":1,"cmd":"ping","reply_to":"x"}));
+        assert_eq!(err_code(&r), CommandErrorCode::BadRequest);
+    }
+
+    #[test]
     fn rejects_oversized_messages() {
         let big = format!(
             r#"{{"id":1,"cmd":"ping","args":{{"t":"{}"}}}}"#,
             "x".repeat(MAX_COMMAND_BYTES)
         );
         assert_eq!(
-            err_code(&parse_request(big.as_bytes())),
+            err_code(&parse_request(big.as_bytes(), Transport::Mqtt)),
             CommandErrorCode::TooLarge
         );
     }

@@ -48,6 +48,12 @@ pub enum InboundTopic {
     SessionIn(SessionId),
     /// `<base>/session/<id>/in` whose id breaks the rules (no reply topic can be trusted).
     BadSessionId(String),
+    /// `<base>/command`: a command from a dashboard.
+    Command,
+    /// `<base>/forward/reply`: another service answering a forwarded command.
+    ForwardReply,
+    /// `<base>/events`: another service's event for every viewer.
+    Events,
     /// Anything else.
     Other,
 }
@@ -73,6 +79,41 @@ impl Topics {
         format!("{}/session/+/in", self.base)
     }
 
+    /// Commands from dashboards (docs/protocol.md §6).
+    pub fn command(&self) -> String {
+        format!("{}/command", self.base)
+    }
+
+    /// Where command replies go when the command names no `reply_to`.
+    pub fn command_reply(&self) -> String {
+        format!("{}/command/reply", self.base)
+    }
+
+    /// Where commands of `namespace` are forwarded.
+    pub fn forward(&self, namespace: &str) -> String {
+        format!("{}/forward/{namespace}", self.base)
+    }
+
+    /// Where services reply to forwarded commands.
+    pub fn forward_reply(&self) -> String {
+        format!("{}/forward/reply", self.base)
+    }
+
+    /// Where services publish events for every viewer.
+    pub fn events(&self) -> String {
+        format!("{}/events", self.base)
+    }
+
+    /// Every filter the device subscribes to.
+    pub fn subscriptions(&self) -> Vec<String> {
+        vec![
+            self.session_in_filter(),
+            self.command(),
+            self.forward_reply(),
+            self.events(),
+        ]
+    }
+
     pub fn session_in(&self, id: &SessionId) -> String {
         format!("{}/session/{}/in", self.base, id)
     }
@@ -83,6 +124,14 @@ impl Topics {
 
     /// Classifies a topic a message arrived on.
     pub fn parse_inbound(&self, topic: &str) -> InboundTopic {
+        if let Some(rest) = topic.strip_prefix(self.base.as_str()) {
+            match rest {
+                "/command" => return InboundTopic::Command,
+                "/forward/reply" => return InboundTopic::ForwardReply,
+                "/events" => return InboundTopic::Events,
+                _ => {}
+            }
+        }
         let Some(rest) = topic
             .strip_prefix(self.base.as_str())
             .and_then(|r| r.strip_prefix("/session/"))
@@ -147,6 +196,27 @@ mod tests {
             );
         }
         assert!(SessionId::parse(&"x".repeat(64)).is_some());
+    }
+
+    #[test]
+    fn control_topics() {
+        let t = topics();
+        assert_eq!(t.parse_inbound("rtcam/cam1/command"), InboundTopic::Command);
+        assert_eq!(
+            t.parse_inbound("rtcam/cam1/forward/reply"),
+            InboundTopic::ForwardReply
+        );
+        assert_eq!(t.parse_inbound("rtcam/cam1/events"), InboundTopic::Events);
+        assert_eq!(
+            t.parse_inbound("rtcam/cam1/forward/ptz"),
+            InboundTopic::Other
+        );
+        assert_eq!(
+            t.parse_inbound("rtcam/cam1/command/reply"),
+            InboundTopic::Other
+        );
+        assert_eq!(t.forward("ptz"), "rtcam/cam1/forward/ptz");
+        assert_eq!(t.subscriptions().len(), 4);
     }
 
     #[test]
