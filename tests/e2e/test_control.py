@@ -1,0 +1,179 @@
+"""End-to-end tests of the control plane (docs/protocol.md §6-7): MQTT commands with reply
+correlation, live resolution changes, forwarding to other services, events, and abuse."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from conftest import HOST, PREFIX
+from viewer import MqttLink, Viewer
+
+from test_stream import run, stop
+
+
+def test_mqtt_commands_reply_where_asked(cam):
+    async def body():
+        loop = asyncio.get_running_loop()
+        dash = MqttLink(HOST, cam.broker_port, "e2e-dashboard", loop)
+        got: list[tuple[str, dict]] = []
+
+        def on_reply(topic, payload):
+            got.append((topic, json.loads(payload)))
+
+        await dash.connect()
+        await dash.subscribe("dash/replies", on_reply)
+        await dash.subscribe(f"{PREFIX}/{cam.device}/command/reply", on_reply)
+        cmd_topic = f"{PREFIX}/{cam.device}/command"
+        await dash.publish(cmd_topic, json.dumps({"id": "s1", "cmd": "get-state", "reply_to": "dash/replies"}))
+        await dash.publish(cmd_topic, json.dumps({"id": 2, "cmd": "set-bitrate", "args": {"bps": 800000}}))
+        await dash.publish(cmd_topic, json.dumps({"id": 3, "cmd": "set-bitrate", "args": {"bps": 1}, "reply_to": "dash/replies"}))
+        await dash.publish(cmd_topic, b"{broken")
+        await dash.publish(cmd_topic, json.dumps({"id": 4, "cmd": "ptz.move", "reply_to": "dash/replies"}))
+        for _ in range(100):
+            if len(got) >= 5:
+                break
+            await asyncio.sleep(0.05)
+        # Restore the default for later tests.
+        await dash.publish(cmd_topic, json.dumps({"id": 5, "cmd": "set-bitrate", "args": {"bps": 1000000}}))
+        await asyncio.sleep(0.3)
+        dash.close()
+        return got
+
+    got = run(body(), 30)
+    by_id = {json.dumps(m.get("id")): (t, m) for t, m in got}
+    topic, state = by_id['"s1"']
+    assert topic == "dash/replies", got
+    assert state["ok"] is True and state["result"]["viewers"] == 0, state
+    assert state["result"]["width"] == 640 and state["result"]["max_viewers"] == 4, state
+    topic, m = by_id["2"]
+    assert topic == f"{PREFIX}/{cam.device}/command/reply" and m["result"] == {"bps": 800000}, m
+    topic, m = by_id["3"]
+    assert topic == "dash/replies" and m["error"]["code"] == "out-of-range", m
+    topic, m = by_id["null"]
+    assert m["error"]["code"] == "bad-json", m
+    topic, m = by_id["4"]
+    assert m["ok"] is False and m["error"]["code"] == "not-allowed", m
+
+
+def test_set_resolution_and_fps_keep_the_peer_connection(cam):
+    async def body():
+        v = Viewer(HOST, cam.broker_port, cam.device)
+        try:
+            await v.start(timeout=20)
+            await v.wait_frames(10, 10)
+            r1 = await v.command("set-resolution", {"width": 320, "height": 240}, timeout=10)
+            n = len(v.frames)
+            await v.wait_frames(n + 20, 10)
+            small = [f for f in v.frames[n:] if f.width == 320 and f.height == 240]
+            r2 = await v.command("set-fps", {"fps": 15}, timeout=10)
+            r3 = await v.command("set-resolution", {"width": 100000, "height": 240})
+            r4 = await v.command("set-resolution", {"width": 640, "height": 480}, timeout=10)
+            r5 = await v.command("set-fps", {"fps": 30}, timeout=10)
+            n = len(v.frames)
+            await v.wait_frames(n + 20, 10)
+            big = [f for f in v.frames[n:] if f.width == 640 and f.height == 480]
+            return r1, r2, r3, r4, r5, small, big, v.connection_states[-1]
+        finally:
+            await stop(v)
+
+    r1, r2, r3, r4, r5, small, big, state = run(body(), 60)
+    assert r1 == {"id": r1["id"], "ok": True, "result": {"width": 320, "height": 240}}, r1
+    assert r2["ok"] and r2["result"] == {"fps": 15}, r2
+    assert r3["ok"] is False and r3["error"]["code"] == "out-of-range", r3
+    assert r4["ok"] and r5["ok"], (r4, r5)
+    assert len(small) >= 15, f"frames at 320x240 after the change: {len(small)}"
+    assert all(f.crc_ok for f in small), "pattern readable at the new size"
+    assert len(big) >= 15, f"frames at 640x480 after changing back: {len(big)}"
+    assert state == "connected", state
+
+
+def test_forwarding_reaches_the_service_and_only_the_asker(make_rtcam):
+    cam = make_rtcam("fwdcam", control__forward_namespaces=["ptz"], control__forward_timeout_ms=1500)
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        service = MqttLink(HOST, cam.broker_port, "e2e-ptz-service", loop)
+        received: list[dict] = []
+
+        def on_forward(topic, payload):
+            msg = json.loads(payload)
+            received.append(msg)
+            if msg["cmd"] == "ptz.move":
+                reply = {"session": msg["session"], "id": msg["id"], "ok": True, "result": {"pan": msg["args"]["pan"]}}
+                loop.create_task(service.publish(msg["reply_to"], json.dumps(reply)))
+
+        await service.connect()
+        await service.subscribe(f"{PREFIX}/{cam.device}/forward/ptz", on_forward)
+        a = Viewer(HOST, cam.broker_port, cam.device)
+        b = Viewer(HOST, cam.broker_port, cam.device)
+        try:
+            await a.start(timeout=20)
+            await b.start(timeout=20)
+            moved = await a.command("ptz.move", {"pan": 15}, id="mv-1", timeout=5)
+            refused = await a.command("light.on", id="l-1")
+            silent = await a.command("ptz.home", id="h-1", timeout=5)  # service never answers
+            await service.publish(f"{PREFIX}/{cam.device}/events", json.dumps({"door": "open"}))
+            # A forged reply for a command nobody sent must not reach anyone.
+            await service.publish(
+                f"{PREFIX}/{cam.device}/forward/reply",
+                json.dumps({"session": b.session, "id": "forged", "ok": True}),
+            )
+            await asyncio.sleep(1.0)
+            n = len(a.frames)
+            await a.wait_frames(n + 10, 5)
+            return received, moved, refused, silent, a.session, list(a.unmatched_replies), list(b.unmatched_replies)
+        finally:
+            await stop(a, b)
+            service.close()
+
+    received, moved, refused, silent, a_session, a_extra, b_extra = run(body(), 60)
+    move = [m for m in received if m["cmd"] == "ptz.move"]
+    assert len(move) == 1, received
+    assert move[0]["session"] == a_session and move[0]["id"] == "mv-1" and move[0]["args"] == {"pan": 15}
+    assert moved == {"id": "mv-1", "ok": True, "result": {"pan": 15}}, moved
+    assert refused["ok"] is False and refused["error"]["code"] == "not-allowed", refused
+    assert not any(m["cmd"].startswith("light") for m in received), "refused commands are never forwarded"
+    assert silent["ok"] is False and silent["error"]["code"] == "timeout", silent
+    assert {"event": {"door": "open"}} in a_extra, a_extra
+    assert {"event": {"door": "open"}} in b_extra, b_extra
+    assert not any(m.get("id") == "forged" for m in b_extra), b_extra
+    assert not any(m.get("id") == "mv-1" for m in b_extra), "B never sees A's reply"
+
+
+def test_command_flood_is_refused_and_video_keeps_flowing(cam):
+    async def body():
+        v = Viewer(HOST, cam.broker_port, cam.device)
+        try:
+            await v.start(timeout=20)
+            await v.wait_frames(10, 10)
+            n0 = len(v.frames)
+            kinds = [
+                "not json at all",
+                json.dumps({"id": "x", "cmd": "set-bitrate", "args": {"bps": -1}}),
+                json.dumps({"id": "x", "cmd": "set-fps", "args": {"fps": 1000}}),
+                json.dumps({"id": "x", "cmd": "nope"}),
+                json.dumps([1, 2, 3]),
+            ]
+            for i in range(1000):
+                v.dc.send(kinds[i % len(kinds)])
+                if i % 100 == 0:
+                    await asyncio.sleep(0)
+            for _ in range(100):
+                if len(v.unmatched_replies) >= 1000:
+                    break
+                await asyncio.sleep(0.1)
+            await v.wait_frames(n0 + 60, 10)
+            ping = await v.command("ping", id="after", timeout=10)
+            return list(v.unmatched_replies), len(v.frames) - n0, ping
+        finally:
+            await stop(v)
+
+    replies, frames, ping = run(body(), 60)
+    assert len(replies) == 1000, f"every message answered: {len(replies)}"
+    assert all(r.get("ok") is False for r in replies), [r for r in replies if r.get("ok")][:3]
+    codes = {r["error"]["code"] for r in replies}
+    assert codes <= {"bad-json", "bad-args", "out-of-range", "unknown-command", "rate-limited"}, codes
+    assert "rate-limited" in codes, "1000 commands at once exceed the per-session limit"
+    assert frames >= 60, f"video kept flowing: {frames} frames"
+    assert ping["ok"] is True, ping
