@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Cross-build rtcam for aarch64 (64-bit Raspberry Pi OS / Debian arm64 boards) with Debian 12's
+# own toolchain -- no containers, no rustup target -- and run the library's unit tests under
+# qemu-user.
+#
+#   ./cross/build-debian.sh              install packages if missing, build, test
+#   ./cross/build-debian.sh --no-test    build only
+#
+# Uses /usr/bin/cargo and /usr/bin/rustc from Debian's rustc-web/cargo-web (Rust 1.96 in
+# bookworm) and libstd-rust-web-dev:arm64 for the target's std. Output:
+#   target/debian-cross/aarch64-unknown-linux-gnu/release/rtcam
+# The separate target dir keeps this build from invalidating rustup's target/{debug,release}.
+# Nothing is written to .cargo/config.toml: the cross settings are environment variables, so
+# the x86 build is unaffected. Source this file's environment with `--print-env`.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+TARGET=aarch64-unknown-linux-gnu
+SYSROOT=/usr/aarch64-linux-gnu
+# The device build: no embedded MQTT broker (README: device images use an external broker).
+FEATURES=(--no-default-features)
+
+run_tests=1
+print_env=0
+for arg in "$@"; do
+    case "$arg" in
+        --no-test) run_tests=0 ;;
+        --print-env) print_env=1 ;;
+        -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "build-debian.sh: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'build-debian.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# --- Debian packages --------------------------------------------------------------------
+PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
+    libc6-dev-arm64-cross qemu-user-static libclang-dev file binutils-aarch64-linux-gnu)
+if ((!print_env)); then
+    missing=()
+    for pkg in "${PKGS[@]}"; do
+        [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
+            || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} (run as root, or install them)"
+        step "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
+        apt-get update
+        apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+fi
+
+# --- Environment: Debian's cargo + rustc, GNU cross tools, bindgen sysroot, qemu runner ---
+CARGO=/usr/bin/cargo
+export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
+unset RUSTUP_TOOLCHAIN RUSTC_WRAPPER
+export CARGO_TARGET_DIR="$REPO/target/debian-cross"
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64-static -L $SYSROOT"
+export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
+export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+# bindgen (v4l2-sys-mit) parses <linux/videodev2.h> with libclang: point it at the arm64 libc
+# and kernel headers (libc6-dev-arm64-cross, linux-libc-dev-arm64-cross), not the host's.
+export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--sysroot=$SYSROOT"
+export QEMU_LD_PREFIX="$SYSROOT"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+if ((print_env)); then
+    for v in RUSTC RUSTDOC CARGO_TARGET_DIR CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER \
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER CC_aarch64_unknown_linux_gnu \
+        CXX_aarch64_unknown_linux_gnu AR_aarch64_unknown_linux_gnu \
+        BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu QEMU_LD_PREFIX; do
+        printf 'export %s=%q\n' "$v" "${!v}"
+    done
+    exit 0
+fi
+
+[[ -x "$CARGO" && -x "$RUSTC" ]] || die "Debian's cargo/rustc not found at $CARGO / $RUSTC"
+[[ -d /usr/lib/rustlib/$TARGET ]] || die "no std for $TARGET (libstd-rust-web-dev:arm64)"
+step "$("$CARGO" --version); $("$RUSTC" --version)"
+
+# --- Release build ------------------------------------------------------------------------
+step "cargo build --release --target $TARGET ${FEATURES[*]}"
+"$CARGO" build --locked --release --target "$TARGET" "${FEATURES[@]}" --bin rtcam
+BIN="$CARGO_TARGET_DIR/$TARGET/release/rtcam"
+file "$BIN"
+file -L "$BIN" | grep -q 'ARM aarch64' || die "$BIN is not an aarch64 ELF"
+aarch64-linux-gnu-readelf -d "$BIN" | grep NEEDED || true
+# The release profile already strips (strip = true); strip a copy again to be sure the figure
+# is the stripped size.
+aarch64-linux-gnu-strip -o "$BIN.stripped" "$BIN"
+step "stripped aarch64 binary: $(stat -c %s "$BIN.stripped") bytes ($(du -h "$BIN.stripped" | cut -f1))"
+qemu-aarch64-static -L "$SYSROOT" "$BIN" --version
+
+# --- Unit tests under qemu-user -----------------------------------------------------------
+if ((run_tests)); then
+    # --release shares the dependency builds with the binary above.
+    step "cargo test --release --target $TARGET --lib (qemu-aarch64-static)"
+    "$CARGO" test --locked --release --target "$TARGET" "${FEATURES[@]}" --lib
+fi
+step "aarch64 build OK: $BIN"
