@@ -7,8 +7,9 @@ use serde_json::{Value, json};
 
 use crate::forwarding::{RouterHandle, RouterMsg};
 use crate::media::pipeline::{CaptureParams, PipelineHandle};
+use crate::media::snapshot::encode_jpeg;
 use crate::protocol::command::{
-    Command, CommandError, CommandErrorCode, Transport, parse_request, reply,
+    CHUNK_BYTES, Command, CommandError, CommandErrorCode, Transport, parse_request, reply,
 };
 use crate::protocol::topics::{SessionId, Topics};
 use crate::ratelimit::TokenBucket;
@@ -33,6 +34,8 @@ pub enum Outcome {
     Reply {
         text: String,
         reply_to: Option<String>,
+        /// Binary data that goes with the reply (a snapshot).
+        attachment: Option<Vec<u8>>,
     },
     /// Forwarded to another service; its reply arrives later through the router.
     Forwarded,
@@ -110,6 +113,7 @@ impl Controller {
                 // A poisoned token bucket is still a valid token bucket.
                 .unwrap_or_else(|p| p.into_inner())
                 .try_take(now);
+        let mut attachment = None;
         let outcome = if limited {
             Err(CommandError::new(
                 CommandErrorCode::RateLimited,
@@ -128,6 +132,22 @@ impl Controller {
                     Ok(()) => return Outcome::Forwarded,
                     Err(e) => Err(e),
                 },
+                Ok(Command::Snapshot { quality }) => match self.snapshot(quality).await {
+                    Ok((jpeg, mut result)) => {
+                        if matches!(origin, Origin::Mqtt) {
+                            // MQTT gets the image as a retained binary payload of its own.
+                            let topic = self.topics.snapshot();
+                            result["topic"] = json!(topic);
+                            self.publisher.publish(topic, jpeg, true);
+                        } else {
+                            result["chunks"] = json!(jpeg.len().div_ceil(CHUNK_BYTES));
+                            result["chunk_size"] = json!(CHUNK_BYTES);
+                            attachment = Some(jpeg);
+                        }
+                        Ok(result)
+                    }
+                    Err(e) => Err(e),
+                },
                 Ok(command) => self.execute(command).await,
                 Err(e) => Err(e),
             }
@@ -138,7 +158,23 @@ impl Controller {
         Outcome::Reply {
             text: reply(&request.id, &outcome),
             reply_to: request.reply_to,
+            attachment,
         }
+    }
+
+    /// Takes the next picture and encodes it off the async threads.
+    async fn snapshot(&self, quality: u8) -> Result<(Vec<u8>, Value), CommandError> {
+        let unavailable = |e: String| CommandError::new(CommandErrorCode::Unavailable, e);
+        let frame = self.pipeline.snapshot().await.map_err(unavailable)?;
+        let (width, height) = (frame.width, frame.height);
+        let jpeg = tokio::task::spawn_blocking(move || encode_jpeg(&frame, quality))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .map_err(|e| unavailable(format!("JPEG encoding: {e}")))?;
+        tracing::info!(bytes = jpeg.len(), width, height, "snapshot taken");
+        let result =
+            json!({"type": "image/jpeg", "size": jpeg.len(), "width": width, "height": height});
+        Ok((jpeg, result))
     }
 
     fn forward(
@@ -235,9 +271,9 @@ impl Controller {
                 );
                 serde_json::to_value(state).map_err(|e| unavailable(e.to_string()))
             }
-            Command::Forward { .. } => Err(CommandError::new(
+            Command::Forward { .. } | Command::Snapshot { .. } => Err(CommandError::new(
                 CommandErrorCode::BadRequest,
-                "forwarded commands are handled before execution",
+                "handled before execution",
             )),
         }
     }

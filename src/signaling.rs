@@ -100,7 +100,7 @@ fn spawn_mqtt_commands(
                 .controller
                 .handle_message(&Origin::Mqtt, &payload, &mut limiter)
                 .await;
-            if let Outcome::Reply { text, reply_to } = outcome {
+            if let Outcome::Reply { text, reply_to, .. } = outcome {
                 let topic = reply_to.unwrap_or_else(|| topics.command_reply());
                 ctx.publisher.publish(topic, text.into_bytes(), false);
             }

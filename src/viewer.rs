@@ -37,6 +37,7 @@ use crate::forwarding::RouterMsg;
 use crate::media::frame::EncodedFrame;
 use crate::media::pipeline::PipelineHandle;
 use crate::ports::PortPool;
+use crate::protocol::command::CHUNK_BYTES;
 use crate::protocol::signal::{ByeReason, DeviceMessage, ErrorCode, IceCandidate, Rejection};
 use crate::protocol::topics::SessionId;
 use crate::ratelimit::TokenBucket;
@@ -573,13 +574,13 @@ async fn serve_data_channel(
     let origin = Origin::Viewer(id.clone());
     let mut limiter = TokenBucket::new(rate.0, rate.1, Instant::now());
     loop {
-        let text = tokio::select! {
+        let (text, attachment) = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = relay.recv() => match r { Some(t) => t, None => break },
+            r = relay.recv() => match r { Some(t) => (t, None), None => break },
             e = dc.poll() => match e {
                 Some(DataChannelEvent::OnMessage(message)) => {
                     match controller.handle_message(&origin, &message.data, &mut limiter).await {
-                        Outcome::Reply { text, .. } => text,
+                        Outcome::Reply { text, attachment, .. } => (text, attachment),
                         Outcome::Forwarded => continue,
                     }
                 }
@@ -590,6 +591,15 @@ async fn serve_data_channel(
         if let Err(e) = dc.send_text(&text).await {
             tracing::debug!(error = %e, "data channel send failed");
             break;
+        }
+        // Binary data follows its reply header as CHUNK_BYTES-sized binary messages.
+        if let Some(data) = attachment {
+            for chunk in data.chunks(CHUNK_BYTES) {
+                if let Err(e) = dc.send(bytes::BytesMut::from(chunk)).await {
+                    tracing::debug!(error = %e, "data channel send failed");
+                    break;
+                }
+            }
         }
     }
     controller.router().send(RouterMsg::Unregister {

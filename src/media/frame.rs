@@ -125,6 +125,21 @@ impl I420Buffer {
         (y, u, &mut v[..c_len])
     }
 
+    /// Copies any I420 view (whatever its strides) into this buffer, tightly packed.
+    pub fn copy_from(&mut self, v: &I420View<'_>) {
+        self.resize(v.width, v.height);
+        let (w, cw, ch) = (v.width, self.chroma_width(), self.chroma_height());
+        let (y, u, vv) = self.planes_mut();
+        for row in 0..v.height {
+            y[row * w..(row + 1) * w].copy_from_slice(&v.y[row * v.y_stride..row * v.y_stride + w]);
+        }
+        for row in 0..ch {
+            let s = row * v.uv_stride;
+            u[row * cw..(row + 1) * cw].copy_from_slice(&v.u[s..s + cw]);
+            vv[row * cw..(row + 1) * cw].copy_from_slice(&v.v[s..s + cw]);
+        }
+    }
+
     pub fn view(&self) -> I420View<'_> {
         let y_len = self.width * self.height;
         let c_len = self.chroma_width() * self.chroma_height();
@@ -169,6 +184,20 @@ mod tests {
         assert_eq!(v.u[0], 32);
         assert_eq!(v.v[0], 40);
         assert_eq!(v.dimensions(), (6, 4));
+    }
+
+    #[test]
+    fn copy_from_strided_view_packs_tightly() {
+        let (w, h, stride) = (4, 2, 8);
+        let buf: Vec<u8> = (0..(stride * h + 2 * (stride / 2) * (h / 2)) as u32)
+            .map(|i| i as u8)
+            .collect();
+        let v = I420View::from_contiguous(&buf, w, h, stride).unwrap();
+        let mut b = I420Buffer::default();
+        b.copy_from(&v);
+        assert_eq!(&b.data[..8], &[0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!(&b.data[8..10], &[16, 17]);
+        assert_eq!(&b.data[10..12], &[20, 21]);
     }
 
     #[test]

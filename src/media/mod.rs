@@ -6,4 +6,5 @@ pub mod fanout;
 pub mod frame;
 pub mod pattern;
 pub mod pipeline;
+pub mod snapshot;
 pub mod v4l2;

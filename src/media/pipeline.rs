@@ -203,6 +203,10 @@ pub enum Control {
         bps: u32,
         reply: oneshot::Sender<Result<u32, String>>,
     },
+    /// A copy of the next captured picture (capture runs briefly if nobody watches).
+    Snapshot {
+        reply: oneshot::Sender<Result<I420Buffer, String>>,
+    },
     /// New size and/or rate: capture restarts, viewers stay connected.
     Reconfigure {
         params: CaptureParams,
@@ -250,6 +254,16 @@ impl PipelineHandle {
     /// Never blocks; keyframe requests coalesce, so a full queue may drop one.
     pub fn request_keyframe(&self) {
         let _ = self.tx.try_send(Control::Keyframe);
+    }
+
+    /// The next captured picture, copied out of the capture buffer.
+    pub async fn snapshot(&self) -> Result<I420Buffer, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Control::Snapshot { reply })
+            .await
+            .map_err(|_| PipelineGone.to_string())?;
+        rx.await.map_err(|_| PipelineGone.to_string())?
     }
 
     /// Changes size and rate; on failure the previous settings stay in force.
@@ -329,6 +343,7 @@ pub fn spawn(
                 cancel,
                 fanout: Fanout::default(),
                 running: None,
+                snapshots: Vec::new(),
             };
             worker.run();
         })?;
@@ -352,13 +367,15 @@ struct Worker {
     cancel: CancellationToken,
     fanout: Fanout<mpsc::Sender<EncodedFrame>>,
     running: Option<Running>,
+    /// Waiting for the next picture.
+    snapshots: Vec<oneshot::Sender<Result<I420Buffer, String>>>,
 }
 
 impl Worker {
     fn run(&mut self) {
         let mut next_open_attempt = Instant::now();
         while !self.cancel.is_cancelled() {
-            if self.fanout.is_empty() {
+            if self.fanout.is_empty() && self.snapshots.is_empty() {
                 self.stop_capture();
                 // Idle: sleep until someone asks for something.
                 match self.rx.blocking_recv() {
@@ -383,6 +400,9 @@ impl Worker {
                 }
                 self.stats.progressed();
                 if let Err(e) = self.start_capture() {
+                    for s in self.snapshots.drain(..) {
+                        let _ = s.send(Err(e.to_string()));
+                    }
                     self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, retry_in = ?self.config.reopen_delay, "cannot start capture");
                     next_open_attempt = Instant::now() + self.config.reopen_delay;
@@ -451,6 +471,7 @@ impl Worker {
                 }
                 let _ = reply.send(result.map(|()| bps));
             }
+            Control::Snapshot { reply } => self.snapshots.push(reply),
             Control::Reconfigure { params, reply } => {
                 let _ = reply.send(self.reconfigure(params));
             }
@@ -546,7 +567,16 @@ impl Worker {
         }
         let mut encoded: Option<Result<(bool, CapturedFrame), String>> = None;
         let (encoder, out, started) = (&mut r.encoder, &mut r.out, r.started);
+        let snapshots = &mut self.snapshots;
         r.source.next_frame(&mut |view, meta| {
+            if !snapshots.is_empty() {
+                // Only for snapshots: one copy out of the capture buffer.
+                let mut copy = I420Buffer::default();
+                copy.copy_from(view);
+                for s in snapshots.drain(..) {
+                    let _ = s.send(Ok(copy.clone()));
+                }
+            }
             let ts = meta.captured_at.duration_since(started).as_millis() as u64;
             let result = encoder
                 .encode(view, ts, out)
@@ -657,6 +687,9 @@ mod tests {
         assert_eq!(stats.viewers.load(Ordering::Relaxed), 1);
         assert_eq!(stats.bytes_copied_last.load(Ordering::Relaxed), 0);
 
+        let snap = handle.snapshot().await.unwrap();
+        assert_eq!((snap.width, snap.height), (320, 240));
+        assert!(crate::media::pattern::read_stamp(&snap.data, 320, 320).is_some());
         assert_eq!(handle.set_bitrate(300_000).await, Ok(300_000));
         assert_eq!(stats.bitrate.load(Ordering::Relaxed), 300_000);
 
@@ -696,6 +729,14 @@ mod tests {
         })
         .await;
         assert_eq!(stats.viewers.load(Ordering::Relaxed), 0);
+
+        // Snapshots work with nobody watching: capture runs for one picture and stops.
+        let snap = handle.snapshot().await.unwrap();
+        assert_eq!((snap.width, snap.height), (160, 120));
+        wait_for("capture to stop again", || {
+            !stats.capturing.load(Ordering::Relaxed)
+        })
+        .await;
 
         cancel.cancel();
         tokio::task::spawn_blocking(move || thread.join().unwrap())

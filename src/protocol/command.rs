@@ -26,6 +26,10 @@ pub enum Command {
         height: u32,
     },
     GetState,
+    /// A JPEG of the current picture.
+    Snapshot {
+        quality: u8,
+    },
     /// `namespace.action` for another service on the device; rtcam only forwards it.
     Forward {
         namespace: String,
@@ -33,6 +37,11 @@ pub enum Command {
         args: Map<String, Value>,
     },
 }
+
+/// JPEG quality of `snapshot` when none is given.
+pub const DEFAULT_JPEG_QUALITY: u8 = 85;
+/// Largest binary data-channel message (snapshot chunks).
+pub const CHUNK_BYTES: usize = 16 * 1024;
 
 /// Frame-rate range `set-fps` accepts.
 pub const FPS_RANGE: std::ops::RangeInclusive<u32> = 1..=60;
@@ -239,12 +248,19 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
             Command::SetResolution { width, height }
         }
         "get-state" => Command::GetState,
+        "snapshot" => Command::Snapshot {
+            quality: if args.contains_key("quality") {
+                take_u32(&mut args, "quality", 1..=100)? as u8
+            } else {
+                DEFAULT_JPEG_QUALITY
+            },
+        },
         other => {
             return Err(CommandError::new(
                 CommandErrorCode::UnknownCommand,
                 format!(
                     "unknown command `{other}`; known: ping, keyframe, set-bitrate, set-fps, \
-                     set-resolution, get-state, or namespace.action for forwarding"
+                     set-resolution, get-state, snapshot, or namespace.action for forwarding"
                 ),
             ));
         }
@@ -445,6 +461,20 @@ mod tests {
         assert_eq!(
             req(json!({"id":1,"cmd":"get-state"})).command,
             Ok(Command::GetState)
+        );
+        assert_eq!(
+            req(json!({"id":1,"cmd":"snapshot"})).command,
+            Ok(Command::Snapshot {
+                quality: DEFAULT_JPEG_QUALITY
+            })
+        );
+        assert_eq!(
+            req(json!({"id":1,"cmd":"snapshot","args":{"quality":50}})).command,
+            Ok(Command::Snapshot { quality: 50 })
+        );
+        assert_eq!(
+            err_code(&req(json!({"id":1,"cmd":"snapshot","args":{"quality":0}}))),
+            CommandErrorCode::OutOfRange
         );
     }
 

@@ -94,6 +94,11 @@ impl Topics {
         format!("{}/forward/{namespace}", self.base)
     }
 
+    /// The latest snapshot JPEG (binary, retained).
+    pub fn snapshot(&self) -> String {
+        format!("{}/snapshot", self.base)
+    }
+
     /// Where services reply to forwarded commands.
     pub fn forward_reply(&self) -> String {
         format!("{}/forward/reply", self.base)
