@@ -177,3 +177,72 @@ def test_command_flood_is_refused_and_video_keeps_flowing(cam):
     assert "rate-limited" in codes, "1000 commands at once exceed the per-session limit"
     assert frames >= 60, f"video kept flowing: {frames} frames"
     assert ping["ok"] is True, ping
+
+
+def _jpeg_luma(jpeg: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(jpeg))
+    img.load()
+    # PIL's YCbCr is full range; the pattern reader expects limited-range luma.
+    y = np.asarray(img.convert("YCbCr"))[:, :, 0].astype(np.float32)
+    return img.format, img.size, (y * 219.0 / 255.0 + 16.0).round().astype(np.uint8)
+
+
+def test_snapshot_over_data_channel_and_mqtt(cam):
+    from pattern import _read_row, cell_size, crc8
+
+    def read_stamp(y):
+        b = cell_size(y.shape[1])
+        seq, seq_crc = _read_row(y, 0, b)
+        ts, ts_crc = _read_row(y, 1, b)
+        return (seq, ts) if crc8(seq) == seq_crc and crc8(ts) == ts_crc else None
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        dash = MqttLink(HOST, cam.broker_port, "e2e-snapshot-dash", loop)
+        images: list[bytes] = []
+        replies: list[dict] = []
+        await dash.connect()
+        await dash.subscribe(f"{PREFIX}/{cam.device}/snapshot", lambda t, p: images.append(p))
+        await dash.subscribe("dash/snap", lambda t, p: replies.append(json.loads(p)))
+        v = Viewer(HOST, cam.broker_port, cam.device)
+        try:
+            await v.start(timeout=20)
+            await v.wait_frames(10, 10)
+            header = await v.command("snapshot", id="snap-1", timeout=10)
+            for _ in range(100):
+                chunks = [m["_raw"] for m in v.unmatched_replies if isinstance(m.get("_raw"), bytes)]
+                if header.get("ok") and len(chunks) >= header["result"]["chunks"]:
+                    break
+                await asyncio.sleep(0.05)
+            last_seq = v.frames[-1].seq
+            await dash.publish(
+                f"{PREFIX}/{cam.device}/command",
+                json.dumps({"id": "m-snap", "cmd": "snapshot", "args": {"quality": 60}, "reply_to": "dash/snap"}),
+            )
+            for _ in range(100):
+                if replies and images:
+                    break
+                await asyncio.sleep(0.05)
+            return header, b"".join(chunks), last_seq, replies, images
+        finally:
+            await stop(v)
+            dash.close()
+
+    header, jpeg, last_seq, replies, images = run(body(), 60)
+    assert header["ok"] is True, header
+    res = header["result"]
+    assert res["type"] == "image/jpeg" and res["size"] == len(jpeg), (res, len(jpeg))
+    fmt, size, luma = _jpeg_luma(jpeg)
+    assert fmt == "JPEG" and size == (640, 480), (fmt, size)
+    stamp = read_stamp(luma)
+    assert stamp is not None, "the snapshot carries a readable frame stamp"
+    assert abs(stamp[0] - last_seq) <= 30, f"snapshot seq {stamp[0]} is the current frame (viewer at {last_seq})"
+    assert replies and replies[0]["ok"] is True, replies
+    assert replies[0]["result"]["topic"] == f"{PREFIX}/{cam.device}/snapshot", replies
+    fmt, size, _ = _jpeg_luma(images[-1])
+    assert fmt == "JPEG" and size == (640, 480)
