@@ -21,8 +21,16 @@ pub struct Config {
     pub webrtc: WebrtcConfig,
     pub mqtt: MqttConfig,
     pub control: ControlConfig,
+    pub homeassistant: HomeAssistantConfig,
     pub broker: BrokerConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistantConfig {
+    pub enabled: bool,
+    pub discovery_prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -336,6 +344,13 @@ impl Config {
                     message: "1 to 100000".into(),
                 });
             }
+        }
+        let ha = self.homeassistant.discovery_prefix.trim_end_matches('/');
+        if ha.is_empty() || ha.contains(['+', '#']) || ha.split('/').any(str::is_empty) {
+            return Err(invalid(
+                "homeassistant.discovery_prefix",
+                "a topic prefix without wildcards or empty levels, normally \"homeassistant\"",
+            ));
         }
         let m = &self.mqtt;
         if m.host.is_empty() {

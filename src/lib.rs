@@ -6,6 +6,7 @@ pub mod certificate;
 pub mod config;
 pub mod control;
 pub mod forwarding;
+pub mod homeassistant;
 pub mod logging;
 pub mod media;
 pub mod mqtt;

@@ -27,6 +27,19 @@ pub struct MqttSettings {
     pub reconnect_max: Duration,
     pub topics: Topics,
     pub device_id: String,
+    /// Home Assistant discovery: (config topic, payload; empty payload removes it, and
+    /// Home Assistant's status topic to watch for `online`, when enabled).
+    pub discovery: Option<Discovery>,
+}
+
+/// What to publish for Home Assistant after each connect.
+#[derive(Clone, Debug)]
+pub struct Discovery {
+    pub config_topic: String,
+    /// Empty: remove an earlier discovery (integration disabled).
+    pub payload: Vec<u8>,
+    /// Set when enabled: `online` here triggers a republish.
+    pub ha_status_topic: Option<String>,
 }
 
 /// An inbound publish.
@@ -143,7 +156,29 @@ pub async fn run_event_loop(
                     status_payload(&settings.device_id, true),
                     true,
                 );
+                if let Some(d) = &settings.discovery {
+                    if let Some(t) = &d.ha_status_topic
+                        && let Err(e) = handle.client.try_subscribe(t, QoS::AtLeastOnce)
+                    {
+                        tracing::error!(error = %e, "cannot queue Home Assistant status subscribe");
+                    }
+                    handle.publish(d.config_topic.clone(), d.payload.clone(), true);
+                }
                 connected.send_modify(|n| *n += 1);
+            }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if settings
+                    .discovery
+                    .as_ref()
+                    .and_then(|d| d.ha_status_topic.as_deref())
+                    == Some(p.topic.as_str()) =>
+            {
+                if let Some(d) = &settings.discovery
+                    && p.payload.as_ref() == b"online"
+                {
+                    tracing::info!("Home Assistant came online; republishing discovery");
+                    handle.publish(d.config_topic.clone(), d.payload.clone(), true);
+                }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = p.topic.clone();
@@ -191,6 +226,7 @@ mod tests {
             reconnect_max: Duration::from_millis(80),
             topics: Topics::new("rtcam", "t"),
             device_id: "t".into(),
+            discovery: None,
         }
     }
 

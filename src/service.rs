@@ -12,12 +12,13 @@ use webrtc::peer_connection::RTCIceServer;
 use crate::config::{CaptureConfig, Config, SourceKind, read_secret};
 use crate::control::{ControlSettings, Controller};
 use crate::forwarding::spawn_router;
+use crate::homeassistant;
 use crate::media::encoder::EncoderSettings;
 use crate::media::pipeline::{
     self, CaptureParams, FrameSource, PipelineConfig, SourceOpener, TestPattern,
 };
 use crate::media::v4l2::Camera;
-use crate::mqtt::{self, MqttSettings};
+use crate::mqtt::{self, Discovery, MqttSettings};
 use crate::ports::PortPool;
 use crate::protocol::signal::Limits;
 use crate::protocol::topics::Topics;
@@ -64,6 +65,8 @@ fn ice_servers(config: &Config) -> Result<Vec<RTCIceServer>> {
 
 fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
     let m = &config.mqtt;
+    let ha = &config.homeassistant;
+    let topics = Topics::new(&m.prefix, &config.device.id);
     let password = if m.password_file.as_os_str().is_empty() {
         String::new()
     } else {
@@ -78,8 +81,21 @@ fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
         keep_alive: Duration::from_secs(m.keep_alive_s),
         reconnect_min: Duration::from_millis(m.reconnect_min_ms),
         reconnect_max: Duration::from_millis(m.reconnect_max_ms),
-        topics: Topics::new(&m.prefix, &config.device.id),
+        topics: topics.clone(),
         device_id: config.device.id.clone(),
+        discovery: Some(Discovery {
+            config_topic: homeassistant::config_topic(&ha.discovery_prefix, &config.device.id),
+            payload: if ha.enabled {
+                homeassistant::discovery_payload(&topics, &config.device.id)
+                    .to_string()
+                    .into_bytes()
+            } else {
+                Vec::new()
+            },
+            ha_status_topic: ha
+                .enabled
+                .then(|| homeassistant::status_topic(&ha.discovery_prefix)),
+        }),
     })
 }
 

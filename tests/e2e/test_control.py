@@ -246,3 +246,60 @@ def test_snapshot_over_data_channel_and_mqtt(cam):
     assert replies[0]["result"]["topic"] == f"{PREFIX}/{cam.device}/snapshot", replies
     fmt, size, _ = _jpeg_luma(images[-1])
     assert fmt == "JPEG" and size == (640, 480)
+
+
+def test_home_assistant_discovery_and_rediscovery(make_rtcam):
+    cam = make_rtcam("hacam", homeassistant__enabled=True)
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        ha = MqttLink(HOST, cam.broker_port, "e2e-home-assistant", loop)
+        configs: list[dict] = []
+        replies: list[dict] = []
+        await ha.connect()
+        await ha.subscribe("homeassistant/device/hacam/config", lambda t, p: configs.append(json.loads(p)))
+        await ha.subscribe(f"{PREFIX}/hacam/command/reply", lambda t, p: replies.append(json.loads(p)))
+        for _ in range(100):
+            if configs:
+                break
+            await asyncio.sleep(0.05)
+        first = len(configs)
+        await ha.publish("homeassistant/status", "online")
+        for _ in range(100):
+            if len(configs) > first:
+                break
+            await asyncio.sleep(0.05)
+        # Press the keyframe button and move the bitrate number the way HA would.
+        d = configs[0]["cmps"]
+        await ha.publish(d["keyframe"]["command_topic"], d["keyframe"]["payload_press"])
+        bitrate_cmd = d["bitrate"]["command_template"].replace("{{ value | int }}", "700000")
+        await ha.publish(d["bitrate"]["command_topic"], bitrate_cmd)
+        for _ in range(100):
+            if len(replies) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        await ha.publish(d["bitrate"]["command_topic"], d["bitrate"]["command_template"].replace("{{ value | int }}", "1000000"))
+        await asyncio.sleep(0.2)
+        ha.close()
+        return configs, first, replies
+
+    configs, first, replies = run(body(), 30)
+    assert first >= 1, "retained discovery message present"
+    assert len(configs) > first, "republished when homeassistant/status went online"
+    d = configs[0]
+    assert d["dev"]["ids"] == ["rtcam_hacam"] and d["dev"]["mf"] == "rtcam", d["dev"]
+    av = d["availability"][0]
+    assert av["topic"] == f"{PREFIX}/hacam/status" and av["payload_available"] == "online", av
+    c = d["cmps"]
+    assert c["snapshot_image"]["p"] == "image" and c["snapshot_image"]["image_topic"] == f"{PREFIX}/hacam/snapshot"
+    assert c["snapshot"]["p"] == "button" and c["keyframe"]["p"] == "button"
+    for name, lo, hi in [("bitrate", 100000, 20000000), ("fps", 1, 60)]:
+        assert c[name]["p"] == "number" and (c[name]["min"], c[name]["max"]) == (lo, hi), c[name]
+        assert c[name]["state_topic"] == f"{PREFIX}/hacam/state", c[name]
+    assert c["resolution"]["p"] == "select" and "640x480" in c["resolution"]["options"]
+    for s in ("viewers", "fps_sensor", "bitrate_sensor"):
+        assert c[s]["p"] == "sensor" and c[s]["value_template"].startswith("{{ value_json."), c[s]
+    ids = [v["unique_id"] for v in c.values()]
+    assert len(ids) == len(set(ids)), ids
+    assert {"id": "ha-keyframe", "ok": True, "result": {}} in replies, replies
+    assert {"id": "ha-set-bitrate", "ok": True, "result": {"bps": 700000}} in replies, replies
