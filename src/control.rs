@@ -6,6 +6,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use crate::forwarding::{RouterHandle, RouterMsg};
+use crate::media::controls::ControlError;
 use crate::media::pipeline::{CaptureParams, PipelineHandle};
 use crate::media::snapshot::encode_jpeg;
 use crate::protocol::command::{
@@ -14,6 +15,15 @@ use crate::protocol::command::{
 use crate::protocol::topics::{SessionId, Topics};
 use crate::ratelimit::TokenBucket;
 use crate::state::{StateInfo, snapshot};
+
+fn control_error(e: ControlError) -> CommandError {
+    let code = match e {
+        ControlError::Unknown(_) => CommandErrorCode::BadArgs,
+        ControlError::OutOfRange(_) => CommandErrorCode::OutOfRange,
+        ControlError::Failed(_) => CommandErrorCode::Unavailable,
+    };
+    CommandError::new(code, e.to_string())
+}
 
 /// Publishes to MQTT without waiting (implemented by the MQTT handle).
 pub trait Publisher: Send + Sync + 'static {
@@ -262,6 +272,27 @@ impl Controller {
                     "resolution changed"
                 );
                 Ok(json!({"width": applied.width, "height": applied.height}))
+            }
+            Command::ListControls => {
+                let list = self.pipeline.list_controls().await.map_err(control_error)?;
+                Ok(json!({"controls": list}))
+            }
+            Command::GetControl { name } => {
+                let list = self.pipeline.list_controls().await.map_err(control_error)?;
+                let c = list
+                    .into_iter()
+                    .find(|c| c.name == name)
+                    .ok_or_else(|| control_error(ControlError::Unknown(name)))?;
+                Ok(json!({"name": c.name, "value": c.value}))
+            }
+            Command::SetControl { name, value } => {
+                let applied = self
+                    .pipeline
+                    .set_control(name.clone(), value)
+                    .await
+                    .map_err(control_error)?;
+                tracing::info!(%name, value = applied, "control set");
+                Ok(json!({"name": name, "value": applied}))
             }
             Command::GetState => {
                 let state = snapshot(

@@ -29,6 +29,8 @@ use crate::viewer::{SessionContext, WebrtcSettings};
 /// Opens the configured source each time capture starts (never falls back to another).
 pub fn source_opener(config: &Config) -> SourceOpener {
     let base = config.capture.clone();
+    // The test pattern's controls outlive each open, like a camera driver's do.
+    let brightness = Arc::new(std::sync::atomic::AtomicI64::new(0));
     Box::new(move |p: CaptureParams| {
         let c = CaptureConfig {
             width: p.width,
@@ -37,9 +39,10 @@ pub fn source_opener(config: &Config) -> SourceOpener {
             ..base.clone()
         };
         Ok(match c.source {
-            SourceKind::TestPattern => {
-                Box::new(TestPattern::new(c.width, c.height, c.fps, true)) as Box<dyn FrameSource>
-            }
+            SourceKind::TestPattern => Box::new(
+                TestPattern::new(c.width, c.height, c.fps, true)
+                    .with_brightness(brightness.clone()),
+            ) as Box<dyn FrameSource>,
             SourceKind::V4l2 => Box::new(Camera::open(&c)?),
         })
     })

@@ -27,6 +27,8 @@ pub struct DeviceState {
     pub frames_encoded: u64,
     pub frames_dropped: u64,
     pub bytes_copied_per_frame: u64,
+    /// Last known control values (filled once controls were listed or set).
+    pub controls: std::collections::BTreeMap<String, i64>,
     pub uptime_s: u64,
 }
 
@@ -52,6 +54,7 @@ pub fn snapshot(stats: &PipelineStats, info: &StateInfo, uptime: Duration) -> De
         frames_encoded: stats.frames_encoded.load(Ordering::Relaxed),
         frames_dropped: stats.frames_dropped.load(Ordering::Relaxed),
         bytes_copied_per_frame: stats.bytes_copied_last.load(Ordering::Relaxed),
+        controls: stats.control_values(),
         uptime_s: uptime.as_secs(),
     }
 }

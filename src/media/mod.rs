@@ -1,5 +1,6 @@
 //! Media path: frame sources (V4L2, test pattern), pixel conversion, H.264 encoding, fan-out.
 
+pub mod controls;
 pub mod convert;
 pub mod encoder;
 pub mod fanout;

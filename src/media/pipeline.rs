@@ -8,6 +8,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::controls::{ControlError, ControlInfo, ControlKind};
 use super::encoder::{EncoderSettings, H264Encoder};
 use super::fanout::{Fanout, SubscriberId};
 use super::frame::{EncodedFrame, I420Buffer, I420View};
@@ -54,6 +55,15 @@ pub trait FrameSource: Send {
         &mut self,
         consume: &mut dyn FnMut(&I420View<'_>, CapturedFrame),
     ) -> Result<(), SourceError>;
+    /// The source's controls with their current values.
+    fn controls(&mut self) -> Result<Vec<ControlInfo>, ControlError> {
+        Ok(Vec::new())
+    }
+    /// Sets a control (already validated against `controls()`); returns the applied value.
+    fn set_control(&mut self, info: &ControlInfo, value: i64) -> Result<i64, ControlError> {
+        let _ = value;
+        Err(ControlError::Unknown(info.name.clone()))
+    }
 }
 
 /// Picture geometry and rate asked of a source; the source reports what it really delivers.
@@ -84,6 +94,8 @@ pub struct TestPattern {
     seq: u64,
     next_due: Option<Instant>,
     paced: bool,
+    /// Luma offset of the picture below the stamp rows; shared so it outlives reopening.
+    brightness: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl TestPattern {
@@ -101,6 +113,26 @@ impl TestPattern {
             seq: 0,
             next_due: None,
             paced,
+            brightness: Arc::default(),
+        }
+    }
+
+    /// Uses (and keeps) this brightness setting across reopenings.
+    pub fn with_brightness(mut self, brightness: Arc<std::sync::atomic::AtomicI64>) -> Self {
+        self.brightness = brightness;
+        self
+    }
+
+    fn brightness_info(&self) -> ControlInfo {
+        ControlInfo {
+            name: "brightness".into(),
+            kind: ControlKind::Integer,
+            min: -64,
+            max: 64,
+            step: 1,
+            default: 0,
+            value: self.brightness.load(Ordering::Relaxed),
+            menu: Vec::new(),
         }
     }
 }
@@ -132,6 +164,18 @@ impl FrameSource for TestPattern {
         let captured_at = Instant::now();
         self.generator
             .render(self.seq as u32, unix_ms_u32(), &mut self.buffer);
+        let offset = self.brightness.load(Ordering::Relaxed);
+        if offset != 0 {
+            // Below the two stamp rows only, so the frame number stays readable.
+            let (w, b) = (
+                self.buffer.width,
+                super::pattern::cell_size(self.buffer.width),
+            );
+            let (y, _, _) = self.buffer.planes_mut();
+            for p in &mut y[2 * b * w..] {
+                *p = (i64::from(*p) + offset).clamp(16, 235) as u8;
+            }
+        }
         consume(
             &self.buffer.view(),
             CapturedFrame {
@@ -142,6 +186,18 @@ impl FrameSource for TestPattern {
         );
         self.seq += 1;
         Ok(())
+    }
+
+    fn controls(&mut self) -> Result<Vec<ControlInfo>, ControlError> {
+        Ok(vec![self.brightness_info()])
+    }
+
+    fn set_control(&mut self, info: &ControlInfo, value: i64) -> Result<i64, ControlError> {
+        if info.name != "brightness" {
+            return Err(ControlError::Unknown(info.name.clone()));
+        }
+        self.brightness.store(value, Ordering::Relaxed);
+        Ok(value)
     }
 }
 
@@ -165,6 +221,8 @@ pub struct PipelineStats {
     /// attempt to open the camera). The watchdog reads it.
     last_progress_ms: AtomicU64,
     epoch: std::sync::OnceLock<Instant>,
+    /// Last known control values, for the state topic.
+    controls: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 impl PipelineStats {
@@ -179,6 +237,24 @@ impl PipelineStats {
     fn progressed(&self) {
         self.last_progress_ms
             .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Last known control values by name.
+    pub fn control_values(&self) -> std::collections::BTreeMap<String, i64> {
+        // Plain map of integers: a poisoned lock still holds valid data.
+        self.controls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn remember_controls(&self, controls: &[ControlInfo]) {
+        let mut map = self.controls.lock().unwrap_or_else(|p| p.into_inner());
+        for c in controls {
+            map.insert(c.name.clone(), c.value);
+        }
+        drop(map);
+        self.bump();
     }
 
     /// True when the capture thread made progress within `window`.
@@ -206,6 +282,15 @@ pub enum Control {
     /// A copy of the next captured picture (capture runs briefly if nobody watches).
     Snapshot {
         reply: oneshot::Sender<Result<I420Buffer, String>>,
+    },
+    /// The source's controls (the source is opened briefly if nobody watches).
+    ListControls {
+        reply: oneshot::Sender<Result<Vec<ControlInfo>, ControlError>>,
+    },
+    SetControl {
+        name: String,
+        value: i64,
+        reply: oneshot::Sender<Result<i64, ControlError>>,
     },
     /// New size and/or rate: capture restarts, viewers stay connected.
     Reconfigure {
@@ -254,6 +339,27 @@ impl PipelineHandle {
     /// Never blocks; keyframe requests coalesce, so a full queue may drop one.
     pub fn request_keyframe(&self) {
         let _ = self.tx.try_send(Control::Keyframe);
+    }
+
+    pub async fn list_controls(&self) -> Result<Vec<ControlInfo>, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || ControlError::Failed(PipelineGone.to_string());
+        self.tx
+            .send(Control::ListControls { reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Validates `value` against the driver's range, then sets it.
+    pub async fn set_control(&self, name: String, value: i64) -> Result<i64, ControlError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || ControlError::Failed(PipelineGone.to_string());
+        self.tx
+            .send(Control::SetControl { name, value, reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     /// The next captured picture, copied out of the capture buffer.
@@ -344,6 +450,7 @@ pub fn spawn(
                 fanout: Fanout::default(),
                 running: None,
                 snapshots: Vec::new(),
+                control_ops: Vec::new(),
             };
             worker.run();
         })?;
@@ -369,13 +476,24 @@ struct Worker {
     running: Option<Running>,
     /// Waiting for the next picture.
     snapshots: Vec<oneshot::Sender<Result<I420Buffer, String>>>,
+    /// Control requests waiting for the source to open.
+    control_ops: Vec<ControlOp>,
+}
+
+enum ControlOp {
+    List(oneshot::Sender<Result<Vec<ControlInfo>, ControlError>>),
+    Set {
+        name: String,
+        value: i64,
+        reply: oneshot::Sender<Result<i64, ControlError>>,
+    },
 }
 
 impl Worker {
     fn run(&mut self) {
         let mut next_open_attempt = Instant::now();
         while !self.cancel.is_cancelled() {
-            if self.fanout.is_empty() && self.snapshots.is_empty() {
+            if self.fanout.is_empty() && self.snapshots.is_empty() && self.control_ops.is_empty() {
                 self.stop_capture();
                 // Idle: sleep until someone asks for something.
                 match self.rx.blocking_recv() {
@@ -403,11 +521,22 @@ impl Worker {
                     for s in self.snapshots.drain(..) {
                         let _ = s.send(Err(e.to_string()));
                     }
+                    for op in self.control_ops.drain(..) {
+                        let err = ControlError::Failed(e.to_string());
+                        match op {
+                            ControlOp::List(r) => drop(r.send(Err(err))),
+                            ControlOp::Set { reply, .. } => drop(reply.send(Err(err))),
+                        }
+                    }
                     self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, retry_in = ?self.config.reopen_delay, "cannot start capture");
                     next_open_attempt = Instant::now() + self.config.reopen_delay;
                     continue;
                 }
+            }
+            self.run_control_ops();
+            if self.fanout.is_empty() && self.snapshots.is_empty() {
+                continue; // opened only for control requests
             }
             if let Err(e) = self.capture_one() {
                 match e {
@@ -472,12 +601,50 @@ impl Worker {
                 let _ = reply.send(result.map(|()| bps));
             }
             Control::Snapshot { reply } => self.snapshots.push(reply),
+            Control::ListControls { reply } => self.control_ops.push(ControlOp::List(reply)),
+            Control::SetControl { name, value, reply } => {
+                self.control_ops.push(ControlOp::Set { name, value, reply });
+            }
             Control::Reconfigure { params, reply } => {
                 let _ = reply.send(self.reconfigure(params));
             }
             Control::Shutdown => return false,
         }
         true
+    }
+
+    /// Answers queued control requests against the open source.
+    fn run_control_ops(&mut self) {
+        let Some(r) = self.running.as_mut() else {
+            return;
+        };
+        for op in std::mem::take(&mut self.control_ops) {
+            match op {
+                ControlOp::List(reply) => {
+                    let result = r.source.controls();
+                    if let Ok(list) = &result {
+                        self.stats.remember_controls(list);
+                    }
+                    let _ = reply.send(result);
+                }
+                ControlOp::Set { name, value, reply } => {
+                    let result = r.source.controls().and_then(|list| {
+                        let info = list
+                            .into_iter()
+                            .find(|c| c.name == name)
+                            .ok_or_else(|| ControlError::Unknown(name.clone()))?;
+                        info.validate(value)?;
+                        let applied = r.source.set_control(&info, value)?;
+                        self.stats.remember_controls(&[ControlInfo {
+                            value: applied,
+                            ..info
+                        }]);
+                        Ok(applied)
+                    });
+                    let _ = reply.send(result);
+                }
+            }
+        }
     }
 
     /// Applies new capture parameters; restarts a running capture and rolls back on failure.
@@ -687,8 +854,21 @@ mod tests {
         assert_eq!(stats.viewers.load(Ordering::Relaxed), 1);
         assert_eq!(stats.bytes_copied_last.load(Ordering::Relaxed), 0);
 
+        let controls = handle.list_controls().await.unwrap();
+        assert_eq!(controls[0].name, "brightness");
+        assert!(matches!(
+            handle.set_control("brightness".into(), 65).await,
+            Err(ControlError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            handle.set_control("zoom".into(), 1).await,
+            Err(ControlError::Unknown(_))
+        ));
+        assert_eq!(handle.set_control("brightness".into(), -20).await, Ok(-20));
+        assert_eq!(stats.control_values().get("brightness"), Some(&-20));
         let snap = handle.snapshot().await.unwrap();
         assert_eq!((snap.width, snap.height), (320, 240));
+        assert_eq!(snap.data[239 * 320], 160, "white bar (180) darkened by 20");
         assert!(crate::media::pattern::read_stamp(&snap.data, 320, 320).is_some());
         assert_eq!(handle.set_bitrate(300_000).await, Ok(300_000));
         assert_eq!(stats.bitrate.load(Ordering::Relaxed), 300_000);

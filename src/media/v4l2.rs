@@ -11,6 +11,7 @@ use v4l::prelude::*;
 use v4l::video::Capture;
 use v4l::{Format, FourCC};
 
+use super::controls::{ControlError, ControlInfo, ControlKind, normalize_name};
 use super::convert::{ConvertError, Converter};
 use super::frame::I420View;
 use super::pipeline::{CapturedFrame, FrameSource, SourceError, SourceInfo};
@@ -38,12 +39,14 @@ pub struct Camera {
     // Field order matters: the stream (mmap'd buffers) is dropped before the device handle.
     // `None` only inside Drop.
     stream: Option<Stream<'static>>,
-    _device: Device,
+    device: Device,
     layout: Layout,
     info: SourceInfo,
     stride: usize,
     converter: Converter,
     seq: u64,
+    /// Control name → V4L2 id, from the last `controls()`.
+    control_ids: std::collections::HashMap<String, u32>,
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> SourceError {
@@ -168,12 +171,13 @@ impl Camera {
         );
         Ok(Self {
             stream: Some(stream),
-            _device: device,
+            device,
             layout,
             info,
             stride,
             converter: Converter::default(),
             seq: 0,
+            control_ids: Default::default(),
         })
     }
 }
@@ -181,6 +185,39 @@ impl Camera {
 impl FrameSource for Camera {
     fn info(&self) -> SourceInfo {
         self.info.clone()
+    }
+
+    fn controls(&mut self) -> Result<Vec<ControlInfo>, ControlError> {
+        let descriptions = self
+            .device
+            .query_controls()
+            .map_err(|e| ControlError::Failed(format!("VIDIOC_QUERY_EXT_CTRL: {e}")))?;
+        let mut ids = Vec::new();
+        let mut out = Vec::new();
+        for d in descriptions {
+            let id = d.id;
+            if let Some(info) = self.describe(d) {
+                ids.push(id);
+                out.push(info);
+            }
+        }
+        self.control_ids = out.iter().map(|c| c.name.clone()).zip(ids).collect();
+        Ok(out)
+    }
+
+    fn set_control(&mut self, info: &ControlInfo, value: i64) -> Result<i64, ControlError> {
+        let id = *self
+            .control_ids
+            .get(&info.name)
+            .ok_or_else(|| ControlError::Unknown(info.name.clone()))?;
+        let v = match info.kind {
+            ControlKind::Boolean => v4l::control::Value::Boolean(value != 0),
+            _ => v4l::control::Value::Integer(value),
+        };
+        self.device
+            .set_control(v4l::control::Control { id, value: v })
+            .map_err(|e| ControlError::Failed(format!("VIDIOC_S_CTRL {}: {e}", info.name)))?;
+        Ok(value)
     }
 
     fn next_frame(
@@ -223,6 +260,48 @@ impl FrameSource for Camera {
         self.seq += 1;
         // A short or corrupt buffer is one bad frame, not a dead camera.
         result.map_err(|e| SourceError::BadFrame(e.to_string()))
+    }
+}
+
+impl Camera {
+    fn describe(&self, d: v4l::control::Description) -> Option<ControlInfo> {
+        use v4l::control::{Flags, MenuItem, Type};
+        if d.flags.intersects(Flags::DISABLED | Flags::READ_ONLY) {
+            return None;
+        }
+        let kind = match d.typ {
+            Type::Integer => ControlKind::Integer,
+            Type::Boolean => ControlKind::Boolean,
+            Type::Menu | Type::IntegerMenu => ControlKind::Menu,
+            _ => return None,
+        };
+        let value = match self.device.control(d.id).ok()?.value {
+            v4l::control::Value::Integer(v) => v,
+            v4l::control::Value::Boolean(b) => i64::from(b),
+            _ => return None,
+        };
+        let menu = d
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(i, item)| {
+                let label = match item {
+                    MenuItem::Name(n) => n,
+                    MenuItem::Value(v) => v.to_string(),
+                };
+                (i64::from(i), label)
+            })
+            .collect();
+        Some(ControlInfo {
+            name: normalize_name(&d.name),
+            kind,
+            min: d.minimum,
+            max: d.maximum,
+            step: i64::try_from(d.step).unwrap_or(1).max(1),
+            default: d.default,
+            value,
+            menu,
+        })
     }
 }
 

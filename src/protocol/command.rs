@@ -30,6 +30,14 @@ pub enum Command {
     Snapshot {
         quality: u8,
     },
+    ListControls,
+    GetControl {
+        name: String,
+    },
+    SetControl {
+        name: String,
+        value: i64,
+    },
     /// `namespace.action` for another service on the device; rtcam only forwards it.
     Forward {
         namespace: String,
@@ -248,6 +256,29 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
             Command::SetResolution { width, height }
         }
         "get-state" => Command::GetState,
+        "list-controls" => Command::ListControls,
+        "get-control" => Command::GetControl {
+            name: take_name(&mut args)?,
+        },
+        "set-control" => {
+            let name = take_name(&mut args)?;
+            let value = match args.remove("value") {
+                Some(Value::Bool(b)) => i64::from(b),
+                Some(v) => v.as_i64().ok_or_else(|| {
+                    CommandError::new(
+                        CommandErrorCode::BadArgs,
+                        "`args.value` must be an integer or a boolean",
+                    )
+                })?,
+                None => {
+                    return Err(CommandError::new(
+                        CommandErrorCode::BadArgs,
+                        "missing argument `args.value`",
+                    ));
+                }
+            };
+            Command::SetControl { name, value }
+        }
         "snapshot" => Command::Snapshot {
             quality: if args.contains_key("quality") {
                 take_u32(&mut args, "quality", 1..=100)? as u8
@@ -260,7 +291,8 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
                 CommandErrorCode::UnknownCommand,
                 format!(
                     "unknown command `{other}`; known: ping, keyframe, set-bitrate, set-fps, \
-                     set-resolution, get-state, snapshot, or namespace.action for forwarding"
+                     set-resolution, get-state, snapshot, list-controls, get-control, set-control, \
+                     or namespace.action for forwarding"
                 ),
             ));
         }
@@ -272,6 +304,16 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
         ));
     }
     Ok(command)
+}
+
+fn take_name(args: &mut Map<String, Value>) -> Result<String, CommandError> {
+    match args.remove("name") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Ok(s),
+        _ => Err(CommandError::new(
+            CommandErrorCode::BadArgs,
+            "`args.name` must be a control name from list-controls",
+        )),
+    }
 }
 
 fn bad_request(msg: impl Into<String>) -> CommandError {
@@ -476,6 +518,48 @@ mod tests {
             err_code(&req(json!({"id":1,"cmd":"snapshot","args":{"quality":0}}))),
             CommandErrorCode::OutOfRange
         );
+    }
+
+    #[test]
+    fn control_commands() {
+        assert_eq!(
+            req(json!({"id":1,"cmd":"list-controls"})).command,
+            Ok(Command::ListControls)
+        );
+        assert_eq!(
+            req(json!({"id":1,"cmd":"get-control","args":{"name":"brightness"}})).command,
+            Ok(Command::GetControl {
+                name: "brightness".into()
+            })
+        );
+        assert_eq!(
+            req(json!({"id":1,"cmd":"set-control","args":{"name":"brightness","value":-5}}))
+                .command,
+            Ok(Command::SetControl {
+                name: "brightness".into(),
+                value: -5
+            })
+        );
+        assert_eq!(
+            req(json!({"id":1,"cmd":"set-control","args":{"name":"x","value":true}})).command,
+            Ok(Command::SetControl {
+                name: "x".into(),
+                value: 1
+            })
+        );
+        for bad in [
+            json!({"name":"b"}),
+            json!({"name":"b","value":"high"}),
+            json!({"name":"b","value":1.5}),
+            json!({"value":1}),
+            json!({"name":5,"value":1}),
+        ] {
+            assert_eq!(
+                err_code(&req(json!({"id":1,"cmd":"set-control","args":bad}))),
+                CommandErrorCode::BadArgs,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

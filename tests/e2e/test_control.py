@@ -303,3 +303,32 @@ def test_home_assistant_discovery_and_rediscovery(make_rtcam):
     assert len(ids) == len(set(ids)), ids
     assert {"id": "ha-keyframe", "ok": True, "result": {}} in replies, replies
     assert {"id": "ha-set-bitrate", "ok": True, "result": {"bps": 700000}} in replies, replies
+
+
+def test_controls_are_validated_and_reflected_in_state(cam, monitor):
+    async def body():
+        v = Viewer(HOST, cam.broker_port, cam.device)
+        try:
+            await v.start(timeout=20)
+            await v.wait_frames(5, 10)
+            listed = await v.command("list-controls", timeout=10)
+            bad = await v.command("set-control", {"name": "brightness", "value": 500}, timeout=10)
+            unknown = await v.command("set-control", {"name": "warp_drive", "value": 1}, timeout=10)
+            after_bad = await v.command("get-control", {"name": "brightness"}, timeout=10)
+            good = await v.command("set-control", {"name": "brightness", "value": -30}, timeout=10)
+            state = cam.wait_state(lambda s: s.get("controls", {}).get("brightness") == -30, 5, "brightness in state")
+            reset = await v.command("set-control", {"name": "brightness", "value": 0}, timeout=10)
+            return listed, bad, unknown, after_bad, good, state, reset
+        finally:
+            await stop(v)
+
+    listed, bad, unknown, after_bad, good, state, reset = run(body(), 40)
+    controls = {c["name"]: c for c in listed["result"]["controls"]}
+    b = controls["brightness"]
+    assert (b["kind"], b["min"], b["max"], b["step"]) == ("integer", -64, 64, 1), b
+    assert bad["ok"] is False and bad["error"]["code"] == "out-of-range", bad
+    assert unknown["ok"] is False and unknown["error"]["code"] == "bad-args", unknown
+    assert after_bad["result"] == {"name": "brightness", "value": 0}, "refused value changed nothing"
+    assert good["result"] == {"name": "brightness", "value": -30}, good
+    assert state["controls"]["brightness"] == -30, state
+    assert reset["ok"] is True
