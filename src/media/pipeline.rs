@@ -529,8 +529,13 @@ impl Worker {
                         }
                     }
                     self.stats.source_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, retry_in = ?self.config.reopen_delay, "cannot start capture");
-                    next_open_attempt = Instant::now() + self.config.reopen_delay;
+                    // A camera that cannot do what is configured will not learn it in a second.
+                    let delay = match e {
+                        SourceError::Unsupported(_) => self.config.reopen_delay * 10,
+                        _ => self.config.reopen_delay,
+                    };
+                    tracing::error!(error = %e, retry_in = ?delay, "cannot start capture");
+                    next_open_attempt = Instant::now() + delay;
                     continue;
                 }
             }
