@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# rtcam's test command: formatting, lints, unit tests, release build, end-to-end tests.
+# rtcam's test command: formatting, lints, unit tests, release build, end-to-end tests,
+# field-deployment checks (cross/ci-field.sh; skipped with --e2e-only).
 #
 #   ./tests/run.sh                  everything
 #   ./tests/run.sh --e2e-only       skip the cargo steps (uses an existing $RTCAM_BIN)
@@ -24,7 +25,7 @@ while (($#)); do
     case "$1" in
         --e2e-only) e2e_only=1 ;;
         --) shift; pytest_args=("$@"); break ;;
-        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -109,3 +110,11 @@ timeout --kill-after=30 "$E2E_TIMEOUT_S" \
     unshare "${unshare_args[@]}" -- bash -c \
     "$netns_setup"' && exec "$0" -m pytest -v -p no:cacheprovider tests/e2e "$@"' \
     "$VENV/bin/python" ${pytest_args[@]+"${pytest_args[@]}"}
+
+# --- Field deployment (issue 4) ---------------------------------------------------------
+# aarch64 build with Debian's toolchain + unit tests under qemu, check-config of
+# config/rtcam.toml, systemd unit and Yocto crate-list checks, arm64 and amd64 .debs.
+if ((!e2e_only)); then
+    step "field deployment checks (cross/ci-field.sh)"
+    RTCAM_BIN="$RTCAM_BIN" ./cross/ci-field.sh
+fi
