@@ -341,45 +341,41 @@ impl PipelineHandle {
         let _ = self.tx.try_send(Control::Keyframe);
     }
 
-    pub async fn list_controls(&self) -> Result<Vec<ControlInfo>, ControlError> {
+    /// Sends a request carrying a reply channel and waits for the capture thread's answer.
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Control,
+    ) -> Result<T, PipelineGone> {
         let (reply, rx) = oneshot::channel();
-        let gone = || ControlError::Failed(PipelineGone.to_string());
-        self.tx
-            .send(Control::ListControls { reply })
+        self.tx.send(make(reply)).await.map_err(|_| PipelineGone)?;
+        rx.await.map_err(|_| PipelineGone)
+    }
+
+    pub async fn list_controls(&self) -> Result<Vec<ControlInfo>, ControlError> {
+        self.request(|reply| Control::ListControls { reply })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|e| ControlError::Failed(e.to_string()))?
     }
 
     /// Validates `value` against the driver's range, then sets it.
     pub async fn set_control(&self, name: String, value: i64) -> Result<i64, ControlError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || ControlError::Failed(PipelineGone.to_string());
-        self.tx
-            .send(Control::SetControl { name, value, reply })
+        self.request(|reply| Control::SetControl { name, value, reply })
             .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            .map_err(|e| ControlError::Failed(e.to_string()))?
     }
 
     /// The next captured picture, copied out of the capture buffer.
     pub async fn snapshot(&self) -> Result<I420Buffer, String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Control::Snapshot { reply })
+        self.request(|reply| Control::Snapshot { reply })
             .await
-            .map_err(|_| PipelineGone.to_string())?;
-        rx.await.map_err(|_| PipelineGone.to_string())?
+            .map_err(|e| e.to_string())?
     }
 
     /// Changes size and rate; on failure the previous settings stay in force.
     pub async fn reconfigure(&self, params: CaptureParams) -> Result<CaptureParams, String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Control::Reconfigure { params, reply })
+        self.request(|reply| Control::Reconfigure { params, reply })
             .await
-            .map_err(|_| PipelineGone.to_string())?;
-        rx.await.map_err(|_| PipelineGone.to_string())?
+            .map_err(|e| e.to_string())?
     }
 
     /// What capture is currently set to.
@@ -392,12 +388,9 @@ impl PipelineHandle {
     }
 
     pub async fn set_bitrate(&self, bps: u32) -> Result<u32, String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Control::SetBitrate { bps, reply })
+        self.request(|reply| Control::SetBitrate { bps, reply })
             .await
-            .map_err(|_| PipelineGone.to_string())?;
-        rx.await.map_err(|_| PipelineGone.to_string())?
+            .map_err(|e| e.to_string())?
     }
 }
 
