@@ -39,19 +39,9 @@ die() { printf 'build-debian.sh: error: %s\n' "$*" >&2; exit 1; }
 PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
     libc6-dev-arm64-cross qemu-user-static libclang-dev file binutils-aarch64-linux-gnu)
 if ((!print_env)); then
-    missing=()
-    for pkg in "${PKGS[@]}"; do
-        [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
-            || missing+=("$pkg")
-    done
-    if ((${#missing[@]})); then
-        [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} (run as root, or install them)"
-        step "installing ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
-        apt-get update
-        apt-get install -y --no-install-recommends "${missing[@]}"
-    fi
+    # shellcheck source=cross/apt.sh
+    . "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+    ensure_packages "${PKGS[@]}"
 fi
 
 # --- Environment: Debian's cargo + rustc, GNU cross tools, bindgen sysroot, qemu runner ---

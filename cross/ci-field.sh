@@ -29,19 +29,9 @@ step "system packages"
 PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
     libc6-dev-arm64-cross binutils-aarch64-linux-gnu qemu-user-static libclang-dev file
     dpkg-dev python3 build-essential)
-missing=()
-for pkg in "${PKGS[@]}"; do
-    [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
-        || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} (run as root, or install them)"
-    echo "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+# shellcheck source=cross/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+ensure_packages "${PKGS[@]}"
 
 step "yocto/meta-rtcam crate list vs Cargo.lock"
 python3 yocto/update-crates.py --check

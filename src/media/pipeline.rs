@@ -791,21 +791,25 @@ impl Worker {
 mod tests {
     use super::*;
 
+    fn test_config(width: u32, height: u32, reopen_delay: Duration) -> PipelineConfig {
+        PipelineConfig {
+            encoder: EncoderSettings {
+                bitrate: 500_000,
+                fps: 30,
+                keyframe_interval: 30,
+            },
+            capture: CaptureParams {
+                width,
+                height,
+                fps: 30,
+            },
+            reopen_delay,
+        }
+    }
+
     fn spawn_pattern(cancel: &CancellationToken) -> (PipelineHandle, std::thread::JoinHandle<()>) {
         spawn(
-            PipelineConfig {
-                encoder: EncoderSettings {
-                    bitrate: 500_000,
-                    fps: 30,
-                    keyframe_interval: 30,
-                },
-                capture: CaptureParams {
-                    width: 320,
-                    height: 240,
-                    fps: 30,
-                },
-                reopen_delay: Duration::from_millis(50),
-            },
+            test_config(320, 240, Duration::from_millis(50)),
             Box::new(|p: CaptureParams| {
                 if p.width > 1000 {
                     return Err(SourceError::Unsupported("too wide for this test".into()));
@@ -928,19 +932,7 @@ mod tests {
         let attempts = Arc::new(AtomicU32::new(0));
         let a = attempts.clone();
         let (handle, thread) = spawn(
-            PipelineConfig {
-                encoder: EncoderSettings {
-                    bitrate: 500_000,
-                    fps: 30,
-                    keyframe_interval: 30,
-                },
-                capture: CaptureParams {
-                    width: 160,
-                    height: 120,
-                    fps: 30,
-                },
-                reopen_delay: Duration::from_millis(20),
-            },
+            test_config(160, 120, Duration::from_millis(20)),
             Box::new(move |_| {
                 if a.fetch_add(1, Ordering::Relaxed) < 3 {
                     Err(SourceError::Device("no such device".into()))
