@@ -53,7 +53,7 @@ step "aarch64 cross build and unit tests (cross/build-debian.sh)"
 ARM_BIN="$REPO/target/debian-cross/aarch64-unknown-linux-gnu/release/rtcam"
 
 step "rtcam check-config --config config/rtcam.toml (aarch64 under qemu, and $RTCAM_BIN)"
-qemu-aarch64-static -L "$SYSROOT" "$ARM_BIN" check-config --config config/rtcam.toml >/dev/null
+qemu-aarch64-static "$SYSROOT/lib/ld-linux-aarch64.so.1" --library-path "$SYSROOT/lib" "$ARM_BIN" check-config --config config/rtcam.toml >/dev/null
 echo "aarch64: config/rtcam.toml OK"
 [[ -x "$RTCAM_BIN" ]] || die "no x86 rtcam at $RTCAM_BIN (cargo build --release, or set RTCAM_BIN)"
 "$RTCAM_BIN" check-config --config config/rtcam.toml
