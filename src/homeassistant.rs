@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use crate::media::controls::{ControlInfo, ControlKind};
 use crate::protocol::topics::Topics;
 
 /// Resolutions offered by the Home Assistant select entity.
@@ -20,9 +21,11 @@ pub fn status_topic(discovery_prefix: &str) -> String {
     format!("{}/status", discovery_prefix.trim_end_matches('/'))
 }
 
-/// The device discovery payload: camera image, buttons, numbers, a select and sensors, all
-/// bound to rtcam's retained status topic for availability.
-pub fn discovery_payload(topics: &Topics, device: &str) -> Value {
+/// The device discovery payload: camera image, buttons, numbers (bitrate, fps and each
+/// integer camera control with the driver's range), a select and sensors, all bound to
+/// rtcam's retained status topic for availability. `controls` is empty until the camera has
+/// been opened once.
+pub fn discovery_payload(topics: &Topics, device: &str, controls: &[ControlInfo]) -> Value {
     let uid = |what: &str| format!("rtcam_{device}_{what}");
     let cmd = topics.command();
     let state = topics.state();
@@ -32,7 +35,7 @@ pub fn discovery_payload(topics: &Topics, device: &str) -> Value {
             topics.command_reply()
         )
     };
-    let components = json!({
+    let mut components = json!({
         "snapshot_image": {
             "p": "image", "unique_id": uid("snapshot_image"), "name": "Snapshot",
             "image_topic": topics.snapshot(), "content_type": "image/jpeg",
@@ -88,6 +91,27 @@ pub fn discovery_payload(topics: &Topics, device: &str) -> Value {
             "unit_of_measurement": "bit/s", "state_class": "measurement",
         },
     });
+    if let Some(map) = components.as_object_mut() {
+        for c in controls.iter().filter(|c| c.kind == ControlKind::Integer) {
+            let name = &c.name;
+            map.insert(
+                format!("control_{name}"),
+                json!({
+                    "p": "number", "unique_id": uid(&format!("control_{name}")),
+                    "name": control_label(name),
+                    "command_topic": cmd,
+                    "command_template": command(
+                        "set-control",
+                        &format!(r#","args":{{"name":"{name}","value":{{{{ value | int }}}}}}"#),
+                    ),
+                    "state_topic": state,
+                    "value_template": format!("{{{{ value_json.controls['{name}'] }}}}"),
+                    "min": c.min, "max": c.max, "step": c.step.max(1),
+                    "mode": "slider", "entity_category": "config",
+                }),
+            );
+        }
+    }
     json!({
         "dev": {
             "ids": [format!("rtcam_{device}")],
@@ -108,6 +132,16 @@ pub fn discovery_payload(topics: &Topics, device: &str) -> Value {
     })
 }
 
+/// "white_balance_temperature" → "White balance temperature".
+fn control_label(name: &str) -> String {
+    let spaced = name.replace('_', " ");
+    let mut chars = spaced.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => spaced,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,7 +149,7 @@ mod tests {
     #[test]
     fn discovery_has_every_entity_bound_to_rtcam_topics() {
         let t = Topics::new("rtcam", "cam1");
-        let d = discovery_payload(&t, "cam1");
+        let d = discovery_payload(&t, "cam1", &[]);
         assert_eq!(
             config_topic("homeassistant", "cam1"),
             "homeassistant/device/cam1/config"
@@ -155,7 +189,7 @@ mod tests {
     fn command_templates_render_to_valid_commands() {
         // Render the Jinja the way Home Assistant would for one value, by hand.
         let t = Topics::new("rtcam", "cam1");
-        let d = discovery_payload(&t, "cam1");
+        let d = discovery_payload(&t, "cam1", &[]);
         let tpl = d["cmps"]["bitrate"]["command_template"].as_str().unwrap();
         let rendered = tpl.replace("{{ value | int }}", "500000");
         let v: Value = serde_json::from_str(&rendered).unwrap();
@@ -171,5 +205,62 @@ mod tests {
             (v["args"]["width"].as_u64(), v["args"]["height"].as_u64()),
             (Some(1280), Some(720))
         );
+    }
+
+    fn control(name: &str, kind: ControlKind, min: i64, max: i64, step: i64) -> ControlInfo {
+        ControlInfo {
+            name: name.into(),
+            kind,
+            min,
+            max,
+            step,
+            default: min,
+            value: min,
+            menu: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_integer_control_is_a_number_with_the_drivers_range() {
+        let t = Topics::new("rtcam", "cam1");
+        let controls = [
+            control("brightness", ControlKind::Integer, -64, 64, 1),
+            control("exposure_time_absolute", ControlKind::Integer, 3, 2047, 0),
+            control("power_line_frequency", ControlKind::Menu, 0, 2, 1),
+            control("white_balance_automatic", ControlKind::Boolean, 0, 1, 1),
+        ];
+        let d = discovery_payload(&t, "cam1", &controls);
+        let c = &d["cmps"];
+        let b = &c["control_brightness"];
+        assert_eq!(b["p"], "number");
+        assert_eq!(
+            (b["min"].as_i64(), b["max"].as_i64()),
+            (Some(-64), Some(64))
+        );
+        assert_eq!(b["step"], 1);
+        assert_eq!(b["name"], "Brightness");
+        assert_eq!(b["command_topic"], "rtcam/cam1/command");
+        assert_eq!(b["state_topic"], "rtcam/cam1/state");
+        assert_eq!(
+            b["value_template"],
+            "{{ value_json.controls['brightness'] }}"
+        );
+        let rendered = b["command_template"]
+            .as_str()
+            .unwrap()
+            .replace("{{ value | int }}", "-7");
+        let v: Value = serde_json::from_str(&rendered).unwrap();
+        assert_eq!(v["cmd"], "set-control");
+        assert_eq!(v["args"]["name"], "brightness");
+        assert_eq!(v["args"]["value"], -7);
+        // A driver reporting step 0 still gives Home Assistant a usable step.
+        assert_eq!(c["control_exposure_time_absolute"]["step"], 1);
+        assert_eq!(
+            c["control_exposure_time_absolute"]["name"],
+            "Exposure time absolute"
+        );
+        // Only integer controls become numbers.
+        assert!(c.get("control_power_line_frequency").is_none());
+        assert!(c.get("control_white_balance_automatic").is_none());
     }
 }

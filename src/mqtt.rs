@@ -36,8 +36,9 @@ pub struct MqttSettings {
 #[derive(Clone, Debug)]
 pub struct Discovery {
     pub config_topic: String,
-    /// Empty: remove an earlier discovery (integration disabled).
-    pub payload: Vec<u8>,
+    /// The current payload (it gains the camera's controls once they are known). Empty:
+    /// remove an earlier discovery (integration disabled).
+    pub payload: watch::Receiver<Vec<u8>>,
     /// Set when enabled: `online` here triggers a republish.
     pub ha_status_topic: Option<String>,
 }
@@ -162,7 +163,7 @@ pub async fn run_event_loop(
                     {
                         tracing::error!(error = %e, "cannot queue Home Assistant status subscribe");
                     }
-                    handle.publish(d.config_topic.clone(), d.payload.clone(), true);
+                    handle.publish(d.config_topic.clone(), d.payload.borrow().clone(), true);
                 }
                 connected.send_modify(|n| *n += 1);
             }
@@ -177,7 +178,7 @@ pub async fn run_event_loop(
                     && p.payload.as_ref() == b"online"
                 {
                     tracing::info!("Home Assistant came online; republishing discovery");
-                    handle.publish(d.config_topic.clone(), d.payload.clone(), true);
+                    handle.publish(d.config_topic.clone(), d.payload.borrow().clone(), true);
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {

@@ -1,7 +1,6 @@
 //! Wires the service together (broker, pipeline, MQTT, signaling, state, watchdog) and shuts it down in order.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -66,7 +65,19 @@ fn ice_servers(config: &Config) -> Result<Vec<RTCIceServer>> {
     Ok(servers)
 }
 
-fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
+/// The Home Assistant discovery payload before the camera's controls are known (empty when
+/// the integration is disabled: that removes an earlier discovery).
+fn initial_discovery(config: &Config) -> Vec<u8> {
+    if !config.homeassistant.enabled {
+        return Vec::new();
+    }
+    let topics = Topics::new(&config.mqtt.prefix, &config.device.id);
+    homeassistant::discovery_payload(&topics, &config.device.id, &[])
+        .to_string()
+        .into_bytes()
+}
+
+fn mqtt_settings(config: &Config, discovery: watch::Receiver<Vec<u8>>) -> Result<MqttSettings> {
     let m = &config.mqtt;
     let ha = &config.homeassistant;
     let topics = Topics::new(&m.prefix, &config.device.id);
@@ -88,13 +99,7 @@ fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
         device_id: config.device.id.clone(),
         discovery: Some(Discovery {
             config_topic: homeassistant::config_topic(&ha.discovery_prefix, &config.device.id),
-            payload: if ha.enabled {
-                homeassistant::discovery_payload(&topics, &config.device.id)
-                    .to_string()
-                    .into_bytes()
-            } else {
-                Vec::new()
-            },
+            payload: discovery,
             ha_status_topic: ha
                 .enabled
                 .then(|| homeassistant::status_topic(&ha.discovery_prefix)),
@@ -113,7 +118,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
             "capture.source = \"test-pattern\": streaming synthetic frames, not a camera"
         );
     }
-    let mqtt_settings = mqtt_settings(&config)?;
+    let (discovery_tx, discovery_rx) = watch::channel(initial_discovery(&config));
+    let mqtt_settings = mqtt_settings(&config, discovery_rx)?;
     let ice_servers = ice_servers(&config)?;
 
     let (pipeline, capture_thread) = pipeline::spawn(
@@ -214,23 +220,27 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
     ));
     let stats = pipeline.stats().clone();
     let watchdog = tokio::spawn(crate::systemd::run_watchdog(
-        move || {
-            stats.viewers.load(Ordering::Relaxed) == 0
-                || stats.progress_is_recent(Duration::from_secs(10))
+        move || stats.capture_is_healthy(Duration::from_secs(10)),
+        cancel.clone(),
+    ));
+    tokio::spawn(announce_ready(
+        Readiness {
+            pipeline: pipeline.clone(),
+            connected: connected_rx,
+            broker: format!("{}:{}", mqtt_settings.host, mqtt_settings.port),
+            discovery: config.homeassistant.enabled.then(|| DiscoveryUpdate {
+                payload: discovery_tx,
+                config_topic: homeassistant::config_topic(
+                    &config.homeassistant.discovery_prefix,
+                    &config.device.id,
+                ),
+                topics: mqtt_settings.topics.clone(),
+                device: config.device.id.clone(),
+                mqtt: mqtt.clone(),
+            }),
         },
         cancel.clone(),
     ));
-    let mut ready_rx = connected_rx;
-    let ready_cancel = cancel.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = ready_cancel.cancelled() => {}
-            r = ready_rx.wait_for(|n| *n > 0) => if r.is_ok() {
-                crate::systemd::notify_ready();
-                tracing::info!(device = %mqtt_settings.device_id, "rtcam ready");
-            }
-        }
-    });
 
     cancel.cancelled().await;
     crate::systemd::notify_stopping();
@@ -249,6 +259,72 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What `announce_ready` watches and updates.
+struct Readiness {
+    pipeline: pipeline::PipelineHandle,
+    connected: watch::Receiver<u64>,
+    broker: String,
+    discovery: Option<DiscoveryUpdate>,
+}
+
+/// Home Assistant discovery to refresh once the camera's controls are known.
+struct DiscoveryUpdate {
+    payload: watch::Sender<Vec<u8>>,
+    config_topic: String,
+    topics: Topics,
+    device: String,
+    mqtt: mqtt::MqttHandle,
+}
+
+/// Tells systemd READY=1 once capture works (the camera was opened, its format negotiated and
+/// its controls listed, then released) and MQTT is connected; until then STATUS= says what
+/// rtcam waits for. With the camera's controls known, Home Assistant discovery gains a number
+/// entity per integer control.
+async fn announce_ready(mut r: Readiness, cancel: CancellationToken) {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+    let mut retry_in = Duration::from_secs(1);
+    let controls = loop {
+        crate::systemd::notify_status("opening the camera");
+        let why = tokio::select! {
+            _ = cancel.cancelled() => return,
+            probe = tokio::time::timeout(PROBE_TIMEOUT, r.pipeline.list_controls()) => match probe {
+                Ok(Ok(controls)) => break controls,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer from the capture thread in {PROBE_TIMEOUT:?}"),
+            },
+        };
+        crate::systemd::notify_status(&format!("waiting for the camera: {why}"));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(retry_in) => {}
+        }
+        retry_in = (retry_in * 2).min(Duration::from_secs(30));
+    };
+    tracing::info!(controls = controls.len(), "camera probed");
+    if let Some(d) = r.discovery {
+        let payload = homeassistant::discovery_payload(&d.topics, &d.device, &controls)
+            .to_string()
+            .into_bytes();
+        // The event loop republishes the newest payload after every (re)connect; publish
+        // here only when already connected.
+        d.payload.send_replace(payload.clone());
+        if *r.connected.borrow() > 0 {
+            d.mqtt.publish(d.config_topic, payload, true);
+        }
+    }
+    if *r.connected.borrow() == 0 {
+        crate::systemd::notify_status(&format!("waiting for the MQTT broker at {}", r.broker));
+    }
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        up = r.connected.wait_for(|n| *n > 0) => if up.is_ok() {
+            crate::systemd::notify_ready();
+            crate::systemd::notify_status("ready");
+            tracing::info!("rtcam ready");
+        }
+    }
 }
 
 #[cfg(feature = "embedded-broker")]

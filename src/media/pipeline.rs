@@ -220,6 +220,8 @@ pub struct PipelineStats {
     /// Milliseconds since `epoch` when the capture thread last made progress (a frame, or an
     /// attempt to open the camera). The watchdog reads it.
     last_progress_ms: AtomicU64,
+    /// True while the capture thread waits for work with the camera closed (idle by design).
+    idle: std::sync::atomic::AtomicBool,
     epoch: std::sync::OnceLock<Instant>,
     /// Last known control values, for the state topic.
     controls: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
@@ -262,6 +264,13 @@ impl PipelineStats {
         self.now_ms()
             .saturating_sub(self.last_progress_ms.load(Ordering::Relaxed))
             <= window.as_millis() as u64
+    }
+
+    /// The watchdog's question: is the capture thread alive? Yes while it is idle by design
+    /// (camera closed, waiting for a viewer) or made progress (a frame, a retry of the camera)
+    /// within `window`; no when it is stuck, e.g. in a driver call that never returns.
+    pub fn capture_is_healthy(&self, window: Duration) -> bool {
+        self.idle.load(Ordering::Relaxed) || self.progress_is_recent(window)
     }
 }
 
@@ -489,7 +498,11 @@ impl Worker {
             if self.fanout.is_empty() && self.snapshots.is_empty() && self.control_ops.is_empty() {
                 self.stop_capture();
                 // Idle: sleep until someone asks for something.
-                match self.rx.blocking_recv() {
+                self.stats.idle.store(true, Ordering::Relaxed);
+                let next = self.rx.blocking_recv();
+                self.stats.idle.store(false, Ordering::Relaxed);
+                self.stats.progressed();
+                match next {
                     Some(c) => {
                         if !self.handle(c) {
                             break;
@@ -505,7 +518,9 @@ impl Worker {
             if self.running.is_none() {
                 let now = Instant::now();
                 if now < next_open_attempt {
-                    // Keep serving control messages while waiting to retry the camera.
+                    // Keep serving control messages while waiting to retry the camera; waiting
+                    // on purpose is progress for the watchdog.
+                    self.stats.progressed();
                     std::thread::sleep((next_open_attempt - now).min(Duration::from_millis(50)));
                     continue;
                 }
@@ -920,6 +935,69 @@ mod tests {
         })
         .await;
 
+        cancel.cancel();
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// A camera whose driver call never returns (until released by the test).
+    struct StuckSource {
+        release: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FrameSource for StuckSource {
+        fn info(&self) -> SourceInfo {
+            SourceInfo {
+                width: 160,
+                height: 120,
+                fps: 30,
+                pixel_format: "stuck".into(),
+            }
+        }
+        fn next_frame(
+            &mut self,
+            _consume: &mut dyn FnMut(&I420View<'_>, CapturedFrame),
+        ) -> Result<(), SourceError> {
+            while !self.release.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(SourceError::Device("released".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn watchdog_health_is_idle_or_recent_progress_never_a_stuck_camera() {
+        let cancel = CancellationToken::new();
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let r = release.clone();
+        let (handle, thread) = spawn(
+            test_config(160, 120, Duration::from_millis(20)),
+            Box::new(move |_| {
+                Ok(Box::new(StuckSource { release: r.clone() }) as Box<dyn FrameSource>)
+            }),
+            cancel.clone(),
+        )
+        .unwrap();
+        let stats = handle.stats().clone();
+        let window = Duration::from_millis(200);
+        wait_for("the idle wait", || stats.idle.load(Ordering::Relaxed)).await;
+        tokio::time::sleep(window * 2).await;
+        assert!(
+            stats.capture_is_healthy(window),
+            "idle by design, long after the last progress"
+        );
+        let (tx, _rx) = mpsc::channel(8);
+        handle.subscribe(1, tx).await.unwrap();
+        wait_for("the capture to get stuck", || {
+            !stats.idle.load(Ordering::Relaxed) && !stats.capture_is_healthy(window)
+        })
+        .await;
+        release.store(true, Ordering::Relaxed);
+        wait_for("the capture thread to retry", || {
+            stats.capture_is_healthy(window)
+        })
+        .await;
         cancel.cancel();
         tokio::task::spawn_blocking(move || thread.join().unwrap())
             .await
