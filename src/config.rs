@@ -103,6 +103,7 @@ pub struct CaptureConfig {
     pub height: u32,
     pub fps: u32,
     pub buffers: u32,
+    pub test_pattern_noise: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +146,12 @@ pub struct MqttConfig {
     pub prefix: String,
     pub username: String,
     pub password_file: PathBuf,
+    /// TLS to the broker (rustls); the broker's certificate is checked against `ca_file`.
+    pub tls: bool,
+    pub ca_file: PathBuf,
+    /// Mutual TLS: PEM client certificate chain and private key, both or neither.
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
     pub keep_alive_s: u64,
     pub max_payload_bytes: usize,
     pub reconnect_min_ms: u64,
@@ -367,6 +374,24 @@ impl Config {
                 "a topic prefix without wildcards (+ #), empty levels or a leading /",
             ));
         }
+        if m.tls && m.ca_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "mqtt.ca_file",
+                "a PEM file of trusted CAs when mqtt.tls = true, e.g. \"/etc/ssl/certs/ca-certificates.crt\"",
+            ));
+        }
+        if m.client_cert_file.as_os_str().is_empty() != m.client_key_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "mqtt.client_cert_file",
+                "set together with mqtt.client_key_file (mutual TLS), or both empty",
+            ));
+        }
+        if !m.tls && !m.client_cert_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "mqtt.client_cert_file",
+                "only used with mqtt.tls = true; set mqtt.tls = true or leave it empty",
+            ));
+        }
         if !(5..=3600).contains(&m.keep_alive_s) {
             return Err(invalid("mqtt.keep_alive_s", "5 to 3600"));
         }
@@ -532,6 +557,26 @@ mod tests {
         assert!(e.contains("nope") || e.contains("bind_addresses"), "{e}");
         let e = err(None, &[("RTCAM__CAPTURE__FPS", "fast")]);
         assert!(e.contains("fps") || e.contains("fast"), "{e}");
+        let e = err(Some("[mqtt]\ntls = true\nca_file = \"\"\n"), &[]);
+        assert!(e.contains("mqtt.ca_file") && e.contains("PEM"), "{e}");
+        let e = err(
+            Some("[mqtt]\ntls = true\nclient_cert_file = \"/c.pem\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("mqtt.client_cert_file") && e.contains("client_key_file"),
+            "{e}"
+        );
+        let e = err(
+            Some("[mqtt]\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/k.pem\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("mqtt.client_cert_file") && e.contains("mqtt.tls = true"),
+            "{e}"
+        );
+        let c = load_with(None, &[("RTCAM__MQTT__TLS", "true")]).unwrap();
+        assert!(c.mqtt.tls);
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub fn source_opener(config: &Config) -> SourceOpener {
         Ok(match c.source {
             SourceKind::TestPattern => Box::new(
                 TestPattern::new(c.width, c.height, c.fps, true)
-                    .with_brightness(brightness.clone()),
+                    .with_brightness(brightness.clone())
+                    .with_noise(c.test_pattern_noise),
             ) as Box<dyn FrameSource>,
             SourceKind::V4l2 => Box::new(Camera::open(&c)?),
         })
@@ -86,8 +87,30 @@ fn mqtt_settings(config: &Config, discovery: watch::Receiver<Vec<u8>>) -> Result
     } else {
         read_secret("mqtt.password_file", &m.password_file)?
     };
+    let tls = if m.tls {
+        let read = |key: &'static str, path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))
+        };
+        let ca = read("mqtt.ca_file", &m.ca_file)?;
+        let client = if m.client_cert_file.as_os_str().is_empty() {
+            None
+        } else {
+            Some((
+                read("mqtt.client_cert_file", &m.client_cert_file)?,
+                read("mqtt.client_key_file", &m.client_key_file)?,
+            ))
+        };
+        let config = mqtt::tls_client_config(
+            &ca,
+            client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        )?;
+        Some(Arc::new(config))
+    } else {
+        None
+    };
     Ok(MqttSettings {
         host: m.host.clone(),
+        tls,
         port: m.port,
         client_id: format!("rtcam-{}", config.device.id),
         username: m.username.clone(),

@@ -37,7 +37,7 @@ die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 # --- System packages ------------------------------------------------------------------
 step "checking system packages"
 missing=()
-for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config; do
+for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config openssl; do
     status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
     if [[ "$status" != "install ok installed" ]]; then
         missing+=("$pkg")

@@ -51,6 +51,30 @@ pub fn box_geometry(width: usize, height: usize, seq: u32) -> (usize, usize, usi
     (left, height / 2, size)
 }
 
+/// Rows of the optional noise band (`capture.test_pattern_noise`): from one cell below the
+/// box to the bottom, clear of the stamp rows, of the bars' measuring area and of the box.
+pub fn noise_rows(width: usize, height: usize) -> std::ops::Range<usize> {
+    let (_, top, size) = box_geometry(width, height, 0);
+    (top + size + cell_size(width)).min(height)..height
+}
+
+/// Fills `luma` with fresh pseudo-random values in the limited range [16, 235], different for
+/// every `seed`: content no encoder can predict, so the configured bitrate is really used.
+pub fn fill_noise(luma: &mut [u8], seed: u64) {
+    // xorshift64*: fast, and good enough to defeat motion search and entropy coding.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in luma.chunks_mut(8) {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let bytes = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        for (p, r) in chunk.iter_mut().zip(bytes) {
+            // 16 + r*220/256 keeps every value inside [16, 235].
+            *p = 16 + ((u16::from(r) * 220) >> 8) as u8;
+        }
+    }
+}
+
 /// Renders test-pattern frames into a reused buffer.
 pub struct PatternGenerator {
     background: I420Buffer,
@@ -229,5 +253,26 @@ mod tests {
             let (left, top, size) = box_geometry(640, 480, seq);
             assert!(left + size <= 640 && top + size <= 480, "{seq}");
         }
+    }
+
+    #[test]
+    fn noise_band_stays_below_the_box_and_in_range() {
+        let rows = noise_rows(640, 480);
+        let (_, top, size) = box_geometry(640, 480, 0);
+        assert!(rows.start >= top + size, "{rows:?}");
+        assert_eq!(rows, 320..480);
+        assert!(noise_rows(160, 120).end == 120);
+        let (mut a, mut b) = (vec![0u8; 1003], vec![0u8; 1003]);
+        fill_noise(&mut a, 1);
+        fill_noise(&mut b, 2);
+        assert!(a.iter().all(|&p| (16..=235).contains(&p)));
+        let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert!(differing > 900, "frames differ: {differing}");
+        let distinct: std::collections::BTreeSet<u8> = a.iter().copied().collect();
+        assert!(
+            distinct.len() > 150,
+            "spread over the range: {}",
+            distinct.len()
+        );
     }
 }

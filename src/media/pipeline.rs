@@ -96,6 +96,8 @@ pub struct TestPattern {
     paced: bool,
     /// Luma offset of the picture below the stamp rows; shared so it outlives reopening.
     brightness: Arc<std::sync::atomic::AtomicI64>,
+    /// Fresh noise in the bottom band of every frame (`capture.test_pattern_noise`).
+    noise: bool,
 }
 
 impl TestPattern {
@@ -114,7 +116,15 @@ impl TestPattern {
             next_due: None,
             paced,
             brightness: Arc::default(),
+            noise: false,
         }
+    }
+
+    /// Adds a band of fresh noise under the box to every frame, so the stream needs all the
+    /// bitrate it is given (docs/protocol.md §5.1).
+    pub fn with_noise(mut self, noise: bool) -> Self {
+        self.noise = noise;
+        self
     }
 
     /// Uses (and keeps) this brightness setting across reopenings.
@@ -175,6 +185,12 @@ impl FrameSource for TestPattern {
             for p in &mut y[2 * b * w..] {
                 *p = (i64::from(*p) + offset).clamp(16, 235) as u8;
             }
+        }
+        if self.noise {
+            let (w, h) = (self.buffer.width, self.buffer.height);
+            let rows = super::pattern::noise_rows(w, h);
+            let (y, _, _) = self.buffer.planes_mut();
+            super::pattern::fill_noise(&mut y[rows.start * w..rows.end * w], self.seq);
         }
         consume(
             &self.buffer.view(),

@@ -139,6 +139,8 @@ class Proc:
 
 class Mosquitto(Proc):
     name = "mosquitto"
+    # More mosquitto.conf lines (e.g. a TLS listener), appended after the plain listener.
+    extra_conf = ""
 
     def start(self) -> None:
         exe = shutil.which("mosquitto") or (
@@ -159,7 +161,7 @@ class Mosquitto(Proc):
             "user root\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
-            "connection_messages true\n"
+            "connection_messages true\n" + self.extra_conf
         )
         self.spawn([exe, "-c", str(conf)])
         if not wait_tcp(self.port, 10):

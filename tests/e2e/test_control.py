@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import HOST, PREFIX
+from conftest import HOST, PREFIX, record_metric
 from viewer import MqttLink, Viewer
 
 from test_stream import run, stop
@@ -279,11 +279,22 @@ def test_home_assistant_discovery_and_rediscovery(make_rtcam):
                 break
             await asyncio.sleep(0.05)
         await ha.publish(d["bitrate"]["command_topic"], d["bitrate"]["command_template"].replace("{{ value | int }}", "1000000"))
+        # Once rtcam has probed its source, discovery carries a number per integer control.
+        for _ in range(100):
+            if any("control_brightness" in c["cmps"] for c in configs):
+                break
+            await asyncio.sleep(0.05)
+        with_controls = [c for c in configs if "control_brightness" in c["cmps"]]
+        if with_controls:
+            b = with_controls[-1]["cmps"]["control_brightness"]
+            await ha.publish(b["command_topic"], b["command_template"].replace("{{ value | int }}", "-12"))
+            cam.wait_state(lambda s: s.get("controls", {}).get("brightness") == -12, 5, "brightness -12 in state")
+            await ha.publish(b["command_topic"], b["command_template"].replace("{{ value | int }}", "0"))
         await asyncio.sleep(0.2)
         ha.close()
-        return configs, first, replies
+        return configs, first, replies, with_controls
 
-    configs, first, replies = run(body(), 30)
+    configs, first, replies, with_controls = run(body(), 30)
     assert first >= 1, "retained discovery message present"
     assert len(configs) > first, "republished when homeassistant/status went online"
     d = configs[0]
@@ -303,6 +314,12 @@ def test_home_assistant_discovery_and_rediscovery(make_rtcam):
     assert len(ids) == len(set(ids)), ids
     assert {"id": "ha-keyframe", "ok": True, "result": {}} in replies, replies
     assert {"id": "ha-set-bitrate", "ok": True, "result": {"bps": 700000}} in replies, replies
+    assert with_controls, "discovery gained the source's controls after the startup probe"
+    b = with_controls[-1]["cmps"]["control_brightness"]
+    assert b["p"] == "number" and (b["min"], b["max"], b["step"]) == (-64, 64, 1), b
+    assert b["state_topic"] == f"{PREFIX}/hacam/state", b
+    assert b["value_template"] == "{{ value_json.controls['brightness'] }}", b
+    assert {"id": "ha-set-control", "ok": True, "result": {"name": "brightness", "value": -12}} in replies, replies
 
 
 def test_controls_are_validated_and_reflected_in_state(cam, monitor):
@@ -332,3 +349,40 @@ def test_controls_are_validated_and_reflected_in_state(cam, monitor):
     assert good["result"] == {"name": "brightness", "value": -30}, good
     assert state["controls"]["brightness"] == -30, state
     assert reset["ok"] is True
+
+
+async def measured_bps(v: Viewer, settle: float, window: float) -> float:
+    """Bits per second arriving at the viewer over `window` seconds, after `settle` seconds."""
+    await asyncio.sleep(settle)
+    b0, t0 = v.video_payload_bytes(), asyncio.get_running_loop().time()
+    await asyncio.sleep(window)
+    b1, t1 = v.video_payload_bytes(), asyncio.get_running_loop().time()
+    return (b1 - b0) * 8 / (t1 - t0)
+
+
+def test_received_bitrate_follows_set_bitrate(make_rtcam):
+    # Fresh noise under the box: content that needs every bit it is given, like a busy scene.
+    cam = make_rtcam("ratecam", capture__test_pattern_noise=True, encoder__bitrate=1500000)
+
+    async def body():
+        v = Viewer(HOST, cam.broker_port, cam.device)
+        try:
+            await v.start()
+            await v.wait_frames(10, 10)
+            high1 = await measured_bps(v, 1.0, 4.0)
+            low_reply = await v.command("set-bitrate", {"bps": 300000}, timeout=10)
+            low = await measured_bps(v, 2.0, 4.0)
+            high_reply = await v.command("set-bitrate", {"bps": 1500000}, timeout=10)
+            high2 = await measured_bps(v, 2.0, 4.0)
+            return high1, low, high2, low_reply, high_reply
+        finally:
+            await stop(v)
+
+    high1, low, high2, low_reply, high_reply = run(body(), 60)
+    record_metric("bitrate_follow.kbps", {"1500k": round(high1 / 1000), "300k": round(low / 1000), "1500k again": round(high2 / 1000)})
+    assert low_reply["ok"] and high_reply["ok"], (low_reply, high_reply)
+    # RTP headers add a little; openh264's rate control lands within tens of percent.
+    assert 0.6 * 1500000 <= high1 <= 1.4 * 1500000, high1
+    assert 0.5 * 300000 <= low <= 1.4 * 300000, low
+    assert 0.6 * 1500000 <= high2 <= 1.4 * 1500000, high2
+    assert high1 > 3 * low and high2 > 3 * low, (high1, low, high2)

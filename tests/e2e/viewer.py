@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 from aiortc import (
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpReceiver,
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
@@ -77,6 +78,31 @@ def patch_aioice_loopback() -> None:
 
 
 patch_aioice_loopback()
+
+# --------------------------------------------------------------------------------------
+# Received RTP byte counting (aiortc's inbound-rtp stats have no bytesReceived)
+# --------------------------------------------------------------------------------------
+
+_ORIGINAL_HANDLE_RTP = RTCRtpReceiver._handle_rtp_packet
+
+
+async def _counting_handle_rtp(self, packet, arrival_time_ms):
+    self.rtcam_payload_bytes = getattr(self, "rtcam_payload_bytes", 0) + len(packet.payload)
+    return await _ORIGINAL_HANDLE_RTP(self, packet, arrival_time_ms)
+
+
+def patch_rtp_byte_counter() -> None:
+    """Count every RTP payload byte each receiver is handed, for bitrate measurements."""
+    params = list(inspect.signature(_ORIGINAL_HANDLE_RTP).parameters)
+    if params != ["self", "packet", "arrival_time_ms"]:
+        raise RuntimeError(
+            f"RTCRtpReceiver._handle_rtp_packet has signature {params}; the byte counter in "
+            "tests/e2e/viewer.py needs updating for this aiortc version"
+        )
+    RTCRtpReceiver._handle_rtp_packet = _counting_handle_rtp
+
+
+patch_rtp_byte_counter()
 
 
 def rtc_configuration() -> RTCConfiguration:
@@ -554,6 +580,16 @@ class Viewer:
         os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- stats ----------------------------------------------------------------------
+
+    def video_payload_bytes(self) -> int:
+        """RTP payload bytes received for video so far (H.264 as sent, before decoding)."""
+        if self.pc is None:
+            return 0
+        return sum(
+            getattr(r, "rtcam_payload_bytes", 0)
+            for r in self.pc.getReceivers()
+            if r.track is not None and r.track.kind == "video"
+        )
 
     def stats(self, since_ms: float | None = None, until_ms: float | None = None) -> dict:
         frames = [

@@ -63,3 +63,5 @@ USERADD_PARAM:${PN} = "--system --user-group --groups video --no-create-home \
 # Shared libraries (libc, libgcc, libstdc++ for openh264) are found by the shlibs scan.
 # A UVC webcam needs the uvcvideo driver; CSI cameras need their own kernel drivers.
 RRECOMMENDS:${PN} += "kernel-module-uvcvideo"
+# mqtt.ca_file defaults to /etc/ssl/certs/ca-certificates.crt (used with mqtt.tls = true).
+RRECOMMENDS:${PN} += "ca-certificates"
