@@ -3,26 +3,7 @@
 use jpeg_encoder::{Encoder, EncodingError, ImageBuffer, JpegColorType, SamplingFactor};
 
 use super::frame::I420Buffer;
-
-/// Limited-range (BT.601 video, 16-235/16-240) to full-range (JFIF) lookup tables.
-struct RangeLuts {
-    luma: [u8; 256],
-    chroma: [u8; 256],
-}
-
-impl RangeLuts {
-    fn new() -> Self {
-        let mut luma = [0u8; 256];
-        let mut chroma = [0u8; 256];
-        for i in 0..256 {
-            let y = (f32::from(i as u8) - 16.0) * 255.0 / 219.0;
-            luma[i] = y.round().clamp(0.0, 255.0) as u8;
-            let c = (f32::from(i as u8) - 128.0) * 255.0 / 224.0 + 128.0;
-            chroma[i] = c.round().clamp(0.0, 255.0) as u8;
-        }
-        Self { luma, chroma }
-    }
-}
+use super::range::RangeLuts;
 
 struct I420Image<'a> {
     frame: &'a I420Buffer,
@@ -70,7 +51,7 @@ pub fn encode_jpeg(frame: &I420Buffer, quality: u8) -> Result<Vec<u8>, EncodingE
     encoder.set_sampling_factor(SamplingFactor::F_2_2);
     encoder.encode_image(I420Image {
         frame,
-        luts: RangeLuts::new(),
+        luts: RangeLuts::limited_to_full(),
     })?;
     Ok(out)
 }
