@@ -1,4 +1,4 @@
-//! Prints pipeline vs bare-openh264 CPU cost per frame, fps and bytes copied, for I420 and YUYV input.
+//! Prints pipeline vs bare-openh264 CPU cost per frame, fps and bytes copied, for I420, YUYV and MJPEG input.
 //!
 //! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs).
 
@@ -10,6 +10,7 @@ use rtc::rtp::sequence::new_random_sequencer;
 use rtcam::media::convert::Converter;
 use rtcam::media::encoder::{EncoderSettings, H264Encoder};
 use rtcam::media::frame::{I420Buffer, I420View};
+use rtcam::media::mjpeg::MjpegDecoder;
 use rtcam::media::pattern::PatternGenerator;
 
 /// CPU time this process has used (all threads).
@@ -42,6 +43,33 @@ fn to_yuyv(src: &I420Buffer) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Compresses an I420 picture as a USB camera's MJPEG (4:2:2, quality 85).
+fn to_mjpeg(src: &I420Buffer) -> Vec<u8> {
+    let (w, h, cw) = (src.width, src.height, src.chroma_width());
+    let v = src.view();
+    let mut ycc = Vec::with_capacity(w * h * 3);
+    for row in 0..h {
+        for x in 0..w {
+            let c = (row / 2) * cw + x / 2;
+            ycc.extend_from_slice(&[v.y[row * w + x], v.u[c], v.v[c]]);
+        }
+    }
+    let mut out = Vec::new();
+    let mut enc = jpeg_encoder::Encoder::new(&mut out, 85);
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_1);
+    enc.encode(&ycc, w as u16, h as u16, jpeg_encoder::ColorType::Ycbcr)
+        .expect("jpeg");
+    out
+}
+
+/// What the camera hands over.
+#[derive(Clone, Copy, PartialEq)]
+enum Input {
+    I420,
+    Yuyv,
+    Mjpg,
 }
 
 struct Result {
@@ -80,9 +108,10 @@ fn bare(frames: &[I420Buffer]) -> Result {
 
 /// What rtcam does per frame: view or convert the camera buffer, encode, hand off as
 /// `Bytes`, packetize into RTP.
-fn pipeline(buffers: &[Vec<u8>], w: usize, h: usize, yuyv: bool) -> Result {
+fn pipeline(buffers: &[Vec<u8>], w: usize, h: usize, input: Input) -> Result {
     let mut enc = H264Encoder::new(settings(w)).expect("encoder");
     let mut converter = Converter::default();
+    let mut mjpeg = MjpegDecoder::default();
     let codec = rtcam::viewer::h264_codec();
     let mut packetizer = new_packetizer(
         Instant::now(),
@@ -97,10 +126,10 @@ fn pipeline(buffers: &[Vec<u8>], w: usize, h: usize, yuyv: bool) -> Result {
     let (mut copied, mut encoded, mut packets) = (0, 0, 0);
     let (start_cpu, start) = (cpu_time(), Instant::now());
     for (i, buf) in buffers.iter().enumerate() {
-        let (view, bytes_copied): (I420View<'_>, usize) = if yuyv {
-            converter.yuyv(buf, w, h, w * 2).expect("yuyv")
-        } else {
-            (I420View::from_contiguous(buf, w, h, w).expect("i420"), 0)
+        let (view, bytes_copied): (I420View<'_>, usize) = match input {
+            Input::Yuyv => converter.yuyv(buf, w, h, w * 2).expect("yuyv"),
+            Input::Mjpg => mjpeg.decode(buf, w, h).expect("mjpeg"),
+            Input::I420 => (I420View::from_contiguous(buf, w, h, w).expect("i420"), 0),
         };
         copied += bytes_copied;
         enc.encode(&view, i as u64 * 33, &mut out).expect("encode");
@@ -178,23 +207,27 @@ fn main() {
                 b
             })
             .collect();
-        for yuyv in [false, true] {
-            let buffers: Vec<Vec<u8>> = if yuyv {
-                frames.iter().map(to_yuyv).collect()
-            } else {
-                frames.iter().map(|f| f.data.clone()).collect()
+        for input in [Input::I420, Input::Yuyv, Input::Mjpg] {
+            let buffers: Vec<Vec<u8>> = match input {
+                Input::Yuyv => frames.iter().map(to_yuyv).collect(),
+                Input::Mjpg => frames.iter().map(to_mjpeg).collect(),
+                Input::I420 => frames.iter().map(|f| f.data.clone()).collect(),
             };
             // Alternate to spread any frequency drift over both measurements.
             let b1 = bare(&frames);
-            let p1 = pipeline(&buffers, w, h, yuyv);
+            let p1 = pipeline(&buffers, w, h, input);
             let b2 = bare(&frames);
-            let p2 = pipeline(&buffers, w, h, yuyv);
+            let p2 = pipeline(&buffers, w, h, input);
             let bare_ms = (b1.cpu_per_frame_ms + b2.cpu_per_frame_ms) / 2.0;
             let pipe_ms = (p1.cpu_per_frame_ms + p2.cpu_per_frame_ms) / 2.0;
             println!(
                 "{:<10} {:<5} {:>9.1} {:>15.3} {:>15.3} {:>7.3} {:>13} {:>12}",
                 format!("{w}x{h}"),
-                if yuyv { "YUYV" } else { "I420" },
+                match input {
+                    Input::I420 => "I420",
+                    Input::Yuyv => "YUYV",
+                    Input::Mjpg => "MJPG",
+                },
                 (p1.fps + p2.fps) / 2.0,
                 pipe_ms,
                 bare_ms,

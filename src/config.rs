@@ -90,7 +90,7 @@ config_enum!(
 
 config_enum!(
     /// Pixel format asked of a V4L2 camera.
-    PixelFormatChoice { Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV" }
+    PixelFormatChoice { Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG" }
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! V4L2 camera capture with MMAP buffers: format negotiation, zero-copy YU12, one-pass YUYV/NV12.
+//! V4L2 camera capture with MMAP buffers: format negotiation, zero-copy YU12, one-pass YUYV/NV12, MJPEG decode.
 
 use std::io;
 use std::path::Path;
@@ -14,14 +14,18 @@ use v4l::{Format, FourCC};
 use super::controls::{ControlError, ControlInfo, ControlKind, normalize_name};
 use super::convert::{ConvertError, Converter};
 use super::frame::I420View;
+use super::mjpeg::MjpegDecoder;
 use super::pipeline::{CapturedFrame, FrameSource, SourceError, SourceInfo};
 use crate::config::{CaptureConfig, PixelFormatChoice};
 
-/// Pixel formats rtcam can encode, in order of preference for `format = "auto"`.
-const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 3] = [
+/// Pixel formats rtcam can encode, in order of preference for `format = "auto"` (least work
+/// per frame first; MJPEG needs a JPEG decode, but is what USB cameras give at 720p30+).
+const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 5] = [
     (PixelFormatChoice::Yu12, b"YU12"),
     (PixelFormatChoice::Nv12, b"NV12"),
     (PixelFormatChoice::Yuyv, b"YUYV"),
+    (PixelFormatChoice::Mjpg, b"MJPG"),
+    (PixelFormatChoice::Mjpg, b"JPEG"),
 ];
 
 /// How long a dequeue may block before the camera counts as stalled.
@@ -32,6 +36,7 @@ enum Layout {
     Yu12,
     Nv12,
     Yuyv,
+    Mjpeg,
 }
 
 /// An open, streaming V4L2 camera.
@@ -44,6 +49,7 @@ pub struct Camera {
     info: SourceInfo,
     stride: usize,
     converter: Converter,
+    mjpeg: MjpegDecoder,
     seq: u64,
     /// Control name → V4L2 id, from the last `controls()`.
     control_ids: std::collections::HashMap<String, u32>,
@@ -76,10 +82,21 @@ impl Camera {
                 .map(|(_, f)| *f)
                 .collect(),
         };
-        let Some(fourcc) = wanted
+        let candidates: Vec<FourCC> = wanted
             .iter()
             .map(|f| FourCC::new(f))
-            .find(|f| offered.iter().any(|d| d.fourcc == *f))
+            .filter(|f| offered.iter().any(|d| d.fourcc == *f))
+            .collect();
+        // With "auto", the first format that can do the configured size and rate wins (a USB
+        // camera's YUYV often stops at 10 fps where its MJPEG does 30), else the first that
+        // can do the size, else the first offered.
+        let fit = |f: &FourCC| mode_support(&device, *f, req.width, req.height, req.fps);
+        let Some(fourcc) = candidates
+            .iter()
+            .find(|f| fit(f) == (true, true))
+            .or_else(|| candidates.iter().find(|f| fit(f).0))
+            .or(candidates.first())
+            .copied()
         else {
             return Err(SourceError::Unsupported(format!(
                 "{} offers {}; capture.format = {:?} needs one of {}",
@@ -144,7 +161,8 @@ impl Camera {
         let layout = match &fourcc.repr {
             b"YU12" => Layout::Yu12,
             b"NV12" => Layout::Nv12,
-            _ => Layout::Yuyv,
+            b"YUYV" => Layout::Yuyv,
+            _ => Layout::Mjpeg,
         };
         let min_stride = match layout {
             Layout::Yuyv => got.width * 2,
@@ -176,6 +194,7 @@ impl Camera {
             info,
             stride,
             converter: Converter::default(),
+            mjpeg: MjpegDecoder::default(),
             seq: 0,
             control_ids: Default::default(),
         })
@@ -246,21 +265,67 @@ impl FrameSource for Camera {
         };
         let result = match self.layout {
             Layout::Yu12 => I420View::from_contiguous(data, w, h, self.stride)
-                .map_err(ConvertError::from)
+                .map_err(|e| ConvertError::from(e).to_string())
                 .map(|view| consume(&view, frame(0))),
             Layout::Nv12 => self
                 .converter
                 .nv12(data, w, h, self.stride)
+                .map_err(|e| e.to_string())
                 .map(|(view, copied)| consume(&view, frame(copied))),
             Layout::Yuyv => self
                 .converter
                 .yuyv(data, w, h, self.stride)
+                .map_err(|e| e.to_string())
                 .map(|(view, copied)| consume(&view, frame(copied))),
+            // The decoded picture counts as copied: it is written once, then encoded.
+            Layout::Mjpeg => self
+                .mjpeg
+                .decode(data, w, h)
+                .map_err(|e| e.to_string())
+                .map(|(view, written)| consume(&view, frame(written))),
         };
         self.seq += 1;
         // A short or corrupt buffer is one bad frame, not a dead camera.
-        result.map_err(|e| SourceError::BadFrame(e.to_string()))
+        result.map_err(SourceError::BadFrame)
     }
+}
+
+/// Whether the driver lists (`width` x `height`, `fps`) for `fourcc`: (size ok, rate ok).
+/// A driver that cannot enumerate sizes or intervals is taken at its word (true).
+fn mode_support(
+    device: &Device,
+    fourcc: FourCC,
+    width: u32,
+    height: u32,
+    fps: u32,
+) -> (bool, bool) {
+    use v4l::framesize::FrameSizeEnum;
+    let size_ok = match device.enum_framesizes(fourcc) {
+        Ok(sizes) if !sizes.is_empty() => sizes.iter().any(|s| match &s.size {
+            FrameSizeEnum::Discrete(d) => (d.width, d.height) == (width, height),
+            FrameSizeEnum::Stepwise(s) => {
+                (s.min_width..=s.max_width).contains(&width)
+                    && (s.min_height..=s.max_height).contains(&height)
+            }
+        }),
+        _ => true,
+    };
+    if !size_ok {
+        return (false, false);
+    }
+    let fps_ok = match device.enum_frameintervals(fourcc, width, height) {
+        Ok(intervals) if !intervals.is_empty() => intervals.iter().any(|i| match &i.interval {
+            v4l::frameinterval::FrameIntervalEnum::Discrete(f) => {
+                f.numerator > 0 && f.denominator / f.numerator >= fps
+            }
+            v4l::frameinterval::FrameIntervalEnum::Stepwise(s) => {
+                // The shortest interval is the highest rate.
+                s.min.numerator > 0 && s.min.denominator / s.min.numerator >= fps
+            }
+        }),
+        _ => true,
+    };
+    (true, fps_ok)
 }
 
 impl Camera {
