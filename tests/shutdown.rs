@@ -5,13 +5,8 @@ use std::time::Duration;
 use rtcam::config::{Config, Sources};
 use tokio_util::sync::CancellationToken;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::free_port;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_shuts_down_cleanly_on_cancel() {
