@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # rtcam's test command: formatting, lints, unit tests, release build, end-to-end tests,
-# field-deployment checks (cross/ci-field.sh; skipped with --e2e-only).
+# field-deployment checks (cross/ci-field.sh) and the VM tests against the vivid V4L2 driver in
+# x86_64 and aarch64 virtual machines (tests/vm/run.sh); the last two are skipped with --e2e-only.
 #
 #   ./tests/run.sh                  everything
 #   ./tests/run.sh --e2e-only       skip the cargo steps (uses an existing $RTCAM_BIN)
@@ -117,4 +118,12 @@ timeout --kill-after=30 "$E2E_TIMEOUT_S" \
 if ((!e2e_only)); then
     step "field deployment checks (cross/ci-field.sh)"
     RTCAM_BIN="$RTCAM_BIN" ./cross/ci-field.sh
+fi
+
+# --- Real V4L2 in virtual machines (issue 5) ----------------------------------------------
+# rtcam record against Debian's vivid driver under qemu-system-x86_64 and -aarch64 (the
+# aarch64 binary is the one ci-field.sh just built): formats, strides, controls, camera loss.
+if ((!e2e_only)); then
+    step "VM tests: real V4L2 (vivid) on x86_64 and aarch64 (tests/vm/run.sh)"
+    RTCAM_BIN="$RTCAM_BIN" ./tests/vm/run.sh
 fi
