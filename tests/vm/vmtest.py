@@ -370,18 +370,28 @@ def boot(arch: Arch, vmlinuz: Path, initramfs: Path, work: Path, timeout_s: int)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
+            line = "".join(ch for ch in line if ch.isprintable() or ch == "\n")
             if "vmtest:" in line or "Kernel panic" in line or "BUG" in line or "rtcam" in line.lower():
                 print(f"  [{arch.name} {time.monotonic() - start:6.1f}s] {line.rstrip()}", flush=True)
         rc = proc.wait()
     print(f"vmtest: {arch.name}: qemu exited {rc} after {time.monotonic() - start:.1f} s", flush=True)
+    tail = "".join(console.read_text(errors="replace").splitlines(keepends=True)[-40:])
     if rc == 124:
-        die(f"{arch.name}: the VM did not finish within {timeout_s} s; console log: {console}")
+        die(f"{arch.name}: the VM did not finish within {timeout_s} s; console log {console} ends:\n{tail}")
+    if rc != 0:
+        die(f"{arch.name}: qemu failed (exit {rc}); console log {console} ends:\n{tail}")
+    if "vmtest: results written" not in console.read_text(errors="replace"):
+        die(f"{arch.name}: the guest did not finish its cases; console log {console} ends:\n{tail}")
     results = work / "results"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir()
     try:
         with tarfile.open(disk) as t:
-            t.extractall(results, filter="data")
+            # The guest's own files; the "data" filter where this Python has it (3.11.4+).
+            if hasattr(tarfile, "data_filter"):
+                t.extractall(results, filter="data")
+            else:
+                t.extractall(results)
     except tarfile.TarError as e:
         die(f"{arch.name}: no results on the disk ({e}); console log: {console}")
     return results
