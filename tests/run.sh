@@ -4,7 +4,7 @@
 # x86_64 and aarch64 virtual machines (tests/vm/run.sh); the last two are skipped with --e2e-only.
 #
 #   ./tests/run.sh                  everything
-#   ./tests/run.sh --e2e-only       skip the cargo steps (uses an existing $RTCAM_BIN)
+#   ./tests/run.sh --e2e-only       only the end-to-end tests (uses an existing $RTCAM_BIN)
 #   ./tests/run.sh -- -k bye        extra arguments after -- go to pytest
 #
 # On a fresh Debian 12 machine, run as root: missing Debian packages are installed with apt.
@@ -26,7 +26,7 @@ while (($#)); do
     case "$1" in
         --e2e-only) e2e_only=1 ;;
         --) shift; pytest_args=("$@"); break ;;
-        -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
