@@ -60,7 +60,27 @@ fetch_deb() {
         return 0
     fi
     mkdir -p "$CACHE/debs"
-    (cd "$CACHE/debs" && apt-get download "$pkg") || die_missing "$pkg (apt-get download failed)"
+    (cd "$CACHE/debs" && apt-get download "$pkg")
+}
+
+# Downloads Debian's current kernel .deb for an architecture (replacing an older cached one)
+# and prints the package name. Stale package lists may name a kernel the archive no longer
+# has: then the lists are refreshed (as root) and the name resolved again, once.
+fetch_kernel() {
+    local deb_arch="$1" pkg attempt
+    for attempt in 1 2; do
+        if ((attempt == 2)); then
+            [[ "$(id -u)" == 0 ]] || break
+            apt-get update >&2
+        fi
+        pkg="$(kernel_package "$deb_arch")"
+        [[ -n "$pkg" ]] || continue
+        if ! compgen -G "$CACHE/debs/${pkg}_*_${deb_arch}.deb" >/dev/null; then
+            rm -f "$CACHE/debs/linux-image-"*"_${deb_arch}.deb"  # a newer kernel replaces the old
+        fi
+        fetch_deb "$pkg:$deb_arch" "$deb_arch" >&2 && { echo "$pkg"; return 0; }
+    done
+    die_missing "Debian's linux-image-$deb_arch kernel .deb (apt-cache depends linux-image-$deb_arch:$deb_arch, apt-get download)"
 }
 
 for arch in "${arches[@]}"; do
@@ -76,17 +96,11 @@ for arch in "${arches[@]}"; do
         dpkg --add-architecture arm64
         apt-get update
     fi
-    pkg="$(kernel_package "$deb_arch")"
-    if [[ -z "$pkg" && "$(id -u)" == 0 ]]; then
-        apt-get update
-        pkg="$(kernel_package "$deb_arch")"
+    pkg="$(fetch_kernel "$deb_arch")"
+    if [[ "$deb_arch" != amd64 ]]; then
+        fetch_deb "busybox-static:$deb_arch" "$deb_arch" \
+            || die_missing "busybox-static:$deb_arch .deb (apt-get download failed)"
     fi
-    [[ -n "$pkg" ]] || die_missing "Debian's linux-image-$deb_arch package (apt-cache depends found no kernel)"
-    if ! compgen -G "$CACHE/debs/${pkg}_*_${deb_arch}.deb" >/dev/null; then
-        rm -f "$CACHE/debs/linux-image-"*"_${deb_arch}.deb"  # a newer kernel replaces the old
-    fi
-    fetch_deb "$pkg:$deb_arch" "$deb_arch"
-    [[ "$deb_arch" == amd64 ]] || fetch_deb "busybox-static:$deb_arch" "$deb_arch"
     ls "$CACHE/debs/${pkg}_"*"_$deb_arch.deb" >/dev/null 2>&1 \
         || die_missing "$pkg .deb in $CACHE/debs"
 done
