@@ -104,6 +104,9 @@ pub struct CaptureConfig {
     pub fps: u32,
     pub buffers: u32,
     pub test_pattern_noise: bool,
+    /// Round the line length asked of the driver up to a multiple of this many bytes
+    /// (0: the driver's own choice).
+    pub stride_align: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,6 +265,12 @@ impl Config {
         }
         if !(2..=32).contains(&c.buffers) {
             return Err(invalid("capture.buffers", "2 to 32"));
+        }
+        if c.stride_align != 0 && !(c.stride_align.is_power_of_two() && c.stride_align <= 4096) {
+            return Err(invalid(
+                "capture.stride_align",
+                "0 (the driver's choice) or a power of two up to 4096",
+            ));
         }
         if c.source == SourceKind::TestPattern && c.width < 160 {
             return Err(invalid(

@@ -13,6 +13,7 @@ pub mod mqtt;
 pub mod ports;
 pub mod protocol;
 pub mod ratelimit;
+pub mod record;
 pub mod service;
 pub mod sessions;
 pub mod signaling;

@@ -26,6 +26,23 @@ enum Command {
     Run,
     /// Print the effective configuration, or what is wrong with it.
     CheckConfig,
+    /// Record N frames from the configured camera to an H.264 (Annex-B) file, then print a
+    /// one-line JSON summary. Capture settings come from the configuration
+    /// (e.g. RTCAM__CAPTURE__FORMAT=YUYV); camera failures are reported and retried.
+    Record {
+        /// Encoded frames to record.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        frames: u64,
+        /// Output file (raw H.264 Annex-B, e.g. clip.h264; plays with ffplay/VLC).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Set a camera control first, validated like `set-control` (repeatable).
+        #[arg(long = "control", value_name = "NAME=VALUE", value_parser = rtcam::record::parse_control)]
+        controls: Vec<(String, i64)>,
+        /// Fail when the frames have not arrived within this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,21 +65,62 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
+        Command::Record {
+            frames,
+            output,
+            controls,
+            timeout,
+        } => record(
+            config,
+            rtcam::record::RecordOptions {
+                frames,
+                output,
+                controls,
+                timeout: std::time::Duration::from_secs(timeout),
+            },
+        ),
+    }
+}
+
+fn record(config: Config, options: rtcam::record::RecordOptions) -> ExitCode {
+    // A command-line tool: log to stderr whatever the service's log target is.
+    rtcam::logging::init(&config.log.level, rtcam::config::LogTarget::Stderr);
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let cancel = CancellationToken::new();
+    let result = runtime.block_on(async {
+        tokio::spawn(shutdown_on_signal(cancel.clone()));
+        rtcam::record::record(&config, &options, cancel).await
+    });
+    match result {
+        Ok(summary) => {
+            match serde_json::to_string(&summary) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("rtcam: cannot print the summary: {e}"),
+            }
+            if summary.complete {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "rtcam: recorded {} of {} frames",
+                    summary.frames, options.frames
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("rtcam: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn run(config: Config) -> ExitCode {
     rtcam::logging::init(&config.log.level, config.log.target);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("rtcam: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let cancel = CancellationToken::new();
     let result = runtime.block_on(async {
@@ -75,6 +133,21 @@ fn run(config: Config) -> ExitCode {
             tracing::error!("{e:#}");
             eprintln!("rtcam: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The async runtime both commands run on; `None` (reported) when it cannot start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("rtcam: cannot start the async runtime: {e}");
+            None
         }
     }
 }

@@ -48,6 +48,25 @@ pub fn source_opener(config: &Config) -> SourceOpener {
     })
 }
 
+/// The capture/encode thread's settings from the configuration (service and `rtcam record`).
+pub fn pipeline_config(config: &Config) -> PipelineConfig {
+    PipelineConfig {
+        encoder: EncoderSettings {
+            bitrate: config.encoder.bitrate,
+            fps: config.capture.fps,
+            keyframe_interval: config.encoder.keyframe_interval,
+        },
+        capture: CaptureParams {
+            width: config.capture.width,
+            height: config.capture.height,
+            fps: config.capture.fps,
+        },
+        // A camera that went away is looked for again every second: it resumes within about
+        // a second of coming back.
+        reopen_delay: Duration::from_millis(1000),
+    }
+}
+
 fn ice_servers(config: &Config) -> Result<Vec<RTCIceServer>> {
     let mut servers = Vec::new();
     if !config.webrtc.stun_servers.is_empty() {
@@ -146,19 +165,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
     let ice_servers = ice_servers(&config)?;
 
     let (pipeline, capture_thread) = pipeline::spawn(
-        PipelineConfig {
-            encoder: EncoderSettings {
-                bitrate: config.encoder.bitrate,
-                fps: config.capture.fps,
-                keyframe_interval: config.encoder.keyframe_interval,
-            },
-            capture: CaptureParams {
-                width: config.capture.width,
-                height: config.capture.height,
-                fps: config.capture.fps,
-            },
-            reopen_delay: Duration::from_millis(1000),
-        },
+        pipeline_config(&config),
         source_opener(&config),
         cancel.clone(),
     )

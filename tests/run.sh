@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # rtcam's test command: formatting, lints, unit tests, release build, end-to-end tests,
-# field-deployment checks (cross/ci-field.sh; skipped with --e2e-only).
+# field-deployment checks (cross/ci-field.sh) and the VM tests against the vivid V4L2 driver in
+# x86_64 and aarch64 virtual machines (tests/vm/run.sh); the last two are skipped with --e2e-only.
 #
 #   ./tests/run.sh                  everything
-#   ./tests/run.sh --e2e-only       skip the cargo steps (uses an existing $RTCAM_BIN)
+#   ./tests/run.sh --e2e-only       only the end-to-end tests (uses an existing $RTCAM_BIN)
 #   ./tests/run.sh -- -k bye        extra arguments after -- go to pytest
 #
 # On a fresh Debian 12 machine, run as root: missing Debian packages are installed with apt.
@@ -25,7 +26,7 @@ while (($#)); do
     case "$1" in
         --e2e-only) e2e_only=1 ;;
         --) shift; pytest_args=("$@"); break ;;
-        -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -117,4 +118,12 @@ timeout --kill-after=30 "$E2E_TIMEOUT_S" \
 if ((!e2e_only)); then
     step "field deployment checks (cross/ci-field.sh)"
     RTCAM_BIN="$RTCAM_BIN" ./cross/ci-field.sh
+fi
+
+# --- Real V4L2 in virtual machines (issue 5) ----------------------------------------------
+# rtcam record against Debian's vivid driver under qemu-system-x86_64 and -aarch64 (the
+# aarch64 binary is the one ci-field.sh just built): formats, strides, controls, camera loss.
+if ((!e2e_only)); then
+    step "VM tests: real V4L2 (vivid) on x86_64 and aarch64 (tests/vm/run.sh)"
+    RTCAM_BIN="$RTCAM_BIN" ./tests/vm/run.sh
 fi

@@ -21,6 +21,8 @@ pub struct SourceInfo {
     pub height: u32,
     pub fps: u32,
     pub pixel_format: String,
+    /// Bytes per line of the (first) plane as the source delivers it.
+    pub stride: u32,
 }
 
 /// Per-frame facts from the source.
@@ -78,12 +80,17 @@ pub struct CaptureParams {
 pub type SourceOpener =
     Box<dyn FnMut(CaptureParams) -> Result<Box<dyn FrameSource>, SourceError> + Send>;
 
-/// Milliseconds since the Unix epoch, modulo 2^32, as drawn into the test pattern.
-pub fn unix_ms_u32() -> u32 {
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u32)
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch, modulo 2^32, as drawn into the test pattern.
+pub fn unix_ms_u32() -> u32 {
+    unix_ms() as u32
 }
 
 /// Synthetic frames paced at the configured rate, stamped with frame number and time.
@@ -111,6 +118,7 @@ impl TestPattern {
                 height,
                 fps,
                 pixel_format: "test-pattern".into(),
+                stride: width,
             },
             seq: 0,
             next_due: None,
@@ -239,6 +247,8 @@ pub struct PipelineStats {
     /// True while the capture thread waits for work with the camera closed (idle by design).
     idle: std::sync::atomic::AtomicBool,
     epoch: std::sync::OnceLock<Instant>,
+    /// What the open (or last opened) source delivers.
+    source: std::sync::Mutex<Option<SourceInfo>>,
     /// Last known control values, for the state topic.
     controls: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
 }
@@ -255,6 +265,15 @@ impl PipelineStats {
     fn progressed(&self) {
         self.last_progress_ms
             .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// What the open (or last opened) source delivers: format, size, stride.
+    pub fn source_info(&self) -> Option<SourceInfo> {
+        // Plain data: a poisoned lock still holds a valid value.
+        self.source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Last known control values by name.
@@ -733,13 +752,15 @@ impl Worker {
             fps: info.fps,
         });
         self.stats.capturing.store(true, Ordering::Relaxed);
+        tracing::info!(width = info.width, height = info.height, fps = info.fps, format = %info.pixel_format, stride = info.stride, "capture started");
+        let frame_duration = Duration::from_secs(1) / info.fps.max(1);
+        *self.stats.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
         self.stats.bump();
-        tracing::info!(width = info.width, height = info.height, fps = info.fps, format = %info.pixel_format, "capture started");
         self.running = Some(Running {
             source,
             encoder,
             out: Vec::new(),
-            frame_duration: Duration::from_secs(1) / info.fps.max(1),
+            frame_duration,
             started: Instant::now(),
         });
         Ok(())
@@ -969,6 +990,7 @@ mod tests {
                 height: 120,
                 fps: 30,
                 pixel_format: "stuck".into(),
+                stride: 160,
             }
         }
         fn next_frame(

@@ -110,8 +110,19 @@ impl Camera {
                     .join(", ")
             )));
         };
+        let mut wanted_format = Format::new(req.width, req.height, fourcc);
+        let compressed = matches!(&fourcc.repr, b"MJPG" | b"JPEG");
+        if req.stride_align > 1 && !compressed {
+            // Padded lines: the luma (or packed YUYV) line rounded up; 0 lets the driver choose.
+            let natural = if &fourcc.repr == b"YUYV" {
+                req.width * 2
+            } else {
+                req.width
+            };
+            wanted_format.stride = natural.next_multiple_of(req.stride_align);
+        }
         let got = device
-            .set_format(&Format::new(req.width, req.height, fourcc))
+            .set_format(&wanted_format)
             .map_err(|e| io_err("VIDIOC_S_FMT", path, e))?;
         if got.fourcc != fourcc {
             return Err(SourceError::Unsupported(format!(
@@ -177,6 +188,7 @@ impl Camera {
             height: got.height,
             fps,
             pixel_format: fourcc_str(fourcc),
+            stride: stride as u32,
         };
         tracing::info!(
             device = %path.display(),

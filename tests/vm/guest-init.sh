@@ -1,0 +1,64 @@
+#!/bin/busybox sh
+# The VM tests' /init: loads vivid, runs every case in /cases with rtcam against /dev/video0,
+# writes the results as a tar stream onto the raw virtio disk, and powers off.
+# Case lines: NAME|ENV ASSIGNMENTS|RTCAM RECORD ARGUMENTS|KIND (plain or fault).
+/bin/busybox mkdir -p /proc /sys /dev /tmp /out /usr/bin /sbin /usr/sbin
+/bin/busybox --install -s /bin
+export PATH=/bin LD_LIBRARY_PATH=/lib
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+say() { echo "vmtest: $*"; }
+# Wall-clock milliseconds (busybox date has no %N; adjtimex only reads the clock here).
+now_ms() { adjtimex | awk '/tv_sec/ { s = $2 } /tv_usec/ { u = $2 } END { printf "%d%03d\n", s, u / 1000 }'; }
+
+say "kernel $(uname -r) on $(uname -m), $(grep -c ^processor /proc/cpuinfo) cpu"
+while read -r mod args; do
+    insmod "/modules/$mod" $args || say "insmod $mod failed"
+done </modules/order
+i=0
+while [ ! -e /dev/video0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+[ -e /dev/video0 ] || say "FAIL: /dev/video0 did not appear"
+say "/dev/video0 ready after $(cut -d' ' -f1 /proc/uptime) s of uptime"
+VIVID=/sys/bus/platform/drivers/vivid
+
+run_fault() { # name args...: record while vivid is unbound for 2 s, then bound again
+    name=$1; shift
+    /rtcam record "$@" >"/out/$name.json" 2>"/out/$name.log" &
+    pid=$!
+    i=0
+    while ! grep -q "capture started" "/out/$name.log" && kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    sleep 1.5
+    now_ms >"/out/$name.gone_ms"
+    echo vivid.0 >"$VIVID/unbind" && say "$name: vivid.0 unbound (camera gone)"
+    sleep 2
+    echo vivid.0 >"$VIVID/bind" && say "$name: vivid.0 bound again"
+    i=0
+    while [ ! -e /dev/video0 ] && [ $i -lt 100 ]; do sleep 0.02; i=$((i + 1)); done
+    now_ms >"/out/$name.back_ms"
+    wait $pid
+    echo $? >"/out/$name.rc"
+}
+
+while IFS='|' read -r name envs args kind; do
+    [ -n "$name" ] || continue
+    start=$(now_ms)
+    if [ "$kind" = fault ]; then
+        # shellcheck disable=SC2086
+        export $envs
+        # shellcheck disable=SC2086
+        run_fault "$name" $args
+        for kv in $envs; do unset "${kv%%=*}"; done
+    else
+        # shellcheck disable=SC2086
+        env $envs /rtcam record $args >"/out/$name.json" 2>"/out/$name.log"
+        echo $? >"/out/$name.rc"
+    fi
+    say "$name: exit $(cat "/out/$name.rc") in $(($(now_ms) - start)) ms"
+done </cases
+
+cp /proc/uptime /out/uptime
+tar -C /out -cf /dev/vda . && sync && say "results written"
+poweroff -f

@@ -1,0 +1,631 @@
+#!/usr/bin/env python3
+"""Boots Debian's kernel with vivid under qemu (TCG, no network), runs rtcam record in the
+guest for each case, and checks the clips on the host (frames, size, colour bars, controls,
+camera loss). Run by tests/vm/run.sh, which provides the packages and kernel .debs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+# vivid's default test pattern is 75% colour bars in 8 equal vertical bands. Expected Y'CbCr
+# (BT.601, limited range) of 75% white, yellow, cyan, green, magenta, red, blue, black.
+BARS = [
+    ("white", 180, 128, 128),
+    ("yellow", 162, 44, 142),
+    ("cyan", 131, 156, 44),
+    ("green", 112, 72, 58),
+    ("magenta", 84, 184, 198),
+    ("red", 65, 100, 212),
+    ("blue", 35, 212, 114),
+    ("black", 16, 128, 128),
+]
+Y_TOLERANCE = 8
+C_TOLERANCE = 10
+# The default-brightness clip the brightness cases are compared with (same format and size).
+BRIGHTNESS_BASE = "yu12-640x360"
+
+
+@dataclass
+class Arch:
+    name: str  # x86_64 / aarch64
+    deb_arch: str  # amd64 / arm64
+    qemu: list[str]
+    console: str
+    readelf: str
+    strip: str
+    lib_dirs: list[str]
+    busybox_deb_glob: str | None  # None: the host's /bin/busybox (busybox-static)
+    frames: int
+    fault_frames: int
+
+
+ARCHES = {
+    "x86_64": Arch(
+        name="x86_64",
+        deb_arch="amd64",
+        qemu=["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1024"],
+        console="ttyS0",
+        readelf="readelf",
+        strip="strip",
+        lib_dirs=["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64"],
+        busybox_deb_glob=None,
+        frames=60,
+        fault_frames=150,
+    ),
+    "aarch64": Arch(
+        name="aarch64",
+        deb_arch="arm64",
+        # A Raspberry Pi 4 class core (Cortex-A72) on the generic virt board.
+        qemu=["qemu-system-aarch64", "-machine", "virt,accel=tcg", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024"],
+        console="ttyAMA0",
+        readelf="aarch64-linux-gnu-readelf",
+        strip="aarch64-linux-gnu-strip",
+        lib_dirs=["/usr/aarch64-linux-gnu/lib"],
+        busybox_deb_glob="busybox-static_*_arm64.deb",
+        frames=60,
+        fault_frames=150,
+    ),
+}
+
+MODULES = ["vivid", "virtio_pci", "virtio_blk"]
+VIVID_ARGS = "n_devs=1 node_types=0x1 num_inputs=1 input_types=0x0 vid_cap_nr=0 no_error_inj=1"
+
+
+@dataclass
+class Case:
+    name: str
+    fmt: str | None
+    width: int
+    height: int
+    frames: int
+    stride_align: int = 0
+    controls: dict[str, int] = field(default_factory=dict)
+    kind: str = "plain"  # plain | fault | refused
+    expect_rc: int = 0
+
+    def env(self) -> str:
+        e = {
+            "RTCAM__CAPTURE__SOURCE": "v4l2",
+            "RTCAM__CAPTURE__DEVICE": "/dev/video0",
+            "RTCAM__CAPTURE__FORMAT": self.fmt or "auto",
+            "RTCAM__CAPTURE__WIDTH": self.width,
+            "RTCAM__CAPTURE__HEIGHT": self.height,
+            "RTCAM__CAPTURE__FPS": 30,
+            "RTCAM__CAPTURE__STRIDE_ALIGN": self.stride_align,
+            "RTCAM__LOG__LEVEL": "info",
+        }
+        return " ".join(f"{k}={v}" for k, v in e.items())
+
+    def args(self) -> str:
+        timeout = 240 if self.kind == "fault" else 120
+        a = f"--frames {self.frames} --output /out/{self.name}.h264 --timeout {timeout}"
+        # vivid draws status text over the top of the picture (several 16-line rows, most of a
+        # 180-line frame); its "OSD Text Mode" menu control, set through rtcam's control path
+        # like any other, switches that off so the colour bars are all there is.
+        for k, v in {"osd_text_mode": 2, **self.controls}.items():
+            a += f" --control {k}={v}"
+        return a
+
+
+def cases(arch: Arch) -> list[Case]:
+    out = []
+    n = arch.frames
+    # 320x180 and 640x360 are sizes of vivid's webcam input. At 640x360 the driver picks the
+    # line length (YU12/NV12: the width; YUYV: twice the width). At 320x180 rtcam asks for
+    # lines padded to 256 bytes (capture.stride_align, as some ISPs need) and vivid honours
+    # it: 512-byte luma lines for a 320-pixel picture (YUYV: 768 instead of 640), so for every
+    # format the stride differs from the natural line and every plane offset depends on it.
+    for fmt in ("YUYV", "YU12", "NV12"):
+        out.append(Case(f"{fmt.lower()}-320x180-pad256", fmt, 320, 180, n, stride_align=256))
+        out.append(Case(f"{fmt.lower()}-640x360", fmt, 640, 360, n))
+    out.append(Case("brightness-64", "YU12", 640, 360, 10, controls={"brightness": 64}))
+    out.append(Case("brightness-192", "YU12", 640, 360, 10, controls={"brightness": 192}))
+    out.append(Case("brightness-300", "YU12", 640, 360, 5, controls={"brightness": 300}, kind="refused", expect_rc=1))
+    out.append(Case("fault", "YU12", 320, 180, arch.fault_frames, kind="fault"))
+    return out
+
+
+def die(msg: str) -> None:
+    print(f"vmtest: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+# --- kernel modules ------------------------------------------------------------------------
+
+
+def modinfo(path: Path) -> dict[str, str]:
+    """The .modinfo section of a kernel module (ELF64 little-endian), first value per key."""
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        die(f"{path} is not an ELF64 little-endian module")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_at = sections[shstrndx][4]
+    info: dict[str, str] = {}
+    for s in sections:
+        name = data[names_at + s[0] : data.index(b"\0", names_at + s[0])]
+        if name == b".modinfo":
+            for item in data[s[4] : s[4] + s[5]].split(b"\0"):
+                key, _, value = item.decode(errors="replace").partition("=")
+                if key:
+                    info.setdefault(key, value)
+    return info
+
+
+def resolve_modules(moddir: Path, wanted: list[str]) -> list[Path]:
+    """`wanted` and everything they depend on, dependencies first (as modules.dep would)."""
+    by_name = {}
+    for p in moddir.rglob("*.ko"):
+        by_name[p.stem.replace("-", "_")] = p
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        name = name.replace("-", "_")
+        if name in seen:
+            return
+        seen.add(name)
+        path = by_name.get(name)
+        if path is None:
+            return  # built into this kernel
+        for dep in filter(None, modinfo(path).get("depends", "").split(",")):
+            visit(dep)
+        order.append(path)
+
+    for w in wanted:
+        if w.replace("-", "_") not in by_name:
+            # virtio_pci etc. may be built in; vivid must be a module or built in somewhere.
+            continue
+        visit(w)
+    if not any(p.stem == "vivid" for p in order):
+        die(f"no vivid.ko under {moddir}")
+    return order
+
+
+# --- initramfs (cpio newc, uncompressed) ---------------------------------------------------
+
+
+class Cpio:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.ino = 1
+        self.dirs: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes) -> None:
+        header = "070701" + "".join(
+            f"{v:08x}"
+            for v in (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0)
+        )
+        self.ino += 1
+        blob = header.encode() + name.encode() + b"\0"
+        blob += b"\0" * (-len(blob) % 4)
+        blob += data + b"\0" * (-len(data) % 4)
+        self.parts.append(blob)
+
+    def mkdir(self, path: str) -> None:
+        path = path.strip("/")
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d and d not in self.dirs:
+                self.dirs.add(d)
+                self._entry(d, stat.S_IFDIR | 0o755, b"")
+
+    def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        path = path.strip("/")
+        if "/" in path:
+            self.mkdir(path.rsplit("/", 1)[0])
+        self._entry(path, stat.S_IFREG | mode, data)
+
+    def symlink(self, path: str, target: str) -> None:
+        path = path.strip("/")
+        if "/" in path:
+            self.mkdir(path.rsplit("/", 1)[0])
+        self._entry(path, stat.S_IFLNK | 0o777, target.encode())
+
+    def write(self, out: Path) -> None:
+        self._entry("TRAILER!!!", 0, b"")
+        with out.open("wb") as f:
+            for p in self.parts:
+                f.write(p)
+
+
+def elf_needs(arch: Arch, path: Path) -> tuple[list[str], str | None]:
+    out = subprocess.run([arch.readelf, "-d", "-l", "-W", str(path)], check=True, capture_output=True, text=True).stdout
+    needed, interp = [], None
+    for line in out.splitlines():
+        if "(NEEDED)" in line and "[" in line:
+            needed.append(line.split("[", 1)[1].split("]", 1)[0])
+        if "Requesting program interpreter:" in line:
+            interp = line.split(":", 1)[1].strip().rstrip("]")
+    return needed, interp
+
+
+def add_libraries(arch: Arch, cpio: Cpio, binary: Path) -> list[str]:
+    """Copies the shared libraries `binary` links (recursively) into /lib; returns their names."""
+    added: list[str] = []
+    todo = [binary]
+    interp_path = None
+    while todo:
+        needed, interp = elf_needs(arch, todo.pop())
+        if interp and interp_path is None:
+            interp_path = interp
+        for lib in needed:
+            if lib in added:
+                continue
+            found = next((Path(d) / lib for d in arch.lib_dirs if (Path(d) / lib).exists()), None)
+            if found is None:
+                die(f"{binary.name} needs {lib}, not found in {arch.lib_dirs}")
+            cpio.file(f"/lib/{lib}", found.resolve().read_bytes(), 0o755)
+            added.append(lib)
+            todo.append(found.resolve())
+    if interp_path is None:
+        die(f"{binary} has no program interpreter (not a dynamic executable?)")
+    base = Path(interp_path).name
+    if interp_path.strip("/") != f"lib/{base}":
+        cpio.symlink(interp_path, f"/lib/{base}")
+    return added
+
+
+def busybox_binary(arch: Arch, cache: Path) -> Path:
+    if arch.busybox_deb_glob is None:
+        p = Path("/bin/busybox")
+        out = subprocess.run(["file", "-L", str(p)], capture_output=True, text=True).stdout
+        if "statically linked" not in out and "static-pie" not in out:
+            die("/bin/busybox is not the static busybox (install busybox-static)")
+        return p
+    debs = sorted((cache / "debs").glob(arch.busybox_deb_glob))
+    if not debs:
+        die(f"no {arch.busybox_deb_glob} in {cache / 'debs'} (tests/vm/run.sh downloads it)")
+    dest = cache / arch.deb_arch / "busybox"
+    if not (dest / "bin/busybox").exists():
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(dest)], check=True)
+    return dest / "bin/busybox"
+
+
+def kernel_tree(arch: Arch, cache: Path) -> tuple[Path, Path]:
+    """(vmlinuz, /lib/modules/<version>) extracted from the linux-image .deb in the cache."""
+    debs = sorted((cache / "debs").glob(f"linux-image-*-{arch.deb_arch}_*_{arch.deb_arch}.deb"))
+    if not debs:
+        die(f"no linux-image-*-{arch.deb_arch} .deb in {cache / 'debs'} (tests/vm/run.sh downloads it)")
+    root = cache / arch.deb_arch / "kernel"
+    stamp = root / ".from"
+    if not stamp.exists() or stamp.read_text() != debs[-1].name:
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root)], check=True)
+        stamp.write_text(debs[-1].name)
+    vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
+    mods = sorted((root / "lib/modules").iterdir())
+    if not vmlinuz or not mods:
+        die(f"{debs[-1].name} holds no vmlinuz or modules")
+    return vmlinuz[-1], mods[-1]
+
+
+def build_initramfs(arch: Arch, cache: Path, rtcam: Path, case_list: list[Case], work: Path) -> tuple[Path, Path]:
+    """(kernel, initramfs): busybox, /init, vivid and virtio-blk modules, rtcam and its libraries."""
+    vmlinuz, moddir = kernel_tree(arch, cache)
+    cpio = Cpio()
+    for d in ("bin", "dev", "proc", "sys", "tmp", "out", "lib", "modules"):
+        cpio.mkdir(d)
+    cpio.file("/bin/busybox", busybox_binary(arch, cache).read_bytes(), 0o755)
+    cpio.file("/init", (HERE / "guest-init.sh").read_bytes(), 0o755)
+    order = []
+    modules = resolve_modules(moddir, MODULES)
+    for p in modules:
+        cpio.file(f"/modules/{p.name}", p.read_bytes())
+        order.append(f"{p.name} {VIVID_ARGS}" if p.stem == "vivid" else p.name)
+    cpio.file("/modules/order", ("\n".join(order) + "\n").encode())
+    stripped = work / "rtcam"
+    subprocess.run([arch.strip, "-o", str(stripped), str(rtcam)], check=True)
+    cpio.file("/rtcam", stripped.read_bytes(), 0o755)
+    libs = add_libraries(arch, cpio, rtcam)
+    lines = [f"{c.name}|{c.env()}|{c.args()}|{'fault' if c.kind == 'fault' else 'plain'}" for c in case_list]
+    cpio.file("/cases", ("\n".join(lines) + "\n").encode())
+    out = work / "initramfs.cpio"
+    cpio.write(out)
+    print(
+        f"vmtest: {arch.name}: initramfs {out.stat().st_size // 1024} KiB: kernel {vmlinuz.name}, "
+        f"modules {' '.join(p.stem for p in modules)}, libs {' '.join(libs)}",
+        flush=True,
+    )
+    return vmlinuz, out
+
+
+def boot(arch: Arch, vmlinuz: Path, initramfs: Path, work: Path, timeout_s: int) -> Path:
+    """Runs the VM to its poweroff; returns the directory holding what the guest wrote."""
+    disk = work / "results.img"
+    disk.unlink(missing_ok=True)
+    with disk.open("wb") as f:
+        f.truncate(256 * 1024 * 1024)
+    console = work / "console.log"
+    cmd = arch.qemu + [
+        "-nographic", "-no-reboot", "-nic", "none",
+        "-kernel", str(vmlinuz), "-initrd", str(initramfs),
+        "-append", f"console={arch.console} rdinit=/init panic=-1 quiet loglevel=4",
+        "-drive", f"if=none,id=out,format=raw,file={disk}",
+        "-device", "virtio-blk-pci,drive=out",
+    ]
+    print(f"vmtest: {arch.name}: {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    with console.open("w") as log:
+        proc = subprocess.Popen(
+            ["timeout", "--kill-after=10", str(timeout_s)] + cmd,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            line = "".join(ch for ch in line if ch.isprintable() or ch == "\n")
+            if "vmtest:" in line or "Kernel panic" in line or "BUG" in line or "rtcam" in line.lower():
+                print(f"  [{arch.name} {time.monotonic() - start:6.1f}s] {line.rstrip()}", flush=True)
+        rc = proc.wait()
+    print(f"vmtest: {arch.name}: qemu exited {rc} after {time.monotonic() - start:.1f} s", flush=True)
+    tail = "".join(console.read_text(errors="replace").splitlines(keepends=True)[-40:])
+    if rc == 124:
+        die(f"{arch.name}: the VM did not finish within {timeout_s} s; console log {console} ends:\n{tail}")
+    if rc != 0:
+        die(f"{arch.name}: qemu failed (exit {rc}); console log {console} ends:\n{tail}")
+    if "vmtest: results written" not in console.read_text(errors="replace"):
+        die(f"{arch.name}: the guest did not finish its cases; console log {console} ends:\n{tail}")
+    results = work / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir()
+    try:
+        with tarfile.open(disk) as t:
+            # The guest's own files; the "data" filter where this Python has it (3.11.4+).
+            if hasattr(tarfile, "data_filter"):
+                t.extractall(results, filter="data")
+            else:
+                t.extractall(results)
+    except tarfile.TarError as e:
+        die(f"{arch.name}: no results on the disk ({e}); console log: {console}")
+    return results
+
+
+# --- checks --------------------------------------------------------------------------------
+
+
+def decode(path: Path):
+    import av  # from target/e2e-venv (tests/e2e/requirements.txt)
+
+    planes = []
+    with av.open(str(path), format="h264") as c:
+        for frame in c.decode(video=0):
+            planes.append(frame.to_ndarray(format="yuv420p"))
+    return planes
+
+
+def bar_samples(yuv, w: int, h: int):
+    """Mean Y, Cb, Cr at the centre of each of the 8 bands, rows 55-80% down (below vivid's
+    text overlay)."""
+    import numpy as np
+
+    y = yuv[:h].astype(np.float64)
+    u = yuv[h : h + h // 4].reshape(h // 2, w // 2).astype(np.float64)
+    v = yuv[h + h // 4 :].reshape(h // 2, w // 2).astype(np.float64)
+    r0, r1 = int(h * 0.55), int(h * 0.80)
+    out = []
+    for i in range(8):
+        cx = int((i + 0.5) * w / 8)
+        half = max(2, w // 64)
+        out.append(
+            (
+                y[r0:r1, cx - half : cx + half].mean(),
+                u[r0 // 2 : r1 // 2, (cx - half) // 2 : (cx + half) // 2].mean(),
+                v[r0 // 2 : r1 // 2, (cx - half) // 2 : (cx + half) // 2].mean(),
+            )
+        )
+    return out
+
+
+class Checker:
+    def __init__(self, arch: Arch, results: Path) -> None:
+        self.arch = arch
+        self.results = results
+        self.failures: list[str] = []
+        self.rows: list[dict] = []
+
+    def fail(self, case: Case, msg: str) -> None:
+        self.failures.append(f"{self.arch.name} {case.name}: {msg}")
+
+    def load(self, case: Case):
+        rc_file = self.results / f"{case.name}.rc"
+        if not rc_file.exists():
+            self.fail(case, "the guest produced no result (see the console log)")
+            return None, None, ""
+        rc = int(rc_file.read_text().strip() or -1)
+        log = (self.results / f"{case.name}.log").read_text(errors="replace")
+        lines = [l for l in (self.results / f"{case.name}.json").read_text().splitlines() if l.startswith("{")]
+        summary = json.loads(lines[-1]) if lines else None
+        return rc, summary, log
+
+    def check(self, case: Case) -> dict | None:
+        rc, s, log = self.load(case)
+        if rc is None:
+            return None
+        if case.kind == "refused":
+            if rc == 0 or "between 0 and 255" not in log:
+                self.fail(case, f"out-of-range brightness was not refused (exit {rc}): {log[-300:]}")
+            else:
+                print(f"vmtest: {self.arch.name} {case.name}: refused as expected: "
+                      f"{[l for l in log.splitlines() if 'between' in l][-1].strip()}")
+            return None
+        if rc != case.expect_rc or s is None:
+            self.fail(case, f"rtcam record exited {rc}; log tail:\n{log[-1500:]}")
+            return None
+        frames = decode(self.results / f"{case.name}.h264")
+        w, h = s["width"], s["height"]
+        row = {
+            "arch": self.arch.name, "case": case.name, "format": s["pixel_format"],
+            "size": f"{w}x{h}", "stride": s["stride"], "captured": s["frames"],
+            "decoded": len(frames), "copied/frame": s["bytes_copied_per_frame"], "bars": "-",
+            "s": s, "frames": frames,
+        }
+        if s["frames"] != case.frames or len(frames) != case.frames:
+            self.fail(case, f"asked {case.frames} frames: rtcam wrote {s['frames']}, decoded {len(frames)}")
+        if (w, h) != (case.width, case.height):
+            self.fail(case, f"summary says {w}x{h}, asked {case.width}x{case.height}")
+        for i, f in enumerate(frames):
+            if f.shape != (h * 3 // 2, w):
+                self.fail(case, f"decoded frame {i} is {f.shape[1]}x{f.shape[0] * 2 // 3}, not {w}x{h}")
+                break
+        if case.fmt and s["pixel_format"] != case.fmt:
+            self.fail(case, f"pixel format {s['pixel_format']}, asked {case.fmt}")
+        natural = w * 2 if s["pixel_format"] == "YUYV" else w
+        if case.stride_align:
+            want = -(-natural // case.stride_align) * case.stride_align
+            if s["stride"] != want or s["stride"] == w:
+                self.fail(case, f"stride {s['stride']}: expected {want} (padded, != width {w})")
+        elif s["stride"] != natural:
+            self.fail(case, f"stride {s['stride']}: expected the driver's {natural}")
+        copied = s["bytes_copied_per_frame"]
+        if s["pixel_format"] == "YU12" and copied != 0:
+            self.fail(case, f"YU12 must be zero-copy, but {copied} bytes were copied per frame")
+        if s["pixel_format"] != "YU12" and copied <= 0:
+            self.fail(case, f"{s['pixel_format']} is converted, yet bytes copied is {copied}")
+        if frames and case.kind == "plain" and "brightness" not in case.controls:
+            bad = []
+            dy = dc = 0.0
+            # First, middle and last frame: the picture is right throughout, not only once.
+            for f in (frames[0], frames[len(frames) // 2], frames[-1]):
+                for (name, ey, eu, ev), (y, u, v) in zip(BARS, bar_samples(f, w, h)):
+                    dy, dc = max(dy, abs(y - ey)), max(dc, abs(u - eu), abs(v - ev))
+                    if abs(y - ey) > Y_TOLERANCE or abs(u - eu) > C_TOLERANCE or abs(v - ev) > C_TOLERANCE:
+                        bad.append(f"{name}: got Y{y:.0f} Cb{u:.0f} Cr{v:.0f}, want Y{ey} Cb{eu} Cr{ev}")
+            row["bars"] = f"{'ok' if not bad else 'BAD'} (max |dY| {dy:.0f}, |dC| {dc:.0f})"
+            if bad:
+                self.fail(case, "colour bars wrong: " + "; ".join(bad))
+        self.rows.append(row)
+        return row
+
+
+def run_arch(arch: Arch, rtcam: Path, cache: Path, timeout_s: int) -> tuple[list[dict], list[str], float]:
+    if not rtcam.is_file():
+        die(f"{arch.name}: rtcam binary not found at {rtcam}")
+    kind = subprocess.run(["file", "-L", str(rtcam)], capture_output=True, text=True).stdout
+    want = "x86-64" if arch.name == "x86_64" else "aarch64"
+    if want not in kind:
+        die(f"{rtcam} is not a {arch.name} executable: {kind.strip()}")
+    work = cache / arch.deb_arch / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    case_list = cases(arch)
+    start = time.monotonic()
+    vmlinuz, initramfs = build_initramfs(arch, cache, rtcam, case_list, work)
+    results = boot(arch, vmlinuz, initramfs, work, timeout_s)
+    elapsed = time.monotonic() - start
+    checker = Checker(arch, results)
+    by_name = {}
+    for c in case_list:
+        row = checker.check(c)
+        if row:
+            by_name[c.name] = row
+    check_brightness(checker, case_list, by_name)
+    check_fault(checker, case_list, by_name)
+    return checker.rows, checker.failures, elapsed
+
+
+def mean_luma(row: dict) -> float:
+    """Mean luma of the bars (rows 55-80% down) in the last frame of a clip."""
+    h = row["s"]["height"]
+    return float(row["frames"][-1][int(h * 0.55) : int(h * 0.8), :].mean())
+
+
+def check_brightness(checker: Checker, case_list: list[Case], rows: dict) -> None:
+    base, dark, bright = rows.get(BRIGHTNESS_BASE), rows.get("brightness-64"), rows.get("brightness-192")
+    case = next(c for c in case_list if c.name == "brightness-64")
+    if not (base and dark and bright):
+        checker.fail(case, "brightness cases missing")
+        return
+    lum = {r["case"]: mean_luma(r) for r in (base, dark, bright)}
+    applied = (dark["s"]["controls"].get("brightness"), bright["s"]["controls"].get("brightness"))
+    ok = applied == (64, 192) and lum["brightness-64"] + 20 < lum[BRIGHTNESS_BASE] < lum["brightness-192"] - 20
+    verdict = "ok" if ok else "BAD"
+    for r in (dark, bright):
+        r["bars"] = f"luma {lum[r['case']]:.0f} vs {lum[BRIGHTNESS_BASE]:.0f} at 128 ({verdict})"
+    print(
+        f"vmtest: {checker.arch.name}: brightness via rtcam's control path: applied {applied}; mean luma "
+        f"64 -> {lum['brightness-64']:.1f}, default 128 -> {lum[BRIGHTNESS_BASE]:.1f}, "
+        f"192 -> {lum['brightness-192']:.1f}: {verdict}"
+    )
+    if not ok:
+        checker.fail(case, f"luma does not follow brightness: {lum}, applied {applied}")
+
+
+def check_fault(checker: Checker, case_list: list[Case], rows: dict) -> None:
+    case = next(c for c in case_list if c.kind == "fault")
+    row = rows.get(case.name)
+    if not row:
+        checker.fail(case, "fault case produced no clip")
+        return
+    s = row["s"]
+    back_file = checker.results / f"{case.name}.back_ms"
+    gone_file = checker.results / f"{case.name}.gone_ms"
+    back_ms, gone_ms = int(back_file.read_text()), int(gone_file.read_text())
+    log = (checker.results / f"{case.name}.log").read_text(errors="replace")
+    errors = [l for l in log.splitlines() if "ERROR" in l and ("capture failed" in l or "cannot start capture" in l)]
+    after = [i for i in s["interruptions"] if i["resumed_unix_ms"] > back_ms - 1000]
+    resume = (after[0]["resumed_unix_ms"] - back_ms) / 1000 if after else None
+    row["bars"] = f"resumed {resume:.2f}s after return" if resume is not None else "NO RESUME"
+    print(f"vmtest: {checker.arch.name}: fault: vivid.0 unbound at {gone_ms}, bound again at {back_ms} (unix ms); "
+          f"rtcam: {s['source_errors']} camera errors, interruptions {s['interruptions']}")
+    for l in errors[:3]:
+        print(f"    rtcam log: {l.strip()[:220]}")
+    if s["source_errors"] < 1 or not errors:
+        checker.fail(case, "rtcam did not report the camera error")
+    if not s["interruptions"] or not s["interruptions"][0]["last_frame_unix_ms"] <= gone_ms + 500:
+        checker.fail(case, f"no interruption around the unbind: {s['interruptions']}")
+    if resume is None or resume > 3.0:
+        checker.fail(case, f"capture resumed {resume} s after the device returned (limit 3 s)")
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["arch", "case", "format", "size", "stride", "captured", "decoded", "copied/frame", "bars"]
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
+    print()
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", action="append", choices=sorted(ARCHES), required=True)
+    ap.add_argument("--rtcam", action="append", required=True, help="rtcam binary per --arch, in order")
+    ap.add_argument("--cache", type=Path, default=REPO / "target/vm")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per VM")
+    a = ap.parse_args()
+    if len(a.arch) != len(a.rtcam):
+        die("give one --rtcam per --arch")
+    all_rows, all_failures = [], []
+    for name, binary in zip(a.arch, a.rtcam):
+        rows, failures, elapsed = run_arch(ARCHES[name], Path(binary), a.cache, a.timeout)
+        print(f"vmtest: {name}: initramfs + boot + {len(cases(ARCHES[name]))} cases: {elapsed:.1f} s", flush=True)
+        all_rows += rows
+        all_failures += failures
+    print_table(all_rows)
+    if all_failures:
+        for f in all_failures:
+            print(f"FAIL: {f}")
+        sys.exit(1)
+    print(f"vmtest: all checks passed ({len(all_rows)} clips)")
+
+
+if __name__ == "__main__":
+    main()
