@@ -89,7 +89,7 @@ fn mutated_messages_are_answered_never_panicked_on() {
         max_sdp_bytes: 2048,
     };
     let topics = Topics::new("rtcam", "cam1");
-    let mut rng = Rng(0x5EED_0F_57C4);
+    let mut rng = Rng(0x005E_ED0F_57C4);
     let (mut accepted, mut refused) = (0usize, 0usize);
     for round in 0..20_000 {
         let seed = SEEDS[round % SEEDS.len()].as_bytes();
