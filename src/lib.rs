@@ -19,3 +19,4 @@ pub mod signaling;
 pub mod state;
 pub mod systemd;
 pub mod viewer;
+pub mod web;
