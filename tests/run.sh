@@ -141,6 +141,14 @@ step "browser test dependencies (tests/web: npm ci)"
 step "browser tests (tests/web/run.mjs: Chromium + playwright-core in a private network namespace)"
 timeout --kill-after=30 "${WEB_TIMEOUT_S:-300}" \
     unshare "${unshare_args[@]}" -- bash -c 'ip link set lo up && exec node tests/web/run.mjs'
+# The README's demo in an ordinary browser (no loopback flags): that browser needs a LAN
+# address to gather candidates from, so this namespace gets a veth pair that leads nowhere.
+step "browser test of the demo (config/demo.toml, the URL scripts/demo.sh prints, plain Chromium)"
+timeout --kill-after=30 120 \
+    unshare "${unshare_args[@]}" -- bash -c 'ip link set lo up &&
+        ip link add rtcam-lan0 type veth peer name rtcam-lan1 &&
+        ip addr add 10.254.0.1/24 dev rtcam-lan0 && ip link set rtcam-lan0 up &&
+        ip link set rtcam-lan1 up && exec node tests/web/run.mjs demo'
 
 # --- Field deployment (issue 4) ---------------------------------------------------------
 # aarch64 build with Debian's toolchain + unit tests under qemu, check-config of

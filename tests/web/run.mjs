@@ -3,6 +3,11 @@
 // namespace (tests/run.sh does: `unshare -n`); every socket is on 127.0.0.1.
 //
 //   node tests/web/run.mjs          (needs $RTCAM_BIN or target/release/rtcam, web/dist built)
+//   node tests/web/run.mjs demo     the README's demo as a new user meets it: rtcam with
+//                                   config/demo.toml unchanged, the URL scripts/demo.sh prints,
+//                                   an ordinary Chromium (no loopback/mDNS flags). Needs a
+//                                   non-loopback interface in the namespace (tests/run.sh adds
+//                                   a veth pair that leads nowhere).
 //
 // Writes target/web-screenshot.png (video playing), target/web-snapshot.jpg (the downloaded
 // snapshot) and, on failure, target/web-failure.png plus the tails of every process log.
@@ -87,7 +92,7 @@ class Proc {
     this.name = name;
     this.log = join(WORK, `${name}.log`);
     const fd = openSync(this.log, "a");
-    this.child = spawn(argv[0], argv.slice(1), { stdio: ["ignore", fd, fd], env: { ...process.env, NO_COLOR: "1" } });
+    this.child = spawn(argv[0], argv.slice(1), { cwd: REPO, stdio: ["ignore", fd, fd], env: { ...process.env, NO_COLOR: "1" } });
     this.exited = new Promise((r) => this.child.once("exit", (code, sig) => r(code ?? sig)));
     procs.push(this);
   }
@@ -441,14 +446,17 @@ async function main() {
     assert.ok(await page.evaluate(() => window.__noReload === true), "the page was reloaded");
   });
 
-  await step("mosquitto restarts: the page reconnects to the broker and commands still work", async () => {
+  await step("mosquitto restarts: the page reconnects to the broker, the session lives on", async () => {
+    const before = await videoInfo(page);
     await broker.proc.stop("SIGTERM");
     await page.waitForSelector('#conn-status:not([data-state="ok"])', { timeout: 15000 });
     broker.proc = new Proc("mosquitto-2", [MOSQUITTO, "-c", broker.conf]);
     await waitTcp(broker.ws, 10000);
     await page.waitForSelector('#conn-status[data-state="ok"]', { timeout: 30000 });
     await page.waitForFunction(() => window.rtcam.session?.ready, null, { timeout: 30000 });
-    await expectVideoPlaying(page, "after the broker restart");
+    const after = await expectVideoPlaying(page, "after the broker restart");
+    // Media and the data channel are peer to peer (docs/protocol.md §4.8): same session.
+    assert.equal(after.session, before.session, "the session was replaced");
     const r = await page.evaluate(() => window.rtcam.session.command("ping", { t: 7 }));
     assert.deepEqual(r.result, { pong: true, t: 7 });
     assert.ok(await page.evaluate(() => window.__noReload === true), "the page was reloaded");
@@ -472,9 +480,38 @@ async function main() {
   });
 }
 
+/** The demo exactly as documented: config/demo.toml and the URL that scripts/demo.sh prints. */
+async function demoMain() {
+  const script = readFileSync(join(REPO, "scripts/demo.sh"), "utf8");
+  const m = script.match(/^url="(http:[^"]+)"$/m);
+  assert.ok(m, "scripts/demo.sh has no url=\"http://...\" line");
+  const url = m[1];
+  const webPort = Number(new URL(url).port);
+  const p = new Proc("rtcam-demo-toml", [RTCAM_BIN, "--config", join(REPO, "config/demo.toml")]);
+  // Proc starts it in the repository, where demo.toml's web.root = "web/dist" points.
+  await waitTcp(webPort, 20000);
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    // What any desktop Chromium does: no loopback candidates, mDNS-obfuscated host candidates.
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  page = await browser.newPage();
+  page.on("console", (msg) => consoleLines.push(`${msg.type()}: ${msg.text()}`));
+  await step(`an ordinary browser opens the demo URL ${url} and plays video`, async () => {
+    await page.goto(url);
+    await expectVideoPlaying(page, "demo");
+    await page.screenshot({ path: join(TARGET, "web-demo-screenshot.png"), fullPage: true });
+  });
+  await step("the demo stops cleanly", async () => {
+    assert.equal(await p.stop("SIGTERM"), 0, p.tail());
+  });
+}
+
 let failed = false;
 try {
-  await main();
+  if (process.argv[2] === "demo") await demoMain();
+  else await main();
 } catch (e) {
   failed = true;
   console.log("FAILED");
