@@ -134,8 +134,8 @@ fi
 # npm ci installs exactly package-lock.json (mqtt, esbuild; playwright-core for the tests).
 # The tests start mosquitto (TCP + WebSocket listeners), rtcam serving web/dist, and Debian's
 # Chromium inside their own network namespace; see tests/web/README.md.
-step "viewer build (web/: npm ci && npm run build -> web/dist)"
-(cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+step "viewer build and unit tests (web/: npm ci && npm test && npm run build -> web/dist)"
+(cd web && npm ci --no-audit --no-fund --loglevel=error && npm test --silent && npm run build --silent)
 step "browser test dependencies (tests/web: npm ci)"
 (cd tests/web && npm ci --no-audit --no-fund --loglevel=error)
 step "browser tests (tests/web/run.mjs: Chromium + playwright-core in a private network namespace)"

@@ -23,4 +23,6 @@ await build({
   logLevel: "warning",
 });
 await cp(join(here, "public"), dist, { recursive: true });
+// The bundled mqtt package's own licence travels with the bundle.
+await cp(join(here, "node_modules/mqtt/LICENSE.md"), join(dist, "mqtt.LICENSE.md"));
 console.log(`rtcam viewer built in ${dist}`);

@@ -375,6 +375,27 @@ async function main() {
     console.log(`\n    received bitrate ${before.shown.bitrate} -> ${after.shown.bitrate}`);
   });
 
+  await step("resolution, fps and keyframe from the page: the video follows without a new session", async () => {
+    const before = await videoInfo(page);
+    await page.selectOption("#resolution", "320x240");
+    await page.click("#resolution-apply");
+    await page.waitForFunction(() => {
+      const v = document.getElementById("video");
+      return v.videoWidth === 320 && v.videoHeight === 240 && document.getElementById("stat-resolution").textContent === "320x240";
+    }, null, { timeout: 15000 });
+    await page.fill("#fps", "15");
+    await page.click("#fps-apply");
+    await page.waitForFunction(() => window.rtcam.link.devices.get("webcam")?.state?.fps === 15, null, { timeout: 10000 });
+    await page.click("#keyframe");
+    await page.waitForFunction(() => document.getElementById("log").textContent.includes("keyframe requested"), null, { timeout: 10000 });
+    await page.selectOption("#resolution", `${WIDTH}x${HEIGHT}`);
+    await page.click("#resolution-apply");
+    await page.fill("#fps", "30");
+    await page.click("#fps-apply");
+    const after = await expectVideoPlaying(page, "back at 640x480");
+    assert.equal(after.session, before.session, "set-resolution replaced the session");
+  });
+
   await step("the test pattern's brightness control round-trips through the rendered control", async () => {
     const row = page.locator('.control[data-control="brightness"]');
     await row.waitFor({ timeout: 10000 });
@@ -473,9 +494,12 @@ async function main() {
     const port = await freePort();
     const demoConfig = rtcamConfig({ device: "demo", mqttPort, webPort: port, broker: { ws } });
     const demo = await startRtcam("rtcam-demo", demoConfig, port);
-    await page.goto(`http://${HOST}:${port}/?broker=ws://${HOST}:${ws}&device=demo`);
+    // No device in the URL: the user picks it from the list.
+    await page.goto(`http://${HOST}:${port}/?broker=ws://${HOST}:${ws}`);
     await page.waitForSelector('#conn-status[data-state="ok"]', { timeout: 15000 });
+    await page.click('#devices li[data-device="demo"][data-status="online"] button', { timeout: 15000 });
     await expectVideoPlaying(page, "embedded broker");
+    assert.match(page.url(), /[?&]device=demo(&|$)/, "the chosen device is in the URL");
     assert.equal(await demo.stop("SIGTERM"), 0, demo.tail());
   });
 }

@@ -436,7 +436,10 @@ $("connect-form").addEventListener("submit", (ev) => {
 });
 $("disconnect").onclick = disconnect;
 $("snapshot").onclick = snapshot;
-$("keyframe").onclick = () => run("keyframe");
+$("keyframe").onclick = async () => {
+  const reply = await run("keyframe");
+  if (reply?.ok) log("keyframe requested");
+};
 $("bitrate-apply").onclick = async () => {
   const reply = await run("set-bitrate", { bps: Math.round(Number($("bitrate-kbps").value) * 1000) });
   if (reply?.ok) {
