@@ -471,6 +471,8 @@ async function main() {
     const before = await videoInfo(page);
     await broker.proc.stop("SIGTERM");
     await page.waitForSelector('#conn-status:not([data-state="ok"])', { timeout: 15000 });
+    // Down long enough for two failed attempts: the page backs off 1 s, 2 s, 4 s...
+    await page.waitForFunction(() => document.getElementById("log").textContent.includes("retrying in 2 s"), null, { timeout: 10000 });
     broker.proc = new Proc("mosquitto-2", [MOSQUITTO, "-c", broker.conf]);
     await waitTcp(broker.ws, 10000);
     await page.waitForSelector('#conn-status[data-state="ok"]', { timeout: 30000 });

@@ -40,6 +40,10 @@ export class BrokerLink {
     this.devices = new Map();
     this.handlers = new Map(); // filter -> handler(topic, payload bytes)
     this.connected = false;
+    this.backoff = BACKOFF_MIN_MS;
+    this.retryTimer = null;
+    // Reconnection is ours (reconnectPeriod: 0): mqtt.js retries at a fixed interval, this
+    // doubles the delay up to BACKOFF_MAX_MS and re-subscribes every filter on each connect.
     this.client = mqtt.connect(url, {
       protocolVersion: 4,
       clientId: `rtcam-web-${randomHex(8)}`,
@@ -48,35 +52,40 @@ export class BrokerLink {
       clean: true,
       keepalive: 30,
       connectTimeout: 10000,
-      reconnectPeriod: BACKOFF_MIN_MS,
-      resubscribe: true,
+      reconnectPeriod: 0,
+      resubscribe: false,
     });
     this.onConnection("connecting", url);
     this.client.on("connect", () => {
       this.connected = true;
-      this.client.options.reconnectPeriod = BACKOFF_MIN_MS;
+      this.backoff = BACKOFF_MIN_MS;
+      for (const filter of this.handlers.keys()) this.sendSubscribe(filter).catch(() => {});
       this.onConnection("connected", url);
     });
     this.client.on("close", () => {
-      if (this.connected) this.log?.(`broker connection lost`);
+      if (this.connected) this.log?.("broker connection lost");
       this.connected = false;
-      // Exponential backoff: mqtt.js reads reconnectPeriod each time it schedules a retry.
-      const next = Math.min(this.client.options.reconnectPeriod * 2, BACKOFF_MAX_MS);
-      this.client.options.reconnectPeriod = next;
-      if (!this.closed) this.onConnection("offline", `retrying in ${Math.round(next / 1000)} s`);
+      if (this.closed || this.retryTimer) return;
+      const delay = this.backoff;
+      this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
+      this.onConnection("offline", `retrying in ${delay / 1000} s`);
+      this.retryTimer = setTimeout(() => {
+        this.retryTimer = null;
+        if (!this.closed) this.client.reconnect();
+      }, delay);
     });
     this.client.on("error", (e) => {
       this.log?.(`broker: ${e.message}`);
       this.onConnection("error", e.message);
     });
     this.client.on("message", (topic, payload) => this.dispatch(topic, payload));
-    // Devices announce themselves on retained topics (protocol §3).
-    this.subscribe(`${prefix}/+/status`, (topic, payload) =>
+    // Devices announce themselves on retained topics (protocol §3); subscribed on connect.
+    this.handlers.set(`${prefix}/+/status`, (topic, payload) =>
       this.updateDevice(topic, "status", parseJson(payload)),
-    ).catch(() => {});
-    this.subscribe(`${prefix}/+/state`, (topic, payload) =>
+    );
+    this.handlers.set(`${prefix}/+/state`, (topic, payload) =>
       this.updateDevice(topic, "state", parseJson(payload)),
-    ).catch(() => {});
+    );
   }
 
   updateDevice(topic, key, msg) {
@@ -100,9 +109,14 @@ export class BrokerLink {
     }
   }
 
-  /** Subscribes (QoS 1) and resolves once the broker acknowledged it. */
+  /** Subscribes (QoS 1) and resolves once the broker acknowledged it; kept across reconnects. */
   subscribe(filter, handler) {
     this.handlers.set(filter, handler);
+    if (!this.connected) return Promise.reject(new Error("broker not connected"));
+    return this.sendSubscribe(filter);
+  }
+
+  sendSubscribe(filter) {
     return new Promise((resolve, reject) => {
       this.client.subscribe(filter, { qos: 1 }, (err, granted) => {
         if (err) reject(err);
@@ -114,7 +128,7 @@ export class BrokerLink {
 
   unsubscribe(filter) {
     this.handlers.delete(filter);
-    this.client.unsubscribe(filter);
+    if (this.connected) this.client.unsubscribe(filter);
   }
 
   /** Publishes JSON (an object) or bytes at QoS 1; resolves when the broker acknowledged it. */
@@ -127,6 +141,7 @@ export class BrokerLink {
 
   close() {
     this.closed = true;
+    clearTimeout(this.retryTimer);
     this.client.end(true);
   }
 }

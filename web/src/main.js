@@ -85,6 +85,7 @@ function connect() {
     onConnection: (state, detail) => {
       const text = { connecting: "connecting", connected: "broker connected", offline: "broker offline", error: "broker error" }[state];
       badge("conn-status", state === "connected" ? "ok" : state === "error" ? "error" : "wait", `${text}: ${detail}`);
+      if (state === "offline") log(`broker offline, ${detail}`);
       if (state === "connected") reconcile();
     },
     onDevices: onDevices,
