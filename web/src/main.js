@@ -272,7 +272,8 @@ async function refreshStats() {
   $("stat-rtt").textContent = st.rttMs != null ? `${st.rttMs.toFixed(1)} ms` : "–";
   $("stat-lost").textContent = st.packetsLost != null ? String(st.packetsLost) : "–";
   $("stat-frames").textContent = st.framesDecoded != null ? String(st.framesDecoded) : "–";
-  $("stat-decoder").textContent = [st.decoder, st.codec].filter(Boolean).join(", ") || "–";
+  // Chrome reveals decoderImplementation only to pages with camera permission: often codec only.
+  $("stat-decoder").textContent = [st.codec, st.decoder].filter(Boolean).join(", ") || "–";
 }
 
 function showDeviceState(state) {
