@@ -12,7 +12,7 @@
 // Writes target/web-screenshot.png (video playing), target/web-snapshot.jpg (the downloaded
 // snapshot) and, on failure, target/web-failure.png plus the tails of every process log.
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, openSync, readFileSync, writeFileSync, accessSync, constants } from "node:fs";
 import { createServer, connect as tcpConnect } from "node:net";
 import { tmpdir } from "node:os";
@@ -50,8 +50,9 @@ requireFile(RTCAM_BIN, "the rtcam binary", "cargo build --release (or set RTCAM_
 requireFile(join(WEB_ROOT, "index.html"), "the built viewer", "cd web && npm ci && npm run build");
 requireFile(join(WEB_ROOT, "app.js"), "the built viewer", "cd web && npm ci && npm run build");
 const MOSQUITTO = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].find((p) => existsSync(p));
-if (!MOSQUITTO) {
-  console.error("browser tests: mosquitto not found: apt-get install mosquitto");
+const MOSQUITTO_PASSWD = ["/usr/bin/mosquitto_passwd", "/usr/sbin/mosquitto_passwd"].find((p) => existsSync(p));
+if (!MOSQUITTO || !MOSQUITTO_PASSWD) {
+  console.error("browser tests: mosquitto or mosquitto_passwd not found: apt-get install mosquitto");
   process.exit(1);
 }
 
@@ -121,17 +122,27 @@ class Proc {
   }
 }
 
+// The page logs in as this user over WebSocket; rtcam uses the anonymous TCP listener.
+const VIEWER_USER = "viewer";
+const VIEWER_PASSWORD = "s3cret-pw";
+
 async function startMosquitto() {
   const tcp = await freePort();
   const ws = await freePort();
   const conf = join(WORK, "mosquitto.conf");
+  const passwords = join(WORK, "mosquitto.passwd");
+  const made = spawnSync(MOSQUITTO_PASSWD, ["-b", "-c", passwords, VIEWER_USER, VIEWER_PASSWORD], { encoding: "utf8" });
+  assert.equal(made.status, 0, `mosquitto_passwd: ${made.stderr}`);
   writeFileSync(
     conf,
     [
+      "per_listener_settings true",
       `listener ${tcp} ${HOST}`,
+      "allow_anonymous true",
       `listener ${ws} ${HOST}`,
       "protocol websockets",
-      "allow_anonymous true",
+      "allow_anonymous false",
+      `password_file ${passwords}`,
       "persistence false",
       "user root",
       "log_dest stderr",
@@ -322,11 +333,17 @@ async function main() {
   page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
 
-  const url = `http://${HOST}:${webPort}/?broker=ws://${HOST}:${broker.ws}&device=${device}`;
-  await step(`page from rtcam's web server connects to mosquitto's WebSocket listener (${url})`, async () => {
+  const url = `http://${HOST}:${webPort}/?broker=ws://${HOST}:${broker.ws}&device=${device}&username=${VIEWER_USER}`;
+  await step(`page from rtcam's web server logs in to mosquitto's WebSocket listener (${url})`, async () => {
     const resp = await page.goto(url);
     assert.equal(resp.status(), 200);
     assert.match(resp.headers()["content-type"], /^text\/html/);
+    // Settings from the URL; without the password the broker refuses the page.
+    assert.equal(await page.inputValue("#username"), VIEWER_USER);
+    await page.waitForFunction(() => /not authori[sz]ed/i.test(document.getElementById("log").textContent), null, { timeout: 15000 });
+    // The password comes from the form.
+    await page.fill("#password", VIEWER_PASSWORD);
+    await page.click("#connect");
     await page.waitForSelector('#conn-status[data-state="ok"]', { timeout: 15000 });
     await page.waitForSelector(`#devices li[data-device="${device}"][data-status="online"]`, { timeout: 15000 });
   });
@@ -439,10 +456,12 @@ async function main() {
     await page.waitForFunction(() => document.getElementById("reply").textContent.includes("not-allowed"), null, { timeout: 10000 });
   });
 
-  await step("nothing is kept in localStorage/sessionStorage, no password in the URL", async () => {
-    const r = await page.evaluate(() => ({ local: localStorage.length, session: sessionStorage.length, url: location.href }));
-    assert.deepEqual([r.local, r.session], [0, 0]);
-    assert.doesNotMatch(r.url, /password/i);
+  await step("the password is not kept in localStorage/sessionStorage, cookies or the URL", async () => {
+    const pw = VIEWER_PASSWORD;
+    const r = await page.evaluate(() => ({ local: localStorage.length, session: sessionStorage.length, url: location.href, cookie: document.cookie }));
+    assert.deepEqual([r.local, r.session, r.cookie], [0, 0, ""]);
+    assert.ok(!r.url.includes(pw) && !/password/i.test(r.url), r.url);
+    assert.ok(r.url.includes(`username=${VIEWER_USER}`), r.url);
   });
 
   await step("rtcam restarts (SIGTERM, start again): the page recovers video without a reload", async () => {
