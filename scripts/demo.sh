@@ -15,6 +15,10 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${need[@]}"
 fi
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 18 ]; then
+  echo "demo.sh: Node.js $(node --version) is too old to build the viewer: install Node.js >= 18" >&2
+  exit 1
+fi
 # The viewer, exactly as pinned in web/package-lock.json, into web/dist (config/demo.toml's web.root).
 (cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
 cargo build --release
