@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
 # Runs the rtcam demo on a fresh Debian/Ubuntu machine: installs the build dependencies if
-# missing, builds, and starts rtcam with the test pattern and the embedded MQTT broker.
+# missing, builds rtcam and the browser viewer (web/), prints the viewer's URL and starts
+# rtcam with the test pattern, the embedded MQTT broker and the viewer's web server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v c++ >/dev/null || need+=(g++)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${need[@]}"
 fi
-exec cargo run --release -- --config config/demo.toml "$@"
+if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 18 ]; then
+  echo "demo.sh: Node.js $(node --version) is too old to build the viewer: install Node.js >= 18" >&2
+  exit 1
+fi
+# The viewer, exactly as pinned in web/package-lock.json, into web/dist (config/demo.toml's web.root).
+(cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+cargo build --release
+# config/demo.toml: web server on 8080, embedded broker's WebSocket listener on 8083.
+url="http://127.0.0.1:8080/?broker=ws://127.0.0.1:8083&device=demo"
+printf '\n  rtcam demo: open %s\n  (Ctrl-C stops it)\n\n' "$url"
+exec cargo run --release --quiet -- --config config/demo.toml "$@"

@@ -23,6 +23,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub homeassistant: HomeAssistantConfig,
     pub broker: BrokerConfig,
+    pub web: WebConfig,
     pub log: LogConfig,
 }
 
@@ -168,6 +169,16 @@ pub struct BrokerConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
     pub ws_listen: SocketAddr,
+}
+
+/// `[web]`: the built browser viewer served as static files (signaling stays on MQTT).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Directory holding the built viewer (index.html); relative paths are from the working directory.
+    pub root: PathBuf,
 }
 
 config_enum!(
@@ -416,6 +427,12 @@ impl Config {
         if m.state_min_interval_ms > 60_000 {
             return Err(invalid("mqtt.state_min_interval_ms", "0 to 60000"));
         }
+        if self.web.enabled && self.web.root.as_os_str().is_empty() {
+            return Err(invalid(
+                "web.root",
+                "the directory of the built viewer (web/dist), required when web.enabled = true",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -476,6 +493,7 @@ mod tests {
         assert_eq!(c.capture.format, PixelFormatChoice::Auto);
         assert_eq!(c.webrtc.max_viewers, 4);
         assert!(!c.broker.enabled);
+        assert!(!c.web.enabled, "the web viewer is off by default");
     }
 
     #[test]
@@ -564,6 +582,10 @@ mod tests {
         assert!(e.contains("syslog") && e.contains("journald"), "{e}");
         let e = err(Some("[webrtc]\nbind_addresses = [\"nope\"]\n"), &[]);
         assert!(e.contains("nope") || e.contains("bind_addresses"), "{e}");
+        let e = err(Some("[web]\nenabled = true\nroot = \"\"\n"), &[]);
+        assert!(e.contains("web.root"), "{e}");
+        let e = err(Some("[web]\nlisten = \"localhost\"\n"), &[]);
+        assert!(e.contains("listen") || e.contains("localhost"), "{e}");
         let e = err(None, &[("RTCAM__CAPTURE__FPS", "fast")]);
         assert!(e.contains("fps") || e.contains("fast"), "{e}");
         let e = err(Some("[mqtt]\ntls = true\nca_file = \"\"\n"), &[]);

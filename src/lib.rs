@@ -20,3 +20,4 @@ pub mod signaling;
 pub mod state;
 pub mod systemd;
 pub mod viewer;
+pub mod web;

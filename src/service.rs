@@ -1,4 +1,4 @@
-//! Wires the service together (broker, pipeline, MQTT, signaling, state, watchdog) and shuts it down in order.
+//! Wires the service together (broker, web viewer, pipeline, MQTT, signaling, state, watchdog) and shuts it down in order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,6 +163,17 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
     let (discovery_tx, discovery_rx) = watch::channel(initial_discovery(&config));
     let mqtt_settings = mqtt_settings(&config, discovery_rx)?;
     let ice_servers = ice_servers(&config)?;
+    // Bound before anything else starts, so a bad web.root or a taken port fails the start.
+    let web_task = if config.web.enabled {
+        let server = crate::web::WebServer::bind(&config.web).await?;
+        tracing::info!(
+            addr = %server.local_addr().context("web server address")?,
+            "serving the browser viewer (static files)"
+        );
+        Some(tokio::spawn(server.run(cancel.clone())))
+    } else {
+        None
+    };
 
     let (pipeline, capture_thread) = pipeline::spawn(
         pipeline_config(&config),
@@ -278,6 +289,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
     let _ = signaling.await;
     let _ = state_task.await;
     let _ = watchdog.await;
+    if let Some(web) = web_task {
+        let _ = web.await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), mqtt.go_offline(&config.device.id)).await;
     // Give the event loop a moment to flush the offline status and the DISCONNECT.
     tokio::time::sleep(Duration::from_millis(200)).await;

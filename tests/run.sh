@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # rtcam's test command: formatting, lints, unit tests, release build, end-to-end tests,
-# field-deployment checks (cross/ci-field.sh) and the VM tests against the vivid V4L2 driver in
-# x86_64 and aarch64 virtual machines (tests/vm/run.sh); the last two are skipped with --e2e-only.
+# the browser viewer's build and its browser tests (Chromium), field-deployment checks
+# (cross/ci-field.sh) and the VM tests against the vivid V4L2 driver in x86_64 and aarch64
+# virtual machines (tests/vm/run.sh); the last two are skipped with --e2e-only/--web-only.
 #
 #   ./tests/run.sh                  everything
-#   ./tests/run.sh --e2e-only       only the end-to-end tests (uses an existing $RTCAM_BIN)
+#   ./tests/run.sh --e2e-only       only the end-to-end and browser tests (existing $RTCAM_BIN)
+#   ./tests/run.sh --web-only       only the viewer build and the browser tests
 #   ./tests/run.sh -- -k bye        extra arguments after -- go to pytest
 #
 # On a fresh Debian 12 machine, run as root: missing Debian packages are installed with apt.
@@ -21,12 +23,14 @@ REQUIREMENTS="$REPO/tests/e2e/requirements.txt"
 E2E_TIMEOUT_S="${E2E_TIMEOUT_S:-1200}"
 
 e2e_only=0
+web_only=0
 pytest_args=()
 while (($#)); do
     case "$1" in
         --e2e-only) e2e_only=1 ;;
         --) shift; pytest_args=("$@"); break ;;
-        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+        --web-only) e2e_only=1; web_only=1 ;;
+        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -38,7 +42,9 @@ die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 # --- System packages ------------------------------------------------------------------
 step "checking system packages"
 missing=()
-for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config openssl; do
+# chromium: the browser tests (tests/web) drive Debian's /usr/bin/chromium; openssl makes the
+# certificates of the MQTT TLS tests.
+for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config chromium openssl; do
     status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
     if [[ "$status" != "install ok installed" ]]; then
         missing+=("$pkg")
@@ -49,6 +55,11 @@ if ! command -v python3 >/dev/null; then
 elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     missing+=(python3-venv)  # Debian ships ensurepip separately
 fi
+# Node.js >= 18 and npm build the viewer (web/) and run the browser tests. Debian's `nodejs`
+# and `npm` packages do; a Node.js from elsewhere (e.g. NodeSource, which bundles npm) is used
+# as it is.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
     [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} (run as root, or install them)"
     step "installing ${missing[*]}"
@@ -59,8 +70,14 @@ fi
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || die "mosquitto not found"
 command -v unshare >/dev/null || die "unshare (util-linux) not found"
 command -v ip >/dev/null || die "ip (iproute2) not found"
+[[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium not found (apt-get install chromium)"
+command -v node >/dev/null || die "node not found (apt-get install nodejs)"
+command -v npm >/dev/null || die "npm not found (apt-get install npm)"
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+((node_major >= 18)) || die "Node.js $(node --version) is too old: the viewer build needs >= 18"
 
 # --- Python venv for the end-to-end tests ---------------------------------------------
+if ((!web_only)); then
 want="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
 have="$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)"
 if [[ "$want" != "$have" ]] || ! "$VENV/bin/python" -c 'import aiortc, paho.mqtt, pytest, numpy' 2>/dev/null; then
@@ -70,6 +87,7 @@ if [[ "$want" != "$have" ]] || ! "$VENV/bin/python" -c 'import aiortc, paho.mqtt
     "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet \
         --only-binary=:all: -r "$REQUIREMENTS"
     echo "$want" >"$VENV/.requirements.sha256"
+fi
 fi
 
 # --- Rust -------------------------------------------------------------------------------
@@ -106,11 +124,33 @@ if [[ "${E2E_LO_MULTICAST:-0}" == 1 ]]; then
     netns_setup+=' && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo'
 fi
 
+if ((!web_only)); then
 step "end-to-end tests (pytest tests/e2e in a private network namespace, RTCAM_BIN=$RTCAM_BIN)"
 timeout --kill-after=30 "$E2E_TIMEOUT_S" \
     unshare "${unshare_args[@]}" -- bash -c \
     "$netns_setup"' && exec "$0" -m pytest -v -p no:cacheprovider tests/e2e "$@"' \
     "$VENV/bin/python" ${pytest_args[@]+"${pytest_args[@]}"}
+fi
+
+# --- Browser viewer: build from the lockfile, browser tests in Chromium -----------------
+# npm ci installs exactly package-lock.json (mqtt, esbuild; playwright-core for the tests).
+# The tests start mosquitto (TCP + WebSocket listeners), rtcam serving web/dist, and Debian's
+# Chromium inside their own network namespace; see tests/web/README.md.
+step "viewer build and unit tests (web/: npm ci && npm test && npm run build -> web/dist)"
+(cd web && npm ci --no-audit --no-fund --loglevel=error && npm test --silent && npm run build --silent)
+step "browser test dependencies (tests/web: npm ci)"
+(cd tests/web && npm ci --no-audit --no-fund --loglevel=error)
+step "browser tests (tests/web/run.mjs: Chromium + playwright-core in a private network namespace)"
+timeout --kill-after=30 "${WEB_TIMEOUT_S:-300}" \
+    unshare "${unshare_args[@]}" -- bash -c 'ip link set lo up && exec node tests/web/run.mjs'
+# The README's demo in an ordinary browser (no loopback flags): that browser needs a LAN
+# address to gather candidates from, so this namespace gets a veth pair that leads nowhere.
+step "browser test of the demo (config/demo.toml, the URL scripts/demo.sh prints, plain Chromium)"
+timeout --kill-after=30 120 \
+    unshare "${unshare_args[@]}" -- bash -c 'ip link set lo up &&
+        ip link add rtcam-lan0 type veth peer name rtcam-lan1 &&
+        ip addr add 10.254.0.1/24 dev rtcam-lan0 && ip link set rtcam-lan0 up &&
+        ip link set rtcam-lan1 up && exec node tests/web/run.mjs demo'
 
 # --- Field deployment (issue 4) ---------------------------------------------------------
 # aarch64 build with Debian's toolchain + unit tests under qemu, check-config of
