@@ -40,3 +40,25 @@ pub fn init(level: &str, target: LogTarget) {
         )
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn default_level_keeps_rtcam_info_and_quietens_the_webrtc_stack() {
+        let config = crate::config::Config::load(&crate::config::Sources::default())
+            .expect("built-in defaults load");
+        let subscriber = tracing_subscriber::registry().with(EnvFilter::new(&config.log.level));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(tracing::enabled!(target: "rtcam::service", Level::INFO));
+            assert!(!tracing::enabled!(target: "rtcam::service", Level::DEBUG));
+            assert!(!tracing::enabled!(target: "rtc::peer_connection", Level::INFO));
+            assert!(!tracing::enabled!(target: "rtc_ice::agent", Level::INFO));
+            assert!(!tracing::enabled!(target: "webrtc::peer_connection", Level::INFO));
+            assert!(tracing::enabled!(target: "rtc_ice::agent", Level::WARN));
+        });
+    }
+}

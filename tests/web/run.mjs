@@ -181,7 +181,7 @@ function rtcamConfig({ device, mqttPort, webPort, broker }) {
     `root = ${JSON.stringify(WEB_ROOT)}`,
     "[log]",
     `target = "stderr"`,
-    `level = "info,rumqttd=warn,rtc=warn,webrtc=warn"`,
+    `level = "info,rtcam=info,rumqttd=warn,rtc=warn,webrtc=warn"`,
   ];
   if (broker) {
     lines.push("[broker]", "enabled = true", `listen = "${HOST}:${mqttPort}"`, `ws_listen = "${HOST}:${broker.ws}"`);
