@@ -168,6 +168,9 @@ function rtcamConfig({ device, mqttPort, webPort, broker }) {
     `width = ${WIDTH}`,
     `height = ${HEIGHT}`,
     "fps = 30",
+    // Fresh noise under the moving box: the stream needs the bitrate it is given, so the
+    // received bitrate can follow set-bitrate (docs/protocol.md §5.1).
+    "test_pattern_noise = true",
     "[webrtc]",
     `bind_addresses = ["${HOST}"]`,
     "disconnect_timeout_ms = 3000",
@@ -250,6 +253,16 @@ async function expectVideoPlaying(page, what, timeoutMs = 30000) {
   return b;
 }
 
+/** The received bitrate the page shows, averaged over six readings half a second apart. */
+async function receivedBps(page) {
+  let sum = 0;
+  for (let i = 0; i < 6; i++) {
+    sum += Number(await page.getAttribute("#stat-bitrate", "data-bps")) || 0;
+    await sleep(500);
+  }
+  return sum / 6;
+}
+
 /** Mean of the green channel over the video frame (the test pattern's brightness moves it). */
 function meanGreen(page) {
   return page.evaluate(() => {
@@ -259,8 +272,9 @@ function meanGreen(page) {
     c.height = v.videoHeight;
     const g = c.getContext("2d", { willReadFrequently: true });
     g.drawImage(v, 0, 0);
-    // Below the two rows of bit cells (b = 16 px at 640 wide): the colour bars.
-    const d = g.getImageData(0, 64, c.width, c.height - 64).data;
+    // The colour bars: below the two rows of bit cells (b = 16 px at 640 wide), above the
+    // moving box and the noise band (which brightness does not move).
+    const d = g.getImageData(0, 64, c.width, c.height / 2 - 72).data;
     let sum = 0;
     for (let i = 1; i < d.length; i += 4) sum += d[i];
     return sum / (d.length / 4);
@@ -373,6 +387,7 @@ async function main() {
   });
 
   await step("set-bitrate from the page is reflected in the stats", async () => {
+    const receivedBefore = await receivedBps(page);
     const before = await videoInfo(page);
     assert.equal(before.shown.target, "1.00 Mbit/s", "initial device target bitrate");
     await page.fill("#bitrate-kbps", "300");
@@ -385,11 +400,15 @@ async function main() {
       null,
       { timeout: 10000 },
     );
-    // The received bitrate is shown too, but the test pattern compresses to far less than
-    // the smallest allowed target (100 kbit/s), so it does not move with the target: logged only.
+    // The received bitrate the page shows follows the target (the noise band needs every bit).
+    await sleep(2500); // the encoder's rate control and the page's 1 s stats window settle
+    const receivedAfter = await receivedBps(page);
     const after = await videoInfo(page);
     assert.match(after.shown.bitrate, /^\d+ kbit\/s$|Mbit\/s$/, "received bitrate shown");
-    console.log(`\n    received bitrate ${before.shown.bitrate} -> ${after.shown.bitrate}`);
+    console.log(`\n    received bitrate at 1 Mbit/s ${Math.round(receivedBefore / 1000)} kbit/s -> at 300 kbit/s ${Math.round(receivedAfter / 1000)} kbit/s`);
+    assert.ok(receivedBefore > 600000, `received ${receivedBefore} bit/s at a 1 Mbit/s target`);
+    assert.ok(receivedAfter > 120000 && receivedAfter < 450000, `received ${receivedAfter} bit/s at a 300 kbit/s target`);
+    assert.ok(receivedBefore > 2 * receivedAfter, "the received bitrate followed the target down");
   });
 
   await step("resolution, fps and keyframe from the page: the video follows without a new session", async () => {

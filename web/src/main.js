@@ -269,6 +269,7 @@ async function refreshStats() {
   $("stat-resolution").textContent = st.width ? `${st.width}x${st.height}` : "–";
   $("stat-fps").textContent = st.fps != null ? String(Math.round(st.fps)) : "–";
   $("stat-bitrate").textContent = formatBitrate(st.bitrate);
+  $("stat-bitrate").dataset.bps = st.bitrate != null ? String(Math.round(st.bitrate)) : "";
   $("stat-rtt").textContent = st.rttMs != null ? `${st.rttMs.toFixed(1)} ms` : "–";
   $("stat-lost").textContent = st.packetsLost != null ? String(st.packetsLost) : "–";
   $("stat-frames").textContent = st.framesDecoded != null ? String(st.framesDecoded) : "–";
