@@ -271,10 +271,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
             broker: format!("{}:{}", mqtt_settings.host, mqtt_settings.port),
             discovery: config.homeassistant.enabled.then(|| DiscoveryUpdate {
                 payload: discovery_tx,
-                config_topic: homeassistant::config_topic(
-                    &config.homeassistant.discovery_prefix,
-                    &config.device.id,
-                ),
+                // Same topic the event loop republishes on (set up in `mqtt_settings`).
+                config_topic: mqtt_settings
+                    .discovery
+                    .as_ref()
+                    .map(|d| d.config_topic.clone())
+                    .unwrap_or_default(),
                 topics: mqtt_settings.topics.clone(),
                 device: config.device.id.clone(),
                 mqtt: mqtt.clone(),

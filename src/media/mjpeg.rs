@@ -22,7 +22,8 @@ pub enum MjpegError {
     },
 }
 
-/// Decodes MJPEG frames of one size; after the first frame no frame allocates.
+/// Decodes MJPEG frames of one size into reused output buffers (zune-jpeg still keeps its
+/// own per-frame working memory).
 pub struct MjpegDecoder {
     /// Interleaved full-resolution Y, Cb, Cr as the decoder writes it.
     ycc: Vec<u8>,
