@@ -11,6 +11,7 @@ pub mod logging;
 pub mod media;
 pub mod mqtt;
 pub mod ports;
+pub mod preflight;
 pub mod protocol;
 pub mod ratelimit;
 pub mod record;
