@@ -352,9 +352,21 @@ def render_debian_copyright(crates):
                 data = tar.extractfile(f"{name}-{version}/{path}").read().decode("utf-8", "replace")
                 if begin:
                     data = data.splitlines()[begin - 1]
-                out.append(f" {name}-{version}/{path}:")
+                if is_apache_2(data):
+                    # Debian ships this text once; keep what the crate added: its copyright lines.
+                    out.append(f" {name}-{version}/{path}: the Apache License 2.0, /usr/share/common-licenses/Apache-2.0")
+                    data = "\n".join(l for l in data.splitlines() if re.match(r"\s*Copyright\b(?!.*\[yyyy\])", l))
+                    if not data:
+                        continue
+                else:
+                    out.append(f" {name}-{version}/{path}:")
                 out += [" " + l.rstrip() if l.strip() else " ." for l in data.splitlines()]
     return "\n".join(out) + "\n"
+
+
+def is_apache_2(text):
+    head = text[:600]
+    return "Apache License" in head and "Version 2.0, January 2004" in head
 
 
 # --- Main -------------------------------------------------------------------------------------
