@@ -41,35 +41,27 @@ die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # --- System packages ------------------------------------------------------------------
 step "checking system packages"
-missing=()
+# shellcheck source=cross/apt.sh
+. "$REPO/cross/apt.sh"  # ensure_packages: never removes or upgrades an installed package
 # chromium: the browser tests (tests/web) drive Debian's /usr/bin/chromium; openssl makes the
-# certificates of the MQTT TLS tests.
-for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config chromium openssl; do
-    status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
-    if [[ "$status" != "install ok installed" ]]; then
-        missing+=("$pkg")
-    fi
-done
+# certificates of the MQTT TLS tests; nasm assembles openh264's x86 SIMD code (without it
+# openh264-sys2 quietly builds the plain C encoder; scripts/check-openh264-asm.sh fails then).
+pkgs=(mosquitto libclang-dev iproute2 util-linux build-essential pkg-config chromium openssl nasm)
 if ! command -v python3 >/dev/null; then
-    missing+=(python3 python3-venv)
+    pkgs+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-    missing+=(python3-venv)  # Debian ships ensurepip separately
+    pkgs+=(python3-venv)  # Debian ships ensurepip separately
 fi
 # Node.js >= 18 and npm build the viewer (web/) and run the browser tests. Debian's `nodejs`
 # and `npm` packages do; a Node.js from elsewhere (e.g. NodeSource, which bundles npm) is used
 # as it is.
-command -v node >/dev/null || missing+=(nodejs)
-command -v npm >/dev/null || missing+=(npm)
-if ((${#missing[@]})); then
-    [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} (run as root, or install them)"
-    step "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+command -v node >/dev/null || pkgs+=(nodejs)
+command -v npm >/dev/null || pkgs+=(npm)
+ensure_packages "${pkgs[@]}"
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || die "mosquitto not found"
 command -v unshare >/dev/null || die "unshare (util-linux) not found"
 command -v ip >/dev/null || die "ip (iproute2) not found"
+command -v nasm >/dev/null || die "nasm not found (apt-get install nasm): openh264 would lose its SIMD code"
 [[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium not found (apt-get install chromium)"
 command -v node >/dev/null || die "node not found (apt-get install nodejs)"
 command -v npm >/dev/null || die "npm not found (apt-get install npm)"
@@ -108,6 +100,8 @@ if ((!e2e_only)); then
     cargo test
     step "cargo build --release"
     cargo build --release
+    step "openh264 built with its assembly (scripts/check-openh264-asm.sh --release)"
+    ./scripts/check-openh264-asm.sh --release
 fi
 
 # --- End-to-end tests -------------------------------------------------------------------
@@ -158,6 +152,14 @@ timeout --kill-after=30 120 \
 if ((!e2e_only)); then
     step "field deployment checks (cross/ci-field.sh)"
     RTCAM_BIN="$RTCAM_BIN" ./cross/ci-field.sh
+fi
+
+# --- The Yocto layer through BitBake (issue 12) --------------------------------------------
+# OE-core wrynose + BitBake 2.18 from ../shared/yocto: parse, bitbake -e/-n, offline fetch and
+# unpack of meta-rtcam as an unprivileged user (yocto/ci-bitbake.sh).
+if ((!e2e_only)); then
+    step "Yocto layer: BitBake parse, environment, dry run and unpack (yocto/ci-bitbake.sh)"
+    ./yocto/ci-bitbake.sh
 fi
 
 # --- Real V4L2 in virtual machines (issue 5) ----------------------------------------------
