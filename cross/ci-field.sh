@@ -110,7 +110,7 @@ for deb in "$OUT"/*.deb; do
     dpkg-deb -f "$deb" Package Version Architecture Depends Installed-Size
     dpkg-deb -c "$deb" | tee "$OUT/contents.txt"
     dpkg-deb -I "$deb" | grep -E '^ +[0-9]+ bytes' || true
-    for path in usr/bin/rtcam etc/rtcam/rtcam.toml lib/systemd/system/rtcam.service \
+    for path in usr/bin/rtcam etc/rtcam/rtcam.toml usr/lib/systemd/system/rtcam.service \
         usr/share/doc/rtcam/copyright usr/share/rtcam/web/index.html usr/share/rtcam/web/app.js \
         usr/share/rtcam/web/app.js.LEGAL.txt usr/share/rtcam/web/mqtt.LICENSE.md; do
         grep -qE " \./$path\$" "$OUT/contents.txt" || die "$(basename "$deb") lacks /$path"

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# rtcam's test command: formatting, lints, unit tests, release build, end-to-end tests,
-# the browser viewer's build and its browser tests (Chromium), field-deployment checks
-# (cross/ci-field.sh) and the VM tests against the vivid V4L2 driver in x86_64 and aarch64
-# virtual machines (tests/vm/run.sh); the last two are skipped with --e2e-only/--web-only.
+# rtcam's test command: formatting, lints, unit tests, release build (and a check that openh264
+# has its SIMD assembly), end-to-end tests, the browser viewer's build and its browser tests
+# (Chromium), field-deployment checks (cross/ci-field.sh), BitBake checks of the Yocto layer
+# (yocto/ci-bitbake.sh), the VM tests against the vivid V4L2 driver in x86_64 and aarch64
+# virtual machines (tests/vm/run.sh) and the Debian package under systemd in a VM
+# (tests/vm/systemd/run.sh); the last four are skipped with --e2e-only/--web-only.
 #
 #   ./tests/run.sh                  everything
 #   ./tests/run.sh --e2e-only       only the end-to-end and browser tests (existing $RTCAM_BIN)
 #   ./tests/run.sh --web-only       only the viewer build and the browser tests
 #   ./tests/run.sh -- -k bye        extra arguments after -- go to pytest
 #
-# On a fresh Debian 12 machine, run as root: missing Debian packages are installed with apt.
+# On a fresh Debian 12 machine, run as root: missing Debian packages are installed with apt,
+# never removing or upgrading an installed one (cross/apt.sh: it stops and names them).
 # A Rust toolchain (rustup, >= the crate's rust-version, with clippy and rustfmt) must be
 # installed beforehand. The end-to-end tests run inside a private network namespace
 # (`unshare -n`) holding only the loopback interface: they start their own mosquitto and
@@ -30,7 +33,7 @@ while (($#)); do
         --e2e-only) e2e_only=1 ;;
         --) shift; pytest_args=("$@"); break ;;
         --web-only) e2e_only=1; web_only=1 ;;
-        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -168,4 +171,12 @@ fi
 if ((!e2e_only)); then
     step "VM tests: real V4L2 (vivid) on x86_64 and aarch64 (tests/vm/run.sh)"
     RTCAM_BIN="$RTCAM_BIN" ./tests/vm/run.sh
+fi
+
+# --- The Debian package under a real systemd (issue 12) -------------------------------------
+# The amd64 .deb ci-field.sh built, installed in a Debian 12 guest with systemd and vivid:
+# READY, watchdog, journald fields, a viewer through the broker, offline on stop, security.
+if ((!e2e_only)); then
+    step "VM test: the .deb under systemd (tests/vm/systemd/run.sh)"
+    ./tests/vm/systemd/run.sh
 fi
