@@ -1,4 +1,5 @@
 //! The rtcam binary speaks systemd's notify protocol: READY=1 only once the camera was probed and MQTT is up, STATUS= while waiting, watchdog pings, STOPPING=1 on SIGTERM.
+#![allow(unsafe_code)] // libc::kill to send SIGTERM to the child.
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};

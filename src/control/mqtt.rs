@@ -72,25 +72,25 @@ impl MqttCommands {
             .reply_to
             .clone()
             .unwrap_or_else(|| self.topics.command_reply());
-        let refused = match request.command {
-            Err(e) => Some(e),
-            Ok(command) => match self.controller.admit(&mut self.limiter, now) {
-                Err(e) => Some(e),
-                Ok(()) => {
-                    let job = Job {
-                        id: request.id.clone(),
-                        command,
-                        reply_to: reply_to.clone(),
-                    };
-                    match self.jobs.try_send(job) {
-                        Ok(()) => None,
-                        Err(_) => Some(CommandError::new(
-                            CommandErrorCode::Busy,
-                            format!("{QUEUE} MQTT commands are already waiting; retry later"),
-                        )),
-                    }
-                }
-            },
+        // Every message counts against the limits, malformed ones too: each costs a reply.
+        let refused = match (
+            self.controller.admit(&mut self.limiter, now),
+            request.command,
+        ) {
+            (Err(e), _) | (Ok(()), Err(e)) => Some(e),
+            (Ok(()), Ok(command)) => {
+                let job = Job {
+                    id: request.id.clone(),
+                    command,
+                    reply_to: reply_to.clone(),
+                };
+                self.jobs.try_send(job).err().map(|_| {
+                    CommandError::new(
+                        CommandErrorCode::Busy,
+                        format!("{QUEUE} MQTT commands are already waiting; retry later"),
+                    )
+                })
+            }
         };
         if let Some(e) = refused {
             if let Some(suppressed) = self.log.allow(now) {

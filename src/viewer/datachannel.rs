@@ -74,12 +74,10 @@ async fn run_one(
     limiter: &mut crate::control::ratelimit::TokenBucket,
 ) -> Option<(String, Option<Vec<u8>>)> {
     let request = parse_request(message, Transport::DataChannel);
-    let outcome = match request.command {
-        Err(e) => Err(e),
-        Ok(command) => match controller.admit(limiter, Instant::now()) {
-            Err(e) => Err(e),
-            Ok(()) => controller.run(origin, &request.id, command).await,
-        },
+    // Every message counts against the limits, malformed ones too: each costs a reply.
+    let outcome = match (controller.admit(limiter, Instant::now()), request.command) {
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(command)) => controller.run(origin, &request.id, command).await,
     };
     let (result, attachment) = match outcome {
         Ok(CommandOutput::Forwarded) => return None,
