@@ -100,6 +100,10 @@ async fn run_tracked(
         tracker.spawn(server.run(cancel.clone()));
     }
 
+    let mdns = crate::viewer::peer::multicast_available();
+    if !mdns {
+        tracing::info!("no multicast route: mDNS is off, so viewers' .local candidates will not resolve (other candidates still connect)");
+    }
     let (pipeline, capture_thread) = pipeline::spawn(
         settings::pipeline_config(config),
         settings::source_opener(config),
@@ -162,7 +166,7 @@ async fn run_tracked(
                     disconnect: Duration::from_millis(w.disconnect_timeout_ms),
                 },
                 queue_frames: w.viewer_queue_frames,
-                mdns_unavailable: AtomicBool::new(false),
+                mdns_unavailable: AtomicBool::new(!mdns),
             },
             pipeline: pipeline.clone(),
             controller: controller.clone(),
