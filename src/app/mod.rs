@@ -102,7 +102,9 @@ async fn run_tracked(
 
     let mdns = crate::viewer::peer::multicast_available();
     if !mdns {
-        tracing::info!("no multicast route: mDNS is off, so viewers' .local candidates will not resolve (other candidates still connect)");
+        tracing::info!(
+            "no multicast route: mDNS is off, so viewers' .local candidates will not resolve (other candidates still connect)"
+        );
     }
     let (pipeline, capture_thread) = pipeline::spawn(
         settings::pipeline_config(config),
