@@ -5,6 +5,7 @@ pub mod convert;
 pub mod encoder;
 pub mod fanout;
 pub mod frame;
+pub mod h264;
 pub mod mjpeg;
 pub mod pattern;
 pub mod pipeline;
