@@ -1,4 +1,4 @@
-//! Pixel conversion into I420 for the encoder: one pass into a reused buffer (YUYV, NV12's chroma).
+//! Pixel conversion into I420 for the encoder: one pass into a reused buffer (YUYV with SSE2/AVX2/NEON kernels bit-exact with the scalar one, NV12's chroma).
 
 use super::frame::{I420Buffer, I420View, ShortBuffer};
 
