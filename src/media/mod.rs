@@ -5,6 +5,7 @@ pub mod convert;
 pub mod encoder;
 pub(crate) mod fanout;
 pub mod frame;
+pub(crate) mod h264;
 pub mod mjpeg;
 pub mod pattern;
 pub(crate) mod pipeline;
