@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v c++ >/dev/null || need+=(g++)
+command -v cmake >/dev/null || need+=(cmake)  # builds the bundled libjpeg-turbo
 # bindgen (v4l2-sys-mit) loads libclang and parses with clang's own headers; libclang-dev
 # brings both (libclang-N-dev: lib/libclang.so, libclang-common-N-dev: lib/clang/N/include).
 # libclang-cpp.so, from another package, is not libclang.

@@ -65,7 +65,7 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
         };
         // The very parse `run` does: the CA bundle has a usable certificate, the client's
         // certificate and key are PEM and belong together.
-        crate::mqtt::tls_client_config(
+        crate::mqtt::tls::tls_client_config(
             &ca,
             client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
         )

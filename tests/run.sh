@@ -46,10 +46,11 @@ die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 step "checking system packages"
 # shellcheck source=cross/apt.sh
 . "$REPO/cross/apt.sh"  # ensure_packages: never removes or upgrades an installed package
+# cmake: turbojpeg-sys builds its bundled libjpeg-turbo (MJPEG decoding) with it.
 # chromium: the browser tests (tests/web) drive Debian's /usr/bin/chromium; openssl makes the
 # certificates of the MQTT TLS tests; nasm assembles openh264's x86 SIMD code (without it
 # openh264-sys2 quietly builds the plain C encoder; scripts/check-openh264-asm.sh fails then).
-pkgs=(mosquitto libclang-dev iproute2 util-linux build-essential pkg-config chromium openssl nasm)
+pkgs=(mosquitto libclang-dev iproute2 util-linux build-essential pkg-config cmake chromium openssl nasm)
 if ! command -v python3 >/dev/null; then
     pkgs+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
