@@ -262,7 +262,12 @@ fn linked_crates(root: &Path, target: &str) -> BTreeMap<String, String> {
             continue; // "rtcam v0.1.0 (/path)": rtcam itself
         }
         let version = fields[1].strip_prefix('v').expect("cargo tree: vVERSION");
-        crates.insert(format!("{}-{version}", fields[0]), licence.to_string());
+        // The bundled libjpeg-turbo's licences (yocto/update-crates.py, BUNDLED_LICENCES).
+        let licence = match fields[0] {
+            "turbojpeg-sys" => format!("({licence}) AND IJG AND BSD-3-Clause AND Zlib"),
+            _ => licence.to_string(),
+        };
+        crates.insert(format!("{}-{version}", fields[0]), licence);
     }
     crates
 }

@@ -224,6 +224,10 @@ expect LICENSE "^$(sed -n 's/^RTCAM_LICENSE_OE = "\(.*\)"$/\1/p' "$LAYER/recipes
     "the generated list, '&'/'|' on wrynose"
 grep -q '^export CARGO_PROFILE_RELEASE_STRIP="false"' "$LOGS/env.txt" || fail "CARGO_PROFILE_RELEASE_STRIP is not exported"
 if grep -qw nasm-native <<<"$(var DEPENDS)"; then fail "DEPENDS has nasm-native on qemuarm64"; fi
+for dep in clang-native cmake-native; do
+    grep -qw "$dep" <<<"$(var DEPENDS)" || fail "DEPENDS lacks $dep"
+done
+echo "  DEPENDS                      ok: clang-native (bindgen), cmake-native (libjpeg-turbo), no nasm-native on ARM"
 
 step "bitbake -n rtcam (dry run of the whole build)"
 bb bitbake -n rtcam 2>&1 | as_user tee "$LOGS/dry-run.log" | grep -E '^(NOTE: Tasks Summary|ERROR|WARNING)' || true

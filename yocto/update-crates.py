@@ -54,8 +54,16 @@ DEVICE_TARGETS = [
 # rtcam's own licence files (Cargo.toml: license = "MIT OR Apache-2.0").
 OWN_LICENCE_FILES = ["LICENSE-MIT", "LICENSE-APACHE"]
 # Licence files outside a crate's top level that cover code it compiles in: openh264-sys2
-# builds Cisco's openh264 C++/assembly from upstream/ (BSD-2-Clause).
-EXTRA_LICENCE_FILES = {"openh264-sys2": ["upstream/LICENSE"]}
+# builds Cisco's openh264 C++/assembly from upstream/ (BSD-2-Clause), turbojpeg-sys the
+# bundled libjpeg-turbo from libjpeg-turbo/ (LICENSE.md; README.ijg holds the IJG licence).
+EXTRA_LICENCE_FILES = {
+    "openh264-sys2": ["upstream/LICENSE"],
+    "turbojpeg-sys": ["libjpeg-turbo/LICENSE.md", "libjpeg-turbo/README.ijg"],
+}
+# Licences of bundled C code beyond the crate's own `license` (which covers the Rust code):
+# libjpeg-turbo is IJG (the libjpeg API) and BSD-3-Clause (TurboJPEG API, build system), its
+# SIMD code Zlib (libjpeg-turbo/LICENSE.md).
+BUNDLED_LICENCES = {"turbojpeg-sys": "IJG AND BSD-3-Clause AND Zlib"}
 # The browser viewer (files/web): rtcam's code, the bundled mqtt.js and what it bundles
 # (web/dist/app.js.LEGAL.txt: ieee754 is BSD-3-Clause, safe-buffer and regenerator MIT).
 WEB_LICENCES = ["MIT OR Apache-2.0", "MIT", "BSD-3-Clause"]
@@ -207,6 +215,8 @@ def linked_crates(targets, features):
                 continue  # "rtcam v0.1.0 (/path)": the path package itself
             if not licence:
                 die(f"{name} {version} declares no `license`; add it by hand to this script")
+            if name in BUNDLED_LICENCES:
+                licence = f"({licence}) AND {BUNDLED_LICENCES[name]}"
             out[(name, version)] = licence
     return out
 

@@ -4,7 +4,8 @@ its bundled source) and streams it to WebRTC viewers that negotiate over MQTT."
 SECTION = "multimedia"
 
 # Licences: rtcam is MIT OR Apache-2.0; the binary links ~200 crates (ISC, Unicode-3.0,
-# BSD-3-Clause, ... see rtcam-release.inc) and openh264 (BSD-2-Clause). The viewer package
+# BSD-3-Clause, ... see rtcam-release.inc), openh264 (BSD-2-Clause) and libjpeg-turbo (IJG,
+# BSD-3-Clause, Zlib). The viewer package
 # bundles mqtt.js (MIT) with ieee754 (BSD-3-Clause): files/web/app.js.LEGAL.txt.
 # Shipping a self-compiled H.264 encoder may need a patent licence: see rtcam's README.
 # whinlatter and wrynose parse LICENSE with '&' and '|' (an "AND" there would be taken for a
@@ -60,6 +61,8 @@ export CARGO_PROFILE_RELEASE_STRIP = "false"
 DEPENDS += "clang-native"
 export LIBCLANG_PATH = "${STAGING_LIBDIR_NATIVE}"
 export BINDGEN_EXTRA_CLANG_ARGS = "--sysroot=${STAGING_DIR_TARGET}"
+# turbojpeg-sys builds the bundled libjpeg-turbo (MJPEG decoding) with cmake.
+DEPENDS += "cmake-native"
 # openh264-sys2 assembles openh264's x86 SIMD code with nasm, and without it silently builds
 # the plain C encoder (about 2.4x the CPU per frame). On ARM it compiles the NEON .S files
 # with the cross compiler the cargo class exports as CXX.
