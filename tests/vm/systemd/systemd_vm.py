@@ -14,7 +14,8 @@ never completes.) Then, with the guest's own apt and tools over ssh:
   viewer     an aiortc viewer on the host, through the guest's mosquitto, receives vivid's
              colour bars (the device's ICE candidate is rewritten to the forwarded port on
              127.0.0.1; the device then sees the host as a peer-reflexive candidate)
-  journald   journalctl -o json has the viewer's events with SPAN_NAME=viewer, F_SESSION=<id>
+  journald   journalctl -o json has the viewer's events with their span (SPAN_NAME) and the
+             session id in a span field (F_ID=<id>)
   security   systemd-analyze security rtcam: overall exposure <= 2.0
   watchdog   kill -STOP the main process: systemd's watchdog aborts it and Restart= starts a
              new one, active again, with the cached DTLS certificate
@@ -361,13 +362,19 @@ def main() -> int:
 
         r = guest.run("journalctl -u rtcam -o json --no-pager")
         entries = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
-        ours = [e for e in entries if e.get("SPAN_NAME") == "viewer" and e.get("F_SESSION") == session]
+        # tracing-journald gives each event its spans' names (SPAN_NAME) and fields (F_<NAME>):
+        # the viewer's events carry its session span and, in one of its fields, the session id.
+        def span_field(e: dict) -> str | None:
+            return next((k for k, v in e.items() if k.startswith("F_") and v == session), None)
+
+        ours = [e for e in entries if e.get("SPAN_NAME") and span_field(e)]
         if not ours:
             fields = sorted({k for e in entries for k in e if not k.startswith("_")})
-            die(f"journald: no rtcam entry with SPAN_NAME=viewer and F_SESSION={session} among {len(entries)} (fields seen: {fields})")
+            die(f"journald: no rtcam entry in a span with the session id {session} among {len(entries)} (fields seen: {fields})")
         sample = ours[0]
-        results["journald"] = (f"{len(ours)} entries of session {session} with SPAN_NAME=viewer, F_SESSION; e.g. "
-                               f"PRIORITY={sample.get('PRIORITY')} TARGET={sample.get('TARGET')} MESSAGE={sample.get('MESSAGE')!r}")
+        results["journald"] = (f"{len(ours)} entries of session {session} with SPAN_NAME={sample['SPAN_NAME']}, "
+                               f"{span_field(sample)}={session}; e.g. PRIORITY={sample.get('PRIORITY')} "
+                               f"TARGET={sample.get('TARGET')} MESSAGE={sample.get('MESSAGE')!r}")
         # Reported, not judged here: WARN (4) and worse from rtcam in this normal session.
         loud = sorted({e.get("MESSAGE", "")[:90] for e in entries if e.get("_COMM") == "rtcam" and int(e.get("PRIORITY", 6)) <= 4})
         results["WARN/ERROR lines"] = f"{len(loud)} distinct" + (": " + " | ".join(loud) if loud else "")
