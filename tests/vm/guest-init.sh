@@ -13,13 +13,27 @@ say() { echo "vmtest: $*"; }
 now_ms() { adjtimex | awk '/tv_sec/ { s = $2 } /tv_usec/ { u = $2 } END { printf "%d%03d\n", s, u / 1000 }'; }
 
 say "kernel $(uname -r) on $(uname -m), $(grep -c ^processor /proc/cpuinfo) cpu"
+# Each module's insmod result goes to /out/modules.txt; the host fails the run by name when
+# one did not load or its device nodes are missing (see /out/nodes.txt).
 while read -r mod args; do
-    insmod "/modules/$mod" $args || say "insmod $mod failed"
+    # shellcheck disable=SC2086
+    insmod "/modules/$mod" $args 2>>/out/insmod.log
+    rc=$?
+    echo "${mod%.ko} $rc" >>/out/modules.txt
+    [ $rc = 0 ] || say "insmod $mod failed ($rc): $(tail -1 /out/insmod.log)"
 done </modules/order
 i=0
 while [ ! -e /dev/video0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -e /dev/video0 ] || say "FAIL: /dev/video0 did not appear"
 say "/dev/video0 ready after $(cut -d' ' -f1 /proc/uptime) s of uptime"
+# The V4L2 and media-controller nodes the drivers created (node, name / model).
+for d in /sys/class/video4linux/*; do
+    [ -e "$d/name" ] && echo "v4l2 /dev/${d##*/} $(cat "$d/name")" >>/out/nodes.txt
+done
+for d in /sys/bus/media/devices/*; do
+    [ -e "$d/model" ] && echo "media /dev/${d##*/} $(cat "$d/model")" >>/out/nodes.txt
+done
+say "nodes: $(awk '{ print $2 }' /out/nodes.txt | tr '\n' ' ')"
 VIVID=/sys/bus/platform/drivers/vivid
 
 run_fault() { # name args...: record while vivid is unbound for 2 s, then bound again
@@ -60,5 +74,6 @@ while IFS='|' read -r name envs args kind; do
 done </cases
 
 cp /proc/uptime /out/uptime
+dmesg >/out/dmesg.txt
 tar -C /out -cf /dev/vda . && sync && say "results written"
 poweroff -f

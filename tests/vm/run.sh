@@ -38,7 +38,9 @@ die() { printf 'tests/vm/run.sh: error: %s\n' "$*" >&2; exit 1; }
 die_missing() { printf 'tests/vm/run.sh: MISSING: %s\n' "$*" >&2; exit 1; }
 
 step "system packages"
-PKGS=(qemu-system-x86 qemu-system-arm busybox-static file binutils binutils-aarch64-linux-gnu)
+PKGS=(qemu-system-x86 qemu-system-arm busybox-static file binutils binutils-aarch64-linux-gnu make gcc-12)
+# The test driver modules are cross-compiled for the aarch64 guest (tests/vm/build-modules.sh).
+[[ " ${arches[*]} " == *" aarch64 "* ]] && PKGS+=(gcc-12-aarch64-linux-gnu)
 # shellcheck source=cross/apt.sh
 . "$REPO/cross/apt.sh"
 ensure_packages "${PKGS[@]}"
@@ -105,14 +107,16 @@ for arch in "${arches[@]}"; do
         || die_missing "$pkg .deb in $CACHE/debs"
 done
 
-step "VM tests: ${arches[*]}"
 args=()
 for arch in "${arches[@]}"; do
+    step "$arch: test driver modules (vimc, vicodec, v4l2loopback) for the guest kernel"
+    modules="$(tests/vm/build-modules.sh "$arch")"
     case "$arch" in
-        x86_64) args+=(--arch x86_64 --rtcam "$RTCAM_BIN") ;;
-        aarch64) args+=(--arch aarch64 --rtcam "$RTCAM_ARM_BIN") ;;
+        x86_64) args+=(--arch x86_64 --rtcam "$RTCAM_BIN" --modules "$modules") ;;
+        aarch64) args+=(--arch aarch64 --rtcam "$RTCAM_ARM_BIN" --modules "$modules") ;;
     esac
 done
+step "VM tests: ${arches[*]}"
 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     "$VENV_PY" tests/vm/vmtest.py --cache "$CACHE" --timeout "$VM_TIMEOUT_S" "${args[@]}"
 step "VM tests passed in $((SECONDS - started)) s"

@@ -81,8 +81,26 @@ ARCHES = {
     ),
 }
 
-MODULES = ["vivid", "virtio_pci", "virtio_blk"]
 VIVID_ARGS = "n_devs=1 node_types=0x1 num_inputs=1 input_types=0x0 vid_cap_nr=0 no_error_inj=1"
+# Modules the guest loads, in this order (each after its dependencies), with their arguments.
+# vivid comes first so that its capture node is /dev/video0. vimc, vicodec and v4l2loopback
+# are not in Debian's kernel package: tests/vm/build-modules.sh builds them for it.
+GUEST_MODULES = [
+    ("vivid", VIVID_ARGS),
+    ("vimc", ""),
+    ("vicodec", ""),
+    ("v4l2loopback", "devices=1 card_label=rtcam-loopback"),
+    ("virtio_pci", ""),
+    ("virtio_blk", ""),
+]
+# What each test driver must create in the guest: V4L2 node names (/sys/class/video4linux/*/
+# name: video nodes and sub-devices) and media-controller models (/sys/bus/media/devices/*/model).
+EXPECTED_NODES = {
+    "vivid": (["vivid-000-vid-cap"], []),
+    "vimc": (["Raw Capture 0", "Raw Capture 1", "RGB/YUV Capture", "Sensor A", "Debayer A", "Scaler"], ["VIMC MDEV"]),
+    "vicodec": (["stateful-encoder", "stateful-decoder", "stateless-decoder"], ["vicodec"]),
+    "v4l2loopback": (["rtcam-loopback"], []),
+}
 
 
 @dataclass
@@ -167,11 +185,19 @@ def modinfo(path: Path) -> dict[str, str]:
     return info
 
 
-def resolve_modules(moddir: Path, wanted: list[str]) -> list[Path]:
-    """`wanted` and everything they depend on, dependencies first (as modules.dep would)."""
-    by_name = {}
-    for p in moddir.rglob("*.ko"):
-        by_name[p.stem.replace("-", "_")] = p
+def resolve_modules(moddirs: list[Path], wanted: list[str]) -> list[Path]:
+    """`wanted` and everything they depend on, dependencies first (as modules.dep would).
+    Modules are looked up in the kernel's tree and the extra directories, in that order; a
+    wanted module that is neither there nor built into the kernel (modules.builtin) is missing."""
+    by_name: dict[str, Path] = {}
+    for d in moddirs:
+        for p in d.rglob("*.ko"):
+            by_name.setdefault(p.stem.replace("-", "_"), p)
+    builtin_file = moddirs[0] / "modules.builtin"
+    builtin = {
+        Path(line.strip()).stem.replace("-", "_")
+        for line in (builtin_file.read_text().splitlines() if builtin_file.exists() else [])
+    }
     order: list[Path] = []
     seen: set[str] = set()
 
@@ -188,12 +214,11 @@ def resolve_modules(moddir: Path, wanted: list[str]) -> list[Path]:
         order.append(path)
 
     for w in wanted:
-        if w.replace("-", "_") not in by_name:
-            # virtio_pci etc. may be built in; vivid must be a module or built in somewhere.
-            continue
+        key = w.replace("-", "_")
+        if key not in by_name and key not in builtin:
+            die(f"MISSING: kernel module {w}: not in {', '.join(map(str, moddirs))} and not built in "
+                "(tests/vm/build-modules.sh builds vimc, vicodec and v4l2loopback)")
         visit(w)
-    if not any(p.stem == "vivid" for p in order):
-        die(f"no vivid.ko under {moddir}")
     return order
 
 
@@ -316,19 +341,24 @@ def kernel_tree(arch: Arch, cache: Path) -> tuple[Path, Path]:
     return vmlinuz[-1], mods[-1]
 
 
-def build_initramfs(arch: Arch, cache: Path, rtcam: Path, case_list: list[Case], work: Path) -> tuple[Path, Path]:
-    """(kernel, initramfs): busybox, /init, vivid and virtio-blk modules, rtcam and its libraries."""
+def build_initramfs(
+    arch: Arch, cache: Path, rtcam: Path, case_list: list[Case], work: Path, extra_modules: Path
+) -> tuple[Path, Path]:
+    """(kernel, initramfs): busybox, /init, the test drivers and virtio-blk modules, rtcam and its libraries."""
     vmlinuz, moddir = kernel_tree(arch, cache)
+    if not extra_modules.is_dir():
+        die(f"MISSING: the test driver modules directory {extra_modules} (tests/vm/build-modules.sh)")
     cpio = Cpio()
     for d in ("bin", "dev", "proc", "sys", "tmp", "out", "lib", "modules"):
         cpio.mkdir(d)
     cpio.file("/bin/busybox", busybox_binary(arch, cache).read_bytes(), 0o755)
     cpio.file("/init", (HERE / "guest-init.sh").read_bytes(), 0o755)
     order = []
-    modules = resolve_modules(moddir, MODULES)
+    args = {name.replace("-", "_"): a for name, a in GUEST_MODULES}
+    modules = resolve_modules([moddir, extra_modules], [name for name, _ in GUEST_MODULES])
     for p in modules:
         cpio.file(f"/modules/{p.name}", p.read_bytes())
-        order.append(f"{p.name} {VIVID_ARGS}" if p.stem == "vivid" else p.name)
+        order.append(f"{p.name} {args.get(p.stem.replace('-', '_'), '')}".rstrip())
     cpio.file("/modules/order", ("\n".join(order) + "\n").encode())
     stripped = work / "rtcam"
     subprocess.run([arch.strip, "-o", str(stripped), str(rtcam)], check=True)
@@ -514,7 +544,34 @@ class Checker:
         return row
 
 
-def run_arch(arch: Arch, rtcam: Path, cache: Path, timeout_s: int) -> tuple[list[dict], list[str], float]:
+def check_drivers(checker: Checker) -> None:
+    """Every guest module loaded and each test driver created its nodes (fails by name)."""
+    arch = checker.arch.name
+    mods_file, nodes_file = checker.results / "modules.txt", checker.results / "nodes.txt"
+    if not mods_file.exists() or not nodes_file.exists():
+        checker.failures.append(f"{arch}: the guest wrote no modules.txt/nodes.txt (see the console log)")
+        return
+    loaded = dict(line.split() for line in mods_file.read_text().splitlines() if line.strip())
+    for name, rc in loaded.items():
+        if rc != "0":
+            log = (checker.results / "insmod.log").read_text(errors="replace").strip()
+            checker.failures.append(f"{arch}: MISSING: kernel module {name} did not load (insmod exit {rc}): {log[-300:]}")
+    v4l2, media = {}, {}
+    for line in nodes_file.read_text().splitlines():
+        kind, node, name = (line.split(" ", 2) + ["", ""])[:3]
+        (v4l2 if kind == "v4l2" else media)[name] = node
+    for driver, (names, models) in EXPECTED_NODES.items():
+        found = [f"{v4l2[n]} {n!r}" for n in names if n in v4l2] + [f"{media[m]} {m!r}" for m in models if m in media]
+        missing = [n for n in names if n not in v4l2] + [m for m in models if m not in media]
+        print(f"vmtest: {arch}: {driver}: {', '.join(found) or 'no nodes'}")
+        if missing:
+            checker.failures.append(f"{arch}: MISSING: {driver} did not create {', '.join(map(repr, missing))} "
+                                    f"(module loaded: {loaded.get(driver, 'not in the guest')})")
+
+
+def run_arch(
+    arch: Arch, rtcam: Path, cache: Path, timeout_s: int, extra_modules: Path
+) -> tuple[list[dict], list[str], float]:
     if not rtcam.is_file():
         die(f"{arch.name}: rtcam binary not found at {rtcam}")
     kind = subprocess.run(["file", "-L", str(rtcam)], capture_output=True, text=True).stdout
@@ -526,10 +583,11 @@ def run_arch(arch: Arch, rtcam: Path, cache: Path, timeout_s: int) -> tuple[list
     work.mkdir(parents=True)
     case_list = cases(arch)
     start = time.monotonic()
-    vmlinuz, initramfs = build_initramfs(arch, cache, rtcam, case_list, work)
+    vmlinuz, initramfs = build_initramfs(arch, cache, rtcam, case_list, work, extra_modules)
     results = boot(arch, vmlinuz, initramfs, work, timeout_s)
     elapsed = time.monotonic() - start
     checker = Checker(arch, results)
+    check_drivers(checker)
     by_name = {}
     for c in case_list:
         row = checker.check(c)
@@ -608,14 +666,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", action="append", choices=sorted(ARCHES), required=True)
     ap.add_argument("--rtcam", action="append", required=True, help="rtcam binary per --arch, in order")
+    ap.add_argument("--modules", action="append", required=True, type=Path,
+                    help="test driver modules (tests/vm/build-modules.sh) per --arch, in order")
     ap.add_argument("--cache", type=Path, default=REPO / "target/vm")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per VM")
     a = ap.parse_args()
-    if len(a.arch) != len(a.rtcam):
-        die("give one --rtcam per --arch")
+    if not len(a.arch) == len(a.rtcam) == len(a.modules):
+        die("give one --rtcam and one --modules per --arch")
     all_rows, all_failures = [], []
-    for name, binary in zip(a.arch, a.rtcam):
-        rows, failures, elapsed = run_arch(ARCHES[name], Path(binary), a.cache, a.timeout)
+    for name, binary, modules in zip(a.arch, a.rtcam, a.modules):
+        rows, failures, elapsed = run_arch(ARCHES[name], Path(binary), a.cache, a.timeout, modules)
         print(f"vmtest: {name}: initramfs + boot + {len(cases(ARCHES[name]))} cases: {elapsed:.1f} s", flush=True)
         all_rows += rows
         all_failures += failures
