@@ -92,7 +92,10 @@ config_enum!(
 
 config_enum!(
     /// Pixel format asked of a V4L2 camera.
-    PixelFormatChoice { Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG" }
+    PixelFormatChoice {
+        Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG", Rgb3 = "RGB3",
+        Bgr3 = "BGR3"
+    }
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -559,8 +562,8 @@ mod tests {
     fn bad_values_name_key_and_allowed_values() {
         let e = err(Some("[capture]\nsource = \"webcam\"\n"), &[]);
         assert!(e.contains("webcam") && e.contains("test-pattern"), "{e}");
-        let e = err(Some("[capture]\nformat = \"RGB3\"\n"), &[]);
-        assert!(e.contains("RGB3") && e.contains("YUYV"), "{e}");
+        let e = err(Some("[capture]\nformat = \"RGB4\"\n"), &[]);
+        assert!(e.contains("RGB4") && e.contains("YUYV"), "{e}");
         let e = err(Some("[capture]\nwidth = 641\n"), &[]);
         assert!(e.contains("capture.width") && e.contains("even"), "{e}");
         let e = err(Some("[webrtc]\nmax_viewers = 0\n"), &[]);

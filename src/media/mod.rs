@@ -10,8 +10,12 @@ pub mod mjpeg;
 pub mod pattern;
 pub(crate) mod pipeline;
 pub(crate) mod range;
+pub(crate) mod rgb;
 pub(crate) mod snapshot;
 pub(crate) mod source;
 pub(crate) mod status;
 pub(crate) mod test_pattern;
 pub(crate) mod v4l2;
+// Parts used only by the M2M codecs (next commit) are unused until then.
+#[allow(dead_code)]
+pub(crate) mod vdev;

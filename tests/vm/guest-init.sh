@@ -1,7 +1,8 @@
 #!/bin/busybox sh
-# The VM tests' /init: loads vivid, runs every case in /cases with rtcam against /dev/video0,
+# The VM tests' /init: loads vivid and the other test drivers, runs every case in /cases,
 # writes the results as a tar stream onto the raw virtio disk, and powers off.
-# Case lines: NAME|ENV ASSIGNMENTS|RTCAM RECORD ARGUMENTS|KIND (plain or fault).
+# Case lines: NAME|ENV ASSIGNMENTS|COMMAND|KIND (plain or fault); a case's standard output
+# goes to /out/NAME.json, its standard error to /out/NAME.log, its exit code to /out/NAME.rc.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /out /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s /bin
 export PATH=/bin LD_LIBRARY_PATH=/lib
@@ -34,11 +35,22 @@ for d in /sys/bus/media/devices/*; do
     [ -e "$d/model" ] && echo "media /dev/${d##*/} $(cat "$d/model")" >>/out/nodes.txt
 done
 say "nodes: $(awk '{ print $2 }' /out/nodes.txt | tr '\n' ' ')"
+# There is no udevd here, and libcamera enumerates only devices udev has initialised: write
+# the (empty) udev database entries udevd would, for the media and V4L2 nodes.
+mkdir -p /run/udev/data
+for d in /sys/bus/media/devices/* /sys/class/video4linux/*; do
+    [ -e "$d/dev" ] && echo "I:1" >"/run/udev/data/c$(cat "$d/dev")"
+done
+# Stable names for the cases (no udev here): /dev/by-name/<node name, spaces and / as ->.
+mkdir -p /dev/by-name
+while read -r kind node name; do
+    [ "$kind" = v4l2 ] && ln -s "$node" "/dev/by-name/$(echo "$name" | tr ' /' '--')"
+done </out/nodes.txt
 VIVID=/sys/bus/platform/drivers/vivid
 
-run_fault() { # name args...: record while vivid is unbound for 2 s, then bound again
+run_fault() { # name command...: run while vivid is unbound for 2 s, then bound again
     name=$1; shift
-    /rtcam record "$@" >"/out/$name.json" 2>"/out/$name.log" &
+    "$@" >"/out/$name.json" 2>"/out/$name.log" &
     pid=$!
     i=0
     while ! grep -q "capture started" "/out/$name.log" && kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do
@@ -56,18 +68,18 @@ run_fault() { # name args...: record while vivid is unbound for 2 s, then bound 
     echo $? >"/out/$name.rc"
 }
 
-while IFS='|' read -r name envs args kind; do
+while IFS='|' read -r name envs command kind; do
     [ -n "$name" ] || continue
     start=$(now_ms)
     if [ "$kind" = fault ]; then
         # shellcheck disable=SC2086
         export $envs
         # shellcheck disable=SC2086
-        run_fault "$name" $args
+        run_fault "$name" $command
         for kv in $envs; do unset "${kv%%=*}"; done
     else
         # shellcheck disable=SC2086
-        env $envs /rtcam record $args >"/out/$name.json" 2>"/out/$name.log"
+        env $envs $command >"/out/$name.json" 2>"/out/$name.log"
         echo $? >"/out/$name.rc"
     fi
     say "$name: exit $(cat "/out/$name.rc") in $(($(now_ms) - start)) ms"
