@@ -12,6 +12,7 @@ mod control;
 mod homeassistant;
 mod log_limit;
 pub mod logging;
+pub mod m2m_check;
 pub mod media;
 mod mqtt;
 mod outbound;

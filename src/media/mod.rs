@@ -6,6 +6,7 @@ pub mod encoder;
 pub(crate) mod fanout;
 pub mod frame;
 pub(crate) mod h264;
+pub(crate) mod m2m;
 pub mod mjpeg;
 pub mod pattern;
 pub(crate) mod pipeline;
@@ -16,6 +17,4 @@ pub(crate) mod source;
 pub(crate) mod status;
 pub(crate) mod test_pattern;
 pub(crate) mod v4l2;
-// Parts used only by the M2M codecs (next commit) are unused until then.
-#[allow(dead_code)]
 pub(crate) mod vdev;

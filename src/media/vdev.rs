@@ -123,7 +123,6 @@ impl Memory {
 pub(crate) struct Capabilities {
     pub driver: String,
     pub card: String,
-    pub bus_info: String,
     /// The node's own capabilities (V4L2_CAP_*).
     pub device_caps: u32,
 }
@@ -138,8 +137,6 @@ impl Capabilities {
 #[derive(Debug, Clone)]
 pub(crate) struct FormatDesc {
     pub fourcc: FourCc,
-    pub description: String,
-    pub compressed: bool,
 }
 
 /// One entry of VIDIOC_ENUM_FRAMESIZES.
@@ -180,7 +177,6 @@ pub(crate) struct Dequeued {
     pub index: u32,
     pub bytesused: u32,
     pub flags: u32,
-    pub sequence: u32,
     /// The buffer's timestamp (OUTPUT timestamps are copied to the CAPTURE buffer they produce).
     pub timestamp_us: i64,
 }
@@ -247,7 +243,6 @@ impl ControlDesc {
     pub(crate) const TYPE_BOOLEAN: u32 = sys::v4l2_ctrl_type_V4L2_CTRL_TYPE_BOOLEAN;
     pub(crate) const TYPE_MENU: u32 = sys::v4l2_ctrl_type_V4L2_CTRL_TYPE_MENU;
     pub(crate) const TYPE_INTEGER_MENU: u32 = sys::v4l2_ctrl_type_V4L2_CTRL_TYPE_INTEGER_MENU;
-    pub(crate) const TYPE_BUTTON: u32 = sys::v4l2_ctrl_type_V4L2_CTRL_TYPE_BUTTON;
     pub(crate) const TYPE_INTEGER64: u32 = sys::v4l2_ctrl_type_V4L2_CTRL_TYPE_INTEGER64;
 
     pub(crate) fn is_disabled_or_read_only(&self) -> bool {
@@ -325,7 +320,6 @@ impl Device {
         Ok(Capabilities {
             driver: c_string(&cap.driver),
             card: c_string(&cap.card),
-            bus_info: c_string(&cap.bus_info),
             device_caps,
         })
     }
@@ -340,8 +334,6 @@ impl Device {
             match self.ioctl(vidioc::VIDIOC_ENUM_FMT, &mut d) {
                 Ok(()) => out.push(FormatDesc {
                     fourcc: FourCc::from_raw(d.pixelformat),
-                    description: c_string(&d.description),
-                    compressed: d.flags & sys::V4L2_FMT_FLAG_COMPRESSED != 0,
                 }),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
                 Err(e) => return Err(e),
@@ -631,7 +623,6 @@ impl Device {
                     b.bytesused
                 },
                 flags: b.flags,
-                sequence: b.sequence,
                 timestamp_us: timestamp_us(&b.timestamp),
             })),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
@@ -701,7 +692,7 @@ impl Device {
         }
     }
 
-    /// VIDIOC_ENCODER_CMD (V4L2_ENC_CMD_START / _STOP).
+    /// VIDIOC_ENCODER_CMD (e.g. V4L2_ENC_CMD_STOP).
     pub(crate) fn encoder_cmd(&self, cmd: u32) -> io::Result<()> {
         // SAFETY: plain old data; all-zero is valid.
         let mut c: sys::v4l2_encoder_cmd = unsafe { std::mem::zeroed() };
@@ -709,7 +700,7 @@ impl Device {
         self.ioctl(vidioc::VIDIOC_ENCODER_CMD, &mut c)
     }
 
-    /// VIDIOC_DECODER_CMD (V4L2_DEC_CMD_START / _STOP).
+    /// VIDIOC_DECODER_CMD (e.g. V4L2_DEC_CMD_STOP).
     pub(crate) fn decoder_cmd(&self, cmd: u32) -> io::Result<()> {
         // SAFETY: plain old data; all-zero is valid.
         let mut c: sys::v4l2_decoder_cmd = unsafe { std::mem::zeroed() };
@@ -905,16 +896,13 @@ impl Drop for Mapping {
 /// V4L2 constants the rest of rtcam needs, by name.
 pub(crate) mod consts {
     use super::sys;
-    pub(crate) const CAP_VIDEO_CAPTURE: u32 = sys::V4L2_CAP_VIDEO_CAPTURE;
     pub(crate) const CAP_VIDEO_M2M: u32 = sys::V4L2_CAP_VIDEO_M2M;
     pub(crate) const CAP_VIDEO_M2M_MPLANE: u32 = sys::V4L2_CAP_VIDEO_M2M_MPLANE;
     pub(crate) const CAP_STREAMING: u32 = sys::V4L2_CAP_STREAMING;
-    pub(crate) const ENC_CMD_START: u32 = sys::V4L2_ENC_CMD_START;
     pub(crate) const ENC_CMD_STOP: u32 = sys::V4L2_ENC_CMD_STOP;
     pub(crate) const DEC_CMD_STOP: u32 = sys::V4L2_DEC_CMD_STOP;
     pub(crate) const EVENT_EOS: u32 = sys::V4L2_EVENT_EOS;
     pub(crate) const EVENT_SOURCE_CHANGE: u32 = sys::V4L2_EVENT_SOURCE_CHANGE;
-    pub(crate) const SRC_CH_RESOLUTION: u32 = sys::V4L2_EVENT_SRC_CH_RESOLUTION;
     pub(crate) const CID_BITRATE: u32 = sys::V4L2_CID_MPEG_VIDEO_BITRATE;
     pub(crate) const CID_GOP_SIZE: u32 = sys::V4L2_CID_MPEG_VIDEO_GOP_SIZE;
     pub(crate) const CID_H264_I_PERIOD: u32 = sys::V4L2_CID_MPEG_VIDEO_H264_I_PERIOD;
@@ -922,5 +910,4 @@ pub(crate) mod consts {
     pub(crate) const CID_H264_LEVEL: u32 = sys::V4L2_CID_MPEG_VIDEO_H264_LEVEL;
     pub(crate) const CID_FORCE_KEY_FRAME: u32 = sys::V4L2_CID_MPEG_VIDEO_FORCE_KEY_FRAME;
     pub(crate) const CID_REPEAT_SEQ_HEADER: u32 = sys::V4L2_CID_MPEG_VIDEO_REPEAT_SEQ_HEADER;
-    pub(crate) const CID_MIN_BUFFERS_FOR_OUTPUT: u32 = sys::V4L2_CID_MIN_BUFFERS_FOR_OUTPUT;
 }

@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # The VM tests' /init: loads vivid and the other test drivers, runs every case in /cases,
 # writes the results as a tar stream onto the raw virtio disk, and powers off.
-# Case lines: NAME|ENV ASSIGNMENTS|COMMAND|KIND (plain or fault); a case's standard output
+# Case lines: NAME|ENV ASSIGNMENTS|COMMAND|KIND (plain, fault, or mplane: plain after
+# reloading vicodec with multiplanar=1); a case's standard output
 # goes to /out/NAME.json, its standard error to /out/NAME.log, its exit code to /out/NAME.rc.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /out /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s /bin
@@ -71,6 +72,12 @@ run_fault() { # name command...: run while vivid is unbound for 2 s, then bound 
 while IFS='|' read -r name envs command kind; do
     [ -n "$name" ] || continue
     start=$(now_ms)
+    if [ "$kind" = mplane ]; then
+        # vicodec again, in its multi-planar mode (the API bcm2835-codec uses).
+        rmmod vicodec && insmod /modules/vicodec.ko multiplanar=1 \
+            || say "$name: reloading vicodec with multiplanar=1 failed"
+        kind=plain
+    fi
     if [ "$kind" = fault ]; then
         # shellcheck disable=SC2086
         export $envs
