@@ -53,8 +53,13 @@ run_fault() { # name command...: run while vivid is unbound for 2 s, then bound 
     name=$1; shift
     "$@" >"/out/$name.json" 2>"/out/$name.log" &
     pid=$!
+    # Capture runs once the camera is opened after the controls were set (setting a control
+    # opens the camera briefly, without capturing, when nothing streams yet).
+    capturing() {
+        awk '/control set/ { c = 1 } c && /camera opened/ { found = 1 } END { exit !found }' "/out/$name.log"
+    }
     i=0
-    while ! grep -q "capture started" "/out/$name.log" && kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do
+    while ! capturing && kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do
         sleep 0.1; i=$((i + 1))
     done
     sleep 1.5

@@ -826,7 +826,11 @@ def check_fault(checker: Checker, case_list: list[Case], rows: dict) -> None:
     gone_file = checker.results / f"{case.name}.gone_ms"
     back_ms, gone_ms = int(back_file.read_text()), int(gone_file.read_text())
     log = (checker.results / f"{case.name}.log").read_text(errors="replace")
-    errors = [l for l in log.splitlines() if "ERROR" in l and ("capture failed" in l or "cannot start capture" in l)]
+    errors = [
+        l for l in log.splitlines()
+        if (" ERROR " in l or " WARN " in l)
+        and any(m in l for m in ("capture failed", "cannot start capture", "cannot open the camera"))
+    ]
     after = [i for i in s["interruptions"] if i["resumed_unix_ms"] > back_ms - 1000]
     resume = (after[0]["resumed_unix_ms"] - back_ms) / 1000 if after else None
     row["bars"] = f"resumed {resume:.2f}s after return" if resume is not None else "NO RESUME"
