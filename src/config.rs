@@ -114,9 +114,15 @@ pub struct CaptureConfig {
     pub stride_align: u32,
 }
 
+config_enum!(
+    /// Which H.264 encoder runs.
+    EncoderBackend { Auto = "auto", OpenH264 = "openh264", V4l2 = "v4l2" }
+);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderConfig {
+    pub backend: EncoderBackend,
     pub bitrate: u32,
     pub keyframe_interval: u32,
 }

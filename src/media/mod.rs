@@ -18,3 +18,4 @@ pub(crate) mod status;
 pub(crate) mod test_pattern;
 pub(crate) mod v4l2;
 pub(crate) mod vdev;
+pub(crate) mod video_encoder;

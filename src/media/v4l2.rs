@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use super::convert::{ConvertError, Converter};
 use super::frame::I420View;
 use super::mjpeg::MjpegDecoder;
 use super::rgb::{RgbConverter, RgbOrder};
-use super::source::{CapturedFrame, FrameSource, SourceError, SourceInfo};
+use super::source::{CapturedFrame, DmaBufRef, FrameSource, SourceError, SourceInfo};
 use super::vdev::{
     BufType, ControlDesc, Device, FourCc, FrameSize, Mapping, Memory, PixFormat, QueueArgs,
 };
@@ -47,6 +48,9 @@ enum Layout {
 pub struct Camera {
     /// The mapped capture buffers, by index; unmapped (in Drop) before the buffers are freed.
     buffers: Vec<Mapping>,
+    /// The same buffers exported as DMABUFs (YU12 only: the pictures a hardware encoder can
+    /// read in place); empty when the driver cannot export.
+    dmabufs: Vec<std::os::fd::OwnedFd>,
     device: Device,
     layout: Layout,
     info: SourceInfo,
@@ -194,6 +198,7 @@ impl Camera {
         }
         let mut camera = Self {
             buffers: Vec::with_capacity(count as usize),
+            dmabufs: Vec::new(),
             device,
             layout,
             info: SourceInfo {
@@ -221,6 +226,17 @@ impl Camera {
                 .device
                 .qbuf(QUEUE, Memory::Mmap, index, &QueueArgs::default())
                 .map_err(|e| io_err("VIDIOC_QBUF", path, e))?;
+        }
+        if layout == Layout::Yu12 {
+            match (0..count)
+                .map(|i| camera.device.expbuf(QUEUE, i))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(fds) => camera.dmabufs = fds,
+                Err(e) => {
+                    tracing::debug!(device = %path.display(), "VIDIOC_EXPBUF: {e}; no DMABUF for encoders")
+                }
+            }
         }
         camera
             .device
@@ -341,14 +357,23 @@ impl FrameSource for Camera {
             seq,
             captured_at,
             bytes_copied,
+            dmabuf: None,
         };
         let result = if dequeued.is_error() {
             Err("the driver flagged the buffer as corrupt (V4L2_BUF_FLAG_ERROR)".to_owned())
         } else {
             match self.layout {
-                Layout::Yu12 => I420View::from_contiguous(data, w, h, self.stride)
-                    .map_err(|e| ConvertError::from(e).to_string())
-                    .map(|view| consume(&view, frame(0))),
+                Layout::Yu12 => {
+                    let dmabuf = self.dmabufs.get(index).map(|fd| DmaBufRef {
+                        index: dequeued.index,
+                        buffers: self.buffers.len() as u32,
+                        fd: fd.as_raw_fd(),
+                        length: buf.len() as u32,
+                    });
+                    I420View::from_contiguous(data, w, h, self.stride)
+                        .map_err(|e| ConvertError::from(e).to_string())
+                        .map(|view| consume(&view, CapturedFrame { dmabuf, ..frame(0) }))
+                }
                 Layout::Nv12 => self
                     .converter
                     .nv12(data, w, h, self.stride)
@@ -462,6 +487,7 @@ impl Drop for Camera {
             tracing::info!(device = %self.device.path().display(), "VIDIOC_STREAMOFF while releasing the camera: {e}");
         }
         self.buffers.clear();
+        self.dmabufs.clear();
         let _ = self.device.reqbufs(QUEUE, Memory::Mmap, 0);
     }
 }

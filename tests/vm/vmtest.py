@@ -177,6 +177,9 @@ def cases(arch: Arch, libcamera: bool) -> list[Case]:
     out.append(Case("brightness-192", "YU12", 640, 360, 10, controls={"brightness": 192}))
     out.append(Case("brightness-300", "YU12", 640, 360, 5, controls={"brightness": 300}, kind="refused", expect_rc=1))
     out.append(Case("fault", "YU12", 320, 180, arch.fault_frames, kind="fault"))
+    # encoder.backend = "v4l2" where no V4L2 node encodes H.264 (vicodec's are FWHT): rtcam
+    # says why and encodes with openh264; the recording is complete.
+    out.append(Case("encoder-v4l2-missing", "YU12", 640, 360, 30, extra_env={"RTCAM__ENCODER__BACKEND": "v4l2"}))
     # vivid -> vicodec's stateful encoder (FWHT) -> vicodec's decoder, through rtcam's M2M
     # encoder: the camera's buffers imported as DMABUF where vicodec's layout matches (640x480),
     # copied into MMAP buffers where it does not (640x360: vicodec wants 368-line buffers);
@@ -609,7 +612,8 @@ class Checker:
             row = {
                 "arch": self.arch.name, "case": f"{case.name} {w}x{h}", "format": f"YU12>FWHT {seg['input']}",
                 "size": f"{seg['width']}x{seg['height']}", "stride": w, "captured": seg["frames_in"],
-                "decoded": seg["decoded"], "copied/frame": seg["bytes_copied_per_frame"], "bars": "-",
+                "decoded": seg["decoded"], "copied/frame": seg["bytes_copied_per_frame"], "encoder": "vicodec",
+                "bars": "-",
             }
             self.rows.append(row)
             # DMABUF where the layouts match: vivid's 640x480 YU12 buffers are what vicodec
@@ -687,6 +691,19 @@ class Checker:
             if f.shape != (h * 3 // 2, w):
                 self.fail(case, f"decoded frame {i} is {f.shape[1]}x{f.shape[0] * 2 // 3}, not {w}x{h}")
                 break
+        enc = s.get("encoder") or {}
+        row["encoder"] = enc.get("backend", "?")
+        if case.kind in ("plain", "libcamera", "fault"):
+            wanted_v4l2 = case.extra_env.get("RTCAM__ENCODER__BACKEND") == "v4l2"
+            fallback = enc.get("fallback") or ""
+            if enc.get("backend") != "openh264":
+                self.fail(case, f"expected openh264 (no H.264 M2M node in the guest): {enc}")
+            elif wanted_v4l2 and "no V4L2 memory-to-memory node encodes YU12 to H.264" not in fallback:
+                self.fail(case, f"encoder.backend = v4l2 without such a node must say why openh264 runs: {enc}")
+            elif not wanted_v4l2 and (fallback or "auto: no V4L2" not in enc.get("reason", "")):
+                self.fail(case, f"auto must choose openh264 with its reason and no fallback: {enc}")
+            elif wanted_v4l2:
+                print(f"vmtest: {self.arch.name} {case.name}: encoder {enc}")
         if case.fmt and s["pixel_format"] != case.fmt:
             self.fail(case, f"pixel format {s['pixel_format']}, asked {case.fmt}")
         natural = w * {"YUYV": 2, "RGB3": 3, "BGR3": 3}.get(s["pixel_format"], 1)
@@ -847,7 +864,7 @@ def check_fault(checker: Checker, case_list: list[Case], rows: dict) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["arch", "case", "format", "size", "stride", "captured", "decoded", "copied/frame", "bars"]
+    cols = ["arch", "case", "format", "size", "stride", "captured", "decoded", "copied/frame", "encoder", "bars"]
     widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
     print()
     print("  ".join(c.ljust(widths[c]) for c in cols))

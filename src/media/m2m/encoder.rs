@@ -212,6 +212,10 @@ impl M2mEncoder {
         })
     }
 
+    pub(crate) fn node(&self) -> &CodecNode {
+        &self.node
+    }
+
     pub(crate) fn stats(&self) -> &EncoderStats {
         &self.stats
     }
