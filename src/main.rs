@@ -43,6 +43,9 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// List the cameras, media-controller pipelines and encoders found here, and which camera
+    /// format and encoder the configuration makes rtcam use, and why.
+    Probe,
     /// Diagnostic (the VM tests): camera -> V4L2 M2M encoder -> decoder with vicodec (FWHT);
     /// prints a JSON summary and writes the streams and decoded pictures.
     #[command(hide = true)]
@@ -97,6 +100,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
+        Command::Probe => {
+            print!("{}", rtcam::probe::report(&config));
+            ExitCode::SUCCESS
+        }
         Command::M2mCheck {
             camera,
             sizes,

@@ -77,46 +77,7 @@ impl Camera {
     pub fn open(req: &CaptureConfig) -> Result<Self, SourceError> {
         let path = &req.device;
         let device = Device::open(path).map_err(|e| io_err("open", path, e))?;
-        let offered = device
-            .enum_formats(QUEUE)
-            .map_err(|e| io_err("VIDIOC_ENUM_FMT", path, e))?;
-        let offered_names: Vec<String> = offered.iter().map(|d| d.fourcc.to_string()).collect();
-        let wanted: Vec<&[u8; 4]> = match req.format {
-            PixelFormatChoice::Auto => SUPPORTED.iter().map(|(_, f)| *f).collect(),
-            choice => SUPPORTED
-                .iter()
-                .filter(|(c, _)| *c == choice)
-                .map(|(_, f)| *f)
-                .collect(),
-        };
-        let candidates: Vec<FourCc> = wanted
-            .iter()
-            .map(|f| FourCc::new(f))
-            .filter(|f| offered.iter().any(|d| d.fourcc == *f))
-            .collect();
-        // With "auto", the first format that can do the configured size and rate wins (a USB
-        // camera's YUYV often stops at 10 fps where its MJPEG does 30), else the first that
-        // can do the size, else the first offered.
-        let fit = |f: &FourCc| mode_support(&device, *f, req.width, req.height, req.fps);
-        let Some(fourcc) = candidates
-            .iter()
-            .find(|f| fit(f) == (true, true))
-            .or_else(|| candidates.iter().find(|f| fit(f).0))
-            .or(candidates.first())
-            .copied()
-        else {
-            return Err(SourceError::Unsupported(format!(
-                "{} offers {}; capture.format = {:?} needs one of {}",
-                path.display(),
-                offered_names.join(", "),
-                req.format,
-                wanted
-                    .iter()
-                    .map(|f| String::from_utf8_lossy(*f).into_owned())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        };
+        let fourcc = choose_format(&device, req)?.fourcc;
         let layout = match &fourcc.0 {
             b"YU12" => Layout::Yu12,
             b"NV12" => Layout::Nv12,
@@ -149,10 +110,9 @@ impl Camera {
             .map_err(|e| io_err("VIDIOC_S_FMT", path, e))?;
         if got.fourcc != fourcc {
             return Err(SourceError::Unsupported(format!(
-                "{} switched the format to {} instead of {fourcc}; it offers {}",
+                "{} switched the format to {} instead of {fourcc}",
                 path.display(),
                 got.fourcc,
-                offered_names.join(", ")
             )));
         }
         if (got.width, got.height) != (req.width, req.height) {
@@ -256,7 +216,83 @@ impl Camera {
     }
 }
 
-fn describe_size(s: &FrameSize) -> String {
+/// The pixel format capture will use, and why (what `rtcam probe` prints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FormatChoice {
+    pub fourcc: FourCc,
+    pub why: String,
+}
+
+/// Picks the pixel format for `req` among what the device offers. With `format = "auto"`, the
+/// first supported format (in `SUPPORTED` order) that can do the configured size and rate
+/// wins (a USB camera's YUYV often stops at 10 fps where its MJPEG does 30), else the first
+/// that can do the size, else the first offered.
+pub(crate) fn choose_format(
+    device: &Device,
+    req: &CaptureConfig,
+) -> Result<FormatChoice, SourceError> {
+    let path = device.path();
+    let offered = device
+        .enum_formats(QUEUE)
+        .map_err(|e| io_err("VIDIOC_ENUM_FMT", path, e))?;
+    let offered_names: Vec<String> = offered.iter().map(|d| d.fourcc.to_string()).collect();
+    let wanted: Vec<&[u8; 4]> = match req.format {
+        PixelFormatChoice::Auto => SUPPORTED.iter().map(|(_, f)| *f).collect(),
+        choice => SUPPORTED
+            .iter()
+            .filter(|(c, _)| *c == choice)
+            .map(|(_, f)| *f)
+            .collect(),
+    };
+    let candidates: Vec<FourCc> = wanted
+        .iter()
+        .map(|f| FourCc::new(f))
+        .filter(|f| offered.iter().any(|d| d.fourcc == *f))
+        .collect();
+    let fit = |f: &FourCc| mode_support(device, *f, req.width, req.height, req.fps);
+    let mode = format!("{}x{} at {} fps", req.width, req.height, req.fps);
+    let choice = if let Some(f) = candidates.iter().find(|f| fit(f) == (true, true)) {
+        Some((*f, format!("the first rtcam takes that does {mode}")))
+    } else if let Some(f) = candidates.iter().find(|f| fit(f).0) {
+        Some((
+            *f,
+            format!("no format does {mode}; the first that does the size"),
+        ))
+    } else {
+        candidates.first().map(|f| {
+            (
+                *f,
+                format!(
+                    "none lists {}x{}; the first rtcam takes",
+                    req.width, req.height
+                ),
+            )
+        })
+    };
+    let Some((fourcc, why)) = choice else {
+        return Err(SourceError::Unsupported(format!(
+            "{} offers {}; capture.format = {:?} needs one of {}",
+            path.display(),
+            offered_names.join(", "),
+            req.format,
+            wanted
+                .iter()
+                .map(|f| String::from_utf8_lossy(*f).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let why = match req.format {
+        PixelFormatChoice::Auto => format!(
+            "format = auto: {why} (offered: {})",
+            offered_names.join(", ")
+        ),
+        _ => format!("capture.format = \"{fourcc}\""),
+    };
+    Ok(FormatChoice { fourcc, why })
+}
+
+pub(crate) fn describe_size(s: &FrameSize) -> String {
     match s {
         FrameSize::Discrete { width, height } => format!("{width}x{height}"),
         FrameSize::Stepwise { min, max, step } => format!(

@@ -896,6 +896,7 @@ impl Drop for Mapping {
 /// V4L2 constants the rest of rtcam needs, by name.
 pub(crate) mod consts {
     use super::sys;
+    pub(crate) const CAP_VIDEO_CAPTURE: u32 = sys::V4L2_CAP_VIDEO_CAPTURE;
     pub(crate) const CAP_VIDEO_M2M: u32 = sys::V4L2_CAP_VIDEO_M2M;
     pub(crate) const CAP_VIDEO_M2M_MPLANE: u32 = sys::V4L2_CAP_VIDEO_M2M_MPLANE;
     pub(crate) const CAP_STREAMING: u32 = sys::V4L2_CAP_STREAMING;

@@ -133,6 +133,8 @@ class Case:
     def env(self) -> str:
         if self.kind == "m2m":
             return "RTCAM__LOG__LEVEL=info"
+        if self.kind == "probe":
+            return f"RTCAM__CAPTURE__DEVICE={self.device} RTCAM__CAPTURE__WIDTH={self.width} RTCAM__CAPTURE__HEIGHT={self.height}"
         e = {
             **self.extra_env,
             "RTCAM__CAPTURE__SOURCE": "v4l2",
@@ -147,6 +149,8 @@ class Case:
         return " ".join(f"{k}={v}" for k, v in e.items())
 
     def command(self) -> str:
+        if self.kind == "probe":
+            return "/rtcam probe"
         if self.kind == "m2m":
             sizes = " ".join(f"--size {w}x{h}" for w, h in M2M_SIZES)
             return (f"/rtcam m2m-check --camera {self.device} {sizes} --frames {self.frames} --gop {M2M_GOP} "
@@ -177,6 +181,8 @@ def cases(arch: Arch, libcamera: bool) -> list[Case]:
     out.append(Case("brightness-192", "YU12", 640, 360, 10, controls={"brightness": 192}))
     out.append(Case("brightness-300", "YU12", 640, 360, 5, controls={"brightness": 300}, kind="refused", expect_rc=1))
     out.append(Case("fault", "YU12", 320, 180, arch.fault_frames, kind="fault"))
+    # What rtcam finds in the guest and would choose (the service's own selection code).
+    out.append(Case("probe", None, 640, 360, 0, kind="probe"))
     # encoder.backend = "v4l2" where no V4L2 node encodes H.264 (vicodec's are FWHT): rtcam
     # says why and encodes with openh264; the recording is complete.
     out.append(Case("encoder-v4l2-missing", "YU12", 640, 360, 30, extra_env={"RTCAM__ENCODER__BACKEND": "v4l2"}))
@@ -658,7 +664,33 @@ class Checker:
             if bad:
                 self.fail(case, f"{w}x{h}: decoded colour bars wrong: " + "; ".join(bad))
 
+    def check_probe(self, case: Case) -> None:
+        rc, _, log = self.load(case)
+        if rc is None:
+            return
+        text = (self.results / f"{case.name}.json").read_text(errors="replace")
+        print(f"vmtest: {self.arch.name} rtcam probe:")
+        for line in text.splitlines():
+            print(f"    {line}")
+        expected = [
+            "/dev/video0  vivid-000-vid-cap (vivid)",
+            "YU12:",
+            "VIMC MDEV: sub-devices:",
+            "Sensor A",
+            "stateful-encoder (vicodec, single-planar): takes",
+            "-> gives FWHT",
+            "openh264 (software, built in)",
+            "camera: /dev/video0 in YU12 at 640x360 30 fps: format = auto: the first rtcam takes that does",
+            "encoder: openh264 (auto: no V4L2 memory-to-memory node encodes YU12 to H.264",
+        ]
+        missing = [e for e in expected if e not in text]
+        if rc != 0 or missing:
+            self.fail(case, f"rtcam probe (exit {rc}) lacks {missing}; stderr: {log[-500:]}")
+
     def check(self, case: Case) -> dict | None:
+        if case.kind == "probe":
+            self.check_probe(case)
+            return None
         if case.kind == "m2m":
             self.check_m2m(case)
             return None
