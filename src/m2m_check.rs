@@ -154,9 +154,20 @@ impl TestCamera {
                 format.fourcc
             );
         }
-        // vivid's status text (on by default, over the top rows) stays: its changing counters
-        // give the encoder something to predict from, where vivid's flat colour bars alone
-        // are coded as I-frames throughout (observed with vicodec at 640x480).
+        // vivid's status text (over the top rows) on: its changing counters give the encoder
+        // something to predict from, where vivid's flat colour bars alone are coded as
+        // I-frames throughout (observed with vicodec at 640x480). The control outlives each
+        // open, so it is set whatever an earlier user left.
+        if let Some(osd) = device
+            .query_controls()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.name == "OSD Text Mode")
+        {
+            device
+                .set_control(osd.id, 0, false)
+                .context("vivid OSD Text Mode")?;
+        }
         let n = device
             .reqbufs(q, Memory::Mmap, CAMERA_BUFFERS)
             .context("camera VIDIOC_REQBUFS")?;

@@ -5,16 +5,21 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, SourceKind};
 use crate::media::m2m::probe::{self as codecs, CodecNode};
-use crate::media::v4l2::{FormatChoice, choose_format, describe_size};
+use crate::media::v4l2::{FormatChoice, choose_format, describe_size, takes};
 use crate::media::vdev::{BufType, Device, consts};
 use crate::media::video_encoder::{self, Selection};
 
-/// A capture node: (path, driver, card, formats with their sizes).
+/// A capture node.
 struct CameraNode {
     path: PathBuf,
+    /// The node's name (sysfs), e.g. "RGB/YUV Capture".
+    name: String,
     driver: String,
     card: String,
-    formats: Vec<(String, String)>,
+    /// Formats rtcam takes, with their sizes.
+    usable: Vec<(String, String)>,
+    /// The other formats offered.
+    others: Vec<String>,
 }
 
 /// /dev/videoN paths in numeric order.
@@ -45,30 +50,42 @@ fn camera(path: &Path) -> Option<CameraNode> {
     if !caps.has(consts::CAP_VIDEO_CAPTURE) || caps.has(consts::CAP_VIDEO_M2M) {
         return None;
     }
-    let formats = device
+    let (mut usable, mut others) = (Vec::new(), Vec::new());
+    for f in device
         .enum_formats(BufType::VideoCapture)
         .unwrap_or_default()
-        .into_iter()
-        .map(|f| {
-            let sizes = device.enum_framesizes(f.fourcc).unwrap_or_default();
-            let text = match sizes.as_slice() {
-                [] => "sizes not listed".to_owned(),
-                [one] => describe_size(one),
-                [first, .., last] => format!(
-                    "{} sizes, {} .. {}",
-                    sizes.len(),
-                    describe_size(first),
-                    describe_size(last)
-                ),
-            };
-            (f.fourcc.to_string(), text)
+    {
+        if !takes(f.fourcc) {
+            others.push(f.fourcc.to_string());
+            continue;
+        }
+        let sizes = device.enum_framesizes(f.fourcc).unwrap_or_default();
+        let text = match sizes.as_slice() {
+            [] => "sizes not listed".to_owned(),
+            [one] => describe_size(one),
+            [first, .., last] => format!(
+                "{} sizes, {} .. {}",
+                sizes.len(),
+                describe_size(first),
+                describe_size(last)
+            ),
+        };
+        usable.push((f.fourcc.to_string(), text));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| {
+            std::fs::read_to_string(Path::new("/sys/class/video4linux").join(n).join("name")).ok()
         })
-        .collect();
+        .map(|n| n.trim().to_owned())
+        .unwrap_or_default();
     Some(CameraNode {
         path: path.to_owned(),
+        name,
         driver: caps.driver,
         card: caps.card,
-        formats,
+        usable,
+        others,
     })
 }
 
@@ -84,12 +101,23 @@ fn media_devices(sys: &Path) -> Vec<(String, String, Vec<String>)> {
     media.sort();
     for m in media {
         let model = std::fs::read_to_string(m.join("model")).unwrap_or_default();
-        let parent = std::fs::canonicalize(m.join("device")).ok();
+        // A media device and its sub-devices hang off the same parent device:
+        // .../vimc.0/media1 and .../vimc.0/video4linux/v4l-subdev0.
+        let parent = std::fs::canonicalize(&m)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf));
         let mut subdevs: Vec<String> = std::fs::read_dir(sys.join("class/video4linux"))
             .map(|e| {
                 e.filter_map(Result::ok)
                     .filter(|e| e.file_name().to_string_lossy().starts_with("v4l-subdev"))
-                    .filter(|e| std::fs::canonicalize(e.path().join("device")).ok() == parent)
+                    .filter(|e| {
+                        let p = std::fs::canonicalize(e.path()).ok();
+                        p.as_deref()
+                            .and_then(Path::parent)
+                            .and_then(Path::parent)
+                            .map(Path::to_path_buf)
+                            == parent
+                    })
                     .filter_map(|e| std::fs::read_to_string(e.path().join("name")).ok())
                     .map(|n| n.trim().to_owned())
                     .collect()
@@ -128,14 +156,30 @@ pub fn report(config: &Config) -> String {
     let dev = Path::new("/dev");
     let mut out = String::new();
     let cameras: Vec<CameraNode> = video_nodes(dev).iter().filter_map(|p| camera(p)).collect();
-    let _ = writeln!(out, "cameras (V4L2 capture nodes):");
+    let _ = writeln!(
+        out,
+        "cameras (V4L2 capture nodes, with the formats rtcam takes):"
+    );
     if cameras.is_empty() {
         let _ = writeln!(out, "  none");
     }
     for c in &cameras {
-        let _ = writeln!(out, "  {}  {} ({})", c.path.display(), c.card, c.driver);
-        for (fourcc, sizes) in &c.formats {
+        let _ = writeln!(
+            out,
+            "  {}  {:?}  {} (driver {})",
+            c.path.display(),
+            c.name,
+            c.card,
+            c.driver
+        );
+        for (fourcc, sizes) in &c.usable {
             let _ = writeln!(out, "      {fourcc}: {sizes}");
+        }
+        if c.usable.is_empty() {
+            let _ = writeln!(out, "      no format rtcam takes");
+        }
+        if !c.others.is_empty() {
+            let _ = writeln!(out, "      and {} other formats", c.others.len());
         }
     }
     let media = media_devices(Path::new("/sys"));

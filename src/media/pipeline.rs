@@ -550,10 +550,7 @@ impl Worker {
                 .map_err(|e| SourceError::Unsupported(format!("encoder: {e}")))
         };
         if let Some(why) = &self.hardware_failed {
-            return software(
-                "the hardware encoder is out of use".into(),
-                Some(why.clone()),
-            );
+            return software(why.clone(), Some(why.clone()));
         }
         let Some(opener) = &self.config.hardware else {
             return software("openh264 only".into(), None);

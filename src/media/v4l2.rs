@@ -30,6 +30,11 @@ const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 7] = [
     (PixelFormatChoice::Rgb3, b"RGB3"),
 ];
 
+/// Whether rtcam can capture in this pixel format.
+pub(crate) fn takes(fourcc: FourCc) -> bool {
+    SUPPORTED.iter().any(|(_, f)| FourCc::new(f) == fourcc)
+}
+
 /// How long a dequeue may wait before the camera counts as stalled.
 const DEQUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -282,10 +287,16 @@ pub(crate) fn choose_format(
                 .join(", ")
         )));
     };
+    let usable: Vec<&str> = offered_names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| SUPPORTED.iter().any(|(_, f)| f.as_slice() == n.as_bytes()))
+        .collect();
     let why = match req.format {
         PixelFormatChoice::Auto => format!(
-            "format = auto: {why} (offered: {})",
-            offered_names.join(", ")
+            "format = auto: {why} (of {} formats offered, rtcam takes {})",
+            offered_names.len(),
+            usable.join(", ")
         ),
         _ => format!("capture.format = \"{fourcc}\""),
     };

@@ -673,11 +673,12 @@ class Checker:
         for line in text.splitlines():
             print(f"    {line}")
         expected = [
-            "/dev/video0  vivid-000-vid-cap (vivid)",
-            "YU12:",
+            '/dev/video0  "vivid-000-vid-cap"  vivid (driver vivid)',
+            "YU12: 6 sizes, 320x180 .. 3840x2160",
+            '/dev/video3  "RGB/YUV Capture"  vimc (driver vimc)',
             "VIMC MDEV: sub-devices:",
             "Sensor A",
-            "stateful-encoder (vicodec, single-planar): takes",
+            "vicodec (vicodec, single-planar): takes YU12",
             "-> gives FWHT",
             "openh264 (software, built in)",
             "camera: /dev/video0 in YU12 at 640x360 30 fps: format = auto: the first rtcam takes that does",
