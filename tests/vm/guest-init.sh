@@ -98,6 +98,7 @@ while IFS='|' read -r name envs command kind; do
 done </cases
 
 cp /proc/uptime /out/uptime
+cp /proc/devices /out/proc-devices.txt
 dmesg >/out/dmesg.txt
 tar -C /out -cf /dev/vda . && sync && say "results written"
 poweroff -f
