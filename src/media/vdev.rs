@@ -1,4 +1,5 @@
 //! Thin V4L2 device layer: every ioctl, mmap and open goes through the C library, so LD_PRELOAD shims (libcamera's v4l2-compat.so) see it.
+#![allow(unsafe_code)] // V4L2 FFI: ioctl, mmap and poll through libc, and the bindings' C unions.
 //!
 //! The `v4l` crate issues its ioctls as raw `syscall(SYS_ioctl)`, which an LD_PRELOAD shim
 //! cannot intercept: under `libcamerify` the shim hands out an eventfd for the camera and the

@@ -1,4 +1,5 @@
 //! The pipeline's H.264 encoder: a V4L2 memory-to-memory encoder when selected and working, else openh264; a failing hardware encoder hands over to openh264 for the same picture.
+#![allow(unsafe_code)] // borrowing the camera's exported DMABUF descriptor for the encoder.
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
