@@ -4,10 +4,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, SourceKind};
+use crate::media::h264::backend::Backend;
 use crate::media::m2m::probe::{self as codecs, CodecNode};
 use crate::media::v4l2::{FormatChoice, choose_format, describe_size, takes};
 use crate::media::vdev::{BufType, Device, consts};
-use crate::media::video_encoder::{self, Selection};
+use crate::media::video_encoder;
 
 /// A capture node.
 struct CameraNode {
@@ -227,10 +228,32 @@ pub fn report(config: &Config) -> String {
         },
     };
     let _ = writeln!(out, "  camera: {camera_choice}");
-    let encoder = match video_encoder::select(config.encoder.backend, &nodes) {
-        Selection::OpenH264 { reason } => format!("openh264 ({reason})"),
-        Selection::V4l2 { node, reason } => format!("V4L2 {} ({reason})", node.path.display()),
-        Selection::Missing { reason } => format!("openh264, as a fallback ({reason})"),
+    let c = &config.capture;
+    let encoder = match video_encoder::decide(
+        config.encoder.backend,
+        &nodes,
+        c.width,
+        c.height,
+        c.fps,
+        config.encoder.bitrate,
+    ) {
+        Ok(d) => {
+            let which = match &d.backend {
+                Backend::Openh264 => "openh264".to_owned(),
+                Backend::V4l2 {
+                    path, level_menu, ..
+                } => format!("V4L2 {path} (H.264 level menu index {level_menu})"),
+            };
+            let mut text = format!("{which}: {}", d.reason);
+            // openh264's reason already names every node and why it does not fit.
+            if d.backend != Backend::Openh264 {
+                for (path, why) in &d.rejected {
+                    let _ = write!(text, "\n      not {path}: {why}");
+                }
+            }
+            text
+        }
+        Err(e) => format!("openh264, as a fallback: {e}"),
     };
     let _ = writeln!(out, "  encoder: {encoder}");
     out

@@ -8,6 +8,10 @@ use serde::Serialize;
 
 use super::encoder::{EncodeError, EncoderSettings, H264Encoder};
 use super::frame::I420View;
+use super::h264::backend::{
+    Backend, BackendSetting, Decision, EncodeRequest, M2mNode, NoV4l2Encoder, choose,
+};
+use super::h264::level::StreamDemand;
 use super::m2m::encoder::{
     EncodedUnit, EncoderSettings as M2mSettings, M2mEncoder, M2mError, RawInput,
 };
@@ -99,55 +103,50 @@ impl std::fmt::Debug for HardwareOpener {
     }
 }
 
-/// Which encoder `encoder.backend` picks among the probed nodes, and why (pure).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Selection {
-    OpenH264 {
-        reason: String,
-    },
-    V4l2 {
-        node: CodecNode,
-        reason: String,
-    },
-    /// `v4l2` was asked for, but there is no such node.
-    Missing {
-        reason: String,
-    },
-}
-
 pub(crate) const H264: FourCc = FourCc::new(b"H264");
 pub(crate) const YU12: FourCc = FourCc::new(b"YU12");
 
-/// The pure choice behind `encoder.backend`: `auto` takes the first node that encodes YU12 to
-/// H.264, else openh264; `v4l2` insists on such a node; `openh264` never looks.
-pub(crate) fn select(backend: EncoderBackend, nodes: &[CodecNode]) -> Selection {
-    let found = probe::find_encoder(nodes, YU12, H264);
-    let describe = |n: &CodecNode| format!("{} ({}, {})", n.path.display(), n.card, n.driver);
-    match (backend, found) {
-        (EncoderBackend::OpenH264, _) => Selection::OpenH264 {
-            reason: "encoder.backend = \"openh264\"".into(),
+/// What rtcam hands a hardware encoder today: I420 (YU12), the camera's buffer or rtcam's
+/// conversion of it (feeding a node YUYV or NV12 straight from the camera is not done).
+const FED_FORMAT: &str = "YU12";
+
+/// `encoder.backend`'s choice among the probed nodes, through the pure selection in
+/// `h264::backend` (H.264 on the CAPTURE queue, YU12 taken, the size within the node's, a
+/// level for the size, rate and bitrate within the driver's known limits).
+pub(crate) fn decide(
+    backend: EncoderBackend,
+    nodes: &[CodecNode],
+    width: u32,
+    height: u32,
+    fps: u32,
+    bitrate: u32,
+) -> Result<Decision, NoV4l2Encoder> {
+    let setting = match backend {
+        EncoderBackend::Auto => BackendSetting::Auto,
+        EncoderBackend::OpenH264 => BackendSetting::Openh264,
+        EncoderBackend::V4l2 => BackendSetting::V4l2,
+    };
+    let m2m: Vec<M2mNode> = nodes
+        .iter()
+        .map(|n| M2mNode {
+            path: n.path.display().to_string(),
+            driver: n.driver.clone(),
+            m2m: true,
+            coded_formats: n.output_formats.iter().map(ToString::to_string).collect(),
+            raw_formats: n.input_formats.iter().map(ToString::to_string).collect(),
+            max_size: n.max_size,
+        })
+        .collect();
+    let request = EncodeRequest {
+        demand: StreamDemand {
+            width,
+            height,
+            fps,
+            bitrate_bps: bitrate,
         },
-        (EncoderBackend::Auto, Some(n)) => Selection::V4l2 {
-            reason: format!("auto: {} encodes YU12 to H.264", describe(n)),
-            node: n.clone(),
-        },
-        (EncoderBackend::V4l2, Some(n)) => Selection::V4l2 {
-            reason: format!("encoder.backend = \"v4l2\": {}", describe(n)),
-            node: n.clone(),
-        },
-        (EncoderBackend::Auto, None) => Selection::OpenH264 {
-            reason: format!(
-                "auto: no V4L2 memory-to-memory node encodes YU12 to H.264 ({} codec node(s) found)",
-                nodes.len()
-            ),
-        },
-        (EncoderBackend::V4l2, None) => Selection::Missing {
-            reason: format!(
-                "encoder.backend = \"v4l2\", but no V4L2 memory-to-memory node encodes YU12 to H.264 ({} codec node(s) found)",
-                nodes.len()
-            ),
-        },
-    }
+        camera_format: FED_FORMAT.into(),
+    };
+    choose(setting, &m2m, &request)
 }
 
 /// V4L2's H.264 profile menu: Constrained Baseline, what rtcam's SDP announces.
@@ -156,46 +155,84 @@ const H264_PROFILE_CONSTRAINED_BASELINE: i64 = 1;
 /// The production opener: probes /dev, selects by `backend`, opens the node.
 pub(crate) fn v4l2_opener(backend: EncoderBackend) -> HardwareOpener {
     HardwareOpener(Arc::new(
-        move |info: &SourceInfo, settings: &EncoderSettings| {
-            if backend == EncoderBackend::OpenH264 {
-                return HardwareChoice::NotWanted {
-                    reason: "encoder.backend = \"openh264\"".into(),
-                };
-            }
-            let nodes = probe::probe_all(std::path::Path::new("/dev"));
-            let (node, reason) = match select(backend, &nodes) {
-                Selection::OpenH264 { reason } => return HardwareChoice::NotWanted { reason },
-                Selection::Missing { reason } => return HardwareChoice::Unavailable { reason },
-                Selection::V4l2 { node, reason } => (node, reason),
-            };
-            let m2m = M2mSettings {
-                coded: H264,
-                raw: YU12,
-                fps: info.fps,
-                bitrate: Some(settings.bitrate),
-                gop: Some(settings.keyframe_interval),
-                h264_profile: Some(H264_PROFILE_CONSTRAINED_BASELINE),
-                // The driver's default level (level selection from size and rate: issue 13).
-                h264_level: None,
-                prefer_dmabuf: true,
-                output_buffers: 2,
-                capture_buffers: 4,
-                limits: Limits::default(),
-            };
-            match M2mEncoder::open(&node, m2m) {
-                Ok(encoder) => HardwareChoice::Opened {
-                    encoder: Box::new(M2mH264 {
-                        encoder,
-                        units: Vec::new(),
-                    }),
-                    reason,
-                },
-                Err(e) => HardwareChoice::Unavailable {
-                    reason: format!("{reason}: {e}"),
-                },
-            }
-        },
+        move |info: &SourceInfo, settings: &EncoderSettings| open_hardware(backend, info, settings),
     ))
+}
+
+fn open_hardware(
+    backend: EncoderBackend,
+    info: &SourceInfo,
+    settings: &EncoderSettings,
+) -> HardwareChoice {
+    if backend == EncoderBackend::OpenH264 {
+        return HardwareChoice::NotWanted {
+            reason: "encoder.backend = \"openh264\"".into(),
+        };
+    }
+    let nodes = probe::probe_all(std::path::Path::new("/dev"));
+    let decision = match decide(
+        backend,
+        &nodes,
+        info.width,
+        info.height,
+        info.fps,
+        settings.bitrate,
+    ) {
+        Ok(d) => d,
+        Err(missing) => {
+            return HardwareChoice::Unavailable {
+                reason: missing.to_string(),
+            };
+        }
+    };
+    let reason = decision.reason;
+    let Backend::V4l2 {
+        path,
+        input_format,
+        level_menu,
+    } = decision.backend
+    else {
+        return HardwareChoice::NotWanted { reason };
+    };
+    let Some(node) = nodes
+        .into_iter()
+        .find(|n| n.path.display().to_string() == path)
+    else {
+        return HardwareChoice::Unavailable {
+            reason: format!("{reason}: {path} is gone"),
+        };
+    };
+    if input_format != FED_FORMAT {
+        return HardwareChoice::Unavailable {
+            reason: format!("{reason}: rtcam feeds encoders {FED_FORMAT} only"),
+        };
+    }
+    let m2m = M2mSettings {
+        coded: H264,
+        raw: YU12,
+        fps: info.fps,
+        bitrate: Some(settings.bitrate),
+        gop: Some(settings.keyframe_interval),
+        h264_profile: Some(H264_PROFILE_CONSTRAINED_BASELINE),
+        // From size, rate and bitrate (H.264 Table A-1, bcm2835-codec's limits).
+        h264_level: Some(i64::from(level_menu)),
+        prefer_dmabuf: true,
+        output_buffers: 2,
+        capture_buffers: 4,
+        limits: Limits::default(),
+    };
+    match M2mEncoder::open(&node, m2m) {
+        Ok(encoder) => HardwareChoice::Opened {
+            encoder: Box::new(M2mH264 {
+                encoder,
+                units: Vec::new(),
+            }),
+            reason,
+        },
+        Err(e) => HardwareChoice::Unavailable {
+            reason: format!("{reason}: {e}"),
+        },
+    }
 }
 
 /// rtcam's M2M encoder as the pipeline's hardware encoder.
@@ -415,35 +452,46 @@ mod tests {
             mplane: true,
             input_formats: vec![YU12],
             output_formats: vec![FourCc::new(output)],
+            max_size: None,
         }
     }
 
     #[test]
-    fn backend_selection() {
+    fn backend_choice_goes_through_the_h264_selection() {
         let bcm = node("/dev/video11", b"H264");
         let fwht = node("/dev/video4", b"FWHT");
         let both = vec![fwht.clone(), bcm.clone()];
+        let d = decide(EncoderBackend::Auto, &both, 1280, 720, 30, 2_000_000).unwrap();
         assert!(
-            matches!(select(EncoderBackend::Auto, &both), Selection::V4l2 { node, .. } if node == bcm)
+            matches!(&d.backend, Backend::V4l2 { path, input_format, .. } if path == "/dev/video11" && input_format == "YU12"),
+            "{d:?}"
         );
         assert!(
-            matches!(select(EncoderBackend::V4l2, &both), Selection::V4l2 { node, .. } if node == bcm)
+            d.rejected
+                .iter()
+                .any(|(p, why)| p == "/dev/video4" && why.contains("FWHT")),
+            "{d:?}"
         );
-        assert!(matches!(
-            select(EncoderBackend::OpenH264, &both),
-            Selection::OpenH264 { .. }
-        ));
+        let d = decide(EncoderBackend::OpenH264, &both, 1280, 720, 30, 2_000_000).unwrap();
+        assert_eq!(d.backend, Backend::Openh264);
         let none = vec![fwht];
-        let auto = select(EncoderBackend::Auto, &none);
+        let d = decide(EncoderBackend::Auto, &none, 640, 480, 30, 1_000_000).unwrap();
+        assert_eq!(d.backend, Backend::Openh264);
         assert!(
-            matches!(&auto, Selection::OpenH264 { reason } if reason.contains("no V4L2")),
-            "{auto:?}"
+            d.reason.contains("no V4L2 H.264 encoder fits"),
+            "{}",
+            d.reason
         );
-        let v4l2 = select(EncoderBackend::V4l2, &none);
+        let e = decide(EncoderBackend::V4l2, &none, 640, 480, 30, 1_000_000).unwrap_err();
         assert!(
-            matches!(&v4l2, Selection::Missing { reason } if reason.contains("1 codec node")),
-            "{v4l2:?}"
+            e.to_string().contains("/dev/video4: not an H.264 encoder"),
+            "{e}"
         );
+        // Above the node's largest size: not taken.
+        let mut small = bcm;
+        small.max_size = Some((1920, 1080));
+        let d = decide(EncoderBackend::Auto, &[small], 3840, 2160, 30, 8_000_000).unwrap();
+        assert_eq!(d.backend, Backend::Openh264);
     }
 
     #[test]

@@ -682,7 +682,8 @@ class Checker:
             "-> gives FWHT",
             "openh264 (software, built in)",
             "camera: /dev/video0 in YU12 at 640x360 30 fps: format = auto: the first rtcam takes that does",
-            "encoder: openh264 (auto: no V4L2 memory-to-memory node encodes YU12 to H.264",
+            "encoder: openh264: auto: openh264, since no V4L2 H.264 encoder fits (/dev/video4: not an H.264 "
+            "encoder (produces FWHT)",
         ]
         missing = [e for e in expected if e not in text]
         if rc != 0 or missing:
@@ -731,9 +732,9 @@ class Checker:
             fallback = enc.get("fallback") or ""
             if enc.get("backend") != "openh264":
                 self.fail(case, f"expected openh264 (no H.264 M2M node in the guest): {enc}")
-            elif wanted_v4l2 and "no V4L2 memory-to-memory node encodes YU12 to H.264" not in fallback:
+            elif wanted_v4l2 and "no V4L2 H.264 encoder fits" not in fallback:
                 self.fail(case, f"encoder.backend = v4l2 without such a node must say why openh264 runs: {enc}")
-            elif not wanted_v4l2 and (fallback or "auto: no V4L2" not in enc.get("reason", "")):
+            elif not wanted_v4l2 and (fallback or "auto: openh264, since no V4L2 H.264 encoder fits" not in enc.get("reason", "")):
                 self.fail(case, f"auto must choose openh264 with its reason and no fallback: {enc}")
             elif wanted_v4l2:
                 print(f"vmtest: {self.arch.name} {case.name}: encoder {enc}")

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::media::vdev::{BufType, Device, FourCc, consts};
+use crate::media::vdev::{BufType, Device, FourCc, FrameSize, consts};
 
 /// One M2M node as probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub(crate) struct CodecNode {
     pub input_formats: Vec<FourCc>,
     /// Formats it produces (its CAPTURE queue).
     pub output_formats: Vec<FourCc>,
+    /// The largest picture it lists for its first produced format (VIDIOC_ENUM_FRAMESIZES).
+    pub max_size: Option<(u32, u32)>,
 }
 
 impl CodecNode {
@@ -68,13 +70,26 @@ pub(crate) fn probe_node(path: &Path) -> Option<CodecNode> {
             .map(|f| f.into_iter().map(|d| d.fourcc).collect())
             .unwrap_or_default()
     };
+    let output_formats: Vec<FourCc> = formats(cap_q);
+    let max_size = output_formats.first().and_then(|f| {
+        device
+            .enum_framesizes(*f)
+            .ok()?
+            .iter()
+            .map(|s| match *s {
+                FrameSize::Discrete { width, height } => (width, height),
+                FrameSize::Stepwise { max, .. } => max,
+            })
+            .max_by_key(|(w, h)| u64::from(*w) * u64::from(*h))
+    });
     Some(CodecNode {
         path: path.to_owned(),
         driver: caps.driver,
         card: caps.card,
         mplane,
         input_formats: formats(out_q),
-        output_formats: formats(cap_q),
+        output_formats,
+        max_size,
     })
 }
 
@@ -108,6 +123,7 @@ mod tests {
             mplane: false,
             input_formats: input.iter().map(|f| FourCc::new(f)).collect(),
             output_formats: output.iter().map(|f| FourCc::new(f)).collect(),
+            max_size: None,
         }
     }
 
