@@ -198,6 +198,12 @@ impl Owner {
                     h.end(EndRequest::ViewerBye);
                 }
             }
+            Decision::IceServers => {
+                let now_s = crate::viewer::peer::unix_now_s();
+                let servers = self.deps.settings.ice_servers.for_viewers(now_s);
+                tracing::debug!(session = %id, servers = servers.servers.len(), "ICE servers sent");
+                self.signal.send(id, &DeviceMessage::ice_servers(servers));
+            }
         }
     }
 

@@ -41,6 +41,8 @@ pub(crate) enum Decision {
     },
     /// The viewer said bye: end the session. Its slot stays taken until it reports closed.
     End { key: SessionKey },
+    /// The viewer asked for the ICE servers (before its offer): answer with them.
+    IceServers,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +139,7 @@ impl Registry {
                 entry.phase = Phase::Closing;
                 Decision::End { key: entry.key }
             }
+            ViewerMessage::IceServers => Decision::IceServers,
         }
     }
 
@@ -458,6 +461,19 @@ mod tests {
             );
         }
         assert_eq!(r.on_message(&sid("a"), &bye(), t), Decision::End { key });
+    }
+
+    #[test]
+    fn ice_server_requests_open_no_session() {
+        let t = Instant::now();
+        let mut r = reg(1, 1);
+        let ask = msg(json!({"v":1,"type":"ice-servers"}));
+        assert_eq!(r.on_message(&sid("x"), &ask, t), Decision::IceServers);
+        assert_eq!(r.len(), 0);
+        let (key, _) = start(&mut r, "x", t);
+        // A live session may ask again (e.g. before an ICE restart); it stays as it is.
+        assert_eq!(r.on_message(&sid("x"), &ask, t), Decision::IceServers);
+        assert_eq!(r.on_message(&sid("x"), &bye(), t), Decision::End { key });
     }
 
     #[test]

@@ -17,6 +17,8 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::sansio::Protocol;
 use tokio::sync::mpsc;
 use webrtc::data_channel::DataChannel;
+use webrtc::peer_connection::transport::{DtlsTransport, IceTransport};
+use webrtc::rtp_transceiver::RtpSender;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCCertificate,
     RTCConfigurationBuilder, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionIceEvent,
@@ -26,10 +28,20 @@ use webrtc::peer_connection::{
 use super::session::Timeouts;
 use crate::ports::PortPool;
 use crate::protocol::sdp::SENT_PROFILE_LEVEL_ID;
+use crate::protocol::turn::IceServerSet;
+
+/// The wall clock as Unix seconds (0 before 1970): TURN credentials are minted against it.
+pub(crate) fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// WebRTC settings shared by every session.
 pub(crate) struct WebrtcSettings {
-    pub ice_servers: Vec<RTCIceServer>,
+    /// STUN and TURN servers; TURN credentials for coturn's REST scheme are minted per peer
+    /// connection.
+    pub ice_servers: IceServerSet,
     /// One DTLS certificate for every session (cached on disk by the service).
     pub certificate: RTCCertificate,
     pub bind_addresses: Vec<IpAddr>,
@@ -111,8 +123,22 @@ async fn build_with(
     let registry = register_default_interceptors(Registry::new(), &mut media_engine)
         .map_err(|e| e.to_string())?
         .with(Slot::from(14_000), KeyframeRequestInterceptor::default());
+    let ice_servers = settings
+        .ice_servers
+        .for_device(unix_now_s())
+        .into_iter()
+        .map(|s| RTCIceServer {
+            urls: s.urls,
+            username: s.username.unwrap_or_default(),
+            credential: s
+                .credential
+                .map(|c| c.expose().to_owned())
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+        .collect();
     let config = RTCConfigurationBuilder::new()
-        .with_ice_servers(settings.ice_servers.clone())
+        .with_ice_servers(ice_servers)
         .with_certificates(vec![settings.certificate.clone()])
         .build();
     let pc = PeerConnectionBuilder::new()
@@ -158,6 +184,20 @@ pub(crate) async fn build(
             build_with(settings, &addrs, events, MulticastDnsMode::Disabled).await
         }
     }
+}
+
+/// The connected candidate pair as "<local type> -> <remote type>" (e.g. "relay -> prflx"),
+/// for the log line of a connected viewer: how it reached the device.
+pub(crate) async fn selected_path(pc: &Arc<dyn PeerConnection>) -> Option<String> {
+    for sender in pc.get_senders().await {
+        let Ok(Some(dtls)) = sender.transport().await else {
+            continue;
+        };
+        if let Ok(Some(pair)) = dtls.ice_transport().get_selected_candidate_pair().await {
+            return Some(format!("{} -> {}", pair.local().typ, pair.remote().typ));
+        }
+    }
+    None
 }
 
 /// Whether this host can join the mDNS multicast group. Probed once at start: asking

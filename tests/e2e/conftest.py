@@ -279,7 +279,7 @@ class Rtcam(Proc):
 class Monitor:
     """Background paho client recording every status/state message."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, host: str = HOST):
         self.cond = threading.Condition()
         self.history: list[tuple[float, str, Any]] = []
         self._latest: dict[str, Any] = {}
@@ -290,7 +290,7 @@ class Monitor:
         self.client.on_connect = self._on_connect
         self._subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.connect(HOST, port, keepalive=30)
+        self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError(f"monitor could not subscribe on broker port {port}")

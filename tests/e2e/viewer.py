@@ -38,6 +38,7 @@ import aioice.ice
 import paho.mqtt.client as mqtt
 from aiortc import (
     RTCConfiguration,
+    RTCIceServer,
     RTCPeerConnection,
     RTCRtpReceiver,
     RTCSessionDescription,
@@ -105,9 +106,52 @@ def patch_rtp_byte_counter() -> None:
 patch_rtp_byte_counter()
 
 
-def rtc_configuration() -> RTCConfiguration:
-    # iceServers=[]: aiortc otherwise adds stun.l.google.com, i.e. non-loopback traffic.
-    return RTCConfiguration(iceServers=[])
+def use_real_host_addresses() -> None:
+    """Undo the loopback patch: gather on the namespace's own interfaces (the NAT lab)."""
+    aioice.ice.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
+
+
+def rtc_configuration(ice_servers: list[dict] | None = None) -> RTCConfiguration:
+    """ice_servers: W3C RTCIceServer dicts (urls, username, credential), e.g. the device's
+    `ice-servers` reply. None or []: none at all (aiortc otherwise adds stun.l.google.com,
+    i.e. traffic that must not leave the test's namespaces). aiortc uses the first STUN and
+    the first TURN URL it is given."""
+    servers = [
+        RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+        for s in ice_servers or []
+    ]
+    return RTCConfiguration(iceServers=servers)
+
+
+def selected_pair(pc: RTCPeerConnection) -> dict | None:
+    """The nominated ICE candidate pair of the video transport, as candidate types and
+    addresses (aiortc keeps it in aioice's Connection; no public API exposes it)."""
+    for t in pc.getTransceivers():
+        ice = t.receiver.transport.transport if t.receiver.transport else None
+        conn = getattr(ice, "_connection", None)
+        nominated = getattr(conn, "_nominated", None)
+        if not nominated:
+            continue
+        pair = nominated.get(1)
+        if pair is None:
+            continue
+        lc, rc = pair.local_candidate, pair.remote_candidate
+        return {
+            "local": lc.type,
+            "remote": rc.type,
+            "local_address": f"{lc.host}:{lc.port}",
+            "remote_address": f"{rc.host}:{rc.port}",
+            # Every pair ICE tried so far, as "local type/remote type": state.
+            "checks": [
+                {
+                    "local": p.local_candidate.type,
+                    "remote": p.remote_candidate.type,
+                    "state": p.state.name.lower(),
+                }
+                for p in getattr(conn, "_check_list", [])
+            ],
+        }
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -292,6 +336,8 @@ class Viewer:
         self.t_answer_ms: float | None = None
         self.t_connected_ms: float | None = None
         self.t_first_frame_ms: float | None = None
+        self.t_ice_servers_ms: float | None = None
+        self.ice_servers: list[dict] | None = None  # as the device sent them
         self.connection_states: list[str] = []
         self.pc: RTCPeerConnection | None = None
         self.dc = None
@@ -385,13 +431,19 @@ class Viewer:
     # ---- lifecycle --------------------------------------------------------------------
 
     async def start(
-        self, timeout: float = 20.0, wait_connected: bool = True, trickle: bool = False
+        self,
+        timeout: float = 20.0,
+        wait_connected: bool = True,
+        trickle: bool = False,
+        ask_ice_servers: bool = False,
     ) -> None:
         """Offer, apply the answer, wait for ICE/DTLS and the data channel.
 
         trickle=False: the offer carries all candidates (aiortc gathers before offering).
         trickle=True: the offer carries none; they follow as `candidate` messages, then
         `null`, sent right after the offer (before the answer arrives).
+        ask_ice_servers=True: first ask the device for its ICE servers (docs/protocol.md
+        §4.9) and gather with them; otherwise gather host candidates only.
         """
         loop = asyncio.get_running_loop()
         self._answer = loop.create_future()
@@ -403,7 +455,20 @@ class Viewer:
         # Protocol 2: subscribe to `out` before publishing the offer.
         await self.mqtt.subscribe(self.topic_out, self._on_out)
 
-        self.pc = RTCPeerConnection(rtc_configuration())
+        if ask_ice_servers:
+            t0 = now_ms()
+            await self.send({"v": 1, "type": "ice-servers"})
+            try:
+                reply = await self.wait_message(
+                    lambda m: m.get("type") in ("ice-servers", "error"), timeout
+                )
+            except TimeoutError:
+                raise TimeoutError(f"no ice-servers reply within {timeout} s") from None
+            if reply.get("type") == "error":
+                raise ViewerError(f"ice-servers refused: {reply}", reply.get("code"), reply)
+            self.t_ice_servers_ms = now_ms() - t0
+            self.ice_servers = reply["ice_servers"]
+        self.pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
         self.pc.addTransceiver("video", direction="recvonly")
         self.dc = self.pc.createDataChannel("control")
         self.dc.on("open", self._dc_open.set)
@@ -715,16 +780,38 @@ def _emit(event: str, **data: Any) -> None:
 
 
 async def _cli(a: argparse.Namespace) -> int:
+    if a.real_interfaces:
+        use_real_host_addresses()
     v = Viewer(a.host, a.port, a.device, prefix=a.prefix, session=a.session)
     try:
-        await v.start(timeout=a.timeout)
-    except ViewerError as e:
-        _emit("error", message=str(e), code=e.code)
+        await v.start(timeout=a.timeout, ask_ice_servers=a.ask_ice_servers)
+    except (ViewerError, TimeoutError) as e:
+        kind = "timeout: " if isinstance(e, TimeoutError) else ""
+        _emit("error", message=f"{kind}{e}", code=getattr(e, "code", None))
+        if a.wait_device_end > 0:
+            # What the device says about the session it could not connect (bye or error).
+            try:
+                msg = await v.wait_message(
+                    lambda m: m.get("type") in ("bye", "error"), a.wait_device_end
+                )
+                since = now_ms() - (v.t_offer_ms or now_ms())
+                _emit("device-ended", message=msg, ms_from_offer=round(since, 1))
+            except TimeoutError:
+                _emit("device-silent", seconds=a.wait_device_end)
         return 2
-    except TimeoutError as e:
-        _emit("error", message=f"timeout: {e}")
-        return 2
-    _emit("connected", session=v.session, ms_from_offer=round(v.t_connected_ms - v.t_offer_ms, 1))
+    if v.ice_servers is not None:
+        # URLs and user names only: the credentials stay out of logs.
+        _emit(
+            "ice-servers",
+            ms=round(v.t_ice_servers_ms, 1),
+            servers=[{"urls": s["urls"], "username": s.get("username")} for s in v.ice_servers],
+        )
+    _emit(
+        "connected",
+        session=v.session,
+        ms_from_offer=round(v.t_connected_ms - v.t_offer_ms, 1),
+        pair=selected_pair(v.pc),
+    )
     await v.wait_frames(1, a.timeout)
     _emit(
         "first-frame",
@@ -763,6 +850,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ping", action="store_true", help="ping over the data channel once")
     p.add_argument("--no-bye", action="store_true", help="at the end, die instead of bye")
     p.add_argument("--die-after", type=float, default=None, help="SIGKILL self after S seconds")
+    p.add_argument(
+        "--real-interfaces",
+        action="store_true",
+        help="gather on the namespace's interfaces instead of 127.0.0.1 only (NAT lab)",
+    )
+    p.add_argument(
+        "--ask-ice-servers",
+        action="store_true",
+        help="ask the device for its ICE servers before offering (protocol §4.9)",
+    )
+    p.add_argument(
+        "--wait-device-end",
+        type=float,
+        default=0.0,
+        help="when the session fails, wait this long for the device's bye or error",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr)
