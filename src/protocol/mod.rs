@@ -1,5 +1,6 @@
 //! Pure wire-protocol logic (topics, signaling messages, commands): no I/O, no clocks.
 
+pub mod auth;
 pub mod command;
 pub mod signal;
 pub mod topics;
