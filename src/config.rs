@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::auth::keys::PublicKey;
 use crate::protocol::topics::is_valid_id;
 
 /// The compiled-in defaults; every key rtcam knows is in this file.
@@ -25,6 +26,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub web: WebConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,6 +195,76 @@ pub struct LogConfig {
     pub target: LogTarget,
 }
 
+config_enum!(
+    /// Who may use the session topics (docs/protocol.md §9).
+    AuthMode { Signed = "signed", Open = "open" }
+);
+
+/// `[auth]`: signed mode (docs/protocol.md §9, docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// The device identity key (Ed25519, PKCS#8 PEM, 0600); empty: a new key each start.
+    pub identity_key_path: PathBuf,
+    /// Trusted owner public keys (b64url, 43 characters).
+    pub owner_keys: Vec<String>,
+    /// Credential ids (`jti`) refused before they expire.
+    pub revoked: Vec<String>,
+    /// Forwarded namespaces every credential with `control` may use.
+    pub control_namespaces: Vec<String>,
+    pub max_clock_skew_ms: u64,
+    pub replay_cache_entries: usize,
+}
+
+impl AuthConfig {
+    /// The parsed `owner_keys` (valid once [`validate_auth`] passed).
+    pub fn owner_public_keys(&self) -> Vec<PublicKey> {
+        self.owner_keys
+            .iter()
+            .filter_map(|k| PublicKey::from_b64url(k.trim()).ok())
+            .collect()
+    }
+}
+
+/// Checks `[auth]`; `forward_namespaces` is `control.forward_namespaces`.
+pub fn validate_auth(auth: &AuthConfig, forward_namespaces: &[String]) -> Result<(), ConfigError> {
+    for key in &auth.owner_keys {
+        if let Err(e) = PublicKey::from_b64url(key.trim()) {
+            return Err(invalid(
+                "auth.owner_keys",
+                format!(
+                    "{key:?}: {e}; each entry is an owner's Ed25519 public key as printed by \
+                     `rtcam token keygen` (43 base64url characters)"
+                ),
+            ));
+        }
+    }
+    if let Some(id) = auth.revoked.iter().find(|id| !is_valid_id(id)) {
+        return Err(invalid(
+            "auth.revoked",
+            format!("{id:?}: credential ids (jti) are 1 to 64 characters from A-Z a-z 0-9 _ -"),
+        ));
+    }
+    if let Some(ns) = auth
+        .control_namespaces
+        .iter()
+        .find(|ns| !forward_namespaces.contains(ns))
+    {
+        return Err(invalid(
+            "auth.control_namespaces",
+            format!("{ns:?} is not in control.forward_namespaces"),
+        ));
+    }
+    if !(1000..=600_000).contains(&auth.max_clock_skew_ms) {
+        return Err(invalid("auth.max_clock_skew_ms", "1000 to 600000"));
+    }
+    if !(64..=1 << 20).contains(&auth.replay_cache_entries) {
+        return Err(invalid("auth.replay_cache_entries", "64 to 1048576"));
+    }
+    Ok(())
+}
+
 /// A configuration that could not be loaded or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -249,6 +321,9 @@ impl Config {
                 .with_list_parse_key("webrtc.bind_addresses")
                 .with_list_parse_key("webrtc.stun_servers")
                 .with_list_parse_key("control.forward_namespaces")
+                .with_list_parse_key("auth.owner_keys")
+                .with_list_parse_key("auth.revoked")
+                .with_list_parse_key("auth.control_namespaces")
                 .source(Some(env)),
         );
         let config: Config = builder.build()?.try_deserialize()?;
@@ -439,7 +514,7 @@ impl Config {
                 "a tracing filter such as \"info\" or \"rtcam=debug,warn\"",
             ));
         }
-        Ok(())
+        validate_auth(&self.auth, &self.control.forward_namespaces)
     }
 
     /// The effective configuration as TOML (secrets live in files, so nothing is masked).
@@ -608,6 +683,48 @@ mod tests {
         );
         let c = load_with(None, &[("RTCAM__MQTT__TLS", "true")]).unwrap();
         assert!(c.mqtt.tls);
+    }
+
+    #[test]
+    fn auth_section() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(
+            c.auth.mode,
+            AuthMode::Signed,
+            "signed is the built-in default"
+        );
+        assert!(c.auth.owner_keys.is_empty());
+        let owner = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+        let c = load_with(
+            Some(&format!(
+                "[control]\nforward_namespaces = [\"ptz\"]\n[auth]\nmode = \"open\"\nowner_keys = [\"{owner}\"]\ncontrol_namespaces = [\"ptz\"]\n"
+            )),
+            &[("RTCAM__AUTH__REVOKED", "a,b-2")],
+        )
+        .unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Open);
+        assert_eq!(c.auth.owner_public_keys()[0].to_b64url(), owner);
+        assert_eq!(c.auth.revoked, ["a", "b-2"]);
+        let e = err(Some("[auth]\nmode = \"none\"\n"), &[]);
+        assert!(e.contains("none") && e.contains("signed"), "{e}");
+        let e = err(Some("[auth]\nowner_keys = [\"abc\"]\n"), &[]);
+        assert!(
+            e.contains("auth.owner_keys") && e.contains("token keygen"),
+            "{e}"
+        );
+        let e = err(Some("[auth]\nrevoked = [\"a b\"]\n"), &[]);
+        assert!(e.contains("auth.revoked"), "{e}");
+        let e = err(Some("[auth]\ncontrol_namespaces = [\"ptz\"]\n"), &[]);
+        assert!(
+            e.contains("auth.control_namespaces") && e.contains("forward_namespaces"),
+            "{e}"
+        );
+        let e = err(Some("[auth]\nmax_clock_skew_ms = 10\n"), &[]);
+        assert!(e.contains("auth.max_clock_skew_ms"), "{e}");
+        let e = err(Some("[auth]\nreplay_cache_entries = 1\n"), &[]);
+        assert!(e.contains("auth.replay_cache_entries"), "{e}");
+        let e = err(Some("[auth]\nowner_key = []\n"), &[]);
+        assert!(e.contains("owner_key"), "{e}");
     }
 
     #[test]

@@ -43,6 +43,17 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Print the device's public identity key (auth.identity_key_path), the key viewers pin.
+    Identity {
+        /// Create the key file if it does not exist yet (run as the service's user).
+        #[arg(long)]
+        create: bool,
+    },
+    /// Owner keys and viewer credentials (docs/protocol.md §9).
+    Token {
+        #[command(subcommand)]
+        command: rtcam::token::TokenCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +76,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
+        Command::Identity { create } => print_outcome(rtcam::token::identity(&config, create)),
+        Command::Token { command } => print_outcome(rtcam::token::run(&config, &command)),
         Command::Record {
             frames,
             output,
@@ -79,6 +92,21 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_secs(timeout),
             },
         ),
+    }
+}
+
+/// Prints a key/credential command's result: stdout, notes on stderr, or the error.
+fn print_outcome(outcome: anyhow::Result<rtcam::token::Outcome>) -> ExitCode {
+    match outcome {
+        Ok(out) => {
+            eprint!("{}", out.stderr);
+            print!("{}", out.stdout);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rtcam: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -155,6 +155,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<()> {
     if config.broker.enabled {
         start_broker(&config)?;
     }
+    // Signed mode's identity key is loaded (created on first start) before anything starts;
+    // using it for signaling is issue 11's phase 2.
+    let _identity = crate::identity::load_for_start(&config.auth)?;
     if config.capture.source == SourceKind::TestPattern {
         tracing::warn!(
             "capture.source = \"test-pattern\": streaming synthetic frames, not a camera"
