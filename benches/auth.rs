@@ -1,6 +1,7 @@
 //! Prints the CPU cost of signed mode (docs/protocol.md §9): signing, verifying and a whole session's signaling.
 //!
 //! Run: `cargo bench --bench auth` (add `-- --iterations 20000` for longer runs).
+#![allow(unsafe_code)] // libc::clock_gettime for CPU time.
 
 use std::time::{Duration, Instant};
 

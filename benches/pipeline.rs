@@ -1,6 +1,7 @@
 //! Prints pipeline vs bare-openh264 CPU cost per frame, fps and bytes copied, for I420, YUYV and MJPEG input.
 //!
 //! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs).
+#![allow(unsafe_code)] // libc::clock_gettime for CPU time.
 
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::auth::keys::PublicKey;
+use crate::protocol::limits;
 use crate::protocol::topics::is_valid_id;
 
 /// The compiled-in defaults; every key rtcam knows is in this file.
@@ -132,6 +133,7 @@ pub struct TurnServer {
 #[serde(deny_unknown_fields)]
 pub struct WebrtcConfig {
     pub max_viewers: u32,
+    pub max_pending_sessions: u32,
     pub bind_addresses: Vec<IpAddr>,
     pub udp_port_min: u16,
     pub udp_port_max: u16,
@@ -256,11 +258,19 @@ pub fn validate_auth(auth: &AuthConfig, forward_namespaces: &[String]) -> Result
             format!("{ns:?} is not in control.forward_namespaces"),
         ));
     }
-    if !(1000..=600_000).contains(&auth.max_clock_skew_ms) {
-        return Err(invalid("auth.max_clock_skew_ms", "1000 to 600000"));
+    if !limits::CLOCK_SKEW_MS.contains(&auth.max_clock_skew_ms) {
+        let r = &limits::CLOCK_SKEW_MS;
+        return Err(invalid(
+            "auth.max_clock_skew_ms",
+            format!("between {} and {} ms", r.start(), r.end()),
+        ));
     }
-    if !(64..=1 << 20).contains(&auth.replay_cache_entries) {
-        return Err(invalid("auth.replay_cache_entries", "64 to 1048576"));
+    if !limits::REPLAY_CACHE_ENTRIES.contains(&auth.replay_cache_entries) {
+        let r = &limits::REPLAY_CACHE_ENTRIES;
+        return Err(invalid(
+            "auth.replay_cache_entries",
+            format!("between {} and {}", r.start(), r.end()),
+        ));
     }
     Ok(())
 }
@@ -340,14 +350,20 @@ impl Config {
             ));
         }
         let c = &self.capture;
-        if !(16..=3840).contains(&c.width) || !c.width.is_multiple_of(2) {
-            return Err(invalid("capture.width", "an even number from 16 to 3840"));
+        if !limits::WIDTH.contains(&c.width) || !c.width.is_multiple_of(2) {
+            return Err(invalid(
+                "capture.width",
+                format!("an even number {}", limits::describe(&limits::WIDTH)),
+            ));
         }
-        if !(16..=2160).contains(&c.height) || !c.height.is_multiple_of(2) {
-            return Err(invalid("capture.height", "an even number from 16 to 2160"));
+        if !limits::HEIGHT.contains(&c.height) || !c.height.is_multiple_of(2) {
+            return Err(invalid(
+                "capture.height",
+                format!("an even number {}", limits::describe(&limits::HEIGHT)),
+            ));
         }
-        if !(1..=120).contains(&c.fps) {
-            return Err(invalid("capture.fps", "1 to 120"));
+        if !limits::FPS.contains(&c.fps) {
+            return Err(invalid("capture.fps", limits::describe(&limits::FPS)));
         }
         if !(2..=32).contains(&c.buffers) {
             return Err(invalid("capture.buffers", "2 to 32"));
@@ -358,24 +374,24 @@ impl Config {
                 "0 (the driver's choice) or a power of two up to 4096",
             ));
         }
-        if c.source == SourceKind::TestPattern && c.width < 160 {
-            return Err(invalid(
-                "capture.width",
-                "at least 160 with source = \"test-pattern\" (room for the frame-number cells)",
-            ));
-        }
-        if !crate::protocol::command::BITRATE_RANGE.contains(&self.encoder.bitrate) {
+        if !limits::BITRATE.contains(&self.encoder.bitrate) {
             return Err(invalid(
                 "encoder.bitrate",
-                "100000 to 20000000 bits per second",
+                format!("{} bits per second", limits::describe(&limits::BITRATE)),
             ));
         }
-        if !(1..=3600).contains(&self.encoder.keyframe_interval) {
-            return Err(invalid("encoder.keyframe_interval", "1 to 3600 frames"));
+        if !limits::KEYFRAME_INTERVAL.contains(&self.encoder.keyframe_interval) {
+            return Err(invalid(
+                "encoder.keyframe_interval",
+                format!("{} frames", limits::describe(&limits::KEYFRAME_INTERVAL)),
+            ));
         }
         let w = &self.webrtc;
         if !(1..=64).contains(&w.max_viewers) {
             return Err(invalid("webrtc.max_viewers", "1 to 64"));
+        }
+        if !(1..=64).contains(&w.max_pending_sessions) {
+            return Err(invalid("webrtc.max_pending_sessions", "1 to 64"));
         }
         if w.bind_addresses.is_empty() {
             return Err(invalid(
@@ -419,16 +435,8 @@ impl Config {
         }
         let k = &self.control;
         for ns in &k.forward_namespaces {
-            let ok = !ns.is_empty()
-                && ns.len() <= 64
-                && ns.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
-                });
-            if !ok {
-                return Err(invalid(
-                    "control.forward_namespaces",
-                    format!("{ns:?}: namespaces are 1-64 characters from a-z 0-9 _ -"),
-                ));
+            if let Some(problem) = limits::namespace_problem(ns) {
+                return Err(invalid("control.forward_namespaces", problem));
             }
         }
         if !(100..=600_000).contains(&k.forward_timeout_ms) {

@@ -3,13 +3,14 @@
 use serde_json::{Value, json};
 
 use crate::media::controls::{ControlInfo, ControlKind};
+use crate::protocol::limits;
 use crate::protocol::topics::Topics;
 
 /// Resolutions offered by the Home Assistant select entity.
-pub const RESOLUTIONS: [&str; 4] = ["320x240", "640x480", "1280x720", "1920x1080"];
+pub(crate) const RESOLUTIONS: [&str; 4] = ["320x240", "640x480", "1280x720", "1920x1080"];
 
 /// `<discovery_prefix>/device/<device>/config`.
-pub fn config_topic(discovery_prefix: &str, device: &str) -> String {
+pub(crate) fn config_topic(discovery_prefix: &str, device: &str) -> String {
     format!(
         "{}/device/{device}/config",
         discovery_prefix.trim_end_matches('/')
@@ -17,7 +18,7 @@ pub fn config_topic(discovery_prefix: &str, device: &str) -> String {
 }
 
 /// Home Assistant's birth topic: `online` there means "rediscover everything".
-pub fn status_topic(discovery_prefix: &str) -> String {
+pub(crate) fn status_topic(discovery_prefix: &str) -> String {
     format!("{}/status", discovery_prefix.trim_end_matches('/'))
 }
 
@@ -25,7 +26,7 @@ pub fn status_topic(discovery_prefix: &str) -> String {
 /// integer camera control with the driver's range), a select and sensors, all bound to
 /// rtcam's retained status topic for availability. `controls` is empty until the camera has
 /// been opened once.
-pub fn discovery_payload(topics: &Topics, device: &str, controls: &[ControlInfo]) -> Value {
+pub(crate) fn discovery_payload(topics: &Topics, device: &str, controls: &[ControlInfo]) -> Value {
     let uid = |what: &str| format!("rtcam_{device}_{what}");
     let cmd = topics.command();
     let state = topics.state();
@@ -54,7 +55,8 @@ pub fn discovery_payload(topics: &Topics, device: &str, controls: &[ControlInfo]
             "command_topic": cmd,
             "command_template": command("set-bitrate", r#","args":{"bps":{{ value | int }}}"#),
             "state_topic": state, "value_template": "{{ value_json.bitrate }}",
-            "min": 100000, "max": 20000000, "step": 100000, "unit_of_measurement": "bit/s",
+            "min": limits::BITRATE.start(), "max": limits::BITRATE.end(),
+            "step": limits::BITRATE_STEP, "unit_of_measurement": "bit/s",
             "mode": "box",
         },
         "fps": {
@@ -62,7 +64,8 @@ pub fn discovery_payload(topics: &Topics, device: &str, controls: &[ControlInfo]
             "command_topic": cmd,
             "command_template": command("set-fps", r#","args":{"fps":{{ value | int }}}"#),
             "state_topic": state, "value_template": "{{ value_json.fps }}",
-            "min": 1, "max": 60, "step": 1, "unit_of_measurement": "fps",
+            "min": limits::FPS.start(), "max": limits::FPS.end(), "step": 1,
+            "unit_of_measurement": "fps",
         },
         "resolution": {
             "p": "select", "unique_id": uid("resolution"), "name": "Resolution",

@@ -1,25 +1,27 @@
 //! rtcam: camera appliance firmware — V4L2 capture, openh264 encoding, WebRTC viewers signaled over MQTT.
+//!
+//! The library's public surface is what the `rtcam` binary, the benchmark and the integration
+//! tests use; everything else is crate-private.
 
+pub mod app;
 #[cfg(feature = "embedded-broker")]
-pub mod broker;
-pub mod certificate;
+mod broker;
+mod certificate;
 pub mod config;
-pub mod control;
-pub mod forwarding;
-pub mod homeassistant;
-pub mod identity;
+mod control;
+mod homeassistant;
+mod identity;
+mod log_limit;
 pub mod logging;
 pub mod media;
-pub mod mqtt;
-pub mod ports;
+mod mqtt;
+mod outbound;
+mod ports;
 pub mod protocol;
-pub mod ratelimit;
 pub mod record;
-pub mod service;
-pub mod sessions;
-pub mod signaling;
-pub mod state;
-pub mod systemd;
+mod signaling;
+mod state;
+mod systemd;
 pub mod token;
 pub mod viewer;
-pub mod web;
+mod web;

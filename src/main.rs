@@ -113,68 +113,62 @@ fn print_outcome(outcome: anyhow::Result<rtcam::token::Outcome>) -> ExitCode {
 fn record(config: Config, options: rtcam::record::RecordOptions) -> ExitCode {
     // A command-line tool: log to stderr whatever the service's log target is.
     rtcam::logging::init(&config.log.level, rtcam::config::LogTarget::Stderr);
-    let Some(runtime) = runtime() else {
-        return ExitCode::FAILURE;
-    };
-    let cancel = CancellationToken::new();
-    let result = runtime.block_on(async {
-        tokio::spawn(shutdown_on_signal(cancel.clone()));
+    let frames = options.frames;
+    let summary = block_on_until_signal(|cancel| async move {
         rtcam::record::record(&config, &options, cancel).await
     });
-    match result {
-        Ok(summary) => {
-            match serde_json::to_string(&summary) {
-                Ok(line) => println!("{line}"),
-                Err(e) => eprintln!("rtcam: cannot print the summary: {e}"),
-            }
-            if summary.complete {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!(
-                    "rtcam: recorded {} of {} frames",
-                    summary.frames, options.frames
-                );
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("rtcam: {e:#}");
-            ExitCode::FAILURE
-        }
+    let Some(summary) = summary else {
+        return ExitCode::FAILURE;
+    };
+    match serde_json::to_string(&summary) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("rtcam: cannot print the summary: {e}"),
+    }
+    if summary.complete {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("rtcam: recorded {} of {frames} frames", summary.frames);
+        ExitCode::FAILURE
     }
 }
 
 fn run(config: Config) -> ExitCode {
     rtcam::logging::init(&config.log.level, config.log.target);
-    let Some(runtime) = runtime() else {
-        return ExitCode::FAILURE;
-    };
-    let cancel = CancellationToken::new();
-    let result = runtime.block_on(async {
-        tokio::spawn(shutdown_on_signal(cancel.clone()));
-        rtcam::service::run(config, cancel).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("rtcam: {e:#}");
-            ExitCode::FAILURE
-        }
+    match block_on_until_signal(|cancel| rtcam::app::run(config, cancel)) {
+        Some(()) => ExitCode::SUCCESS,
+        None => ExitCode::FAILURE,
     }
 }
 
-/// The async runtime both commands run on; `None` (reported) when it cannot start.
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
+/// Runs `work` on the async runtime with a cancellation token that SIGINT or SIGTERM fires;
+/// `None` (reported) when the runtime cannot start or `work` fails.
+fn block_on_until_signal<T, F>(work: impl FnOnce(CancellationToken) -> F) -> Option<T>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
     {
-        Ok(r) => Some(r),
+        Ok(r) => r,
         Err(e) => {
             eprintln!("rtcam: cannot start the async runtime: {e}");
+            return None;
+        }
+    };
+    let cancel = CancellationToken::new();
+    let result = runtime.block_on(async {
+        let signals = tokio::spawn(shutdown_on_signal(cancel.clone()));
+        let result = work(cancel).await;
+        signals.abort();
+        result
+    });
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("rtcam: {e:#}");
             None
         }
     }

@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -10,9 +9,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::settings::{pipeline_config, source_opener};
 use crate::config::Config;
-use crate::media::pipeline::{self, unix_ms};
-use crate::service::{pipeline_config, source_opener};
+use crate::media::pipeline;
+use crate::media::source::unix_ms;
 
 /// What to record.
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ pub async fn record(
         pipeline_cancel.clone(),
     )
     .context("starting the capture thread")?;
-    let stats = handle.stats().clone();
+    let status = handle.status();
 
     let result = async {
         let mut controls = std::collections::BTreeMap::new();
@@ -108,13 +108,15 @@ pub async fn record(
             let applied = handle
                 .set_control(name.clone(), *value)
                 .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r.map_err(anyhow::Error::from))
                 .with_context(|| format!("setting control {name} = {value}"))?;
             tracing::info!(control = %name, requested = value, applied, "control set");
             controls.insert(name.clone(), applied);
         }
 
         let (tx, mut rx) = mpsc::channel(64);
-        handle.subscribe(1, tx).await.context("subscribing to the pipeline")?;
+        handle.subscribe(1, tx).context("subscribing to the pipeline")?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + options.timeout;
         let mut summary = Summary {
@@ -191,15 +193,16 @@ pub async fn record(
     out.flush()
         .with_context(|| format!("writing {}", options.output.display()))?;
     let mut summary = result?;
-    if let Some(info) = stats.source_info() {
+    if let Some(info) = status.borrow().source.clone() {
         summary.width = info.width;
         summary.height = info.height;
         summary.fps = info.fps;
         summary.pixel_format = info.pixel_format;
         summary.stride = info.stride;
     }
-    summary.bytes_copied_per_frame = stats.bytes_copied_last.load(Ordering::Relaxed);
-    summary.source_errors = stats.source_errors.load(Ordering::Relaxed);
+    let counters = handle.counters();
+    summary.bytes_copied_per_frame = counters.bytes_copied_per_frame;
+    summary.source_errors = counters.source_errors;
     Ok(summary)
 }
 

@@ -1,23 +1,26 @@
-//! Publishes the retained device state topic on change, throttled.
+//! The device state (docs/protocol.md §3.2): built from the capture and session owners, published retained on change.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::media::pipeline::PipelineStats;
-use crate::mqtt::MqttHandle;
+use crate::media::pipeline::PipelineHandle;
+use crate::outbound::Publish;
 use crate::protocol::PROTOCOL_VERSION;
 
 /// `<prefix>/<device>/state` payload (docs/protocol.md §3.2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DeviceState {
+pub(crate) struct DeviceState {
     pub v: u32,
+    /// Sessions whose peer connection is connected: viewers receiving video.
     pub viewers: u32,
     pub max_viewers: u32,
+    /// Sessions between their offer and `connected` (not counted in `viewers`).
+    pub connecting: u32,
     pub capturing: bool,
     pub source: String,
     pub width: u32,
@@ -28,78 +31,138 @@ pub struct DeviceState {
     pub frames_dropped: u64,
     pub bytes_copied_per_frame: u64,
     /// Last known control values (filled once controls were listed or set).
-    pub controls: std::collections::BTreeMap<String, i64>,
+    pub controls: BTreeMap<String, i64>,
+    /// Why the camera cannot be used right now; `null` while it works (or was not needed yet).
+    pub camera_error: Option<String>,
     pub uptime_s: u64,
+}
+
+/// How many sessions are in each phase (the session registry publishes it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SessionCounts {
+    pub connected: u32,
+    pub pending: u32,
+    /// Ending: their resources are being freed.
+    pub closing: u32,
 }
 
 /// Static facts the state carries.
 #[derive(Debug, Clone)]
-pub struct StateInfo {
+pub(crate) struct StateInfo {
     pub max_viewers: u32,
     pub source: String,
 }
 
-/// Reads the live counters into a state message.
-pub fn snapshot(stats: &PipelineStats, info: &StateInfo, uptime: Duration) -> DeviceState {
-    DeviceState {
-        v: PROTOCOL_VERSION,
-        viewers: stats.viewers.load(Ordering::Relaxed),
-        max_viewers: info.max_viewers,
-        capturing: stats.capturing.load(Ordering::Relaxed),
-        source: info.source.clone(),
-        width: stats.width.load(Ordering::Relaxed),
-        height: stats.height.load(Ordering::Relaxed),
-        fps: stats.fps.load(Ordering::Relaxed),
-        bitrate: stats.bitrate.load(Ordering::Relaxed),
-        frames_encoded: stats.frames_encoded.load(Ordering::Relaxed),
-        frames_dropped: stats.frames_dropped.load(Ordering::Relaxed),
-        bytes_copied_per_frame: stats.bytes_copied_last.load(Ordering::Relaxed),
-        controls: stats.control_values(),
-        uptime_s: uptime.as_secs(),
+/// Reads the current state from its owners; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct StateReader {
+    pipeline: PipelineHandle,
+    sessions: watch::Receiver<SessionCounts>,
+    info: Arc<StateInfo>,
+    started: Instant,
+}
+
+impl StateReader {
+    pub fn new(
+        pipeline: PipelineHandle,
+        sessions: watch::Receiver<SessionCounts>,
+        info: StateInfo,
+    ) -> Self {
+        Self {
+            pipeline,
+            sessions,
+            info: Arc::new(info),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn current(&self) -> DeviceState {
+        let status = self.pipeline.status().borrow().clone();
+        let counters = self.pipeline.counters();
+        let sessions = *self.sessions.borrow();
+        DeviceState {
+            v: PROTOCOL_VERSION,
+            viewers: sessions.connected,
+            max_viewers: self.info.max_viewers,
+            connecting: sessions.pending,
+            capturing: status.capturing,
+            source: self.info.source.clone(),
+            width: status.params.width,
+            height: status.params.height,
+            fps: status.params.fps,
+            bitrate: status.bitrate,
+            frames_encoded: counters.frames_encoded,
+            frames_dropped: counters.frames_dropped,
+            bytes_copied_per_frame: counters.bytes_copied_per_frame,
+            controls: status.controls,
+            camera_error: status.camera_error,
+            uptime_s: self.started.elapsed().as_secs(),
+        }
     }
 }
 
-/// Publishes whenever something but the uptime changed, at most once per `min_interval`,
-/// and again after every MQTT reconnect (a broker restart loses retained messages).
-pub async fn run_state_publisher(
-    stats: Arc<PipelineStats>,
-    info: StateInfo,
-    mqtt: MqttHandle,
+/// True when two states differ in more than their uptime.
+fn differs(a: &DeviceState, b: &DeviceState) -> bool {
+    DeviceState {
+        uptime_s: 0,
+        ..a.clone()
+    } != DeviceState {
+        uptime_s: 0,
+        ..b.clone()
+    }
+}
+
+/// Publishes the retained state whenever something but the uptime changed, at most once per
+/// `min_interval`, and again after every MQTT (re)connect (a broker restart loses retained
+/// messages). Runs until `cancel`.
+pub(crate) async fn run_state_publisher(
+    reader: StateReader,
+    publish: Arc<dyn Publish>,
+    topic: String,
     min_interval: Duration,
     mut connected: watch::Receiver<u64>,
     cancel: CancellationToken,
 ) {
-    let started = Instant::now();
-    let poll = min_interval.max(Duration::from_millis(100));
+    let mut status = reader.pipeline.status();
+    let mut sessions = reader.sessions.clone();
+    // Counters change every frame; they are looked at on this tick.
+    let mut tick = tokio::time::interval(min_interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<DeviceState> = None;
-    let mut last_generation = u64::MAX;
+    let mut last_sent = tokio::time::Instant::now() - min_interval;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(poll) => {}
-            changed = connected.changed() => {
-                if changed.is_err() { break; }
+            _ = tick.tick() => {}
+            r = status.changed() => if r.is_err() { break },
+            r = sessions.changed() => if r.is_err() { break },
+            r = connected.changed() => {
+                if r.is_err() { break }
                 last = None; // force a republish
             }
         }
         if *connected.borrow() == 0 {
             continue;
         }
-        let mut state = snapshot(&stats, &info, started.elapsed());
-        let generation = stats.generation.load(Ordering::Relaxed);
-        let same = last.as_ref().is_some_and(|l| {
-            state.uptime_s = l.uptime_s;
-            *l == state
-        }) && generation == last_generation;
-        if same {
+        let state = reader.current();
+        if last.as_ref().is_some_and(|l| !differs(l, &state)) {
             continue;
         }
-        state.uptime_s = started.elapsed().as_secs();
-        // Plain struct of numbers and strings: serialization cannot fail.
+        // Throttle: wait out the rest of the interval, then publish what is current then.
+        let next_allowed = last_sent + min_interval;
+        if tokio::time::Instant::now() < next_allowed {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(next_allowed) => {}
+            }
+        }
+        let state = reader.current();
+        // Plain struct of numbers, strings and a string map: serialization cannot fail.
         let payload = serde_json::to_vec(&state).expect("state serializes");
-        mqtt.publish(mqtt.topics().state(), payload, true);
-        last = Some(state);
-        last_generation = generation;
+        if publish.publish(topic.clone(), payload, true).is_ok() {
+            last = Some(state);
+            last_sent = tokio::time::Instant::now();
+        }
     }
 }
 
@@ -107,26 +170,72 @@ pub async fn run_state_publisher(
 mod tests {
     use super::*;
 
+    fn state() -> DeviceState {
+        DeviceState {
+            v: 1,
+            viewers: 2,
+            max_viewers: 4,
+            connecting: 1,
+            capturing: true,
+            source: "test-pattern".into(),
+            width: 640,
+            height: 480,
+            fps: 30,
+            bitrate: 1_000_000,
+            frames_encoded: 42,
+            frames_dropped: 0,
+            bytes_copied_per_frame: 0,
+            controls: BTreeMap::from([("brightness".to_string(), 3)]),
+            camera_error: None,
+            uptime_s: 9,
+        }
+    }
+
     #[test]
-    fn snapshot_reads_counters() {
-        let stats = PipelineStats::default();
-        stats.viewers.store(2, Ordering::Relaxed);
-        stats.capturing.store(true, Ordering::Relaxed);
-        stats.frames_encoded.store(42, Ordering::Relaxed);
-        let s = snapshot(
-            &stats,
-            &StateInfo {
-                max_viewers: 4,
-                source: "test-pattern".into(),
-            },
-            Duration::from_secs(9),
-        );
-        let v = serde_json::to_value(&s).unwrap();
-        assert_eq!(v["viewers"], 2);
-        assert_eq!(v["capturing"], true);
-        assert_eq!(v["frames_encoded"], 42);
-        assert_eq!(v["max_viewers"], 4);
-        assert_eq!(v["uptime_s"], 9);
-        assert_eq!(v["v"], 1);
+    fn state_json_has_every_documented_field() {
+        let v = serde_json::to_value(state()).unwrap();
+        for key in [
+            "v",
+            "viewers",
+            "max_viewers",
+            "connecting",
+            "capturing",
+            "source",
+            "width",
+            "height",
+            "fps",
+            "bitrate",
+            "frames_encoded",
+            "frames_dropped",
+            "bytes_copied_per_frame",
+            "controls",
+            "camera_error",
+            "uptime_s",
+        ] {
+            assert!(v.get(key).is_some(), "{key}");
+        }
+        assert_eq!(v["camera_error"], serde_json::Value::Null);
+        assert_eq!(v["controls"]["brightness"], 3);
+        assert_eq!(v.as_object().unwrap().len(), 16, "no undocumented fields");
+    }
+
+    #[test]
+    fn only_uptime_changes_are_not_changes() {
+        let a = state();
+        let b = DeviceState {
+            uptime_s: 99,
+            ..a.clone()
+        };
+        assert!(!differs(&a, &b));
+        let c = DeviceState {
+            viewers: 3,
+            ..a.clone()
+        };
+        assert!(differs(&a, &c));
+        let d = DeviceState {
+            camera_error: Some("gone".into()),
+            ..a.clone()
+        };
+        assert!(differs(&a, &d));
     }
 }

@@ -12,10 +12,8 @@ use crate::protocol::auth::Verifier;
 use crate::protocol::auth::credential::{ANY_DEVICE, Claims, is_valid_namespace, issue};
 use crate::protocol::auth::keys::{PublicKey, b64url_encode};
 use crate::protocol::auth::permissions::{Namespaces, Permission};
+use crate::protocol::limits::MAX_CREDENTIAL_LIFETIME_S;
 use crate::protocol::topics::is_valid_id;
-
-/// Longest credential lifetime `--expires` accepts.
-const MAX_LIFETIME_S: u64 = 3650 * 86_400;
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -101,7 +99,7 @@ pub fn parse_lifetime(text: &str) -> Result<u64> {
         .parse()
         .map_err(|_| anyhow!("--expires {text:?}: a number with s, m, h, d or w, e.g. 30d"))?;
     let seconds = n.saturating_mul(scale);
-    if seconds == 0 || seconds > MAX_LIFETIME_S {
+    if seconds == 0 || seconds > MAX_CREDENTIAL_LIFETIME_S {
         bail!("--expires {text:?}: from 1s to 3650d");
     }
     Ok(seconds)

@@ -29,7 +29,7 @@ async fn service_shuts_down_cleanly_on_cancel() {
     })
     .unwrap();
     let cancel = CancellationToken::new();
-    let service = tokio::spawn(rtcam::service::run(config, cancel.clone()));
+    let service = tokio::spawn(rtcam::app::run(config, cancel.clone()));
     // Let it connect to its broker and settle.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(
@@ -62,7 +62,7 @@ async fn broker_enabled_without_feature_or_port_clash_is_a_clear_error() {
         ..Default::default()
     })
     .unwrap();
-    let err = rtcam::service::run(config, CancellationToken::new())
+    let err = rtcam::app::run(config, CancellationToken::new())
         .await
         .expect_err("port in use");
     let text = format!("{err:#}");

@@ -1,4 +1,5 @@
 //! The rtcam binary speaks systemd's notify protocol: READY=1 only once the camera was probed and MQTT is up, STATUS= while waiting, watchdog pings, STOPPING=1 on SIGTERM.
+#![allow(unsafe_code)] // libc::kill to send SIGTERM to the child.
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
@@ -167,7 +168,9 @@ fn not_ready_while_the_broker_is_unreachable() {
         ("RTCAM__MQTT__PORT", port.to_string()),
     ];
     let m = Manager::start(&env);
-    let want = format!("STATUS=waiting for the MQTT broker at 127.0.0.1:{port}");
+    // The broker is named with its connection mode.
+    let want =
+        format!("STATUS=waiting for the MQTT broker at 127.0.0.1:{port} (plain TCP, anonymous)");
     let lines = m.wait_for("a broker STATUS", Duration::from_secs(20), |l| l == want);
     let lines = [lines, m.collect(Duration::from_secs(1))].concat();
     assert!(!lines.iter().any(|l| l == "READY=1"), "{lines:?}");

@@ -1,4 +1,5 @@
 //! H.264 encoding with openh264 (built from its bundled source): live bitrate/fps, forced IDR.
+#![allow(unsafe_code)] // openh264 FFI: live option changes through the raw API.
 
 use openh264::OpenH264API;
 use openh264::encoder::{
@@ -7,8 +8,8 @@ use openh264::encoder::{
 };
 use openh264::formats::YUVSource;
 use openh264_sys2::{
-    ENCODER_OPTION_BITRATE, ENCODER_OPTION_FRAME_RATE, ENCODER_OPTION_MAX_BITRATE, SBitrateInfo,
-    SPATIAL_LAYER_0, SPATIAL_LAYER_ALL,
+    ENCODER_OPTION_BITRATE, ENCODER_OPTION_MAX_BITRATE, SBitrateInfo, SPATIAL_LAYER_0,
+    SPATIAL_LAYER_ALL,
 };
 
 /// Encoder settings that can change while streaming.
@@ -63,10 +64,6 @@ impl H264Encoder {
         })
     }
 
-    pub fn settings(&self) -> EncoderSettings {
-        self.settings
-    }
-
     /// The next picture will be an IDR with SPS/PPS.
     pub fn request_keyframe(&mut self) {
         self.force_idr = true;
@@ -78,23 +75,6 @@ impl H264Encoder {
         self.settings.bitrate = bps;
         if self.started {
             self.apply_bitrate(previous)?;
-        }
-        Ok(())
-    }
-
-    /// Changes the encoder's frame rate (rate control budget per frame).
-    pub fn set_fps(&mut self, fps: u32) -> Result<(), EncodeError> {
-        self.settings.fps = fps;
-        if self.started {
-            let mut rate = fps as f32;
-            // SAFETY: the encoder is initialized (`started`), and ENCODER_OPTION_FRAME_RATE
-            // reads one f32 through the pointer, which lives for the duration of the call.
-            let code = unsafe {
-                self.inner
-                    .raw_api()
-                    .set_option(ENCODER_OPTION_FRAME_RATE, (&raw mut rate).cast())
-            };
-            check(code, "FRAME_RATE")?;
         }
         Ok(())
     }
@@ -250,6 +230,5 @@ mod tests {
         enc.set_bitrate(200_000).unwrap();
         let low = run(&mut enc, 60);
         assert!(low * 2 < high, "low {low} vs high {high}");
-        enc.set_fps(15).unwrap();
     }
 }

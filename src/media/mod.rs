@@ -1,13 +1,16 @@
-//! Media path: frame sources (V4L2, test pattern), pixel conversion, H.264 encoding, fan-out.
+//! Media path: frame sources (V4L2, test pattern), pixel conversion, H.264 encoding, fan-out, the capture thread.
 
-pub mod controls;
+pub(crate) mod controls;
 pub mod convert;
 pub mod encoder;
-pub mod fanout;
+pub(crate) mod fanout;
 pub mod frame;
 pub mod mjpeg;
 pub mod pattern;
-pub mod pipeline;
-pub mod range;
-pub mod snapshot;
-pub mod v4l2;
+pub(crate) mod pipeline;
+pub(crate) mod range;
+pub(crate) mod snapshot;
+pub(crate) mod source;
+pub(crate) mod status;
+pub(crate) mod test_pattern;
+pub(crate) mod v4l2;

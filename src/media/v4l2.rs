@@ -15,7 +15,7 @@ use super::controls::{ControlError, ControlInfo, ControlKind, normalize_name};
 use super::convert::{ConvertError, Converter};
 use super::frame::I420View;
 use super::mjpeg::MjpegDecoder;
-use super::pipeline::{CapturedFrame, FrameSource, SourceError, SourceInfo};
+use super::source::{CapturedFrame, FrameSource, SourceError, SourceInfo};
 use crate::config::{CaptureConfig, PixelFormatChoice};
 
 /// Pixel formats rtcam can encode, in order of preference for `format = "auto"` (least work

@@ -3,10 +3,10 @@
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-/// Largest accepted command message, bytes.
-pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
-/// Bitrate range `set-bitrate` accepts, bits per second.
-pub const BITRATE_RANGE: std::ops::RangeInclusive<u32> = 100_000..=20_000_000;
+use super::limits::{
+    BITRATE, DEFAULT_JPEG_QUALITY, FPS, HEIGHT, JPEG_QUALITY, MAX_COMMAND_BYTES, MAX_CONTROL_NAME,
+    MAX_REPLY_TOPIC, WIDTH, is_valid_name,
+};
 
 /// A validated command.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,20 +46,6 @@ pub enum Command {
     },
 }
 
-/// JPEG quality of `snapshot` when none is given.
-pub const DEFAULT_JPEG_QUALITY: u8 = 85;
-/// Largest binary data-channel message (snapshot chunks).
-pub const CHUNK_BYTES: usize = 16 * 1024;
-
-/// Frame-rate range `set-fps` accepts.
-pub const FPS_RANGE: std::ops::RangeInclusive<u32> = 1..=60;
-/// Width range `set-resolution` accepts (even values only).
-pub const WIDTH_RANGE: std::ops::RangeInclusive<u32> = 160..=3840;
-/// Height range `set-resolution` accepts (even values only).
-pub const HEIGHT_RANGE: std::ops::RangeInclusive<u32> = 96..=2160;
-/// Longest accepted `reply_to` topic.
-pub const MAX_REPLY_TOPIC: usize = 256;
-
 /// Where a command came from: the framing differs only in `reply_to` (MQTT only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -83,6 +69,8 @@ pub enum CommandErrorCode {
     RateLimited,
     /// A forwarded command got no reply in time.
     Timeout,
+    /// The device is overloaded (a queue is full): retry later.
+    Busy,
 }
 
 /// A failed command: code and message for the reply.
@@ -122,14 +110,19 @@ pub fn parse_request(message: &[u8], transport: Transport) -> Request {
         reply_to: None,
     };
     if message.len() > MAX_COMMAND_BYTES {
-        return fail(
-            Value::Null,
-            CommandErrorCode::TooLarge,
-            format!(
-                "message is {} bytes; the limit is {MAX_COMMAND_BYTES}",
-                message.len()
-            ),
-        );
+        // Still answer where the caller listens, when its id and reply_to can be read.
+        let (id, reply_to) = salvage_id_and_reply_to(message, transport);
+        return Request {
+            id,
+            command: Err(CommandError::new(
+                CommandErrorCode::TooLarge,
+                format!(
+                    "message is {} bytes; the limit is {MAX_COMMAND_BYTES}",
+                    message.len()
+                ),
+            )),
+            reply_to,
+        };
     }
     let value: Value = match serde_json::from_slice(message) {
         Ok(v) => v,
@@ -167,11 +160,7 @@ pub fn parse_request(message: &[u8], transport: Transport) -> Request {
     };
     let reply_to = match (transport, obj.remove("reply_to")) {
         (_, None) => None,
-        (Transport::Mqtt, Some(Value::String(t)))
-            if !t.is_empty() && t.len() <= MAX_REPLY_TOPIC && !t.contains(['+', '#', '\0']) =>
-        {
-            Some(t)
-        }
+        (Transport::Mqtt, Some(Value::String(t))) if is_valid_reply_topic(&t) => Some(t),
         (Transport::Mqtt, Some(_)) => {
             return fail(
                 id,
@@ -197,16 +186,32 @@ pub fn parse_request(message: &[u8], transport: Transport) -> Request {
     }
 }
 
+/// True for a topic a reply may be published on: no wildcards, at most [`MAX_REPLY_TOPIC`] bytes.
+fn is_valid_reply_topic(t: &str) -> bool {
+    !t.is_empty() && t.len() <= MAX_REPLY_TOPIC && !t.contains(['+', '#', '\0'])
+}
+
+/// The id and (MQTT) reply topic of a message that is too large to run, when it is still a
+/// JSON object that names them validly.
+fn salvage_id_and_reply_to(message: &[u8], transport: Transport) -> (RequestId, Option<String>) {
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(message) else {
+        return (Value::Null, None);
+    };
+    let id = match obj.get("id") {
+        Some(id @ (Value::String(_) | Value::Number(_))) => id.clone(),
+        _ => Value::Null,
+    };
+    let reply_to = match (transport, obj.get("reply_to")) {
+        (Transport::Mqtt, Some(Value::String(t))) if is_valid_reply_topic(t) => Some(t.clone()),
+        _ => None,
+    };
+    (id, reply_to)
+}
+
 /// True for `namespace.action` names: lowercase letters, digits, `_` and `-`, one dot.
 fn split_namespaced(cmd: &str) -> Option<(&str, &str)> {
     let (ns, name) = cmd.split_once('.')?;
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-    };
-    (ok(ns) && ok(name)).then_some((ns, name))
+    (is_valid_name(ns) && is_valid_name(name)).then_some((ns, name))
 }
 
 fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
@@ -238,15 +243,15 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
         },
         "keyframe" => Command::Keyframe,
         "set-bitrate" => {
-            let bps = take_u32(&mut args, "bps", BITRATE_RANGE)?;
+            let bps = take_u32(&mut args, "bps", BITRATE)?;
             Command::SetBitrate { bps }
         }
         "set-fps" => Command::SetFps {
-            fps: take_u32(&mut args, "fps", FPS_RANGE)?,
+            fps: take_u32(&mut args, "fps", FPS)?,
         },
         "set-resolution" => {
-            let width = take_u32(&mut args, "width", WIDTH_RANGE)?;
-            let height = take_u32(&mut args, "height", HEIGHT_RANGE)?;
+            let width = take_u32(&mut args, "width", WIDTH)?;
+            let height = take_u32(&mut args, "height", HEIGHT)?;
             if width % 2 != 0 || height % 2 != 0 {
                 return Err(CommandError::new(
                     CommandErrorCode::OutOfRange,
@@ -281,7 +286,7 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
         }
         "snapshot" => Command::Snapshot {
             quality: if args.contains_key("quality") {
-                take_u32(&mut args, "quality", 1..=100)? as u8
+                take_u32(&mut args, "quality", JPEG_QUALITY)? as u8
             } else {
                 DEFAULT_JPEG_QUALITY
             },
@@ -308,7 +313,7 @@ fn parse_command(mut obj: Map<String, Value>) -> Result<Command, CommandError> {
 
 fn take_name(args: &mut Map<String, Value>) -> Result<String, CommandError> {
     match args.remove("name") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => Ok(s),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_CONTROL_NAME => Ok(s),
         _ => Err(CommandError::new(
             CommandErrorCode::BadArgs,
             "`args.name` must be a control name from list-controls",
@@ -604,9 +609,23 @@ mod tests {
             r#"{{"id":1,"cmd":"ping","args":{{"t":"{}"}}}}"#,
             "x".repeat(MAX_COMMAND_BYTES)
         );
+        let r = parse_request(big.as_bytes(), Transport::Mqtt);
+        assert_eq!(err_code(&r), CommandErrorCode::TooLarge);
+        assert_eq!((r.id, r.reply_to), (json!(1), None));
+        // Answered where the caller listens when the message still says where.
+        let big = format!(
+            r#"{{"id":"b","cmd":"ping","reply_to":"dash/r","args":{{"t":"{}"}}}}"#,
+            "x".repeat(MAX_COMMAND_BYTES)
+        );
+        let r = parse_request(big.as_bytes(), Transport::Mqtt);
+        assert_eq!(err_code(&r), CommandErrorCode::TooLarge);
+        assert_eq!((r.id, r.reply_to.as_deref()), (json!("b"), Some("dash/r")));
+        let r = parse_request(big.as_bytes(), Transport::DataChannel);
+        assert_eq!(r.reply_to, None, "no reply_to on the data channel");
+        let r = parse_request(&vec![b'x'; MAX_COMMAND_BYTES + 1], Transport::Mqtt);
         assert_eq!(
-            err_code(&parse_request(big.as_bytes(), Transport::Mqtt)),
-            CommandErrorCode::TooLarge
+            (err_code(&r), r.id),
+            (CommandErrorCode::TooLarge, Value::Null)
         );
     }
 

@@ -1,12 +1,15 @@
-//! Pure wire-protocol logic (topics, signaling messages, commands): no I/O, no clocks.
+//! Pure wire-protocol logic (topics, signaling messages, offer rules, commands, limits): no I/O, no clocks.
 
+/// Public for `benches/auth.rs`.
 pub mod auth;
-pub mod command;
-pub mod signal;
-pub mod topics;
+pub(crate) mod command;
+pub(crate) mod limits;
+pub(crate) mod sdp;
+pub(crate) mod signal;
+pub(crate) mod topics;
 
 #[cfg(test)]
 mod robustness;
 
 /// The protocol version every message carries as `"v"` (docs/protocol.md).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub(crate) const PROTOCOL_VERSION: u32 = 1;

@@ -8,7 +8,7 @@ use super::PROTOCOL_VERSION;
 /// Error codes of `{"type":"error"}` replies; the strings are part of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     PayloadTooLarge,
     BadJson,
     BadSchema,
@@ -19,11 +19,13 @@ pub enum ErrorCode {
     UnknownSession,
     SessionExists,
     MaxViewers,
+    TooManyCandidates,
+    Busy,
     Internal,
 }
 
 impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::PayloadTooLarge => "payload-too-large",
             Self::BadJson => "bad-json",
@@ -35,6 +37,8 @@ impl ErrorCode {
             Self::UnknownSession => "unknown-session",
             Self::SessionExists => "session-exists",
             Self::MaxViewers => "max-viewers",
+            Self::TooManyCandidates => "too-many-candidates",
+            Self::Busy => "busy",
             Self::Internal => "internal",
         }
     }
@@ -49,13 +53,13 @@ impl fmt::Display for ErrorCode {
 /// A rejected inbound message: the code and a human-readable reason for the error reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {reason}")]
-pub struct Rejection {
+pub(crate) struct Rejection {
     pub code: ErrorCode,
     pub reason: String,
 }
 
 impl Rejection {
-    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
         Self {
             code,
             reason: reason.into(),
@@ -66,7 +70,7 @@ impl Rejection {
 /// The browser's `RTCIceCandidateInit`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IceCandidate {
+pub(crate) struct IceCandidate {
     pub candidate: String,
     #[serde(rename = "sdpMid", default, skip_serializing_if = "Option::is_none")]
     pub sdp_mid: Option<String>,
@@ -86,7 +90,7 @@ pub struct IceCandidate {
 
 /// A message a viewer sends on `.../session/<id>/in`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ViewerMessage {
+pub(crate) enum ViewerMessage {
     Offer {
         sdp: String,
     },
@@ -120,13 +124,16 @@ enum InboundWire {
 
 /// Limits applied while parsing.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_payload_bytes: usize,
     pub max_sdp_bytes: usize,
 }
 
 /// Parses one inbound payload, or says exactly why not.
-pub fn parse_viewer_message(payload: &[u8], limits: Limits) -> Result<ViewerMessage, Rejection> {
+pub(crate) fn parse_viewer_message(
+    payload: &[u8],
+    limits: Limits,
+) -> Result<ViewerMessage, Rejection> {
     if payload.len() > limits.max_payload_bytes {
         return Err(Rejection::new(
             ErrorCode::PayloadTooLarge,
@@ -194,7 +201,7 @@ pub fn parse_viewer_message(payload: &[u8], limits: Limits) -> Result<ViewerMess
 /// Why the device ends a session (the `reason` of its bye).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ByeReason {
+pub(crate) enum ByeReason {
     Shutdown,
     Timeout,
     IceFailed,
@@ -204,7 +211,7 @@ pub enum ByeReason {
 /// A message the device sends on `.../session/<id>/out`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
-pub enum DeviceMessage {
+pub(crate) enum DeviceMessage {
     Answer {
         v: u32,
         sdp: String,
@@ -225,21 +232,21 @@ pub enum DeviceMessage {
 }
 
 impl DeviceMessage {
-    pub fn answer(sdp: String) -> Self {
+    pub(crate) fn answer(sdp: String) -> Self {
         Self::Answer {
             v: PROTOCOL_VERSION,
             sdp,
         }
     }
 
-    pub fn candidate(candidate: Option<IceCandidate>) -> Self {
+    pub(crate) fn candidate(candidate: Option<IceCandidate>) -> Self {
         Self::Candidate {
             v: PROTOCOL_VERSION,
             candidate,
         }
     }
 
-    pub fn error(rejection: &Rejection) -> Self {
+    pub(crate) fn error(rejection: &Rejection) -> Self {
         Self::Error {
             v: PROTOCOL_VERSION,
             code: rejection.code,
@@ -247,14 +254,14 @@ impl DeviceMessage {
         }
     }
 
-    pub fn bye(reason: ByeReason) -> Self {
+    pub(crate) fn bye(reason: ByeReason) -> Self {
         Self::Bye {
             v: PROTOCOL_VERSION,
             reason,
         }
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
         // Serializing these plain structs cannot fail: no maps with non-string keys, no floats.
         serde_json::to_vec(self).expect("device message serializes")
     }
@@ -262,7 +269,7 @@ impl DeviceMessage {
 
 /// `<prefix>/<device>/status` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Status<'a> {
+pub(crate) struct Status<'a> {
     pub v: u32,
     pub status: &'a str,
     pub device: &'a str,
@@ -270,7 +277,7 @@ pub struct Status<'a> {
 }
 
 /// The retained status payload, `online` or `offline`.
-pub fn status_payload(device: &str, online: bool) -> Vec<u8> {
+pub(crate) fn status_payload(device: &str, online: bool) -> Vec<u8> {
     let status = Status {
         v: PROTOCOL_VERSION,
         status: if online { "online" } else { "offline" },
@@ -442,6 +449,8 @@ mod tests {
             ErrorCode::UnknownSession,
             ErrorCode::SessionExists,
             ErrorCode::MaxViewers,
+            ErrorCode::TooManyCandidates,
+            ErrorCode::Busy,
             ErrorCode::Internal,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));

@@ -2,8 +2,7 @@
 
 use std::fmt;
 
-/// Longest session or device id accepted.
-pub const MAX_ID_LEN: usize = 64;
+use super::limits::MAX_ID_LEN;
 
 /// True when `id` is 1..=64 characters of `[A-Za-z0-9_-]`.
 pub fn is_valid_id(id: &str) -> bool {
@@ -119,6 +118,7 @@ impl Topics {
         ]
     }
 
+    #[cfg(test)]
     pub fn session_in(&self, id: &SessionId) -> String {
         format!("{}/session/{}/in", self.base, id)
     }

@@ -7,18 +7,13 @@ use serde_json::{Map, Value};
 
 use super::keys::{PublicKey, SigningKey, b64url_decode, b64url_encode, decode_signature};
 use super::permissions::Permission;
+use crate::protocol::limits::{MAX_AUDIENCE, MAX_CREDENTIAL_BYTES, MAX_CREDENTIAL_NAMESPACES};
 use crate::protocol::topics::is_valid_id;
 
 /// The JOSE `alg` of credentials.
 pub const ALG: &str = "EdDSA";
 /// The JOSE `typ` of credentials (explicit typing, RFC 8725 §3.11).
 pub const TYP: &str = "rtcam-viewer+jwt";
-/// Longest credential accepted, bytes.
-pub const MAX_CREDENTIAL_BYTES: usize = 4096;
-/// Most device ids one credential may name in `aud`.
-pub const MAX_AUDIENCE: usize = 16;
-/// Most forwarded namespaces one credential may name in `ns`.
-pub const MAX_NAMESPACES: usize = 32;
 /// `aud` value that means every device trusting the owner key.
 pub const ANY_DEVICE: &str = "*";
 
@@ -295,9 +290,9 @@ fn validate(claims: &Claims) -> Result<(), CredentialError> {
     if !is_valid_id(&claims.id) {
         return Err(bad("jti must be 1 to 64 characters from [A-Za-z0-9_-]"));
     }
-    if claims.namespaces.len() > MAX_NAMESPACES {
+    if claims.namespaces.len() > MAX_CREDENTIAL_NAMESPACES {
         return Err(bad(format!(
-            "ns may list at most {MAX_NAMESPACES} namespaces"
+            "ns may list at most {MAX_CREDENTIAL_NAMESPACES} namespaces"
         )));
     }
     if let Some(ns) = claims.namespaces.iter().find(|n| !is_valid_namespace(n)) {

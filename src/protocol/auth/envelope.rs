@@ -6,11 +6,10 @@ use serde_json::Value;
 use super::AuthError;
 use super::keys::{PublicKey, SIGNATURE_LEN, SigningKey, b64url_encode, decode_signature};
 use crate::protocol::PROTOCOL_VERSION;
+use crate::protocol::limits::MAX_TS_MS;
 
 /// The first line of every signing input: the scheme's name and version.
 pub const SIGNING_DOMAIN: &str = "rtcam-sig-v1";
-/// Largest `ts` accepted (2^53 - 1, the largest integer every JSON parser keeps exact).
-pub const MAX_TS_MS: u64 = (1 << 53) - 1;
 /// The envelope's `type`.
 const ENVELOPE_TYPE: &str = "signed";
 

@@ -20,9 +20,6 @@ use keys::{PublicKey, SigningKey};
 use permissions::Rights;
 pub use replay::ReplayCache;
 
-/// Default freshness window, milliseconds (`auth.max_clock_skew_ms`).
-pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 60_000;
-
 /// Why a signed message is refused. [`AuthError::code`] is its wire error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -299,6 +296,8 @@ mod tests {
     use super::*;
 
     const NOW_MS: u64 = 1_767_225_600_000;
+    /// `auth.max_clock_skew_ms` of config/default.toml.
+    const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 60_000;
     const TOPIC: &str = "rtcam/cam1/session/0123456789abcdef/in";
 
     fn owner() -> SigningKey {

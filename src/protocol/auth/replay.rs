@@ -4,9 +4,6 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::AuthError;
 
-/// Default bound on remembered messages (about 100 bytes each).
-pub const DEFAULT_REPLAY_ENTRIES: usize = 2048;
-
 /// Remembers each accepted message until the clock passes `ts + 2 * max_skew`: a message
 /// is stale after `ts + max_skew` anyway, and the second window keeps a backward clock step
 /// of up to `max_skew` from reopening replays.

@@ -1,10 +1,10 @@
-//! Token-bucket rate limiting for commands, per session and global; the clock is passed in.
+//! Token-bucket rate limiting for commands, per source and global; the clock is passed in.
 
 use std::time::{Duration, Instant};
 
 /// Allows `burst` events at once and `per_second` on average.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     capacity: f64,
     per_second: f64,
     tokens: f64,

@@ -1,0 +1,139 @@
+//! Configuration turned into each component's settings, shared by `run` and `record`.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use webrtc::peer_connection::RTCIceServer;
+
+use crate::config::{CaptureConfig, Config, SourceKind, read_secret};
+use crate::homeassistant;
+use crate::media::encoder::EncoderSettings;
+use crate::media::pipeline::PipelineConfig;
+use crate::media::source::{CaptureParams, FrameSource, SourceOpener};
+use crate::media::test_pattern::TestPattern;
+use crate::media::v4l2::Camera;
+use crate::mqtt::MqttSettings;
+use crate::protocol::signal::status_payload;
+use crate::protocol::topics::Topics;
+
+/// Opens the configured source each time capture starts (never falls back to another).
+pub(crate) fn source_opener(config: &Config) -> SourceOpener {
+    let base = config.capture.clone();
+    // The test pattern's controls outlive each open, like a camera driver's do.
+    let brightness = Arc::new(AtomicI64::new(0));
+    Box::new(move |p: CaptureParams| {
+        let c = CaptureConfig {
+            width: p.width,
+            height: p.height,
+            fps: p.fps,
+            ..base.clone()
+        };
+        Ok(match c.source {
+            SourceKind::TestPattern => Box::new(
+                TestPattern::new(c.width, c.height, c.fps, true)
+                    .with_brightness(brightness.clone())
+                    .with_noise(c.test_pattern_noise),
+            ) as Box<dyn FrameSource>,
+            SourceKind::V4l2 => Box::new(Camera::open(&c)?),
+        })
+    })
+}
+
+/// The capture/encode thread's settings.
+pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
+    PipelineConfig {
+        encoder: EncoderSettings {
+            bitrate: config.encoder.bitrate,
+            fps: config.capture.fps,
+            keyframe_interval: config.encoder.keyframe_interval,
+        },
+        capture: CaptureParams {
+            width: config.capture.width,
+            height: config.capture.height,
+            fps: config.capture.fps,
+        },
+        // A camera that went away is looked for again every second: it resumes within about
+        // a second of coming back.
+        reopen_delay: Duration::from_millis(1000),
+    }
+}
+
+/// STUN and TURN servers for every peer connection (TURN credentials read from their files).
+pub(crate) fn ice_servers(config: &Config) -> Result<Vec<RTCIceServer>> {
+    let mut servers = Vec::new();
+    if !config.webrtc.stun_servers.is_empty() {
+        servers.push(RTCIceServer {
+            urls: config.webrtc.stun_servers.clone(),
+            ..Default::default()
+        });
+    }
+    for turn in &config.webrtc.turn_servers {
+        servers.push(RTCIceServer {
+            urls: vec![turn.url.clone()],
+            username: turn.username.clone(),
+            credential: read_secret("webrtc.turn_servers.credential_file", &turn.credential_file)?,
+        });
+    }
+    Ok(servers)
+}
+
+/// The device's topics.
+pub(crate) fn topics(config: &Config) -> Topics {
+    Topics::new(&config.mqtt.prefix, &config.device.id)
+}
+
+/// The Home Assistant discovery topic and status topic, when the integration is enabled.
+pub(crate) fn ha_status_topic(config: &Config) -> Option<String> {
+    let ha = &config.homeassistant;
+    ha.enabled
+        .then(|| homeassistant::status_topic(&ha.discovery_prefix))
+}
+
+/// MQTT connection settings; secrets and TLS files are read here.
+pub(crate) fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
+    let m = &config.mqtt;
+    let topics = topics(config);
+    let password = if m.password_file.as_os_str().is_empty() {
+        String::new()
+    } else {
+        read_secret("mqtt.password_file", &m.password_file)?
+    };
+    let tls = if m.tls {
+        let read = |key: &'static str, path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("{key}: cannot read {}", path.display()))
+        };
+        let ca = read("mqtt.ca_file", &m.ca_file)?;
+        let client = if m.client_cert_file.as_os_str().is_empty() {
+            None
+        } else {
+            Some((
+                read("mqtt.client_cert_file", &m.client_cert_file)?,
+                read("mqtt.client_key_file", &m.client_key_file)?,
+            ))
+        };
+        let tls = crate::mqtt::tls::tls_client_config(
+            &ca,
+            client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+        )?;
+        Some(Arc::new(tls))
+    } else {
+        None
+    };
+    let mut subscriptions = topics.subscriptions();
+    subscriptions.extend(ha_status_topic(config));
+    Ok(MqttSettings {
+        host: m.host.clone(),
+        port: m.port,
+        client_id: format!("rtcam-{}", config.device.id),
+        username: m.username.clone(),
+        password,
+        keep_alive: Duration::from_secs(m.keep_alive_s),
+        reconnect_min: Duration::from_millis(m.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(m.reconnect_max_ms),
+        tls,
+        last_will: (topics.status(), status_payload(&config.device.id, false)),
+        subscriptions,
+    })
+}

@@ -1,0 +1,132 @@
+//! What a picture source is: the `FrameSource` trait, its facts, errors and the opener the pipeline calls.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::controls::{ControlError, ControlInfo};
+use super::frame::I420View;
+
+/// What a source delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SourceInfo {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub pixel_format: String,
+    /// Bytes per line of the (first) plane as the source delivers it.
+    pub stride: u32,
+}
+
+/// Per-frame facts from the source.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CapturedFrame {
+    pub seq: u64,
+    pub captured_at: Instant,
+    /// Pixel bytes copied or converted before the encoder could read the picture.
+    pub bytes_copied: usize,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum SourceError {
+    /// The device failed (gone, I/O error): close it and reopen later.
+    #[error("camera error: {0}")]
+    Device(String),
+    /// The device works but cannot give what is configured: reopening will not help soon.
+    #[error("camera unsupported: {0}")]
+    Unsupported(String),
+    #[error("camera delivered no frame for {0:?}")]
+    Stalled(Duration),
+    /// One unusable frame; the next may be fine.
+    #[error("bad frame: {0}")]
+    BadFrame(String),
+}
+
+/// A picture source: a camera or the test pattern.
+pub(crate) trait FrameSource: Send {
+    fn info(&self) -> SourceInfo;
+    /// Blocks until the next picture and hands it to `consume`, borrowed.
+    fn next_frame(
+        &mut self,
+        consume: &mut dyn FnMut(&I420View<'_>, CapturedFrame),
+    ) -> Result<(), SourceError>;
+    /// The source's controls with their current values.
+    fn controls(&mut self) -> Result<Vec<ControlInfo>, ControlError> {
+        Ok(Vec::new())
+    }
+    /// Sets a control (already validated against `controls()`); returns the applied value.
+    fn set_control(&mut self, info: &ControlInfo, value: i64) -> Result<i64, ControlError> {
+        let _ = value;
+        Err(ControlError::Unknown(info.name.clone()))
+    }
+}
+
+/// Picture geometry and rate asked of a source; the source reports what it really delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CaptureParams {
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+}
+
+/// A change of some capture parameters; the pipeline applies it to what is current, so two
+/// changes at once (say `set-fps` and `set-resolution`) never undo each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CaptureChange {
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub fps: Option<u32>,
+}
+
+impl CaptureChange {
+    /// `params` with this change applied.
+    pub fn apply(self, params: CaptureParams) -> CaptureParams {
+        CaptureParams {
+            width: self.width.unwrap_or(params.width),
+            height: self.height.unwrap_or(params.height),
+            fps: self.fps.unwrap_or(params.fps),
+        }
+    }
+}
+
+/// Opens the configured source each time capture starts.
+pub(crate) type SourceOpener =
+    Box<dyn FnMut(CaptureParams) -> Result<Box<dyn FrameSource>, SourceError> + Send>;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_touches_only_what_it_names() {
+        let p = CaptureParams {
+            width: 640,
+            height: 480,
+            fps: 30,
+        };
+        let fps = CaptureChange {
+            fps: Some(15),
+            ..Default::default()
+        };
+        let size = CaptureChange {
+            width: Some(1280),
+            height: Some(720),
+            fps: None,
+        };
+        // Either order gives both changes.
+        let expected = CaptureParams {
+            width: 1280,
+            height: 720,
+            fps: 15,
+        };
+        assert_eq!(size.apply(fps.apply(p)), expected);
+        assert_eq!(fps.apply(size.apply(p)), expected);
+        assert_eq!(CaptureChange::default().apply(p), p);
+    }
+}

@@ -1,0 +1,405 @@
+//! One WebRTC viewer session: the async driver that moves inputs and actions between the pure `session` and webrtc-rs.
+
+pub(crate) mod datachannel;
+pub(crate) mod media;
+pub(crate) mod peer;
+pub(crate) mod session;
+
+pub use peer::h264_codec;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use webrtc::peer_connection::{
+    PeerConnection, RTCIceCandidateInit, RTCPeerConnectionState, RTCSessionDescription,
+};
+
+use crate::control::Controller;
+use crate::media::pipeline::PipelineHandle;
+use crate::outbound::SignalOut;
+use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
+use crate::protocol::sdp::{CheckedOffer, check_answer};
+use crate::protocol::signal::{ErrorCode, IceCandidate, Rejection};
+use crate::protocol::topics::SessionId;
+use media::VideoSender;
+use peer::{PcEvent, WebrtcSettings};
+use session::{Action, End, Input, PeerState, Session};
+
+/// Numeric identity of one session instance (a reused session id gets a new one).
+pub(crate) type SessionKey = u64;
+
+/// A closing peer connection gets this long before the session lets go of it anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a session tells the registry about itself.
+#[derive(Debug)]
+pub(crate) enum Lifecycle {
+    /// The peer connection connected: may the session become a viewer?
+    Connected {
+        id: SessionId,
+        key: SessionKey,
+        reply: oneshot::Sender<Result<(), Rejection>>,
+    },
+    /// The session is ending on its own: it takes no more input.
+    Ending { id: SessionId, key: SessionKey },
+    /// The peer connection is closed and everything is freed: the slot is free.
+    Closed { id: SessionId, key: SessionKey },
+}
+
+/// Why the registry ends a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndRequest {
+    ViewerBye,
+    Evicted,
+}
+
+/// Everything a session needs, injected.
+pub(crate) struct SessionDeps {
+    pub settings: WebrtcSettings,
+    pub pipeline: PipelineHandle,
+    pub controller: Controller,
+    pub signal: SignalOut,
+    pub lifecycle: mpsc::Sender<Lifecycle>,
+    pub tracker: TaskTracker,
+}
+
+/// The registry's handle to a running session.
+pub(crate) struct SessionHandle {
+    /// Viewer candidates. Room for every candidate a session may send, so a send that the
+    /// registry allowed never finds it full.
+    candidates: mpsc::Sender<Option<IceCandidate>>,
+    /// Ending takes its own path: it cannot be dropped or overtaken by queued candidates.
+    end: watch::Sender<Option<EndRequest>>,
+}
+
+/// The candidate queue was full or the session has gone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NotDelivered;
+
+impl SessionHandle {
+    pub fn candidate(&self, c: Option<IceCandidate>) -> Result<(), NotDelivered> {
+        self.candidates.try_send(c).map_err(|_| NotDelivered)
+    }
+
+    pub fn end(&self, why: EndRequest) {
+        self.end.send_replace(Some(why));
+    }
+}
+
+/// Starts the session task for an accepted offer; it is tracked by `deps.tracker` and ends
+/// with `cancel` (shutdown) at the latest.
+pub(crate) fn spawn_session(
+    deps: Arc<SessionDeps>,
+    id: SessionId,
+    key: SessionKey,
+    offer: CheckedOffer,
+    cancel: CancellationToken,
+) -> SessionHandle {
+    let (candidates, candidates_rx) = mpsc::channel(MAX_CANDIDATES_PER_SESSION as usize + 1);
+    let (end, end_rx) = watch::channel(None);
+    let span = tracing::info_span!("session", id = %id, key);
+    let tracker = deps.tracker.clone();
+    tracker.spawn(
+        async move {
+            let driver = Driver {
+                id,
+                key,
+                offer,
+                deps,
+                cancel,
+                session_cancel: CancellationToken::new(),
+                offered_at: Instant::now(),
+                connected: false,
+            };
+            driver.run(candidates_rx, end_rx).await;
+        }
+        .instrument(span),
+    );
+    SessionHandle { candidates, end }
+}
+
+struct Driver {
+    id: SessionId,
+    key: SessionKey,
+    offer: CheckedOffer,
+    deps: Arc<SessionDeps>,
+    /// Shutdown of the whole device.
+    cancel: CancellationToken,
+    /// This session's helper tasks (writer, RTCP, data channel).
+    session_cancel: CancellationToken,
+    offered_at: Instant,
+    connected: bool,
+}
+
+/// Maps webrtc-rs's connection state to what the session cares about.
+fn peer_state(s: RTCPeerConnectionState) -> Option<PeerState> {
+    match s {
+        RTCPeerConnectionState::Connecting => Some(PeerState::Connecting),
+        RTCPeerConnectionState::Connected => Some(PeerState::Connected),
+        RTCPeerConnectionState::Disconnected => Some(PeerState::Disconnected),
+        RTCPeerConnectionState::Failed => Some(PeerState::Failed),
+        RTCPeerConnectionState::Closed => Some(PeerState::Closed),
+        _ => None,
+    }
+}
+
+fn internal(why: impl std::fmt::Display) -> Rejection {
+    Rejection::new(ErrorCode::Internal, why.to_string())
+}
+
+fn bad_sdp(why: impl std::fmt::Display) -> Rejection {
+    Rejection::new(ErrorCode::BadSdp, why.to_string())
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut candidates: mpsc::Receiver<Option<IceCandidate>>,
+        mut end: watch::Receiver<Option<EndRequest>>,
+    ) {
+        tracing::debug!("offer accepted");
+        let mut session = Session::new(self.offered_at, self.deps.settings.timeouts);
+        let (ev_tx, mut events) = mpsc::channel(64);
+        // The port lease lives as long as this task: dropped after the peer connection closed.
+        let lease = self
+            .deps
+            .settings
+            .ports
+            .lease(&self.deps.settings.bind_addresses);
+        let pc = match lease {
+            Ok(ref l) => peer::build(&self.deps.settings, l.port, &ev_tx)
+                .await
+                .map_err(|e| internal(format!("peer connection: {e}"))),
+            Err(ref e) => Err(internal(e)),
+        };
+        drop(ev_tx);
+        let (pc, video) = match pc {
+            Ok(pc) => match VideoSender::add_to(&pc).await {
+                Ok(v) => (Some(pc), Some(v)),
+                Err(e) => {
+                    session.handle(Input::NegotiationFailed(internal(e)), Instant::now());
+                    (Some(pc), None)
+                }
+            },
+            Err(r) => {
+                session.handle(Input::NegotiationFailed(r), Instant::now());
+                (None, None)
+            }
+        };
+        let mut payload_type = 0u8;
+        loop {
+            while let Some(action) = session.poll_action() {
+                let Some(pc) = pc.as_ref() else {
+                    // Without a peer connection only messages and the close remain.
+                    if let Action::Send(m) = action {
+                        self.deps.signal.send(&self.id, &m);
+                    }
+                    continue;
+                };
+                let now = Instant::now;
+                match action {
+                    Action::ApplyOffer => match self.apply_offer(pc).await {
+                        Ok((answer, pt)) => {
+                            payload_type = pt;
+                            session.handle(Input::Answered(answer), now());
+                        }
+                        Err(r) => session.handle(Input::NegotiationFailed(r), now()),
+                    },
+                    Action::AddRemoteCandidate(c) => {
+                        let init = RTCIceCandidateInit {
+                            candidate: c.candidate,
+                            sdp_mid: c.sdp_mid,
+                            sdp_mline_index: c.sdp_mline_index,
+                            username_fragment: c.username_fragment,
+                            url: None,
+                        };
+                        if let Err(e) = pc.add_ice_candidate(init).await {
+                            tracing::debug!(error = %e, "remote candidate refused");
+                            session.handle(Input::RemoteCandidateRefused(e.to_string()), now());
+                        }
+                    }
+                    Action::Send(m) => self.deps.signal.send(&self.id, &m),
+                    Action::ClaimSlot => {
+                        let verdict = self.claim_slot().await;
+                        let input = match verdict {
+                            Ok(()) => Input::SlotGranted,
+                            Err(r) => Input::SlotRefused(r),
+                        };
+                        session.handle(input, now());
+                    }
+                    Action::StartMedia => {
+                        self.connected = true;
+                        tracing::info!(
+                            setup_ms = self.offered_at.elapsed().as_millis() as u64,
+                            "viewer connected"
+                        );
+                        let started = video
+                            .as_ref()
+                            .ok_or(())
+                            .map_err(|()| "no video track".to_string())
+                            .and_then(|v| {
+                                v.start(
+                                    &self.deps.pipeline,
+                                    self.key,
+                                    payload_type,
+                                    self.deps.settings.queue_frames,
+                                    &self.deps.tracker,
+                                    &self.session_cancel,
+                                )
+                                .map_err(|e| e.to_string())
+                            });
+                        if let Err(e) = started {
+                            session.handle(Input::MediaFailed(e), now());
+                        }
+                    }
+                    Action::Close => {}
+                }
+            }
+            if session.is_ended() {
+                break;
+            }
+            let deadline = session.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Shutdown and the registry's end requests first: they must not wait behind
+                // queued candidates.
+                biased;
+                _ = self.cancel.cancelled() => session.handle(Input::Shutdown, Instant::now()),
+                changed = end.changed() => {
+                    let input = match (changed, *end.borrow_and_update()) {
+                        (Ok(()), Some(EndRequest::ViewerBye)) => Input::ViewerBye,
+                        (Ok(()), Some(EndRequest::Evicted)) => Input::Evicted,
+                        (Ok(()), None) => continue,
+                        // The registry is gone: the device is shutting down.
+                        (Err(_), _) => Input::Shutdown,
+                    };
+                    session.handle(input, Instant::now());
+                }
+                () = sleep => session.handle_timeout(Instant::now()),
+                c = candidates.recv() => match c {
+                    Some(c) => session.handle(Input::RemoteCandidate(c), Instant::now()),
+                    None => session.handle(Input::Shutdown, Instant::now()),
+                },
+                ev = events.recv() => match ev {
+                    None => session.handle(Input::Peer(PeerState::Closed), Instant::now()),
+                    Some(ev) => self.on_event(ev, &mut session),
+                },
+            }
+        }
+        self.finish(&session, pc).await;
+        drop(lease);
+        let closed = Lifecycle::Closed {
+            id: self.id.clone(),
+            key: self.key,
+        };
+        let _ = self.deps.lifecycle.send(closed).await;
+    }
+
+    fn on_event(&self, ev: PcEvent, session: &mut Session) {
+        let now = Instant::now();
+        match ev {
+            PcEvent::Candidate(ev) => match ev.candidate.to_json() {
+                // webrtc-rs leaves the mid empty; browsers need it. Everything is bundled on
+                // the video section, so that is where every candidate belongs.
+                Ok(init) => session.handle(
+                    Input::LocalCandidate(IceCandidate {
+                        candidate: init.candidate,
+                        sdp_mid: Some(self.offer.video_mid.clone()),
+                        sdp_mline_index: Some(0),
+                        username_fragment: init.username_fragment,
+                    }),
+                    now,
+                ),
+                Err(e) => tracing::debug!(error = %e, "cannot serialize local candidate"),
+            },
+            PcEvent::GatheringComplete => session.handle(Input::GatheringComplete, now),
+            PcEvent::State(state) => {
+                tracing::debug!(%state, "connection state");
+                if let Some(s) = peer_state(state) {
+                    session.handle(Input::Peer(s), now);
+                }
+            }
+            PcEvent::DataChannel(dc) => {
+                self.deps.tracker.spawn(
+                    datachannel::serve(
+                        dc,
+                        self.id.clone(),
+                        self.deps.controller.clone(),
+                        self.session_cancel.clone(),
+                    )
+                    .in_current_span(),
+                );
+            }
+        }
+    }
+
+    /// Applies the narrowed offer and makes the answer; returns it with the payload type.
+    async fn apply_offer(&self, pc: &Arc<dyn PeerConnection>) -> Result<(String, u8), Rejection> {
+        let offer = RTCSessionDescription::offer(self.offer.sdp.clone()).map_err(bad_sdp)?;
+        pc.set_remote_description(offer).await.map_err(bad_sdp)?;
+        let answer = pc.create_answer(None).await.map_err(bad_sdp)?;
+        let sdp = answer.sdp.clone();
+        pc.set_local_description(answer).await.map_err(bad_sdp)?;
+        let pt = check_answer(&sdp, &self.offer)?;
+        tracing::debug!(%sdp, "answer");
+        Ok((sdp, pt))
+    }
+
+    async fn claim_slot(&self) -> Result<(), Rejection> {
+        let (reply, verdict) = oneshot::channel();
+        let msg = Lifecycle::Connected {
+            id: self.id.clone(),
+            key: self.key,
+            reply,
+        };
+        if self.deps.lifecycle.send(msg).await.is_err() {
+            return Err(internal("the session registry is gone"));
+        }
+        verdict
+            .await
+            .unwrap_or_else(|_| Err(internal("the session registry is gone")))
+    }
+
+    /// Logs the end, stops the helpers, stops the frames and closes the connection.
+    async fn finish(&self, session: &Session, pc: Option<Arc<dyn PeerConnection>>) {
+        let ending = Lifecycle::Ending {
+            id: self.id.clone(),
+            key: self.key,
+        };
+        let _ = self.deps.lifecycle.send(ending).await;
+        // Sessions that never connected are remote input anyone can cause: debug only.
+        match (session.end(), self.connected) {
+            (Some(End::ViewerBye), true) => tracing::info!("viewer said bye"),
+            (Some(End::Bye(reason)), true) => tracing::info!(?reason, "session closed"),
+            (Some(End::Error(r)), true) => {
+                tracing::info!(code = %r.code, reason = %r.reason, "session failed")
+            }
+            (end, false) => tracing::debug!(
+                ?end,
+                answered = session.answered(),
+                "session ended before connecting"
+            ),
+            (None, true) => {}
+        }
+        self.session_cancel.cancel();
+        if self.connected {
+            self.deps.pipeline.unsubscribe(self.key);
+        }
+        if let Some(pc) = pc
+            && tokio::time::timeout(CLOSE_TIMEOUT, pc.close())
+                .await
+                .is_err()
+        {
+            tracing::warn!("peer connection close timed out");
+        }
+    }
+}

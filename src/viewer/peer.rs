@@ -1,0 +1,235 @@
+//! webrtc-rs set-up for one viewer: the peer connection with rtcam's codec, interceptors, ICE servers and certificate.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
+use rtc::peer_connection::configuration::media_engine::MIME_TYPE_H264;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+use tokio::sync::mpsc;
+use webrtc::data_channel::DataChannel;
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCCertificate,
+    RTCConfigurationBuilder, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionIceEvent,
+    RTCPeerConnectionState, Registry, SettingEngineBuilder, register_default_interceptors,
+};
+
+use super::session::Timeouts;
+use crate::ports::PortPool;
+use crate::protocol::sdp::SENT_PROFILE_LEVEL_ID;
+
+/// WebRTC settings shared by every session.
+pub(crate) struct WebrtcSettings {
+    pub ice_servers: Vec<RTCIceServer>,
+    /// One DTLS certificate for every session (cached on disk by the service).
+    pub certificate: RTCCertificate,
+    pub bind_addresses: Vec<IpAddr>,
+    pub ports: PortPool,
+    pub timeouts: Timeouts,
+    /// Encoded frames queued per viewer before it skips to the next keyframe.
+    pub queue_frames: usize,
+    /// Set once a peer connection could not open its mDNS socket; later sessions skip mDNS.
+    pub mdns_unavailable: AtomicBool,
+}
+
+/// Peer connection events, forwarded from webrtc-rs's handler into the session task.
+pub(crate) enum PcEvent {
+    Candidate(RTCPeerConnectionIceEvent),
+    GatheringComplete,
+    State(RTCPeerConnectionState),
+    DataChannel(Arc<dyn DataChannel>),
+}
+
+struct Handler {
+    tx: mpsc::Sender<PcEvent>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        let _ = self.tx.send(PcEvent::Candidate(event)).await;
+    }
+
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.tx.send(PcEvent::GatheringComplete).await;
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.tx.send(PcEvent::State(state)).await;
+    }
+
+    async fn on_data_channel(&self, data_channel: Arc<dyn DataChannel>) {
+        let _ = self.tx.send(PcEvent::DataChannel(data_channel)).await;
+    }
+}
+
+/// The H.264 codec rtcam sends: Constrained Baseline, packetization-mode=1.
+pub fn h264_codec() -> RTCRtpCodec {
+    let fb = |typ: &str, parameter: &str| RTCPFeedback {
+        typ: typ.into(),
+        parameter: parameter.into(),
+    };
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_H264.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: format!(
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id={SENT_PROFILE_LEVEL_ID}"
+        ),
+        rtcp_feedback: vec![fb("ccm", "fir"), fb("nack", ""), fb("nack", "pli")],
+    }
+}
+
+async fn build_with(
+    settings: &WebrtcSettings,
+    addrs: &[SocketAddr],
+    events: &mpsc::Sender<PcEvent>,
+    mdns: MulticastDnsMode,
+) -> Result<Arc<dyn PeerConnection>, String> {
+    let mut media_engine = MediaEngine::default();
+    media_engine
+        .register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: h264_codec(),
+                payload_type: 102,
+            },
+            RtpCodecKind::Video,
+        )
+        .map_err(|e| e.to_string())?;
+    let registry = register_default_interceptors(Registry::new(), &mut media_engine)
+        .map_err(|e| e.to_string())?
+        .with(Slot::from(14_000), KeyframeRequestInterceptor::default());
+    let config = RTCConfigurationBuilder::new()
+        .with_ice_servers(settings.ice_servers.clone())
+        .with_certificates(vec![settings.certificate.clone()])
+        .build();
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(config)
+        .with_media_engine(media_engine)
+        .with_setting_engine(
+            SettingEngineBuilder::new()
+                .with_multicast_dns_mode(mdns)
+                .build(),
+        )
+        .with_interceptor_registry(registry)
+        .with_handler(Arc::new(Handler { tx: events.clone() }))
+        .with_udp_addrs(addrs.to_vec())
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(pc))
+}
+
+/// One peer connection bound to `port` on every configured address, its events going to
+/// `events`. mDNS lets the device resolve browsers' `.local` host candidates on a LAN, but
+/// needs a multicast-capable interface; without one, rtcam streams anyway with mDNS off (and
+/// remembers that, so it is said once).
+pub(crate) async fn build(
+    settings: &WebrtcSettings,
+    port: u16,
+    events: &mpsc::Sender<PcEvent>,
+) -> Result<Arc<dyn PeerConnection>, String> {
+    let addrs: Vec<SocketAddr> = settings
+        .bind_addresses
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, port))
+        .collect();
+    if settings.mdns_unavailable.load(Ordering::Relaxed) {
+        return build_with(settings, &addrs, events, MulticastDnsMode::Disabled).await;
+    }
+    match build_with(settings, &addrs, events, MulticastDnsMode::QueryOnly).await {
+        Ok(pc) => Ok(pc),
+        Err(e) => {
+            if !settings.mdns_unavailable.swap(true, Ordering::Relaxed) {
+                tracing::info!(error = %e, "mDNS unavailable (no multicast route?): viewers' .local candidates will not resolve; streaming without mDNS");
+            }
+            build_with(settings, &addrs, events, MulticastDnsMode::Disabled).await
+        }
+    }
+}
+
+/// True for an RTCP packet that asks for a keyframe (PLI or FIR).
+pub(crate) fn is_keyframe_request(packet: &dyn rtc::rtcp::Packet) -> bool {
+    let any = packet.as_any();
+    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+}
+
+/// Marks inbound PLI/FIR for delivery to the application (webrtc 0.21 drops other RTCP at
+/// the end of the chain). Sits above every built-in interceptor, so they see all RTCP first.
+#[derive(Default)]
+struct KeyframeRequestInterceptor {
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestInterceptor {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let requests: Vec<Box<dyn rtc::rtcp::Packet>> = packets
+                .iter()
+                .filter(|p| is_keyframe_request(p.as_ref()))
+                .cloned()
+                .collect();
+            if !requests.is_empty() {
+                msg.message.packet = Packet::Rtcp(requests);
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.reads.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.writes.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.writes.pop_front()
+    }
+}
+
+impl Interceptor for KeyframeRequestInterceptor {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codec_is_constrained_baseline_mode_1() {
+        let c = h264_codec();
+        assert!(c.sdp_fmtp_line.contains("packetization-mode=1"));
+        assert!(c.sdp_fmtp_line.contains("profile-level-id=42e01f"));
+        assert!(
+            c.rtcp_feedback
+                .iter()
+                .any(|f| f.typ == "nack" && f.parameter == "pli")
+        );
+    }
+}
