@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::auth::keys::PublicKey;
 use crate::protocol::limits;
-use crate::protocol::topics::is_valid_id;
+use crate::protocol::topics::{SessionId, Topics, filter_matches, is_valid_filter, is_valid_id};
 
 /// The compiled-in defaults; every key rtcam knows is in this file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -40,6 +40,10 @@ pub struct HomeAssistantConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
+    /// Plain (unsigned) commands on `<prefix>/<device>/command`; they rely on broker ACLs.
+    pub mqtt_commands: bool,
+    /// Topic filters a command's `reply_to` may name besides `<prefix>/<device>/command/reply/#`.
+    pub reply_to_allowed: Vec<String>,
     pub forward_namespaces: Vec<String>,
     pub forward_timeout_ms: u64,
     pub session_rate: u32,
@@ -331,6 +335,7 @@ impl Config {
                 .with_list_parse_key("webrtc.bind_addresses")
                 .with_list_parse_key("webrtc.stun_servers")
                 .with_list_parse_key("control.forward_namespaces")
+                .with_list_parse_key("control.reply_to_allowed")
                 .with_list_parse_key("auth.owner_keys")
                 .with_list_parse_key("auth.revoked")
                 .with_list_parse_key("auth.control_namespaces")
@@ -439,6 +444,7 @@ impl Config {
                 return Err(invalid("control.forward_namespaces", problem));
             }
         }
+        self.validate_reply_to_allowed()?;
         if !(100..=600_000).contains(&k.forward_timeout_ms) {
             return Err(invalid("control.forward_timeout_ms", "100 to 600000"));
         }
@@ -523,6 +529,46 @@ impl Config {
             ));
         }
         validate_auth(&self.auth, &self.control.forward_namespaces)
+    }
+
+    /// `control.reply_to_allowed`: valid filters that match none of the device's own topics
+    /// (a reply there would speak, or answer itself, in the device's name).
+    fn validate_reply_to_allowed(&self) -> Result<(), ConfigError> {
+        let topics = Topics::new(self.mqtt.prefix.trim_end_matches('/'), &self.device.id);
+        let any = SessionId::parse("any").expect("a valid session id");
+        let mut own = vec![
+            topics.status(),
+            topics.state(),
+            topics.command(),
+            topics.snapshot(),
+            topics.forward_reply(),
+            topics.events(),
+            topics.session_in(&any),
+            topics.session_out(&any),
+            topics.forward("any"),
+        ];
+        let ha = &self.homeassistant.discovery_prefix;
+        own.push(crate::homeassistant::config_topic(ha, &self.device.id));
+        own.push(crate::homeassistant::status_topic(ha));
+        for filter in &self.control.reply_to_allowed {
+            if !is_valid_filter(filter) {
+                return Err(invalid(
+                    "control.reply_to_allowed",
+                    format!(
+                        "{filter:?} is not an MQTT topic filter (levels split by /, + or # as whole levels, # last, no leading / or $)"
+                    ),
+                ));
+            }
+            if let Some(topic) = own.iter().find(|t| filter_matches(filter, t)) {
+                return Err(invalid(
+                    "control.reply_to_allowed",
+                    format!(
+                        "{filter:?} matches the device's own topic {topic}; allow only your dashboards' reply topics, e.g. \"dash/+/replies\""
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The effective configuration as TOML (secrets live in files, so nothing is masked).

@@ -104,7 +104,10 @@ impl Dispatcher {
                     }
                 }
             }
-            InboundTopic::Command => self.commands.submit(&payload, now),
+            InboundTopic::Command => {
+                self.commands
+                    .submit(&payload, now, crate::outbound::unix_ms())
+            }
             InboundTopic::ForwardReply => {
                 if let Err(e) = self.router.service_reply(payload)
                     && let Some(suppressed) = self.log.allow(now)

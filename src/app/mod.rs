@@ -15,14 +15,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SourceKind};
 use crate::control::forwarding::spawn_router;
-use crate::control::mqtt::MqttCommands;
+use crate::control::mqtt::{CommandPolicy, MqttCommands};
 use crate::control::{ControlSettings, Controller};
 use crate::homeassistant;
 use crate::media::pipeline;
 use crate::outbound::{Publish, SignalOut};
 use crate::ports::PortPool;
 use crate::protocol::signal::{Limits, status_payload};
-use crate::signaling::registry::SessionLimits;
+use crate::signaling::registry::{SessionLimits, SignedInbound};
 use crate::signaling::{self, SignalingParts};
 use crate::state::{SessionCounts, StateInfo, StateReader, run_state_publisher};
 use crate::viewer::peer::WebrtcSettings;
@@ -78,7 +78,10 @@ async fn run_tracked(
     transport_stop: &CancellationToken,
 ) -> Result<()> {
     let topics = settings::topics(config);
-    let mqtt_settings = settings::mqtt_settings(config)?;
+    // Signed mode's identity key is loaded (created on first start) before anything starts.
+    let device_key = crate::identity::load_for_start(&config.auth)?.map(Arc::new);
+    let public_key = device_key.as_ref().map(|k| k.public_key());
+    let mqtt_settings = settings::mqtt_settings(config, public_key.as_ref())?;
     let ice_servers = settings::ice_servers(config)?;
     let w = &config.webrtc;
     let certificate = crate::certificate::load_or_create(&w.certificate_path)?;
@@ -87,9 +90,6 @@ async fn run_tracked(
             "capture.source = \"test-pattern\": streaming synthetic frames, not a camera"
         );
     }
-    // Signed mode's identity key is loaded (created on first start) before anything starts;
-    // using it for signaling is issue 11's phase 2.
-    let _identity = crate::identity::load_for_start(&config.auth)?;
     if config.broker.enabled {
         start_broker(config, tracker, transport_stop.clone()).await?;
     }
@@ -112,7 +112,7 @@ async fn run_tracked(
 
     let (mqtt, eventloop) = crate::mqtt::connect(&mqtt_settings);
     let publish: Arc<dyn Publish> = Arc::new(mqtt.clone());
-    let signal = SignalOut::new(publish.clone(), topics.clone());
+    let signal = SignalOut::new(publish.clone(), topics.clone(), device_key.clone());
     let (connected_tx, connected_rx) = watch::channel(0u64);
     let (counts_tx, counts_rx) = watch::channel(SessionCounts::default());
     let state = StateReader::new(
@@ -154,6 +154,11 @@ async fn run_tracked(
                 max_payload_bytes: config.mqtt.max_payload_bytes,
                 max_sdp_bytes: w.max_sdp_bytes,
             },
+            signed: device_key.is_some().then(|| SignedInbound {
+                verifier: settings::verifier(config),
+                replay: settings::replay_cache(config),
+                topics: topics.clone(),
+            }),
             signal: signal.clone(),
             webrtc: WebrtcSettings {
                 ice_servers,
@@ -178,6 +183,13 @@ async fn run_tracked(
         controller,
         publish.clone(),
         topics.clone(),
+        CommandPolicy {
+            plain: k.mqtt_commands,
+            reply_to_allowed: k.reply_to_allowed.clone(),
+            signed: device_key
+                .is_some()
+                .then(|| (settings::verifier(config), settings::replay_cache(config))),
+        },
         tracker,
         cancel.clone(),
     );
@@ -191,7 +203,7 @@ async fn run_tracked(
         commands,
         router,
         publish.clone(),
-        status_payload(&config.device.id, true),
+        status_payload(&config.device.id, true, public_key.as_ref()),
         Discovery {
             config_topic: config_topic.clone(),
             payload: discovery_rx,
@@ -241,7 +253,10 @@ async fn run_tracked(
     // 1. Every session says bye and closes (bounded inside the registry owner).
     let _ = signaling_task.await;
     // 2. `offline`, then a clean DISCONNECT; the connection task ends once it is written.
-    mqtt.say_goodbye(topics.status(), status_payload(&config.device.id, false));
+    mqtt.say_goodbye(
+        topics.status(),
+        status_payload(&config.device.id, false, public_key.as_ref()),
+    );
     if tokio::time::timeout(GOODBYE_TIMEOUT, &mut mqtt_task)
         .await
         .is_err()

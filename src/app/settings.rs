@@ -15,6 +15,8 @@ use crate::media::source::{CaptureParams, FrameSource, SourceOpener};
 use crate::media::test_pattern::TestPattern;
 use crate::media::v4l2::Camera;
 use crate::mqtt::MqttSettings;
+use crate::protocol::auth::keys::PublicKey;
+use crate::protocol::auth::{ReplayCache, Verifier};
 use crate::protocol::signal::status_payload;
 use crate::protocol::topics::Topics;
 
@@ -91,8 +93,32 @@ pub(crate) fn ha_status_topic(config: &Config) -> Option<String> {
         .then(|| homeassistant::status_topic(&ha.discovery_prefix))
 }
 
-/// MQTT connection settings; secrets and TLS files are read here.
-pub(crate) fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
+/// Signed mode's policy for inbound messages (docs/protocol.md §9.4), from `[auth]`.
+pub(crate) fn verifier(config: &Config) -> Verifier {
+    let a = &config.auth;
+    Verifier::new(
+        &config.device.id,
+        a.owner_public_keys(),
+        a.revoked.clone(),
+        a.control_namespaces.clone(),
+        a.max_clock_skew_ms,
+    )
+}
+
+/// A replay cache as `[auth]` sizes it; each owner of signed input has its own.
+pub(crate) fn replay_cache(config: &Config) -> ReplayCache {
+    ReplayCache::new(
+        config.auth.replay_cache_entries,
+        config.auth.max_clock_skew_ms,
+    )
+}
+
+/// MQTT connection settings; secrets and TLS files are read here. `device_key`: the device's
+/// public key in signed mode, for the status in the last will.
+pub(crate) fn mqtt_settings(
+    config: &Config,
+    device_key: Option<&PublicKey>,
+) -> Result<MqttSettings> {
     let m = &config.mqtt;
     let topics = topics(config);
     let password = if m.password_file.as_os_str().is_empty() {
@@ -133,7 +159,10 @@ pub(crate) fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
         reconnect_min: Duration::from_millis(m.reconnect_min_ms),
         reconnect_max: Duration::from_millis(m.reconnect_max_ms),
         tls,
-        last_will: (topics.status(), status_payload(&config.device.id, false)),
+        last_will: (
+            topics.status(),
+            status_payload(&config.device.id, false, device_key),
+        ),
         subscriptions,
     })
 }

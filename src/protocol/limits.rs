@@ -25,6 +25,9 @@ pub const DEFAULT_JPEG_QUALITY: u8 = 85;
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
 /// Largest binary data-channel message (snapshot chunks), bytes.
 pub const CHUNK_BYTES: usize = 16 * 1024;
+/// Largest signed command envelope on the MQTT command topic (docs/protocol.md §9.8): room
+/// for a command whose JSON text is escaped inside `msg`, and a credential.
+pub const MAX_SIGNED_COMMAND_BYTES: usize = 2 * MAX_COMMAND_BYTES + MAX_CREDENTIAL_BYTES;
 /// Longest `reply_to` topic, bytes.
 pub const MAX_REPLY_TOPIC: usize = 256;
 /// Longest control name.

@@ -4,6 +4,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 use super::PROTOCOL_VERSION;
+use super::auth::keys::PublicKey;
+use super::auth::{Refusal, RefusalCode};
 
 /// Error codes of `{"type":"error"}` replies; the strings are part of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -22,6 +24,12 @@ pub(crate) enum ErrorCode {
     TooManyCandidates,
     Busy,
     Internal,
+    /// Signed mode: not signed, no or a bad credential, or not the session's key (§9.9).
+    Unauthorized,
+    /// Signed mode: the timestamp is outside the device's freshness window.
+    Stale,
+    /// Signed mode: this signed message was already accepted.
+    Replayed,
 }
 
 impl ErrorCode {
@@ -40,6 +48,9 @@ impl ErrorCode {
             Self::TooManyCandidates => "too-many-candidates",
             Self::Busy => "busy",
             Self::Internal => "internal",
+            Self::Unauthorized => "unauthorized",
+            Self::Stale => "stale",
+            Self::Replayed => "replayed",
         }
     }
 }
@@ -56,6 +67,8 @@ impl fmt::Display for ErrorCode {
 pub(crate) struct Rejection {
     pub code: ErrorCode,
     pub reason: String,
+    /// Signed mode: the `sig` of the envelope this error is about (the reply's `ref`).
+    pub reference: Option<String>,
 }
 
 impl Rejection {
@@ -63,7 +76,30 @@ impl Rejection {
         Self {
             code,
             reason: reason.into(),
+            reference: None,
         }
+    }
+
+    /// The same rejection, naming the envelope it is about.
+    pub(crate) fn about(mut self, reference: Option<String>) -> Self {
+        self.reference = reference;
+        self
+    }
+}
+
+impl From<Refusal> for Rejection {
+    /// A signed message the device refused (docs/protocol.md §9.4), as its error reply.
+    fn from(r: Refusal) -> Self {
+        let code = match r.code() {
+            RefusalCode::BadJson => ErrorCode::BadJson,
+            RefusalCode::BadSchema => ErrorCode::BadSchema,
+            RefusalCode::UnsupportedVersion => ErrorCode::UnsupportedVersion,
+            RefusalCode::Unauthorized => ErrorCode::Unauthorized,
+            RefusalCode::Stale => ErrorCode::Stale,
+            RefusalCode::Replayed => ErrorCode::Replayed,
+            RefusalCode::Busy => ErrorCode::Busy,
+        };
+        Rejection::new(code, r.error.to_string()).about(r.reference)
     }
 }
 
@@ -206,6 +242,8 @@ pub(crate) enum ByeReason {
     Timeout,
     IceFailed,
     Closed,
+    /// Signed mode: the session's credential expired.
+    Expired,
 }
 
 /// A message the device sends on `.../session/<id>/out`.
@@ -224,6 +262,9 @@ pub(crate) enum DeviceMessage {
         v: u32,
         code: ErrorCode,
         reason: String,
+        /// Signed mode: the `sig` of the refused envelope (docs/protocol.md §9.6).
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
     },
     Bye {
         v: u32,
@@ -251,6 +292,7 @@ impl DeviceMessage {
             v: PROTOCOL_VERSION,
             code: rejection.code,
             reason: rejection.reason.clone(),
+            reference: rejection.reference.clone(),
         }
     }
 
@@ -274,15 +316,31 @@ pub(crate) struct Status<'a> {
     pub status: &'a str,
     pub device: &'a str,
     pub protocol: u32,
+    /// `auth.mode`: `signed` or `open` (docs/protocol.md §9.6).
+    pub auth: &'a str,
+    /// Signed mode: the device's public key (b64url), for viewers that pin it on first use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
-/// The retained status payload, `online` or `offline`.
-pub(crate) fn status_payload(device: &str, online: bool) -> Vec<u8> {
+/// The retained status payload, `online` or `offline`; `device_key` is the device's public
+/// key in signed mode, `None` in open mode.
+pub(crate) fn status_payload(
+    device: &str,
+    online: bool,
+    device_key: Option<&PublicKey>,
+) -> Vec<u8> {
     let status = Status {
         v: PROTOCOL_VERSION,
         status: if online { "online" } else { "offline" },
         device,
         protocol: PROTOCOL_VERSION,
+        auth: if device_key.is_some() {
+            "signed"
+        } else {
+            "open"
+        },
+        key: device_key.map(PublicKey::to_b64url),
     };
     // Plain struct of strings and integers: serialization cannot fail.
     serde_json::to_vec(&status).expect("status serializes")
@@ -421,6 +479,16 @@ mod tests {
             json!({"v":1,"type":"error","code":"max-viewers","reason":"full"})
         );
         assert_eq!(
+            v(DeviceMessage::error(
+                &Rejection::new(ErrorCode::Unauthorized, "no").about(Some("c2ln".into()))
+            )),
+            json!({"v":1,"type":"error","code":"unauthorized","reason":"no","ref":"c2ln"})
+        );
+        assert_eq!(
+            v(DeviceMessage::bye(ByeReason::Expired)),
+            json!({"v":1,"type":"bye","reason":"expired"})
+        );
+        assert_eq!(
             v(DeviceMessage::bye(ByeReason::IceFailed)),
             json!({"v":1,"type":"bye","reason":"ice-failed"})
         );
@@ -452,6 +520,9 @@ mod tests {
             ErrorCode::TooManyCandidates,
             ErrorCode::Busy,
             ErrorCode::Internal,
+            ErrorCode::Unauthorized,
+            ErrorCode::Stale,
+            ErrorCode::Replayed,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
         }
@@ -459,13 +530,18 @@ mod tests {
 
     #[test]
     fn status_payloads() {
-        let on: serde_json::Value = serde_json::from_slice(&status_payload("cam1", true)).unwrap();
+        let on: serde_json::Value =
+            serde_json::from_slice(&status_payload("cam1", true, None)).unwrap();
         assert_eq!(
             on,
-            json!({"v":1,"status":"online","device":"cam1","protocol":1})
+            json!({"v":1,"status":"online","device":"cam1","protocol":1,"auth":"open"})
         );
+        let key = crate::protocol::auth::keys::SigningKey::from_seed(&[7; 32]).public_key();
         let off: serde_json::Value =
-            serde_json::from_slice(&status_payload("cam1", false)).unwrap();
-        assert_eq!(off["status"], "offline");
+            serde_json::from_slice(&status_payload("cam1", false, Some(&key))).unwrap();
+        assert_eq!(
+            off,
+            json!({"v":1,"status":"offline","device":"cam1","protocol":1,"auth":"signed","key":key.to_b64url()})
+        );
     }
 }

@@ -25,6 +25,7 @@ use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
 use crate::protocol::sdp::{CheckedOffer, check_answer};
 use crate::protocol::signal::{ErrorCode, IceCandidate, Rejection};
 use crate::protocol::topics::SessionId;
+use crate::signaling::registry::Admission;
 use media::VideoSender;
 use peer::{PcEvent, WebrtcSettings};
 use session::{Action, End, Input, PeerState, Session};
@@ -97,11 +98,17 @@ pub(crate) fn spawn_session(
     id: SessionId,
     key: SessionKey,
     offer: CheckedOffer,
+    admission: Admission,
     cancel: CancellationToken,
 ) -> SessionHandle {
     let (candidates, candidates_rx) = mpsc::channel(MAX_CANDIDATES_PER_SESSION as usize + 1);
     let (end, end_rx) = watch::channel(None);
-    let span = tracing::info_span!("session", id = %id, key);
+    let span = match &admission.viewer {
+        Some(viewer) => {
+            tracing::info_span!("session", id = %id, key, viewer = %viewer.escape_debug())
+        }
+        None => tracing::info_span!("session", id = %id, key),
+    };
     let tracker = deps.tracker.clone();
     tracker.spawn(
         async move {
@@ -109,6 +116,7 @@ pub(crate) fn spawn_session(
                 id,
                 key,
                 offer,
+                admission,
                 deps,
                 cancel,
                 session_cancel: CancellationToken::new(),
@@ -126,6 +134,8 @@ struct Driver {
     id: SessionId,
     key: SessionKey,
     offer: CheckedOffer,
+    /// What the session's credential allows, and until when.
+    admission: Admission,
     deps: Arc<SessionDeps>,
     /// Shutdown of the whole device.
     cancel: CancellationToken,
@@ -162,7 +172,11 @@ impl Driver {
         mut end: watch::Receiver<Option<EndRequest>>,
     ) {
         tracing::debug!("offer accepted");
-        let mut session = Session::new(self.offered_at, self.deps.settings.timeouts);
+        let mut session = Session::new(
+            self.offered_at,
+            self.deps.settings.timeouts,
+            self.admission.expires_at,
+        );
         let (ev_tx, mut events) = mpsc::channel(64);
         // The port lease lives as long as this task: dropped after the peer connection closed.
         let lease = self
@@ -334,6 +348,7 @@ impl Driver {
                         dc,
                         self.id.clone(),
                         self.deps.controller.clone(),
+                        self.admission.access.clone(),
                         self.session_cancel.clone(),
                     )
                     .in_current_span(),

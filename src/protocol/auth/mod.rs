@@ -37,7 +37,9 @@ pub enum AuthError {
     NotSigned,
     #[error("no credential (`cred`): a message that opens a session or a signed command needs one")]
     MissingCredential,
-    #[error("`cred` is only sent with the offer; this session already has one")]
+    #[error(
+        "`cred` is only sent with the offer, and this session already has one (its messages must be signed by its own viewer key)"
+    )]
     UnexpectedCredential,
     #[error("credential refused: {0}")]
     Credential(#[from] CredentialError),
@@ -94,9 +96,10 @@ impl AuthError {
         match self {
             Self::BadJson(_) | Self::NotObject => RefusalCode::BadJson,
             Self::UnsupportedVersion(_) => RefusalCode::UnsupportedVersion,
-            Self::BadSchema(_) | Self::UnexpectedCredential => RefusalCode::BadSchema,
+            Self::BadSchema(_) => RefusalCode::BadSchema,
             Self::NotSigned
             | Self::MissingCredential
+            | Self::UnexpectedCredential
             | Self::Credential(_)
             | Self::BadSignature
             | Self::NotSessionKey
@@ -155,6 +158,8 @@ pub struct Opened {
     pub msg: String,
     /// `Some` when a credential was verified (a new session, or a signed command).
     pub grant: Option<Grant>,
+    /// The envelope's `sig`, the `ref` of any error about the wrapped message.
+    pub reference: String,
 }
 
 /// The device's signed-mode policy, built once from the config.
@@ -257,6 +262,7 @@ impl Verifier {
         Ok(Opened {
             msg: envelope.msg,
             grant: new_grant,
+            reference: envelope.sig_text,
         })
     }
 }
@@ -417,7 +423,7 @@ mod tests {
         assert_eq!(
             refusal(v.open_inbound(&second_offer, TOPIC, Some(&grant), NOW_MS + 5, &mut replay))
                 .code(),
-            RefusalCode::BadSchema
+            RefusalCode::Unauthorized
         );
         assert_eq!(replay.len(), 2, "refused messages are not remembered");
     }
