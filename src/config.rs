@@ -798,4 +798,44 @@ mod tests {
         let again = load_with(Some(&text), &[]).unwrap();
         assert_eq!(c, again);
     }
+
+    #[test]
+    fn command_topic_settings() {
+        let c = load_with(None, &[]).unwrap();
+        assert!(c.control.mqtt_commands);
+        assert!(c.control.reply_to_allowed.is_empty());
+        let c = load_with(
+            Some("[control]\nmqtt_commands = false\nreply_to_allowed = [\"dash/+/replies\", \"nodered/#\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(!c.control.mqtt_commands);
+        assert_eq!(c.control.reply_to_allowed, ["dash/+/replies", "nodered/#"]);
+        let c = load_with(None, &[("RTCAM__CONTROL__REPLY_TO_ALLOWED", "a/+,b/#")]).unwrap();
+        assert_eq!(c.control.reply_to_allowed, ["a/+", "b/#"]);
+        for bad in ["a/#/b", "", "$SYS/#"] {
+            let e = err(
+                Some(&format!("[control]\nreply_to_allowed = [\"{bad}\"]\n")),
+                &[],
+            );
+            assert!(
+                e.contains("control.reply_to_allowed") && e.contains("filter"),
+                "{e}"
+            );
+        }
+        // Filters that cover the device's own topics would let a sender speak in its name.
+        for own in [
+            "#",
+            "rtcam/#",
+            "rtcam/+/status",
+            "rtcam/rtcam/session/+/out",
+            "homeassistant/#",
+        ] {
+            let e = err(
+                Some(&format!("[control]\nreply_to_allowed = [\"{own}\"]\n")),
+                &[],
+            );
+            assert!(e.contains("the device's own topic"), "{own}: {e}");
+        }
+    }
 }

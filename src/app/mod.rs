@@ -2,6 +2,7 @@
 
 pub(crate) mod inbound;
 pub(crate) mod readiness;
+pub(crate) mod retained;
 pub(crate) mod settings;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use crate::viewer::peer::WebrtcSettings;
 use crate::viewer::session::Timeouts;
 use inbound::{Discovery, Dispatcher};
 use readiness::{DiscoveryUpdate, Readiness, announce_ready};
+use retained::RetainedGuard;
 
 /// How long the MQTT connection gets to deliver the byes, `offline` and a clean DISCONNECT.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -111,7 +113,12 @@ async fn run_tracked(
     .context("starting the capture thread")?;
 
     let (mqtt, eventloop) = crate::mqtt::connect(&mqtt_settings);
-    let publish: Arc<dyn Publish> = Arc::new(mqtt.clone());
+    let ha = &config.homeassistant;
+    let config_topic = homeassistant::config_topic(&ha.discovery_prefix, &config.device.id);
+    // Retained topics that heal: rtcam republishes them when another client overwrites them.
+    let retained = RetainedGuard::new([topics.status(), topics.state(), config_topic.clone()]);
+    let transport: Arc<dyn Publish> = Arc::new(mqtt.clone());
+    let publish = retained.recording(transport.clone());
     let signal = SignalOut::new(publish.clone(), topics.clone(), device_key.clone());
     let (connected_tx, connected_rx) = watch::channel(0u64);
     let (counts_tx, counts_rx) = watch::channel(SessionCounts::default());
@@ -193,8 +200,6 @@ async fn run_tracked(
         tracker,
         cancel.clone(),
     );
-    let ha = &config.homeassistant;
-    let config_topic = homeassistant::config_topic(&ha.discovery_prefix, &config.device.id);
     let (discovery_tx, discovery_rx) = watch::channel(initial_discovery(config));
     let mut dispatcher = Dispatcher::new(
         topics.clone(),
@@ -209,7 +214,10 @@ async fn run_tracked(
             payload: discovery_rx,
             ha_status_topic: settings::ha_status_topic(config),
         },
+        retained.clone(),
     );
+    // Through the plain transport: the book notes its republishes itself.
+    tracker.spawn(retained.run_healer(transport, cancel.clone()));
     let mut mqtt_task = tracker.spawn(crate::mqtt::run_event_loop(
         eventloop,
         mqtt.clone(),

@@ -149,6 +149,13 @@ pub(crate) fn mqtt_settings(
     };
     let mut subscriptions = topics.subscriptions();
     subscriptions.extend(ha_status_topic(config));
+    // The device's own retained topics, to notice when someone else overwrites them.
+    let ha = &config.homeassistant;
+    subscriptions.extend([
+        topics.status(),
+        topics.state(),
+        homeassistant::config_topic(&ha.discovery_prefix, &config.device.id),
+    ]);
     Ok(MqttSettings {
         host: m.host.clone(),
         port: m.port,
