@@ -171,6 +171,10 @@ pub struct MqttConfig {
     pub state_min_interval_ms: u64,
 }
 
+/// Largest packet the embedded broker accepts from a client; nothing larger can reach rtcam
+/// through it (rumqttd does not honour a client's Maximum Packet Size itself).
+pub const EMBEDDED_BROKER_MAX_PAYLOAD: usize = 1 << 20;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {

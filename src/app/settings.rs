@@ -7,16 +7,17 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use webrtc::peer_connection::RTCIceServer;
 
-use crate::config::{CaptureConfig, Config, SourceKind, read_secret};
+use crate::config::{CaptureConfig, Config, EMBEDDED_BROKER_MAX_PAYLOAD, SourceKind, read_secret};
 use crate::homeassistant;
 use crate::media::encoder::EncoderSettings;
 use crate::media::pipeline::PipelineConfig;
 use crate::media::source::{CaptureParams, FrameSource, SourceOpener};
 use crate::media::test_pattern::TestPattern;
 use crate::media::v4l2::Camera;
-use crate::mqtt::MqttSettings;
+use crate::mqtt::{MqttSettings, PACKET_HEADROOM};
 use crate::protocol::auth::keys::PublicKey;
 use crate::protocol::auth::{ReplayCache, Verifier};
+use crate::protocol::limits::MAX_SIGNED_COMMAND_BYTES;
 use crate::protocol::signal::status_payload;
 use crate::protocol::topics::Topics;
 
@@ -156,7 +157,16 @@ pub(crate) fn mqtt_settings(
         topics.state(),
         homeassistant::config_topic(&ha.discovery_prefix, &config.device.id),
     ]);
+    // The broker drops anything larger for rtcam. Commands and signaling are refused above
+    // their own limits anyway; through the embedded broker nothing is larger than it accepts.
+    let mut max_incoming_packet =
+        m.max_payload_bytes.max(MAX_SIGNED_COMMAND_BYTES) + PACKET_HEADROOM;
+    if config.broker.enabled {
+        max_incoming_packet =
+            max_incoming_packet.max(EMBEDDED_BROKER_MAX_PAYLOAD + PACKET_HEADROOM);
+    }
     Ok(MqttSettings {
+        max_incoming_packet,
         host: m.host.clone(),
         port: m.port,
         client_id: format!("rtcam-{}", config.device.id),

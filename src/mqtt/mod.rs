@@ -1,4 +1,9 @@
-//! MQTT transport: one task owns the rumqttc event loop; everyone else publishes through a non-blocking handle.
+//! MQTT transport (MQTT 5): one task owns the rumqttc event loop; everyone else publishes through a non-blocking handle.
+//!
+//! MQTT 5 because of one property: the client announces a Maximum Packet Size, and the broker
+//! then drops any larger message for this client instead of sending it. With MQTT 3.1.1 a
+//! single oversized publish on a subscribed topic would break the connection (rumqttc cannot
+//! skip a packet) and fire the last will (docs/security.md, "Oversized publishes").
 
 pub(crate) mod tls;
 
@@ -7,19 +12,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::{
-    AsyncClient, ClientError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    TlsConfiguration, Transport,
-};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::{AsyncClient, ClientError, Event, EventLoop, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::log_limit::LogLimiter;
 use crate::outbound::{Publish, PublishError};
 
-/// Largest packet the client accepts from the broker. Bigger ones make rumqttc drop the
-/// connection; the application rejects anything above `mqtt.max_payload_bytes` itself.
-const MAX_INCOMING_PACKET: usize = 16 << 20;
+/// Room for the topic, properties and header of a packet besides its payload.
+pub(crate) const PACKET_HEADROOM: usize = 4096;
 /// Publishes and subscribes queued for the event loop at most; beyond that publishing is
 /// refused (counted and logged) instead of blocking the caller.
 const REQUEST_QUEUE: usize = 1024;
@@ -41,6 +45,9 @@ pub(crate) struct MqttSettings {
     pub last_will: (String, Vec<u8>),
     /// Topic filters subscribed after every (re)connect.
     pub subscriptions: Vec<String>,
+    /// The Maximum Packet Size announced to the broker: it drops larger messages for this
+    /// client (MQTT 5 §3.1.2.11.4), so they never reach it.
+    pub max_incoming_packet: usize,
 }
 
 impl MqttSettings {
@@ -127,13 +134,16 @@ pub(crate) fn connect(settings: &MqttSettings) -> (MqttHandle, EventLoop) {
     let (will_topic, will_payload) = settings.last_will.clone();
     options
         .set_keep_alive(settings.keep_alive)
-        .set_clean_session(true)
-        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET)
+        .set_clean_start(true)
+        .set_max_packet_size(Some(
+            u32::try_from(settings.max_incoming_packet).unwrap_or(u32::MAX),
+        ))
         .set_last_will(LastWill::new(
             will_topic,
             will_payload,
             QoS::AtLeastOnce,
             true,
+            None,
         ));
     if !settings.username.is_empty() {
         options.set_credentials(&settings.username, &settings.password);
@@ -192,11 +202,16 @@ pub(crate) async fn run_event_loop(
                 on_event(MqttEvent::Connected);
                 connected.send_modify(|n| *n += 1);
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                on_event(MqttEvent::Message {
-                    topic: p.topic,
+            Ok(Event::Incoming(Packet::Publish(p))) => match String::from_utf8(p.topic.to_vec()) {
+                Ok(topic) => on_event(MqttEvent::Message {
+                    topic,
                     payload: p.payload,
-                });
+                }),
+                // Brokers check topic names; should one not, the message addresses nobody.
+                Err(_) => tracing::debug!("message with a non-UTF-8 topic ignored"),
+            },
+            Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                tracing::warn!(broker = %settings.describe(), reason = ?d.reason_code, "the MQTT broker disconnected rtcam");
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 tracing::debug!("MQTT disconnected cleanly");
@@ -239,6 +254,7 @@ mod tests {
             tls: None,
             last_will: ("rtcam/t/status".into(), b"{}".to_vec()),
             subscriptions: vec!["rtcam/t/command".into()],
+            max_incoming_packet: 65536,
         }
     }
 
