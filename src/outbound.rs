@@ -111,7 +111,7 @@ impl RecordingPublisher {
 mod tests {
     use super::*;
     use crate::protocol::auth::open_device_message;
-    use crate::protocol::signal::{ByeReason, ErrorCode, Rejection};
+    use crate::protocol::signal::{ByeReason, ErrorCode, Ref, Rejection};
 
     #[test]
     fn signed_mode_seals_every_device_message_for_its_session_topic() {
@@ -121,7 +121,7 @@ mod tests {
         let out = SignalOut::new(publisher.clone(), topics.clone(), Some(key.clone()));
         let id = SessionId::parse("abc").unwrap();
         out.send(&id, &DeviceMessage::bye(ByeReason::Expired));
-        let refused = Rejection::new(ErrorCode::Unauthorized, "no").about(Some("c2ln".into()));
+        let refused = Rejection::new(ErrorCode::Unauthorized, "no").about(Ref::Sig("c2ln".into()));
         out.send(&id, &DeviceMessage::error(&refused));
         let published = publisher.published.lock().unwrap().clone();
         assert_eq!(published.len(), 2);

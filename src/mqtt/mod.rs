@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, ClientError, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::watch;
@@ -180,6 +180,9 @@ pub(crate) async fn run_event_loop(
 ) {
     let mut backoff = settings.reconnect_min;
     let mut failures = 0u64;
+    // Subscriptions queued, then sent (their packet ids), to name a refused one in the log.
+    let mut queued_subscriptions = std::collections::VecDeque::new();
+    let mut sent_subscriptions = std::collections::HashMap::new();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => break,
@@ -194,9 +197,14 @@ pub(crate) async fn run_event_loop(
                 failures = 0;
                 backoff = settings.reconnect_min;
                 // try_* only queue the request; awaiting here would deadlock this very loop.
+                queued_subscriptions.clear();
+                sent_subscriptions.clear();
                 for filter in &settings.subscriptions {
-                    if let Err(e) = handle.client.try_subscribe(filter, QoS::AtLeastOnce) {
-                        tracing::error!(%filter, error = %e, "cannot queue MQTT subscribe");
+                    match handle.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                        Ok(()) => queued_subscriptions.push_back(filter.clone()),
+                        Err(e) => {
+                            tracing::error!(%filter, error = %e, "cannot queue MQTT subscribe")
+                        }
                     }
                 }
                 on_event(MqttEvent::Connected);
@@ -212,6 +220,20 @@ pub(crate) async fn run_event_loop(
             },
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
                 tracing::warn!(broker = %settings.describe(), reason = ?d.reason_code, "the MQTT broker disconnected rtcam");
+            }
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
+                if let Some(filter) = queued_subscriptions.pop_front() {
+                    sent_subscriptions.insert(pkid, filter);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let filter = sent_subscriptions.remove(&ack.pkid).unwrap_or_default();
+                for code in &ack.return_codes {
+                    if !matches!(code, SubscribeReasonCode::Success(_)) {
+                        // Usually the broker's ACL: rtcam will not hear what is sent there.
+                        tracing::warn!(broker = %settings.describe(), %filter, reason = ?code, "the MQTT broker refused a subscription");
+                    }
+                }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 tracing::debug!("MQTT disconnected cleanly");

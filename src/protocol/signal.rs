@@ -67,8 +67,40 @@ impl fmt::Display for ErrorCode {
 pub(crate) struct Rejection {
     pub code: ErrorCode,
     pub reason: String,
-    /// Signed mode: the `sig` of the envelope this error is about (the reply's `ref`).
-    pub reference: Option<String>,
+    /// What the error is about: the reply's `ref` (signed mode).
+    pub reference: Ref,
+}
+
+/// The `ref` of an error (docs/protocol.md §9.6): what it is about.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum Ref {
+    /// The session itself (no `ref`), e.g. `max-viewers` after the answer; always in open mode.
+    #[default]
+    Session,
+    /// A refused message without a usable signature (`"ref": null`): not the viewer's own.
+    Unsigned,
+    /// The envelope with this `sig`.
+    Sig(String),
+}
+
+impl Ref {
+    /// The `ref` of an error about an inbound envelope whose `sig` may be unknown.
+    pub(crate) fn message(sig: Option<String>) -> Self {
+        sig.map_or(Self::Unsigned, Self::Sig)
+    }
+
+    fn is_session(&self) -> bool {
+        *self == Self::Session
+    }
+}
+
+impl Serialize for Ref {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Session | Self::Unsigned => s.serialize_none(),
+            Self::Sig(sig) => s.serialize_str(sig),
+        }
+    }
 }
 
 impl Rejection {
@@ -76,12 +108,12 @@ impl Rejection {
         Self {
             code,
             reason: reason.into(),
-            reference: None,
+            reference: Ref::Session,
         }
     }
 
-    /// The same rejection, naming the envelope it is about.
-    pub(crate) fn about(mut self, reference: Option<String>) -> Self {
+    /// The same rejection, about `reference`.
+    pub(crate) fn about(mut self, reference: Ref) -> Self {
         self.reference = reference;
         self
     }
@@ -99,7 +131,7 @@ impl From<Refusal> for Rejection {
             RefusalCode::Replayed => ErrorCode::Replayed,
             RefusalCode::Busy => ErrorCode::Busy,
         };
-        Rejection::new(code, r.error.to_string()).about(r.reference)
+        Rejection::new(code, r.error.to_string()).about(Ref::message(r.reference))
     }
 }
 
@@ -262,9 +294,10 @@ pub(crate) enum DeviceMessage {
         v: u32,
         code: ErrorCode,
         reason: String,
-        /// Signed mode: the `sig` of the refused envelope (docs/protocol.md §9.6).
-        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-        reference: Option<String>,
+        /// Signed mode: the `sig` of the refused envelope, or null when it had none
+        /// (docs/protocol.md §9.6); absent for errors about the session itself.
+        #[serde(rename = "ref", skip_serializing_if = "Ref::is_session")]
+        reference: Ref,
     },
     Bye {
         v: u32,
@@ -480,9 +513,15 @@ mod tests {
         );
         assert_eq!(
             v(DeviceMessage::error(
-                &Rejection::new(ErrorCode::Unauthorized, "no").about(Some("c2ln".into()))
+                &Rejection::new(ErrorCode::Unauthorized, "no").about(Ref::Sig("c2ln".into()))
             )),
             json!({"v":1,"type":"error","code":"unauthorized","reason":"no","ref":"c2ln"})
+        );
+        assert_eq!(
+            v(DeviceMessage::error(
+                &Rejection::new(ErrorCode::Unauthorized, "no").about(Ref::Unsigned)
+            )),
+            json!({"v":1,"type":"error","code":"unauthorized","reason":"no","ref":null})
         );
         assert_eq!(
             v(DeviceMessage::bye(ByeReason::Expired)),

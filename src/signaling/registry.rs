@@ -8,7 +8,7 @@ use crate::protocol::auth::{Grant, ReplayCache, Verifier};
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
 use crate::protocol::sdp::{CheckedOffer, check_offer};
 use crate::protocol::signal::{
-    ErrorCode, IceCandidate, Limits, Rejection, ViewerMessage, parse_viewer_message,
+    ErrorCode, IceCandidate, Limits, Ref, Rejection, ViewerMessage, parse_viewer_message,
 };
 use crate::protocol::topics::{SessionId, Topics};
 use crate::state::SessionCounts;
@@ -161,10 +161,10 @@ impl Registry {
             Ok(opened) => opened,
             Err(r) => return Decision::Reject(r),
         };
-        match self.handle(id, message, grant, now, now_ms) {
+        match (self.handle(id, message, grant, now, now_ms), reference) {
             // An error about a verified message names it, so its sender knows it is theirs.
-            Decision::Reject(r) => Decision::Reject(r.about(reference)),
-            d => d,
+            (Decision::Reject(r), Some(sig)) => Decision::Reject(r.about(Ref::Sig(sig))),
+            (d, _) => d,
         }
     }
 
@@ -177,21 +177,40 @@ impl Registry {
         payload: &[u8],
         now_ms: u64,
     ) -> Result<(ViewerMessage, Option<Grant>, Option<String>), Rejection> {
-        let signed = match self.signed.as_mut() {
-            // The size limit comes first, signed or not: nothing larger is parsed.
-            Some(s) if payload.len() <= self.parse_limits.max_payload_bytes => s,
-            _ => return parse_viewer_message(payload, self.parse_limits).map(|m| (m, None, None)),
+        let Some(signed) = self.signed.as_mut() else {
+            return parse_viewer_message(payload, self.parse_limits).map(|m| (m, None, None));
         };
-        let session = self.sessions.get(id).and_then(|e| e.grant.as_ref());
+        if payload.len() > self.parse_limits.max_payload_bytes {
+            // Refused unread, so its signature is unknown: not the session's own message.
+            return parse_viewer_message(payload, self.parse_limits)
+                .map_err(|r| r.about(Ref::Unsigned))
+                .map(|m| (m, None, None));
+        }
+        let entry = self.sessions.get(id);
         let topic = signed.topics.session_in(id);
-        let opened = signed
+        let verified = signed
             .verifier
-            .open_inbound(payload, &topic, session, now_ms, &mut signed.replay)
+            .verify_inbound(
+                payload,
+                &topic,
+                entry.and_then(|e| e.grant.as_ref()),
+                now_ms,
+                &signed.replay,
+            )
             .map_err(Rejection::from)?;
-        let reference = Some(opened.reference);
-        let message = parse_viewer_message(opened.msg.as_bytes(), self.parse_limits)
-            .map_err(|r| r.about(reference.clone()))?;
-        Ok((message, opened.grant, reference))
+        let reference = verified.opened.reference.clone();
+        let message = parse_viewer_message(verified.opened.msg.as_bytes(), self.parse_limits)
+            .map_err(|r| r.about(Ref::Sig(reference.clone())))?;
+        // A candidate over the session's limit is refused whatever it is: it takes no room
+        // in the replay cache, so one session cannot fill it for everyone.
+        let over_limit = matches!(message, ViewerMessage::Candidate(_))
+            && entry.is_some_and(|e| e.candidates >= MAX_CANDIDATES_PER_SESSION);
+        if !over_limit {
+            verified
+                .remember(&mut signed.replay, now_ms)
+                .map_err(Rejection::from)?;
+        }
+        Ok((message, verified.opened.grant, Some(reference)))
     }
 
     fn handle(
@@ -723,6 +742,11 @@ mod tests {
             let mut r = reg();
             let plain = refused(r.on_message(&sid("a"), &offer(), t, NOW_MS));
             assert_eq!(plain.code, ErrorCode::Unauthorized);
+            assert_eq!(
+                plain.reference,
+                Ref::Unsigned,
+                "not the viewer's own message"
+            );
             let no_cred = signed(&viewer(), "a", NOW_MS, &offer(), None);
             assert_eq!(
                 refused(r.on_message(&sid("a"), &no_cred, t, NOW_MS)).code,
@@ -738,7 +762,10 @@ mod tests {
             let m = signed(&viewer(), "a", NOW_MS, &offer(), Some(&other_device));
             let e = refused(r.on_message(&sid("a"), &m, t, NOW_MS));
             assert_eq!(e.code, ErrorCode::Unauthorized);
-            assert!(e.reference.is_some(), "names the refused envelope");
+            assert!(
+                matches!(e.reference, Ref::Sig(_)),
+                "names the refused envelope"
+            );
             // Someone else's credential, copied off the broker, signed with another key.
             let m = signed(
                 &intruder(),
@@ -791,7 +818,7 @@ mod tests {
             assert_eq!(e.code, ErrorCode::Unauthorized);
             assert_eq!(
                 e.reference,
-                crate::protocol::auth::envelope::sig_reference(&bye_x)
+                Ref::message(crate::protocol::auth::envelope::sig_reference(&bye_x))
             );
             let cand_x = signed(&intruder(), "a", NOW_MS + 1, &cand(), None);
             assert_eq!(
@@ -806,10 +833,11 @@ mod tests {
             let plain_bye = refused(r.on_message(&sid("a"), &bye(), t, NOW_MS + 2));
             assert_eq!(plain_bye.code, ErrorCode::Unauthorized);
             assert_eq!(r.counts().pending, 1, "the session is untouched");
-            // The copied offer itself, replayed: refused.
+            // The copied offer itself, replayed: refused as a replay (not an error about the
+            // viewer's session, which its viewer would have to act on).
             assert_eq!(
                 refused(r.on_message(&sid("a"), &offer_msg, t, NOW_MS + 2)).code,
-                ErrorCode::Unauthorized
+                ErrorCode::Replayed
             );
             // The viewer's own messages go through.
             let c = signed(&viewer(), "a", NOW_MS + 3, &cand(), None);
@@ -823,7 +851,7 @@ mod tests {
             assert_eq!(e.code, ErrorCode::SessionExists);
             assert_eq!(
                 e.reference,
-                crate::protocol::auth::envelope::sig_reference(&again)
+                Ref::message(crate::protocol::auth::envelope::sig_reference(&again))
             );
             let b = signed(&viewer(), "a", NOW_MS + 6, &bye(), None);
             assert_eq!(
@@ -855,9 +883,9 @@ mod tests {
                 refused(r.on_message(&sid("b"), &offer_msg, t, NOW_MS + 1000)).code,
                 ErrorCode::Unauthorized
             );
-            // Much later it is stale.
+            // Much later (forgotten by the replay cache) it is stale.
             assert_eq!(
-                refused(r.on_message(&sid("a"), &offer_msg, t, NOW_MS + 61_000)).code,
+                refused(r.on_message(&sid("a"), &offer_msg, t, NOW_MS + 121_000)).code,
                 ErrorCode::Stale
             );
             assert_eq!(r.len(), 0);
@@ -878,7 +906,7 @@ mod tests {
             assert_eq!(e.code, ErrorCode::BadJson);
             assert_eq!(
                 e.reference,
-                crate::protocol::auth::envelope::sig_reference(&junk)
+                Ref::message(crate::protocol::auth::envelope::sig_reference(&junk))
             );
             let stray = signed(
                 &viewer(),
@@ -889,12 +917,39 @@ mod tests {
             );
             let e = refused(r.on_message(&sid("b"), &stray, t, NOW_MS));
             assert_eq!(e.code, ErrorCode::UnknownSession);
-            assert!(e.reference.is_some());
+            assert!(matches!(e.reference, Ref::Sig(_)));
             // Oversized: refused before anything is parsed.
             let huge = vec![b' '; 16385];
+            let e = refused(r.on_message(&sid("a"), &huge, t, NOW_MS));
+            assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+            assert_eq!(e.reference, Ref::Unsigned);
+        }
+
+        #[test]
+        fn candidates_over_the_limit_take_no_room_in_the_replay_cache() {
+            let t = Instant::now();
+            let mut r = reg();
+            r.signed.as_mut().unwrap().replay = ReplayCache::new(80, 60_000);
+            let Decision::Start { key, .. } =
+                r.on_message(&sid("a"), &signed_offer(&viewer(), "a", NOW_MS), t, NOW_MS)
+            else {
+                panic!("offer refused")
+            };
+            for i in 0..u64::from(MAX_CANDIDATES_PER_SESSION) + 500 {
+                let c = signed(&viewer(), "a", NOW_MS + 1 + i, &cand(), None);
+                let d = r.on_message(&sid("a"), &c, t, NOW_MS + 1 + i);
+                if i < u64::from(MAX_CANDIDATES_PER_SESSION) {
+                    assert!(matches!(d, Decision::Candidate { .. }), "{i}: {d:?}");
+                } else {
+                    assert_eq!(refused(d).code, ErrorCode::TooManyCandidates, "{i}");
+                }
+            }
+            let cached = r.signed.as_ref().unwrap().replay.len();
+            assert_eq!(cached, 1 + MAX_CANDIDATES_PER_SESSION as usize);
+            let b = signed(&viewer(), "a", NOW_MS + 1000, &bye(), None);
             assert_eq!(
-                refused(r.on_message(&sid("a"), &huge, t, NOW_MS)).code,
-                ErrorCode::PayloadTooLarge
+                r.on_message(&sid("a"), &b, t, NOW_MS + 1000),
+                Decision::End { key }
             );
         }
     }

@@ -366,6 +366,9 @@ class Device:
 
     def open_inbound(self, payload, topic: str, session: Grant | None, now: int) -> tuple[str, Grant | None]:
         env = parse_envelope(payload)
+        digest = hashlib.sha256(signing_input(topic, env.ts, env.msg)).digest()
+        if self.replay.seen.get(digest, 0) > now:
+            raise AuthError("replayed", "a copy of a message already accepted")
         new = None
         if session is None:
             if env.cred is None:
@@ -374,16 +377,14 @@ class Device:
             key = new.viewer_key
         else:
             if env.cred is not None:
-                raise AuthError("bad-schema", "cred on a live session")
+                raise AuthError("unauthorized", "cred on a live session")
             key = session.viewer_key
         if not verify_envelope(env, topic, public_key(key)):
             raise AuthError("unauthorized", "signature does not verify")
         if session is not None and now // 1000 >= session.exp:
             raise AuthError("unauthorized", "session credential expired")
         check_fresh(env.ts, now, self.max_skew_ms)
-        self.replay.check_and_insert(
-            hashlib.sha256(signing_input(topic, env.ts, env.msg)).digest(), env.ts, now
-        )
+        self.replay.check_and_insert(digest, env.ts, now)
         return env.msg, new
 
 
@@ -397,12 +398,26 @@ class ViewerSigner:
     sent_sigs: list[str] = field(default_factory=list)
     _offered: bool = False
 
-    def seal(self, msg: dict | str, ts: int | None = None) -> str:
+    def seal(
+        self, msg: dict | str, ts: int | None = None, topic: str | None = None, cred: bool | None = None
+    ) -> str:
+        """The envelope of `msg` (any text, JSON or not) for `topic` (default: this session's
+        `in`). The first offer carries the credential, unless `cred` says otherwise."""
         text = msg if isinstance(msg, str) else json.dumps(msg, separators=(",", ":"))
-        is_offer = json.loads(text).get("type") == "offer"
-        cred = self.credential if is_offer and not self._offered else None
-        self._offered = self._offered or is_offer
-        envelope = seal(self.key, self.topic_in, now_ms() if ts is None else ts, text, cred)
+        if cred is None:
+            try:
+                is_offer = json.loads(text).get("type") == "offer"
+            except (ValueError, AttributeError):
+                is_offer = False
+            cred = is_offer and not self._offered
+            self._offered = self._offered or is_offer
+        envelope = seal(
+            self.key,
+            topic or self.topic_in,
+            now_ms() if ts is None else ts,
+            text,
+            self.credential if cred else None,
+        )
         self.sent_sigs.append(json.loads(envelope)["sig"])
         return envelope
 

@@ -149,7 +149,9 @@ def test_refusals_of_the_reference_device():
     _, grant = device.open_inbound(V["offer.envelope"], topic, None, NOW_MS)
     injected = seal(intruder, topic, NOW_MS, {"v": 1, "type": "bye"})
     assert code(injected, session=grant) == "unauthorized"
-    assert code(V["offer.envelope"], session=grant) == "bad-schema"  # cred on a live session
+    again = seal(viewer, topic, NOW_MS + 5, offer, V["credential"])
+    assert code(again, session=grant) == "unauthorized"  # cred on a live session
+    assert code(V["offer.envelope"], session=grant) == "replayed"  # a copy of the offer
     expired = issue_credential(
         owner, audience=["cam1"], viewer_public=public_b64(viewer), scope="view",
         iat=NOW_MS // 1000 - 100, exp=NOW_MS // 1000 - 1, jti="old",

@@ -63,6 +63,9 @@ PUBLISH_CASES = [
     ("rtcam-camera-01", "rtcam/camera-02/status", False),
     ("rtcam-camera-01", "zigbee2mqtt/bulb/set", False),
     ("rtcam-camera-01", "homeassistant/device/other/config", False),
+    # A forged reply_to: replies only under command/reply/# (and what the admin adds).
+    ("rtcam-camera-01", "dash/kitchen/replies", False),
+    ("rtcam-camera-01", f"{DEV}/command/replyx", False),
     # Viewers: only the inbound session topics of this device.
     ("rtcam-viewer", f"{DEV}/session/s1/in", True),
     ("rtcam-viewer", f"{DEV}/session/s1/out", False),  # a forged device answer
@@ -106,6 +109,8 @@ PUBLISH_CASES = [
 # What each role receives when subscribed to everything of the device (and HA's topics).
 READ_TOPICS = [
     f"{DEV}/status",
+    f"{DEV}/state",
+    "homeassistant/device/camera-01/config",
     f"{DEV}/session/s1/in",
     f"{DEV}/session/s1/out",
     f"{DEV}/command",
@@ -116,12 +121,16 @@ READ_TOPICS = [
     f"{DEV}/snapshot",
 ]
 READABLE = {
+    # The device reads its own retained topics back, to repair them when overwritten.
     "rtcam-camera-01": {
-        f"{DEV}/status", f"{DEV}/session/s1/in", f"{DEV}/command",
-        f"{DEV}/forward/reply", f"{DEV}/events",
+        f"{DEV}/status", f"{DEV}/state", "homeassistant/device/camera-01/config",
+        f"{DEV}/session/s1/in", f"{DEV}/command", f"{DEV}/forward/reply", f"{DEV}/events",
     },
-    "rtcam-viewer": {f"{DEV}/status", f"{DEV}/session/s1/out"},
-    "homeassistant": {f"{DEV}/status", f"{DEV}/command/reply", f"{DEV}/snapshot"},
+    "rtcam-viewer": {f"{DEV}/status", f"{DEV}/state", f"{DEV}/session/s1/out"},
+    "homeassistant": {
+        f"{DEV}/status", f"{DEV}/state", "homeassistant/device/camera-01/config",
+        f"{DEV}/command/reply", f"{DEV}/snapshot",
+    },
     "rtcam-service": {f"{DEV}/forward/ptz"},
     "zigbee2mqtt": set(),
 }

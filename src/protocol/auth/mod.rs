@@ -221,6 +221,23 @@ impl Verifier {
         now_ms: u64,
         replay: &mut ReplayCache,
     ) -> Result<Opened, Refusal> {
+        let verified = self.verify_inbound(payload, topic, session, now_ms, replay)?;
+        verified.remember(replay, now_ms)?;
+        Ok(verified.opened)
+    }
+
+    /// Steps 1–5 of [`Verifier::open_inbound`] without writing the replay cache: the caller
+    /// remembers the message with [`Verified::remember`] before acting on it. A message that
+    /// is refused anyway (e.g. a candidate over the session's limit) need not take room in
+    /// the cache.
+    pub fn verify_inbound(
+        &self,
+        payload: &[u8],
+        topic: &str,
+        session: Option<&Grant>,
+        now_ms: u64,
+        replay: &ReplayCache,
+    ) -> Result<Verified, Refusal> {
         let envelope = envelope::parse(payload).map_err(|error| Refusal {
             error,
             reference: envelope::sig_reference(payload),
@@ -229,6 +246,13 @@ impl Verifier {
             error,
             reference: Some(envelope.sig_text.clone()),
         };
+        // A copy of a message that was accepted is `replayed`, whatever else is true of it
+        // now: its sender (who may be the viewer, through a duplicate delivery) learns that
+        // the original went through, and no viewer ends its session over it (§9.6).
+        let digest = envelope::digest(topic, &envelope).map_err(refuse)?;
+        if replay.contains(&digest, now_ms) {
+            return Err(refuse(AuthError::Replayed));
+        }
         let new_grant = match (session, &envelope.cred) {
             (None, None) => return Err(refuse(AuthError::MissingCredential)),
             (None, Some(token)) => {
@@ -255,15 +279,37 @@ impl Verifier {
             }
         };
         envelope::check_fresh(envelope.ts_ms, now_ms, self.max_skew_ms).map_err(refuse)?;
-        let digest = envelope::digest(topic, &envelope).map_err(refuse)?;
-        replay
-            .check_and_insert(digest, envelope.ts_ms, now_ms)
-            .map_err(refuse)?;
-        Ok(Opened {
-            msg: envelope.msg,
-            grant: new_grant,
-            reference: envelope.sig_text,
+        Ok(Verified {
+            digest,
+            ts_ms: envelope.ts_ms,
+            opened: Opened {
+                msg: envelope.msg,
+                grant: new_grant,
+                reference: envelope.sig_text,
+            },
         })
+    }
+}
+
+/// A message whose envelope, credential or key, signature and freshness were checked; not
+/// yet checked against the replay cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    digest: [u8; 32],
+    ts_ms: u64,
+    pub opened: Opened,
+}
+
+impl Verified {
+    /// Step 5: refuses a replay (or answers `busy` when the cache is full), otherwise
+    /// remembers the message so it is accepted once.
+    pub fn remember(&self, replay: &mut ReplayCache, now_ms: u64) -> Result<(), Refusal> {
+        replay
+            .check_and_insert(self.digest, self.ts_ms, now_ms)
+            .map_err(|error| Refusal {
+                error,
+                reference: Some(self.opened.reference.clone()),
+            })
     }
 }
 
@@ -529,9 +575,13 @@ mod tests {
                 "{topic}"
             );
         }
-        // After the window it is stale.
-        assert!(matches!(
+        // Remembered for two windows: a replay as long as it is remembered, then stale.
+        assert_eq!(
             refusal(v.open_inbound(&offer, TOPIC, None, NOW_MS + 60_001, &mut replay)),
+            AuthError::Replayed
+        );
+        assert!(matches!(
+            refusal(v.open_inbound(&offer, TOPIC, None, NOW_MS + 120_001, &mut replay)),
             AuthError::Stale { .. }
         ));
     }

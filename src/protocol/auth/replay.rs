@@ -44,6 +44,13 @@ impl ReplayCache {
         }
     }
 
+    /// True when `digest` was accepted and is still remembered at `now_ms`.
+    pub fn contains(&self, digest: &[u8; 32], now_ms: u64) -> bool {
+        self.expiry_by_digest
+            .get(digest)
+            .is_some_and(|expiry| *expiry > now_ms)
+    }
+
     /// Refuses a digest seen before ([`AuthError::Replayed`]); otherwise remembers it. A cache
     /// full of unexpired entries refuses with [`AuthError::ReplayCacheFull`] instead of
     /// forgetting one early.
