@@ -410,7 +410,9 @@ def test_malformed_signaling_is_rejected_and_isolated(cam):
         ("sdp-too-large", {"v": 1, "type": "offer", "sdp": big_sdp}, "sdp-too-large"),
         (
             "payload-too-large",
-            json.dumps({"v": 1, "type": "offer", "sdp": "x" * 70000}).encode(),
+            # Over mqtt.max_payload_bytes (65536) once signed, under the MQTT 5 Maximum Packet
+            # Size rtcam announces (max_payload_bytes + 4 KiB): larger ones the broker drops.
+            json.dumps({"v": 1, "type": "offer", "sdp": "x" * 65600}).encode(),
             "payload-too-large",
         ),
         ("garbage-sdp", {"v": 1, "type": "offer", "sdp": "this is not SDP"}, "bad-sdp"),
