@@ -27,6 +27,8 @@ const QUEUE: usize = 64;
 struct Job {
     id: RequestId,
     command: Command,
+    /// What the sender may do: open for plain commands, its credential's for signed ones.
+    access: Access,
     reply_to: String,
 }
 
@@ -97,22 +99,20 @@ impl MqttCommands {
         let checked = self.check(payload, now_ms);
         let refused = match (admitted, checked.command) {
             (Err(e), _) | (Ok(()), Err(e)) => Some(e),
-            (Ok(()), Ok((command, access))) => match access.allows(&command) {
-                Err(forbidden) => Some(CommandError::new(CommandErrorCode::Forbidden, forbidden.0)),
-                Ok(()) => {
-                    let job = Job {
-                        id: checked.id.clone(),
-                        command,
-                        reply_to: checked.reply_to.clone(),
-                    };
-                    self.jobs.try_send(job).err().map(|_| {
-                        CommandError::new(
-                            CommandErrorCode::Busy,
-                            format!("{QUEUE} MQTT commands are already waiting; retry later"),
-                        )
-                    })
-                }
-            },
+            (Ok(()), Ok((command, access))) => {
+                let job = Job {
+                    id: checked.id.clone(),
+                    command,
+                    access,
+                    reply_to: checked.reply_to.clone(),
+                };
+                self.jobs.try_send(job).err().map(|_| {
+                    CommandError::new(
+                        CommandErrorCode::Busy,
+                        format!("{QUEUE} MQTT commands are already waiting; retry later"),
+                    )
+                })
+            }
         };
         if let Some(e) = refused {
             if let Some(suppressed) = self.log.allow(now) {
@@ -238,7 +238,10 @@ async fn run_jobs(
             _ = cancel.cancelled() => break,
             j = rx.recv() => match j { Some(j) => j, None => break },
         };
-        let outcome = match controller.run(&Origin::Mqtt, &job.id, job.command).await {
+        let outcome = match controller
+            .run(&Origin::Mqtt, &job.access, &job.id, job.command)
+            .await
+        {
             Ok(CommandOutput::Done(result)) => Ok(result),
             Ok(CommandOutput::Snapshot { jpeg, mut result }) => {
                 // MQTT gets the image as a retained binary payload of its own, before the reply.

@@ -11,7 +11,7 @@ use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use crate::control::forwarding::RELAY_QUEUE;
 use crate::control::{CommandOutput, Controller, Origin};
 use crate::protocol::auth::permissions::Access;
-use crate::protocol::command::{CommandError, CommandErrorCode, Transport, parse_request, reply};
+use crate::protocol::command::{Transport, parse_request, reply};
 use crate::protocol::limits::CHUNK_BYTES;
 use crate::protocol::topics::SessionId;
 
@@ -81,10 +81,7 @@ async fn run_one(
     // Every message counts against the limits, malformed ones too: each costs a reply.
     let outcome = match (controller.admit(limiter, Instant::now()), request.command) {
         (Err(e), _) | (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(command)) => match access.allows(&command) {
-            Ok(()) => controller.run(origin, &request.id, command).await,
-            Err(forbidden) => Err(CommandError::new(CommandErrorCode::Forbidden, forbidden.0)),
-        },
+        (Ok(()), Ok(command)) => controller.run(origin, access, &request.id, command).await,
     };
     let (result, attachment) = match outcome {
         Ok(CommandOutput::Forwarded) => return None,
@@ -135,6 +132,9 @@ mod tests {
         assert_eq!(r["ok"], true, "{r}");
         let r = reply_to(&rig, &view, json!({"id":3,"cmd":"ptz.move"})).await;
         assert_eq!(r["error"]["code"], "forbidden", "{r}");
+        // A namespace that is not forwarded at all: not-allowed, whoever asks.
+        let r = reply_to(&rig, &view, json!({"id":5,"cmd":"light.on"})).await;
+        assert_eq!(r["error"]["code"], "not-allowed", "{r}");
         // The same command with `control`, and in open mode, runs.
         let control = Access::Granted(Rights::new(Permission::Control, &[], &[]));
         let r = reply_to(&rig, &control, resize.clone()).await;
