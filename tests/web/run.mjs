@@ -633,10 +633,16 @@ async function main() {
     const port = await freePort();
     const demoConfig = rtcamConfig({ device: "demo", mqttPort, webPort: port, broker: { ws } });
     const demo = await startRtcam("rtcam-demo", demoConfig, port);
-    // No device in the URL: the user picks it from the list.
+    // No device in the URL: the user picks it from the list. Another origin: another
+    // IndexedDB, so another viewer key, enrolled like the first.
     await page.goto(`http://${HOST}:${port}/?broker=ws://${HOST}:${ws}`);
     await page.waitForSelector('#conn-status[data-state="ok"]', { timeout: 15000 });
     await page.click('#devices li[data-device="demo"][data-status="online"] button', { timeout: 15000 });
+    await page.waitForFunction(() => /needs a credential/.test(document.getElementById("auth-status").textContent), null, { timeout: 15000 });
+    const key = (await page.textContent("#viewer-key")).trim();
+    await page.fill("#credential", issue(key, ["demo"], "view"));
+    await page.click("#connect");
+    await page.click('#devices li[data-device="demo"][data-status="online"] button', { timeout: 15000 }).catch(() => {});
     await expectVideoPlaying(page, "embedded broker");
     assert.match(page.url(), /[?&]device=demo(&|$)/, "the chosen device is in the URL");
     assert.equal(await demo.stop("SIGTERM"), 0, demo.tail());

@@ -304,7 +304,7 @@ async function startSession() {
       v.srcObject = stream;
       v.play().catch(() => {});
     },
-    onClose: (reason) => onSessionClosed(s, reason),
+    onClose: (reason, code) => onSessionClosed(s, reason, code),
     onEvent: (value) => log(`event: ${JSON.stringify(value)}`),
   });
   app.session = s;
@@ -316,8 +316,7 @@ async function startSession() {
     await s.start();
   } catch (e) {
     log(`session ${s.id}: ${e.message}`);
-    if (["unauthorized", "stale"].includes(e.code)) blockOnAuth(e.message.replace(/^device refused: /, ""));
-    return; // onClose schedules the retry
+    return; // onClose schedules the retry, or says why not
   }
   if (app.session !== s) return;
   s.ready = true;
@@ -328,10 +327,14 @@ async function startSession() {
   s.command("get-state").then((r) => r.ok && showDeviceState(r.result), () => {});
 }
 
-function onSessionClosed(s, reason) {
+/** Refusals a new offer with the same credential would get again: no retry. */
+const AUTH_REFUSALS = ["unauthorized", "stale"];
+
+function onSessionClosed(s, reason, code) {
   if (app.session !== s) return;
   app.session = null;
   setPanelEnabled(false);
+  if (AUTH_REFUSALS.includes(code)) blockOnAuth(reason.replace(/^device refused: /, ""));
   if (app.authProblem) return; // no retry until the credential or the pin changes
   updateSessionBadge(`${reason}; retrying`);
   scheduleRetry();
@@ -582,7 +585,8 @@ $("resolution-apply").onclick = async () => {
 $("command-form").addEventListener("submit", freeForm);
 setPanelEnabled(false);
 setInterval(refreshStats, 1000);
+const fromUrl = readUrl();
 initAuth().then(() => {
-  if (readUrl()) connect();
+  if (fromUrl) connect();
   else updateSessionBadge();
 });

@@ -192,7 +192,7 @@ export class Session {
           if (msg.code !== "bad-candidate") {
             const e = new SessionError(`device refused: ${msg.code}: ${msg.reason}`, msg.code);
             this.failStart?.(e);
-            this.close(e.message, false);
+            this.close(e.message, false, msg.code);
           }
           break;
         case "bye":
@@ -271,8 +271,9 @@ export class Session {
     return this.pc ? this.pc.getStats() : Promise.resolve(new Map());
   }
 
-  /** Ends the session; `sendBye` tells the device (§4.3). Calls onClose once. */
-  close(reason, sendBye = true) {
+  /** Ends the session; `sendBye` tells the device (§4.3). Calls onClose(reason, code) once;
+   * `code` is the device's error code when it refused the session. */
+  close(reason, sendBye = true, code = null) {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.graceTimer);
@@ -297,6 +298,6 @@ export class Session {
       /* already closed */
     }
     this.log(`session ${this.id} closed: ${reason}`);
-    this.onClose?.(reason);
+    this.onClose?.(reason, code);
   }
 }
