@@ -640,9 +640,17 @@ mod tests {
                 ..Default::default()
             });
             assert!(c.is_ok(), "{}: {:?}", path.display(), c.err());
+            // Signed mode is never off in a shipped config (rtcam.toml is what the Debian
+            // package and the Yocto recipe install).
+            assert_eq!(
+                c.unwrap().auth.mode,
+                AuthMode::Signed,
+                "{} runs open mode",
+                path.display()
+            );
             checked += 1;
         }
-        assert!(checked >= 2, "default.toml and demo.toml at least");
+        assert!(checked >= 3, "default.toml, rtcam.toml and demo.toml at least");
     }
 
     #[test]
