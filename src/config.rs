@@ -650,7 +650,10 @@ mod tests {
             );
             checked += 1;
         }
-        assert!(checked >= 3, "default.toml, rtcam.toml and demo.toml at least");
+        assert!(
+            checked >= 3,
+            "default.toml, rtcam.toml and demo.toml at least"
+        );
     }
 
     #[test]

@@ -349,8 +349,10 @@ pub(crate) struct Status<'a> {
     pub status: &'a str,
     pub device: &'a str,
     pub protocol: u32,
-    /// `auth.mode`: `signed` or `open` (docs/protocol.md §9.6).
-    pub auth: &'a str,
+    /// Signed mode: `signed` (docs/protocol.md §9.6); absent in open mode, whose status is
+    /// exactly the unsigned protocol's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<&'a str>,
     /// Signed mode: the device's public key (b64url), for viewers that pin it on first use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -368,11 +370,7 @@ pub(crate) fn status_payload(
         status: if online { "online" } else { "offline" },
         device,
         protocol: PROTOCOL_VERSION,
-        auth: if device_key.is_some() {
-            "signed"
-        } else {
-            "open"
-        },
+        auth: device_key.is_some().then_some("signed"),
         key: device_key.map(PublicKey::to_b64url),
     };
     // Plain struct of strings and integers: serialization cannot fail.
@@ -573,7 +571,7 @@ mod tests {
             serde_json::from_slice(&status_payload("cam1", true, None)).unwrap();
         assert_eq!(
             on,
-            json!({"v":1,"status":"online","device":"cam1","protocol":1,"auth":"open"})
+            json!({"v":1,"status":"online","device":"cam1","protocol":1})
         );
         let key = crate::protocol::auth::keys::SigningKey::from_seed(&[7; 32]).public_key();
         let off: serde_json::Value =

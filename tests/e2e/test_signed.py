@@ -13,11 +13,10 @@ import json
 import time
 
 import paho.mqtt.client as mqtt
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conftest import HOST, PREFIX, device_message, mint, record_metric, tail, viewer_auth
-from rtcam_auth import public_b64, seal
+from conftest import HOST, PREFIX, device_message, record_metric, tail, viewer_auth
+from rtcam_auth import seal
 from viewer import MqttLink, Viewer, ViewerError, now_ms, summarize
 
 FPS = 30
@@ -526,3 +525,31 @@ def test_a_17_mib_publish_causes_no_disconnect_and_no_offline(make_rtcam, monito
     assert cam.alive()
     rtcam_log = tail(cam.log_path, 0, 400)
     assert "MQTT connected" in rtcam_log and rtcam_log.count("MQTT connected") == 1, rtcam_log
+
+
+# ---- open mode ------------------------------------------------------------------------------------
+
+
+def test_open_mode_keeps_the_unsigned_protocol_and_warns(make_rtcam, monitor):
+    """auth.mode = "open" (labs only): the wire format of the unsigned protocol, and a warning
+    at start."""
+    cam = make_rtcam("testcam-open", auth__mode="open")
+
+    async def body():
+        v = Viewer(HOST, cam.broker_port, cam.device, auth=None)
+        try:
+            await v.start(timeout=20)
+            await v.wait_frames(10, 10)
+            reply = await v.command("set-fps", {"fps": 30})
+            return v, reply
+        finally:
+            await stop(v)
+
+    v, reply = run(body(), 60)
+    status = monitor.latest(cam.topic_status)
+    assert status == {"v": 1, "status": "online", "device": cam.device, "protocol": 1}, status
+    assert v.answer_sdp and not v.rejected
+    assert all(raw.startswith(b'{"') and b'"signed"' not in raw for _, _, raw in v.messages), v.messages
+    assert reply["ok"] is True, reply
+    log = tail(cam.log_path, 0, 400)
+    assert "WARN" in log and 'auth.mode = "open"' in log, log

@@ -94,7 +94,8 @@ export class BrokerLink {
     const entry = this.devices.get(id) || { status: null, state: null, auth: null, key: null };
     entry[key] = key === "status" ? msg.status : msg;
     if (key === "status") {
-      // Signed mode (docs/protocol.md §9.6): the mode and the device key, for pinning.
+      // Signed mode (docs/protocol.md §9.6): the mode and the device key, for pinning; a
+      // device in open mode announces neither.
       entry.auth = msg.auth || "open";
       entry.key = typeof msg.key === "string" ? msg.key : null;
     }
