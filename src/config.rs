@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::auth::keys::PublicKey;
 use crate::protocol::limits;
-use crate::protocol::topics::{SessionId, Topics, filter_matches, is_valid_filter, is_valid_id};
+use crate::protocol::topics::{
+    SessionId, Topics, filter_matches, ha_config_topic, ha_status_topic, is_valid_filter,
+    is_valid_id,
+};
 
 /// The compiled-in defaults; every key rtcam knows is in this file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -98,7 +101,10 @@ config_enum!(
 
 config_enum!(
     /// Pixel format asked of a V4L2 camera.
-    PixelFormatChoice { Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG" }
+    PixelFormatChoice {
+        Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG", Rgb3 = "RGB3",
+        Bgr3 = "BGR3"
+    }
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,9 +123,15 @@ pub struct CaptureConfig {
     pub stride_align: u32,
 }
 
+config_enum!(
+    /// Which H.264 encoder runs.
+    EncoderBackend { Auto = "auto", OpenH264 = "openh264", V4l2 = "v4l2" }
+);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderConfig {
+    pub backend: EncoderBackend,
     pub bitrate: u32,
     pub keyframe_interval: u32,
 }
@@ -552,8 +564,8 @@ impl Config {
             topics.forward("any"),
         ];
         let ha = &self.homeassistant.discovery_prefix;
-        own.push(crate::homeassistant::config_topic(ha, &self.device.id));
-        own.push(crate::homeassistant::status_topic(ha));
+        own.push(ha_config_topic(ha, &self.device.id));
+        own.push(ha_status_topic(ha));
         for filter in &self.control.reply_to_allowed {
             if !is_valid_filter(filter) {
                 return Err(invalid(
@@ -703,8 +715,8 @@ mod tests {
     fn bad_values_name_key_and_allowed_values() {
         let e = err(Some("[capture]\nsource = \"webcam\"\n"), &[]);
         assert!(e.contains("webcam") && e.contains("test-pattern"), "{e}");
-        let e = err(Some("[capture]\nformat = \"RGB3\"\n"), &[]);
-        assert!(e.contains("RGB3") && e.contains("YUYV"), "{e}");
+        let e = err(Some("[capture]\nformat = \"RGB4\"\n"), &[]);
+        assert!(e.contains("RGB4") && e.contains("YUYV"), "{e}");
         let e = err(Some("[capture]\nwidth = 641\n"), &[]);
         assert!(e.contains("capture.width") && e.contains("even"), "{e}");
         let e = err(Some("[webrtc]\nmax_viewers = 0\n"), &[]);

@@ -34,6 +34,8 @@ pub(crate) struct DeviceState {
     pub controls: BTreeMap<String, i64>,
     /// Why the camera cannot be used right now; `null` while it works (or was not needed yet).
     pub camera_error: Option<String>,
+    /// The H.264 encoder (backend, device, input, why, fallback); `null` until capture ran.
+    pub encoder: Option<crate::media::video_encoder::EncoderStatus>,
     pub uptime_s: u64,
 }
 
@@ -96,6 +98,7 @@ impl StateReader {
             bytes_copied_per_frame: counters.bytes_copied_per_frame,
             controls: status.controls,
             camera_error: status.camera_error,
+            encoder: status.encoder,
             uptime_s: self.started.elapsed().as_secs(),
         }
     }
@@ -187,6 +190,7 @@ mod tests {
             bytes_copied_per_frame: 0,
             controls: BTreeMap::from([("brightness".to_string(), 3)]),
             camera_error: None,
+            encoder: None,
             uptime_s: 9,
         }
     }
@@ -210,13 +214,14 @@ mod tests {
             "bytes_copied_per_frame",
             "controls",
             "camera_error",
+            "encoder",
             "uptime_s",
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
         assert_eq!(v["camera_error"], serde_json::Value::Null);
         assert_eq!(v["controls"]["brightness"], 3);
-        assert_eq!(v.as_object().unwrap().len(), 16, "no undocumented fields");
+        assert_eq!(v.as_object().unwrap().len(), 17, "no undocumented fields");
     }
 
     #[test]

@@ -105,6 +105,12 @@ async fn run_tracked(
         tracker.spawn(server.run(cancel.clone()));
     }
 
+    let mdns = crate::viewer::peer::multicast_available();
+    if !mdns {
+        tracing::info!(
+            "no multicast route: mDNS is off, so viewers' .local candidates will not resolve (other candidates still connect)"
+        );
+    }
     let (pipeline, capture_thread) = pipeline::spawn(
         settings::pipeline_config(config),
         settings::source_opener(config),
@@ -177,7 +183,7 @@ async fn run_tracked(
                     disconnect: Duration::from_millis(w.disconnect_timeout_ms),
                 },
                 queue_frames: w.viewer_queue_frames,
-                mdns_unavailable: AtomicBool::new(false),
+                mdns_unavailable: AtomicBool::new(!mdns),
             },
             pipeline: pipeline.clone(),
             controller: controller.clone(),
@@ -269,7 +275,7 @@ async fn run_tracked(
         .await
         .is_err()
     {
-        tracing::warn!(broker = %mqtt_settings.describe(), "MQTT did not disconnect cleanly within {GOODBYE_TIMEOUT:?}; the broker will publish the last will");
+        tracing::warn!(broker = %mqtt_settings.describe(), "MQTT goodbye not delivered within {GOODBYE_TIMEOUT:?} (broker unreachable?); its last will says offline once it notices");
     }
     // 3. The embedded broker (after our own client left it) and the MQTT task, if stuck.
     transport_stop.cancel();

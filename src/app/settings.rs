@@ -60,6 +60,9 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
         // A camera that went away is looked for again every second: it resumes within about
         // a second of coming back.
         reopen_delay: Duration::from_millis(1000),
+        hardware: Some(crate::media::video_encoder::v4l2_opener(
+            config.encoder.backend,
+        )),
     }
 }
 

@@ -381,6 +381,7 @@ pub(crate) mod testing {
                         fps: 30,
                     },
                     reopen_delay: std::time::Duration::from_millis(50),
+                    hardware: None,
                 },
                 Box::new(|p: CaptureParams| {
                     Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))

@@ -48,6 +48,19 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     topic_levels.next().is_none()
 }
 
+/// Home Assistant's discovery topic for `device`: `<discovery_prefix>/device/<device>/config`.
+pub fn ha_config_topic(discovery_prefix: &str, device: &str) -> String {
+    format!(
+        "{}/device/{device}/config",
+        discovery_prefix.trim_end_matches('/')
+    )
+}
+
+/// Home Assistant's birth topic: `online` there means "rediscover everything".
+pub fn ha_status_topic(discovery_prefix: &str) -> String {
+    format!("{}/status", discovery_prefix.trim_end_matches('/'))
+}
+
 /// A validated session id chosen by a viewer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(String);

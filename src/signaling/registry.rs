@@ -1,9 +1,8 @@
 //! Pure session registry: which sessions exist, their slots against the limits, and what each inbound message does.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::protocol::auth::permissions::Access;
 use crate::protocol::auth::{Grant, ReplayCache, Verifier};
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
 use crate::protocol::sdp::{CheckedOffer, check_offer};
@@ -12,7 +11,7 @@ use crate::protocol::signal::{
 };
 use crate::protocol::topics::{SessionId, Topics};
 use crate::state::SessionCounts;
-use crate::viewer::SessionKey;
+use crate::viewer::{Admission, SessionKey};
 
 /// Signed mode (docs/protocol.md §9.4): the policy, the replay cache it owns and the topic
 /// names the signatures cover.
@@ -21,41 +20,6 @@ pub(crate) struct SignedInbound {
     pub verifier: Verifier,
     pub replay: ReplayCache,
     pub topics: Topics,
-}
-
-/// What an accepted offer's credential grants the new session.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Admission {
-    /// What the session may do on its data channel.
-    pub access: Access,
-    /// When the credential expires: the session ends then (None in open mode).
-    pub expires_at: Option<Instant>,
-    /// Who, for logs: the credential's `sub` and `jti`.
-    pub viewer: Option<String>,
-}
-
-impl Admission {
-    /// Open mode: anyone, for as long as they like.
-    pub fn open() -> Self {
-        Self {
-            access: Access::Open,
-            expires_at: None,
-            viewer: None,
-        }
-    }
-
-    /// A verified credential's grant, received at `now` (`now_ms` on the wall clock).
-    fn granted(grant: &Grant, now: Instant, now_ms: u64) -> Self {
-        let left = grant.expires_at_ms().saturating_sub(now_ms);
-        Self {
-            access: Access::Granted(grant.rights.clone()),
-            expires_at: Some(now + Duration::from_millis(left)),
-            viewer: Some(match &grant.subject {
-                Some(sub) => format!("{sub} ({})", grant.credential_id),
-                None => grant.credential_id.clone(),
-            }),
-        }
-    }
 }
 
 /// How many sessions of each kind may exist.
@@ -663,7 +627,7 @@ mod tests {
         use crate::protocol::auth::credential::{Claims, issue};
         use crate::protocol::auth::envelope::seal;
         use crate::protocol::auth::keys::SigningKey;
-        use crate::protocol::auth::permissions::{Permission, Rights};
+        use crate::protocol::auth::permissions::{Access, Permission, Rights};
 
         const NOW_MS: u64 = 1_767_225_600_000;
 

@@ -21,14 +21,50 @@ use webrtc::peer_connection::{
 use crate::control::Controller;
 use crate::media::pipeline::PipelineHandle;
 use crate::outbound::SignalOut;
+use crate::protocol::auth::Grant;
+use crate::protocol::auth::permissions::Access;
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
 use crate::protocol::sdp::{CheckedOffer, check_answer};
 use crate::protocol::signal::{ErrorCode, IceCandidate, Rejection};
 use crate::protocol::topics::SessionId;
-use crate::signaling::registry::Admission;
 use media::VideoSender;
 use peer::{PcEvent, WebrtcSettings};
 use session::{Action, End, Input, PeerState, Session};
+
+/// What an accepted offer's credential grants the new session.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Admission {
+    /// What the session may do on its data channel.
+    pub access: Access,
+    /// When the credential expires: the session ends then (None in open mode).
+    pub expires_at: Option<Instant>,
+    /// Who, for logs: the credential's `sub` and `jti`.
+    pub viewer: Option<String>,
+}
+
+impl Admission {
+    /// Open mode: anyone, for as long as they like.
+    pub fn open() -> Self {
+        Self {
+            access: Access::Open,
+            expires_at: None,
+            viewer: None,
+        }
+    }
+
+    /// A verified credential's grant, received at `now` (`now_ms` on the wall clock).
+    pub fn granted(grant: &Grant, now: Instant, now_ms: u64) -> Self {
+        let left = grant.expires_at_ms().saturating_sub(now_ms);
+        Self {
+            access: Access::Granted(grant.rights.clone()),
+            expires_at: Some(now + Duration::from_millis(left)),
+            viewer: Some(match &grant.subject {
+                Some(sub) => format!("{sub} ({})", grant.credential_id),
+                None => grant.credential_id.clone(),
+            }),
+        }
+    }
+}
 
 /// Numeric identity of one session instance (a reused session id gets a new one).
 pub(crate) type SessionKey = u64;

@@ -37,7 +37,8 @@ pub(crate) struct WebrtcSettings {
     pub timeouts: Timeouts,
     /// Encoded frames queued per viewer before it skips to the next keyframe.
     pub queue_frames: usize,
-    /// Set once a peer connection could not open its mDNS socket; later sessions skip mDNS.
+    /// Set when the host cannot do multicast (probed at start, see [`multicast_available`])
+    /// or a peer connection could not open its mDNS socket: sessions then skip mDNS.
     pub mdns_unavailable: AtomicBool,
 }
 
@@ -157,6 +158,15 @@ pub(crate) async fn build(
             build_with(settings, &addrs, events, MulticastDnsMode::Disabled).await
         }
     }
+}
+
+/// Whether this host can join the mDNS multicast group. Probed once at start: asking
+/// webrtc-rs for mDNS without a multicast route makes it log an I/O error per session.
+pub(crate) fn multicast_available() -> bool {
+    let mdns_group = std::net::Ipv4Addr::new(224, 0, 0, 251);
+    std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| s.join_multicast_v4(&mdns_group, &std::net::Ipv4Addr::UNSPECIFIED))
+        .is_ok()
 }
 
 /// True for an RTCP packet that asks for a keyframe (PLI or FIR).

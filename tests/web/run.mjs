@@ -684,6 +684,12 @@ async function demoMain() {
   await step("the demo stops cleanly", async () => {
     assert.equal(await p.stop("SIGTERM"), 0, p.tail());
   });
+  await step("a normal demo session (start, one browser viewer, stop) logged no WARN or ERROR", async () => {
+    const lines = readFileSync(p.log, "utf8").split("\n");
+    const bad = lines.filter((l) => / (WARN|ERROR) /.test(l));
+    assert.ok(lines.some((l) => l.includes("viewer connected")), `the viewer never connected:\n${p.tail()}`);
+    assert.deepEqual(bad, [], `rtcam logged warnings or errors in a normal session:\n${bad.join("\n")}`);
+  });
 }
 
 let failed = false;
