@@ -364,13 +364,15 @@ class Rtcam(Proc):
 class Monitor:
     """Background paho client recording every status/state message."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, login: tuple[str, str] | None = None):
         self.cond = threading.Condition()
         self.history: list[tuple[float, str, Any]] = []
         self._latest: dict[str, Any] = {}
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-monitor-{os.getpid()}"
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-monitor-{os.getpid()}-{port}"
         )
+        if login is not None:
+            self.client.username_pw_set(*login)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self._subscribed = threading.Event()

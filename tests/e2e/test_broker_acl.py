@@ -362,3 +362,64 @@ def test_an_oversized_publish_is_dropped_and_the_sender_stays_connected(acl_brok
     at_limit = b"y" * (4 * 1024 * 1024)
     assert viewer.publish(f"{DEV}/session/limit/in", at_limit) == 0
     device.wait(lambda: at_limit in device.payloads(), what="a payload at the limit")
+
+
+def test_rtcam_works_under_the_template_and_heals_through_it(acl_broker, workdir):
+    """rtcam itself as `rtcam-camera-01` behind the template: every subscription granted (it
+    logs a refused one), a viewer on the viewer account streams, and a forged retained
+    status from an account that may write it is repaired through the device's read right."""
+    import asyncio
+    import json
+
+    import viewer as viewer_module
+    from conftest import Monitor, Rtcam
+
+    broker, connect = acl_broker
+    password_file = workdir / "acl-rtcam.password"
+    password_file.write_text(PASSWORD + "\n")
+    observer_mon = Monitor(broker.port, login=("e2e-observer", PASSWORD))
+    cam = Rtcam(
+        workdir,
+        "camera-01",
+        broker.port,
+        observer_mon,
+        mqtt__username="rtcam-camera-01",
+        mqtt__password_file=str(password_file),
+        homeassistant__enabled=True,
+    )
+    cam.start()
+    try:
+        async def stream():
+            viewer_module.broker_login = ("rtcam-viewer", PASSWORD)
+            v = viewer_module.Viewer(HOST, broker.port, cam.device)
+            try:
+                await v.start(timeout=20)
+                await v.wait_frames(30, 10)
+                return len(v.frames)
+            finally:
+                viewer_module.broker_login = None
+                await v.close(send_bye=True)
+
+        frames = asyncio.run(asyncio.wait_for(stream(), 60))
+        assert frames >= 30
+        # Only accounts the template lets write the status can forge it; the writer stands in
+        # for a compromised one. rtcam reads its status back and repairs it.
+        writer = connect("e2e-writer", mqtt.MQTTv311)
+        assert writer.connected() == 0
+        forged = {"v": 1, "status": "offline", "device": cam.device, "protocol": 1}
+        t0 = time.time() * 1000
+        info = writer.client.publish(f"{DEV}/status", json.dumps(forged), qos=1, retain=True)
+        info.wait_for_publish(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            seen = [m for _, m in observer_mon.messages(f"{DEV}/status", since_ms=t0)]
+            if forged in seen and seen[-1].get("status") == "online":
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the forged status was not repaired: {seen}")
+        log = tail(cam.log_path, 0, 400)
+        assert "refused a subscription" not in log, log
+    finally:
+        cam.stop()
+        observer_mon.close()

@@ -136,11 +136,20 @@ def rtc_configuration() -> RTCConfiguration:
 class MqttLink:
     """A paho client whose acks and messages are delivered to an asyncio loop."""
 
-    def __init__(self, host: str, port: int, client_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        loop: asyncio.AbstractEventLoop,
+        login: tuple[str, str] | None = None,
+    ):
         self.host, self.port, self.loop = host, port, loop
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
         )
+        if login is not None:
+            self.client.username_pw_set(*login)
         self._lock = threading.Lock()
         self._acks: dict[tuple[str, int], asyncio.Future] = {}
         self._early: set[tuple[str, int]] = set()
@@ -263,6 +272,8 @@ class ViewerAuth:
 
 # Set by the tests' conftest: device id -> the auth a Viewer uses when given none.
 default_auth: Callable[[str], ViewerAuth | None] | None = None
+# The broker login viewers use ((username, password), None: anonymous), for ACL tests.
+broker_login: tuple[str, str] | None = None
 
 
 class ViewerError(Exception):
@@ -520,7 +531,7 @@ class Viewer:
         self._dc_open = asyncio.Event()
         self._frame_event = asyncio.Event()
         self._msg_event = asyncio.Event()
-        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop)
+        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop, broker_login)
         await self.mqtt.connect()
         if self.auth is not None and self.device_key is None:
             await self._learn_device_key(timeout)
