@@ -79,6 +79,8 @@ async fn run_tracked(
     cancel: &CancellationToken,
     transport_stop: &CancellationToken,
 ) -> Result<()> {
+    // Everything `check-config` checks, first: a bad file fails the start naming its key.
+    crate::preflight::check(config, crate::preflight::Files::Check)?;
     let topics = settings::topics(config);
     // Signed mode's identity key is loaded (created on first start) before anything starts.
     let device_key = crate::identity::load_for_start(&config.auth)?.map(Arc::new);
