@@ -27,6 +27,11 @@ pub(crate) const PACKET_HEADROOM: usize = 4096;
 /// Publishes and subscribes queued for the event loop at most; beyond that publishing is
 /// refused (counted and logged) instead of blocking the caller.
 const REQUEST_QUEUE: usize = 1024;
+/// QoS 1 publishes in flight at once. rumqttc's v5 client allocates a slot per possible
+/// packet id up front and defaults to all 65,535 (about 14 MB of heap before the first
+/// message); rtcam's QoS 1 traffic is its retained status, state and discovery, so the
+/// v4 client's default of 100 is plenty.
+const OUTGOING_INFLIGHT: u16 = 100;
 
 /// Connection settings, resolved from the config (secrets already read from their files).
 #[derive(Clone)]
@@ -135,6 +140,7 @@ pub(crate) fn connect(settings: &MqttSettings) -> (MqttHandle, EventLoop) {
     options
         .set_keep_alive(settings.keep_alive)
         .set_clean_start(true)
+        .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
         .set_max_packet_size(Some(
             u32::try_from(settings.max_incoming_packet).unwrap_or(u32::MAX),
         ))
