@@ -36,6 +36,9 @@ pub(crate) struct DeviceState {
     pub camera_error: Option<String>,
     /// The H.264 encoder (backend, device, input, why, fallback); `null` until capture ran.
     pub encoder: Option<crate::media::video_encoder::EncoderStatus>,
+    /// The stream's H.264 profile and level as an SDP `profile-level-id` (e.g. `42c01f`);
+    /// `null` while the camera's own H.264 has not been read yet.
+    pub profile_level_id: Option<String>,
     pub uptime_s: u64,
 }
 
@@ -99,6 +102,7 @@ impl StateReader {
             controls: status.controls,
             camera_error: status.camera_error,
             encoder: status.encoder,
+            profile_level_id: status.h264.map(|h| h.profile_level_id()),
             uptime_s: self.started.elapsed().as_secs(),
         }
     }
@@ -191,6 +195,7 @@ mod tests {
             controls: BTreeMap::from([("brightness".to_string(), 3)]),
             camera_error: None,
             encoder: None,
+            profile_level_id: Some("42c01f".into()),
             uptime_s: 9,
         }
     }
@@ -215,13 +220,15 @@ mod tests {
             "controls",
             "camera_error",
             "encoder",
+            "profile_level_id",
             "uptime_s",
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
         assert_eq!(v["camera_error"], serde_json::Value::Null);
         assert_eq!(v["controls"]["brightness"], 3);
-        assert_eq!(v.as_object().unwrap().len(), 17, "no undocumented fields");
+        assert_eq!(v["profile_level_id"], "42c01f");
+        assert_eq!(v.as_object().unwrap().len(), 18, "no undocumented fields");
     }
 
     #[test]

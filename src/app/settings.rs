@@ -60,6 +60,7 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
         hardware: Some(crate::media::video_encoder::v4l2_opener(
             config.encoder.backend,
         )),
+        camera_h264: false,
     }
 }
 

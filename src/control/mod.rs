@@ -367,6 +367,7 @@ pub(crate) mod testing {
                     },
                     reopen_delay: std::time::Duration::from_millis(50),
                     hardware: None,
+                    camera_h264: false,
                 },
                 Box::new(|p: CaptureParams| {
                     Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))

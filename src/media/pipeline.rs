@@ -18,6 +18,7 @@ use super::source::{
 use super::status::{CounterSnapshot, PipelineCounters, PipelineStatus};
 use super::video_encoder::{EncodeOutcome, HardwareChoice, HardwareOpener, VideoEncoder};
 use crate::log_limit::LogLimiter;
+use crate::protocol::sdp::SentStream;
 
 /// Requests queued to the capture thread (bounded: see [`CONTROL_QUEUE`]).
 enum Request {
@@ -177,6 +178,23 @@ pub(crate) struct PipelineConfig {
     /// Finds and opens a hardware encoder when capture starts (`encoder.backend`); `None`:
     /// openh264 only.
     pub hardware: Option<HardwareOpener>,
+    /// The camera may deliver H.264 itself (`capture.format = "H264"`, or `auto` with
+    /// `prefer_camera_h264`): the stream's profile is unknown until the camera was read.
+    pub camera_h264: bool,
+}
+
+/// What rtcam's encoders will send for this picture size, rate and bitrate: Constrained
+/// Baseline at the lowest H.264 level that allows it (what openh264 writes into its SPS).
+pub(crate) fn encoded_stream(width: u32, height: u32, fps: u32, bitrate: u32) -> SentStream {
+    let demand = super::h264::level::StreamDemand {
+        width,
+        height,
+        fps,
+        bitrate_bps: bitrate,
+    };
+    // Beyond every level: say 5.2, the highest the level table allows at these rates.
+    let idc = super::h264::level::select(demand).map_or(52, |l| l.idc);
+    SentStream::constrained_baseline(idc)
 }
 
 /// Starts the capture/encode thread. It ends when `cancel` fires or every handle is gone;
@@ -196,6 +214,10 @@ pub(crate) fn spawn(
         controls: Default::default(),
         camera_error: None,
         encoder: None,
+        h264: (!config.camera_h264).then(|| {
+            let c = config.capture;
+            encoded_stream(c.width, c.height, c.fps, config.encoder.bitrate)
+        }),
     });
     let counters = Arc::new(PipelineCounters::default());
     let keyframe = Arc::new(AtomicBool::new(false));
@@ -520,12 +542,17 @@ impl Worker {
             height: info.height,
             fps: info.fps,
         };
+        // Until its first keyframe shows the SPS: what the encoder is expected to make.
+        let expected = encoded_stream(info.width, info.height, info.fps, settings.bitrate);
         self.status.send_if_modified(|s| {
-            let changed =
-                s.params != params || s.source.as_ref() != Some(&info) || s.camera_error.is_some();
+            let changed = s.params != params
+                || s.source.as_ref() != Some(&info)
+                || s.camera_error.is_some()
+                || s.h264 != Some(expected);
             s.params = params;
             s.source = Some(info);
             s.camera_error = None;
+            s.h264 = Some(expected);
             changed
         });
         self.running = Some(Running {
@@ -579,6 +606,20 @@ impl Worker {
         }
         self.status
             .send_if_modified(|s| replace(&mut s.encoder, Some(status)));
+    }
+
+    /// Publishes the stream's profile and level as a keyframe's SPS states them.
+    fn stream_seen(&self, access_unit: &[u8]) {
+        if let Some((profile_idc, constraints, level_idc)) =
+            super::h264::annexb::profile_level(access_unit)
+        {
+            let seen = Some(SentStream {
+                profile_idc,
+                constraints,
+                level_idc,
+            });
+            self.status.send_if_modified(|s| replace(&mut s.h264, seen));
+        }
     }
 
     fn stop_capture(&mut self) {
@@ -645,6 +686,9 @@ impl Worker {
             captured_at: meta.captured_at,
             duration: r.frame_duration,
         };
+        if keyframe {
+            self.stream_seen(&frame.data);
+        }
         let d = self.fanout.deliver(&frame);
         self.counters.frames_dropped(d.dropped as u64);
         if d.closed > 0 {
@@ -699,6 +743,7 @@ mod tests {
             },
             reopen_delay,
             hardware: None,
+            camera_h264: false,
         }
     }
 
@@ -835,6 +880,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(first.keyframe, "a new viewer starts at a keyframe");
+        // The stream's profile and level, as its SPS says (openh264: Constrained Baseline).
+        let sps = crate::media::h264::annexb::profile_level(&first.data).unwrap();
+        assert_eq!((sps.0, sps.1), (0x42, 0xc0));
+        wait_for("the SPS in the status", || {
+            status
+                .borrow()
+                .h264
+                .map(|h| (h.profile_idc, h.constraints, h.level_idc))
+                == Some(sps)
+        })
+        .await;
         let second = rx.recv().await.unwrap();
         assert!(second.seq > first.seq);
         assert!(status.borrow().capturing);

@@ -28,6 +28,9 @@ pub(crate) struct PipelineStatus {
     pub camera_error: Option<String>,
     /// The H.264 encoder in use (once capture ran).
     pub encoder: Option<super::video_encoder::EncoderStatus>,
+    /// The H.264 stream viewers get (profile and level, from its SPS once it flowed; until
+    /// then what the encoder will make). None while the camera's own H.264 has not been read.
+    pub h264: Option<crate::protocol::sdp::SentStream>,
 }
 
 /// Counters the capture thread bumps every frame. Private atomics: readers take a

@@ -258,6 +258,16 @@ pub fn sps_id(nal: &[u8], offset: usize) -> Result<u32, AnnexBError> {
     Ok(id)
 }
 
+/// (`profile_idc`, constraint_set flags, `level_idc`) of the first SPS in an Annex-B access
+/// unit: what an SDP `profile-level-id` says about the stream. None without a (readable) SPS.
+pub fn profile_level(access_unit: &[u8]) -> Option<(u8, u8, u8)> {
+    let nals = split(access_unit).ok()?;
+    let (offset, sps) = nals.into_iter().find(|(_, n)| n[0] & 0x1F == 7)?;
+    let mut r = RbspReader::new(&sps[1..], offset, "SPS");
+    let mut byte = || r.bits(8).ok().map(|b| b as u8);
+    Some((byte()?, byte()?, byte()?))
+}
+
 /// (`pic_parameter_set_id`, `seq_parameter_set_id`) of a PPS NAL unit.
 pub fn pps_ids(nal: &[u8], offset: usize) -> Result<(u32, u32), AnnexBError> {
     let what = "PPS";
@@ -482,6 +492,16 @@ pub(crate) mod tests {
             parse_access_unit(&middle),
             Err(AnnexBError::MissingFirstSlice { first_mb: 5, .. })
         ));
+    }
+
+    #[test]
+    fn profile_and_level_come_from_the_sps() {
+        let stream = encoded_stream(2, 60);
+        // openh264: Constrained Baseline (constraint_set0 and 1), level 1.2 at 160x96.
+        assert_eq!(profile_level(&stream[0]), Some((0x42, 0xc0, 12)));
+        assert_eq!(profile_level(&stream[1]), None, "a P picture has no SPS");
+        assert_eq!(profile_level(&[0, 0, 1, 0x67, 0x64]), None, "truncated");
+        assert_eq!(profile_level(b"garbage"), None);
     }
 
     #[test]
