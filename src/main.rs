@@ -42,6 +42,12 @@ enum Command {
         /// Fail when the frames have not arrived within this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Tests: after this many frames a second subscriber joins, as a new viewer does,
+        /// and records to --join-output (its preroll from the GOP cache included).
+        #[arg(long, hide = true, requires = "join_output")]
+        join_at: Option<u64>,
+        #[arg(long, hide = true, requires = "join_at")]
+        join_output: Option<PathBuf>,
     },
     /// List the cameras, media-controller pipelines and encoders found here, and which camera
     /// format and encoder the configuration makes rtcam use, and why.
@@ -143,6 +149,8 @@ fn main() -> ExitCode {
             output,
             controls,
             timeout,
+            join_at,
+            join_output,
         } => record(
             config,
             rtcam::record::RecordOptions {
@@ -150,6 +158,12 @@ fn main() -> ExitCode {
                 output,
                 controls,
                 timeout: std::time::Duration::from_secs(timeout),
+                join: join_at.zip(join_output).map(|(after_frames, output)| {
+                    rtcam::record::JoinOptions {
+                        after_frames,
+                        output,
+                    }
+                }),
             },
         ),
     }

@@ -30,6 +30,9 @@ pub(crate) struct DeviceState {
     pub frames_encoded: u64,
     pub frames_dropped: u64,
     pub bytes_copied_per_frame: u64,
+    /// Camera frames that could not be used (flagged by the driver, corrupt, truncated, or
+    /// in passthrough referring to a frame the driver lost), since the start.
+    pub frames_corrupt: u64,
     /// Last known control values (filled once controls were listed or set).
     pub controls: BTreeMap<String, i64>,
     /// Why the camera cannot be used right now; `null` while it works (or was not needed yet).
@@ -99,6 +102,7 @@ impl StateReader {
             frames_encoded: counters.frames_encoded,
             frames_dropped: counters.frames_dropped,
             bytes_copied_per_frame: counters.bytes_copied_per_frame,
+            frames_corrupt: counters.frames_corrupt,
             controls: status.controls,
             camera_error: status.camera_error,
             encoder: status.encoder,
@@ -192,6 +196,7 @@ mod tests {
             frames_encoded: 42,
             frames_dropped: 0,
             bytes_copied_per_frame: 0,
+            frames_corrupt: 0,
             controls: BTreeMap::from([("brightness".to_string(), 3)]),
             camera_error: None,
             encoder: None,
@@ -217,6 +222,7 @@ mod tests {
             "frames_encoded",
             "frames_dropped",
             "bytes_copied_per_frame",
+            "frames_corrupt",
             "controls",
             "camera_error",
             "encoder",
@@ -228,7 +234,7 @@ mod tests {
         assert_eq!(v["camera_error"], serde_json::Value::Null);
         assert_eq!(v["controls"]["brightness"], 3);
         assert_eq!(v["profile_level_id"], "42c01f");
-        assert_eq!(v.as_object().unwrap().len(), 18, "no undocumented fields");
+        assert_eq!(v.as_object().unwrap().len(), 19, "no undocumented fields");
     }
 
     #[test]
