@@ -89,7 +89,8 @@ pub struct Summary {
     /// referring to a frame the driver lost).
     pub frames_corrupt: u64,
     /// This process's CPU time (all threads: capture, encoding, writing the file) per frame
-    /// written, milliseconds.
+    /// once frames flow (from the first frame written to the last), milliseconds: opening the
+    /// camera, and in passthrough waiting for the first IDR, are not in it.
     pub cpu_ms_per_frame: f64,
     /// The stream's H.264 profile and level (`profile-level-id`).
     pub profile_level_id: Option<String>,
@@ -187,7 +188,6 @@ pub async fn record(
     let file = std::fs::File::create(&options.output)
         .with_context(|| format!("creating {}", options.output.display()))?;
     let mut out = std::io::BufWriter::new(file);
-    let cpu_at_start = process_cpu_time();
     let pipeline_cancel = cancel.child_token();
     let (handle, thread) = pipeline::spawn(
         pipeline_config(config),
@@ -242,6 +242,8 @@ pub async fn record(
         let mut last_arrival: Option<Instant> = None;
         let mut joined: Option<Joined> = None;
         let mut last_seq = 0;
+        // CPU time and frames written when the first frame was written.
+        let mut cpu_from: Option<(Duration, u64)> = None;
         while summary.frames < options.frames {
             if joined.is_none()
                 && let Some(j) = options.join.as_ref().filter(|j| summary.frames >= j.after_frames)
@@ -318,6 +320,14 @@ pub async fn record(
                 .count() as u64;
             summary.bytes_written += bytes;
             last_seq = frame.seq;
+            match cpu_from {
+                None => cpu_from = Some((process_cpu_time(), summary.frames)),
+                Some((cpu, frames)) => {
+                    let cpu = process_cpu_time().saturating_sub(cpu);
+                    let n = (summary.frames - frames).max(1);
+                    summary.cpu_ms_per_frame = cpu.as_secs_f64() * 1000.0 / n as f64;
+                }
+            }
         }
         summary.complete = summary.frames >= options.frames;
         summary.duration_ms = started.elapsed().as_millis() as u64;
@@ -356,8 +366,6 @@ pub async fn record(
     summary.bytes_copied_per_frame = counters.bytes_copied_per_frame;
     summary.source_errors = counters.source_errors;
     summary.frames_corrupt = counters.frames_corrupt;
-    let cpu = process_cpu_time().saturating_sub(cpu_at_start);
-    summary.cpu_ms_per_frame = cpu.as_secs_f64() * 1000.0 / summary.frames.max(1) as f64;
     Ok(summary)
 }
 
