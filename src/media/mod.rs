@@ -8,7 +8,7 @@ pub mod frame;
 pub(crate) mod h264;
 pub(crate) mod m2m;
 pub mod mjpeg;
-pub(crate) mod passthrough;
+pub mod passthrough;
 pub mod pattern;
 pub(crate) mod pipeline;
 pub(crate) mod range;

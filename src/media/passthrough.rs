@@ -174,6 +174,49 @@ impl CameraStream {
     }
 }
 
+/// The capture thread's own work per access unit in passthrough, with no camera: the copy out
+/// of the buffer, the checks, SPS/PPS in front of IDRs and the GOP cache. For the benchmark.
+pub struct PassthroughStage(CameraStream);
+
+impl PassthroughStage {
+    pub fn new(cache_bytes: usize, frame_duration: Duration) -> Self {
+        Self(CameraStream {
+            passthrough: Passthrough::default(),
+            cache: GopCache::new(cache_bytes),
+            status: EncoderStatus {
+                backend: "camera",
+                device: None,
+                input: "passthrough",
+                reason: "no camera (benchmark)".into(),
+                fallback: None,
+                keyframes_unavailable: None,
+            },
+            stream: SentStream {
+                profile_idc: 0,
+                constraints: 0,
+                level_idc: 0,
+            },
+            frame_duration,
+            forced_at: None,
+            lost: false,
+        })
+    }
+
+    /// One camera buffer holding `data`: what goes to viewers, if anything.
+    pub fn push(&mut self, data: &[u8], seq: u64) -> Option<Bytes> {
+        match self
+            .0
+            .accept(Bytes::copy_from_slice(data), seq, Instant::now(), 0)
+        {
+            Outcome::Frame { frame, .. } => {
+                self.0.sent(&frame);
+                Some(frame.data)
+            }
+            Outcome::Kept | Outcome::Dropped { .. } => None,
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
