@@ -166,6 +166,9 @@ pub struct EncodedFrame {
     pub captured_at: std::time::Instant,
     /// Nominal frame duration, used for RTP timestamps.
     pub duration: std::time::Duration,
+    /// For a viewer's first frame only: the frames it needs before this one (the last IDR and
+    /// what followed, from the GOP cache), to be sent first, at once.
+    pub preroll: Option<std::sync::Arc<[EncodedFrame]>>,
 }
 
 #[cfg(test)]

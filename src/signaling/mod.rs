@@ -163,9 +163,10 @@ impl Owner {
 
     fn on_message(&mut self, id: &SessionId, payload: &[u8]) {
         let now_ms = crate::outbound::unix_ms();
+        let stream = self.deps.pipeline.status().borrow().h264;
         match self
             .registry
-            .on_message(id, payload, Instant::now(), now_ms)
+            .on_message(id, payload, stream, Instant::now(), now_ms)
         {
             Decision::Reject(r) => self.reject(id, &r),
             Decision::Start {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::protocol::auth::{Grant, ReplayCache, Verifier};
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
-use crate::protocol::sdp::{CheckedOffer, check_offer};
+use crate::protocol::sdp::{CheckedOffer, SentStream, check_offer};
 use crate::protocol::signal::{
     ErrorCode, IceCandidate, Limits, Ref, Rejection, ViewerMessage, parse_viewer_message,
 };
@@ -114,10 +114,13 @@ impl Registry {
 
     /// Handles a payload that arrived on `<base>/session/<id>/in` at `now` (`now_ms`: the
     /// wall clock, Unix milliseconds, for signed mode's freshness and expiry checks).
+    /// `stream`: the H.264 stream rtcam sends (offers are checked against it), `None` while
+    /// it is not known yet (the camera's own H.264 before rtcam has read its SPS).
     pub fn on_message(
         &mut self,
         id: &SessionId,
         payload: &[u8],
+        stream: Option<SentStream>,
         now: Instant,
         now_ms: u64,
     ) -> Decision {
@@ -125,7 +128,10 @@ impl Registry {
             Ok(opened) => opened,
             Err(r) => return Decision::Reject(r),
         };
-        match (self.handle(id, message, grant, now, now_ms), reference) {
+        match (
+            self.handle(id, message, grant, stream, now, now_ms),
+            reference,
+        ) {
             // An error about a verified message names it, so its sender knows it is theirs.
             (Decision::Reject(r), Some(sig)) => Decision::Reject(r.about(Ref::Sig(sig))),
             (d, _) => d,
@@ -182,11 +188,12 @@ impl Registry {
         id: &SessionId,
         message: ViewerMessage,
         grant: Option<Grant>,
+        stream: Option<SentStream>,
         now: Instant,
         now_ms: u64,
     ) -> Decision {
         match message {
-            ViewerMessage::Offer { sdp } => self.on_offer(id, sdp, grant, now, now_ms),
+            ViewerMessage::Offer { sdp } => self.on_offer(id, sdp, grant, stream, now, now_ms),
             ViewerMessage::Candidate(candidate) => {
                 let Some(entry) = self
                     .sessions
@@ -228,6 +235,7 @@ impl Registry {
         id: &SessionId,
         sdp: String,
         grant: Option<Grant>,
+        stream: Option<SentStream>,
         now: Instant,
         now_ms: u64,
     ) -> Decision {
@@ -239,7 +247,13 @@ impl Registry {
             };
             return Decision::Reject(Rejection::new(ErrorCode::SessionExists, why));
         }
-        let offer = match check_offer(&sdp) {
+        let Some(stream) = stream else {
+            return Decision::Reject(Rejection::new(
+                ErrorCode::Busy,
+                "the camera's H.264 profile is not known yet (rtcam reads it from the camera's first SPS); retry in a moment",
+            ));
+        };
+        let offer = match check_offer(&sdp, &stream) {
             Ok(o) => o,
             Err(r) => return Decision::Reject(r),
         };
@@ -400,6 +414,35 @@ mod tests {
         msg(json!({"v":1,"type":"offer","sdp":SDP}))
     }
 
+    /// What openh264 sends at 720p30.
+    const CB: Option<SentStream> = Some(SentStream::constrained_baseline(0x1f));
+
+    #[test]
+    fn offers_wait_until_the_stream_is_known_and_are_checked_against_it() {
+        let mut r = reg(4, 8);
+        let t = Instant::now();
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), None, t, 0)),
+            ErrorCode::Busy,
+            "the camera's own H.264 before its SPS was read"
+        );
+        assert_eq!(r.len(), 0);
+        // The offer names Constrained Baseline only: a High camera is refused with bad-sdp.
+        let high = Some(SentStream {
+            profile_idc: 0x64,
+            constraints: 0,
+            level_idc: 0x28,
+        });
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), high, t, 0)),
+            ErrorCode::BadSdp
+        );
+        assert!(matches!(
+            r.on_message(&sid("a"), &offer(), CB, t, 0),
+            Decision::Start { .. }
+        ));
+    }
+
     fn cand() -> Vec<u8> {
         msg(json!({"v":1,"type":"candidate","candidate":null}))
     }
@@ -420,7 +463,7 @@ mod tests {
         id: &str,
         now: Instant,
     ) -> (SessionKey, Option<(SessionId, SessionKey)>) {
-        match r.on_message(&sid(id), &offer(), now, 0) {
+        match r.on_message(&sid(id), &offer(), CB, now, 0) {
             Decision::Start { key, evict, .. } => (key, evict),
             other => panic!("expected start, got {other:?}"),
         }
@@ -433,7 +476,7 @@ mod tests {
         let (key, evict) = start(&mut r, "a", t);
         assert_eq!(evict, None);
         assert_eq!(
-            r.on_message(&sid("a"), &cand(), t, 0),
+            r.on_message(&sid("a"), &cand(), CB, t, 0),
             Decision::Candidate {
                 key,
                 candidate: None
@@ -455,12 +498,15 @@ mod tests {
         let mut r = reg(2, 2);
         let (key, _) = start(&mut r, "a", t);
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &offer(), t, 0)),
+            rejected(r.on_message(&sid("a"), &offer(), CB, t, 0)),
             ErrorCode::SessionExists
         );
-        assert_eq!(r.on_message(&sid("a"), &bye(), t, 0), Decision::End { key });
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &offer(), t, 0)),
+            r.on_message(&sid("a"), &bye(), CB, t, 0),
+            Decision::End { key }
+        );
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), CB, t, 0)),
             ErrorCode::SessionExists
         );
         assert!(r.on_closed(&sid("a"), key));
@@ -474,16 +520,16 @@ mod tests {
         let (a, _) = start(&mut r, "a", t);
         r.on_connected(&sid("a"), a).unwrap();
         assert_eq!(
-            r.on_message(&sid("a"), &bye(), t, 0),
+            r.on_message(&sid("a"), &bye(), CB, t, 0),
             Decision::End { key: a }
         );
         // A second bye, or candidates, for a closing session: unknown.
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &bye(), t, 0)),
+            rejected(r.on_message(&sid("a"), &bye(), CB, t, 0)),
             ErrorCode::UnknownSession
         );
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &cand(), t, 0)),
+            rejected(r.on_message(&sid("a"), &cand(), CB, t, 0)),
             ErrorCode::UnknownSession
         );
         // Another viewer may negotiate, but cannot become a viewer before "a" is closed...
@@ -503,7 +549,7 @@ mod tests {
         let (b, _) = start(&mut r, "b", t);
         assert_eq!(r.on_connected(&sid("a"), a), Ok(()));
         assert_eq!(
-            rejected(r.on_message(&sid("c"), &offer(), t, 0)),
+            rejected(r.on_message(&sid("c"), &offer(), CB, t, 0)),
             ErrorCode::MaxViewers
         );
         // "b" negotiated in parallel and connects second: refused, closing.
@@ -553,17 +599,20 @@ mod tests {
         let (key, _) = start(&mut r, "a", t);
         for _ in 0..MAX_CANDIDATES_PER_SESSION {
             assert!(matches!(
-                r.on_message(&sid("a"), &cand(), t, 0),
+                r.on_message(&sid("a"), &cand(), CB, t, 0),
                 Decision::Candidate { .. }
             ));
         }
         for _ in 0..1000 {
             assert_eq!(
-                rejected(r.on_message(&sid("a"), &cand(), t, 0)),
+                rejected(r.on_message(&sid("a"), &cand(), CB, t, 0)),
                 ErrorCode::TooManyCandidates
             );
         }
-        assert_eq!(r.on_message(&sid("a"), &bye(), t, 0), Decision::End { key });
+        assert_eq!(
+            r.on_message(&sid("a"), &bye(), CB, t, 0),
+            Decision::End { key }
+        );
     }
 
     #[test]
@@ -571,11 +620,11 @@ mod tests {
         let t = Instant::now();
         let mut r = reg(1, 1);
         assert_eq!(
-            rejected(r.on_message(&sid("x"), &cand(), t, 0)),
+            rejected(r.on_message(&sid("x"), &cand(), CB, t, 0)),
             ErrorCode::UnknownSession
         );
         assert_eq!(
-            rejected(r.on_message(&sid("x"), &bye(), t, 0)),
+            rejected(r.on_message(&sid("x"), &bye(), CB, t, 0)),
             ErrorCode::UnknownSession
         );
     }
@@ -593,11 +642,11 @@ mod tests {
             msg(json!({"v":1,"type":"offer","sdp":"v=0\r\nm=audio 9 RTP/AVP 0\r\na=mid:0\r\n"})),
         ] {
             assert!(matches!(
-                r.on_message(&sid("a"), &bad, t, 0),
+                r.on_message(&sid("a"), &bad, CB, t, 0),
                 Decision::Reject(_)
             ));
             assert!(matches!(
-                r.on_message(&sid("b"), &bad, t, 0),
+                r.on_message(&sid("b"), &bad, CB, t, 0),
                 Decision::Reject(_)
             ));
         }
@@ -610,7 +659,7 @@ mod tests {
         let t = Instant::now();
         let mut r = reg(2, 2);
         let (old, _) = start(&mut r, "a", t);
-        r.on_message(&sid("a"), &bye(), t, 0);
+        r.on_message(&sid("a"), &bye(), CB, t, 0);
         assert!(r.on_closed(&sid("a"), old));
         let (new, _) = start(&mut r, "a", t);
         assert_ne!(old, new);
@@ -704,7 +753,7 @@ mod tests {
         fn an_offer_needs_a_signed_envelope_and_a_credential() {
             let t = Instant::now();
             let mut r = reg();
-            let plain = refused(r.on_message(&sid("a"), &offer(), t, NOW_MS));
+            let plain = refused(r.on_message(&sid("a"), &offer(), CB, t, NOW_MS));
             assert_eq!(plain.code, ErrorCode::Unauthorized);
             assert_eq!(
                 plain.reference,
@@ -713,18 +762,18 @@ mod tests {
             );
             let no_cred = signed(&viewer(), "a", NOW_MS, &offer(), None);
             assert_eq!(
-                refused(r.on_message(&sid("a"), &no_cred, t, NOW_MS)).code,
+                refused(r.on_message(&sid("a"), &no_cred, CB, t, NOW_MS)).code,
                 ErrorCode::Unauthorized
             );
             let expired = credential(&viewer(), "cam1", NOW_MS / 1000 - 1);
             let m = signed(&viewer(), "a", NOW_MS, &offer(), Some(&expired));
             assert_eq!(
-                refused(r.on_message(&sid("a"), &m, t, NOW_MS)).code,
+                refused(r.on_message(&sid("a"), &m, CB, t, NOW_MS)).code,
                 ErrorCode::Unauthorized
             );
             let other_device = credential(&viewer(), "cam2", NOW_MS / 1000 + 3600);
             let m = signed(&viewer(), "a", NOW_MS, &offer(), Some(&other_device));
-            let e = refused(r.on_message(&sid("a"), &m, t, NOW_MS));
+            let e = refused(r.on_message(&sid("a"), &m, CB, t, NOW_MS));
             assert_eq!(e.code, ErrorCode::Unauthorized);
             assert!(
                 matches!(e.reference, Ref::Sig(_)),
@@ -739,7 +788,7 @@ mod tests {
                 Some(&good_credential(&viewer())),
             );
             assert_eq!(
-                refused(r.on_message(&sid("a"), &m, t, NOW_MS)).code,
+                refused(r.on_message(&sid("a"), &m, CB, t, NOW_MS)).code,
                 ErrorCode::Unauthorized
             );
             assert_eq!(r.len(), 0, "no session was created");
@@ -752,6 +801,7 @@ mod tests {
             let Decision::Start { admission, .. } = r.on_message(
                 &sid("a"),
                 &signed_offer(&viewer(), "a", NOW_MS),
+                CB,
                 t,
                 NOW_MS + 500,
             ) else {
@@ -773,12 +823,13 @@ mod tests {
             let t = Instant::now();
             let mut r = reg();
             let offer_msg = signed_offer(&viewer(), "a", NOW_MS);
-            let Decision::Start { key, .. } = r.on_message(&sid("a"), &offer_msg, t, NOW_MS) else {
+            let Decision::Start { key, .. } = r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS)
+            else {
                 panic!("offer refused")
             };
             // Injected bye, candidate and offer from another key: refused, with their ref.
             let bye_x = signed(&intruder(), "a", NOW_MS + 1, &bye(), None);
-            let e = refused(r.on_message(&sid("a"), &bye_x, t, NOW_MS + 2));
+            let e = refused(r.on_message(&sid("a"), &bye_x, CB, t, NOW_MS + 2));
             assert_eq!(e.code, ErrorCode::Unauthorized);
             assert_eq!(
                 e.reference,
@@ -786,32 +837,32 @@ mod tests {
             );
             let cand_x = signed(&intruder(), "a", NOW_MS + 1, &cand(), None);
             assert_eq!(
-                refused(r.on_message(&sid("a"), &cand_x, t, NOW_MS + 2)).code,
+                refused(r.on_message(&sid("a"), &cand_x, CB, t, NOW_MS + 2)).code,
                 ErrorCode::Unauthorized
             );
             let offer_x = signed_offer(&intruder(), "a", NOW_MS + 1);
             assert_eq!(
-                refused(r.on_message(&sid("a"), &offer_x, t, NOW_MS + 2)).code,
+                refused(r.on_message(&sid("a"), &offer_x, CB, t, NOW_MS + 2)).code,
                 ErrorCode::Unauthorized
             );
-            let plain_bye = refused(r.on_message(&sid("a"), &bye(), t, NOW_MS + 2));
+            let plain_bye = refused(r.on_message(&sid("a"), &bye(), CB, t, NOW_MS + 2));
             assert_eq!(plain_bye.code, ErrorCode::Unauthorized);
             assert_eq!(r.counts().pending, 1, "the session is untouched");
             // The copied offer itself, replayed: refused as a replay (not an error about the
             // viewer's session, which its viewer would have to act on).
             assert_eq!(
-                refused(r.on_message(&sid("a"), &offer_msg, t, NOW_MS + 2)).code,
+                refused(r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS + 2)).code,
                 ErrorCode::Replayed
             );
             // The viewer's own messages go through.
             let c = signed(&viewer(), "a", NOW_MS + 3, &cand(), None);
             assert!(matches!(
-                r.on_message(&sid("a"), &c, t, NOW_MS + 4),
+                r.on_message(&sid("a"), &c, CB, t, NOW_MS + 4),
                 Decision::Candidate { .. }
             ));
             // Its own second offer (no credential): an error naming it, as in open mode.
             let again = signed(&viewer(), "a", NOW_MS + 5, &offer(), None);
-            let e = refused(r.on_message(&sid("a"), &again, t, NOW_MS + 5));
+            let e = refused(r.on_message(&sid("a"), &again, CB, t, NOW_MS + 5));
             assert_eq!(e.code, ErrorCode::SessionExists);
             assert_eq!(
                 e.reference,
@@ -819,12 +870,12 @@ mod tests {
             );
             let b = signed(&viewer(), "a", NOW_MS + 6, &bye(), None);
             assert_eq!(
-                r.on_message(&sid("a"), &b, t, NOW_MS + 7),
+                r.on_message(&sid("a"), &b, CB, t, NOW_MS + 7),
                 Decision::End { key }
             );
             // Replaying the viewer's bye later: the same signed message again.
             assert_eq!(
-                refused(r.on_message(&sid("a"), &b, t, NOW_MS + 8)).code,
+                refused(r.on_message(&sid("a"), &b, CB, t, NOW_MS + 8)).code,
                 ErrorCode::Replayed
             );
         }
@@ -834,22 +885,23 @@ mod tests {
             let t = Instant::now();
             let mut r = reg();
             let offer_msg = signed_offer(&viewer(), "a", NOW_MS);
-            let Decision::Start { key, .. } = r.on_message(&sid("a"), &offer_msg, t, NOW_MS) else {
+            let Decision::Start { key, .. } = r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS)
+            else {
                 panic!("offer refused")
             };
             assert!(r.on_closed(&sid("a"), key));
             assert_eq!(
-                refused(r.on_message(&sid("a"), &offer_msg, t, NOW_MS + 1000)).code,
+                refused(r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS + 1000)).code,
                 ErrorCode::Replayed
             );
             // On another session's topic the signature does not verify.
             assert_eq!(
-                refused(r.on_message(&sid("b"), &offer_msg, t, NOW_MS + 1000)).code,
+                refused(r.on_message(&sid("b"), &offer_msg, CB, t, NOW_MS + 1000)).code,
                 ErrorCode::Unauthorized
             );
             // Much later (forgotten by the replay cache) it is stale.
             assert_eq!(
-                refused(r.on_message(&sid("a"), &offer_msg, t, NOW_MS + 121_000)).code,
+                refused(r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS + 121_000)).code,
                 ErrorCode::Stale
             );
             assert_eq!(r.len(), 0);
@@ -866,7 +918,7 @@ mod tests {
                 b"garbage",
                 Some(&good_credential(&viewer())),
             );
-            let e = refused(r.on_message(&sid("a"), &junk, t, NOW_MS));
+            let e = refused(r.on_message(&sid("a"), &junk, CB, t, NOW_MS));
             assert_eq!(e.code, ErrorCode::BadJson);
             assert_eq!(
                 e.reference,
@@ -879,12 +931,12 @@ mod tests {
                 &cand(),
                 Some(&good_credential(&viewer())),
             );
-            let e = refused(r.on_message(&sid("b"), &stray, t, NOW_MS));
+            let e = refused(r.on_message(&sid("b"), &stray, CB, t, NOW_MS));
             assert_eq!(e.code, ErrorCode::UnknownSession);
             assert!(matches!(e.reference, Ref::Sig(_)));
             // Oversized: refused before anything is parsed.
             let huge = vec![b' '; 16385];
-            let e = refused(r.on_message(&sid("a"), &huge, t, NOW_MS));
+            let e = refused(r.on_message(&sid("a"), &huge, CB, t, NOW_MS));
             assert_eq!(e.code, ErrorCode::PayloadTooLarge);
             assert_eq!(e.reference, Ref::Unsigned);
         }
@@ -894,14 +946,18 @@ mod tests {
             let t = Instant::now();
             let mut r = reg();
             r.signed.as_mut().unwrap().replay = ReplayCache::new(80, 60_000);
-            let Decision::Start { key, .. } =
-                r.on_message(&sid("a"), &signed_offer(&viewer(), "a", NOW_MS), t, NOW_MS)
-            else {
+            let Decision::Start { key, .. } = r.on_message(
+                &sid("a"),
+                &signed_offer(&viewer(), "a", NOW_MS),
+                CB,
+                t,
+                NOW_MS,
+            ) else {
                 panic!("offer refused")
             };
             for i in 0..u64::from(MAX_CANDIDATES_PER_SESSION) + 500 {
                 let c = signed(&viewer(), "a", NOW_MS + 1 + i, &cand(), None);
-                let d = r.on_message(&sid("a"), &c, t, NOW_MS + 1 + i);
+                let d = r.on_message(&sid("a"), &c, CB, t, NOW_MS + 1 + i);
                 if i < u64::from(MAX_CANDIDATES_PER_SESSION) {
                     assert!(matches!(d, Decision::Candidate { .. }), "{i}: {d:?}");
                 } else {
@@ -912,7 +968,7 @@ mod tests {
             assert_eq!(cached, 1 + MAX_CANDIDATES_PER_SESSION as usize);
             let b = signed(&viewer(), "a", NOW_MS + 1000, &bye(), None);
             assert_eq!(
-                r.on_message(&sid("a"), &b, t, NOW_MS + 1000),
+                r.on_message(&sid("a"), &b, CB, t, NOW_MS + 1000),
                 Decision::End { key }
             );
         }

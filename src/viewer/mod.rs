@@ -287,6 +287,9 @@ impl Driver {
                             setup_ms = self.offered_at.elapsed().as_millis() as u64,
                             "viewer connected"
                         );
+                        if let Some(note) = &self.offer.level_note {
+                            tracing::info!(%note, "streaming above the viewer's declared H.264 level");
+                        }
                         let started = video
                             .as_ref()
                             .ok_or(())
