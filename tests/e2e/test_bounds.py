@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiortc import RTCPeerConnection
 
-from conftest import HOST, PREFIX, record_metric, tail
+from conftest import HOST, PREFIX, device_message, record_metric, tail, viewer_auth
 from viewer import MqttLink, Viewer, ViewerError, rtc_configuration, strip_candidates
 
 MAX_CANDIDATES = 64  # docs/protocol.md §4.2
@@ -76,11 +76,16 @@ async def settled_rss_kib(pid: int, timeout: float = 60) -> tuple[int, float]:
 
 
 async def collector(port: int, name: str, topic: str):
-    """An MQTT client recording every JSON message on `topic` (wildcards allowed)."""
+    """An MQTT client recording every JSON message on `topic` (wildcards allowed); device
+    messages on session `out` topics are opened with the device's pinned key."""
     got: list[tuple[str, dict]] = []
     link = MqttLink(HOST, port, name, asyncio.get_running_loop())
     await link.connect()
-    await link.subscribe(topic, lambda t, p: got.append((t, json_or_raw(p))))
+
+    def record(t, p):
+        got.append((t, device_message(t, p) if t.endswith("/out") else json_or_raw(p)))
+
+    await link.subscribe(topic, record)
     return link, got
 
 
@@ -199,10 +204,11 @@ def test_offers_that_never_connect_do_not_lock_viewers_out(make_rtcam):
         try:
             sdp = await _offer_that_never_connects()
             for i in range(10):
-                await link.publish(
-                    f"{PREFIX}/{cam.device}/session/halfopen-{i}/in",
-                    json.dumps({"v": 1, "type": "offer", "sdp": sdp}),
-                )
+                topic = f"{PREFIX}/{cam.device}/session/halfopen-{i}/in"
+                # Signed offers from a holder of a valid credential (signed mode).
+                signer = Viewer(HOST, cam.broker_port, cam.device)
+                offer = signer.seal({"v": 1, "type": "offer", "sdp": sdp}, topic, cred=True)
+                await link.publish(topic, offer)
             await wait_until(
                 lambda: len({t for t, m in got if m.get("type") in ("answer", "error")}) >= 10,
                 20,
@@ -234,9 +240,10 @@ def test_candidate_flood_on_one_session_stays_bounded(make_rtcam):
             await v.wait_frames(30, 10)
             before, settle_s = await settled_rss_kib(cam.popen.pid)
             for i in range(20_000):
+                # Signed by the session's own viewer: the flood passes verification.
                 await v.mqtt.publish(
                     v.topic_in,
-                    json.dumps({"v": 1, "type": "candidate", "candidate": _host_candidate(i)}),
+                    v.seal({"v": 1, "type": "candidate", "candidate": _host_candidate(i)}),
                     qos=0,
                 )
             expected = 20_000 - MAX_CANDIDATES
@@ -426,7 +433,14 @@ def test_sigterm_with_8_viewers_gives_8_byes_offline_and_a_clean_disconnect(
     byes = [[b.get("reason") for b in v.byes] for v in viewers]
     assert byes == [["shutdown"]] * 8, f"byes per viewer: {byes}"
     status = monitor.latest(cam.topic_status)
-    assert status == {"v": 1, "status": "offline", "device": cam.device, "protocol": 1}, status
+    assert status == {
+        "v": 1,
+        "status": "offline",
+        "device": cam.device,
+        "protocol": 1,
+        "auth": "signed",
+        "key": cam.device_key,
+    }, status
     log = broker.log_path.read_bytes()[log_mark:].decode(errors="replace")
     client = f"rtcam-{cam.device}"
     assert f"Client {client} disconnected." in log, (
