@@ -91,6 +91,7 @@ fn settings(w: usize) -> EncoderSettings {
         },
         fps: 30,
         keyframe_interval: 60,
+        temporal_layers: 3,
     }
 }
 

@@ -48,6 +48,7 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
             bitrate: config.encoder.bitrate,
             fps: config.capture.fps,
             keyframe_interval: config.encoder.keyframe_interval,
+            temporal_layers: config.encoder.temporal_layers as u8,
         },
         capture: CaptureParams {
             width: config.capture.width,

@@ -359,6 +359,7 @@ pub(crate) mod testing {
                         bitrate: 500_000,
                         fps: 30,
                         keyframe_interval: 30,
+                        temporal_layers: 1,
                     },
                     capture: CaptureParams {
                         width: 320,

@@ -1,5 +1,6 @@
-//! Encode-once fan-out: each viewer's bounded queue; a full queue skips that viewer to the next keyframe.
+//! Encode-once fan-out: each viewer's bounded queue; a full queue skips that viewer's frames until they decode again.
 
+use super::continuity::Continuity;
 use super::frame::EncodedFrame;
 
 /// Result of offering a frame to one viewer's queue.
@@ -31,17 +32,21 @@ pub type SubscriberId = u64;
 struct Subscriber<S> {
     id: SubscriberId,
     sink: S,
-    /// Set on join and after an overflow: only a keyframe may be sent next.
-    awaiting_keyframe: bool,
+    /// What this viewer can decode: nothing before its first keyframe; after an overflow,
+    /// nothing of the overflowed frame's layer and above until a lower layer (or, for layer 0,
+    /// the next keyframe) comes by.
+    continuity: Continuity,
 }
 
 /// What one delivery did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Delivery {
     pub sent: usize,
-    /// Frames not delivered to a viewer because its queue was full or it awaits a keyframe.
+    /// Frames not delivered to a viewer because its queue was full or it could not decode it.
     pub dropped: usize,
-    /// Some viewer needs a keyframe: the encoder should produce one soon.
+    /// Some viewer waits for its first keyframe: the encoder should produce one soon. A viewer
+    /// whose queue overflowed does not count: it waits for the next periodic keyframe rather
+    /// than forcing one on every viewer.
     pub keyframe_needed: bool,
     /// Subscribers removed because their queue was closed.
     pub closed: usize,
@@ -67,7 +72,7 @@ impl<S: FrameSink> Fanout<S> {
         self.subscribers.push(Subscriber {
             id,
             sink,
-            awaiting_keyframe: true,
+            continuity: Continuity::default(),
         });
     }
 
@@ -83,27 +88,30 @@ impl<S: FrameSink> Fanout<S> {
         self.subscribers.is_empty()
     }
 
-    /// True when some subscriber waits for a keyframe.
+    /// True when some subscriber waits for its first keyframe.
     pub fn wants_keyframe(&self) -> bool {
-        self.subscribers.iter().any(|s| s.awaiting_keyframe)
+        self.subscribers
+            .iter()
+            .any(|s| s.continuity.waiting_for_first_keyframe())
     }
 
-    /// Offers `frame` to every subscriber.
+    /// Offers `frame` to every subscriber that could decode it.
     pub fn deliver(&mut self, frame: &EncodedFrame) -> Delivery {
         let mut d = Delivery::default();
         self.subscribers.retain_mut(|s| {
-            if s.awaiting_keyframe && !frame.keyframe {
+            if !s.continuity.decodable(frame) {
+                s.continuity.skipped(frame);
                 d.dropped += 1;
                 return true;
             }
             match s.sink.offer(frame) {
                 SinkResult::Sent => {
-                    s.awaiting_keyframe = false;
+                    s.continuity.sent(frame);
                     d.sent += 1;
                     true
                 }
                 SinkResult::Full => {
-                    s.awaiting_keyframe = true;
+                    s.continuity.skipped(frame);
                     d.dropped += 1;
                     true
                 }
@@ -162,12 +170,18 @@ mod tests {
     }
 
     fn frame(seq: u64, keyframe: bool) -> EncodedFrame {
+        layered(seq, keyframe, 0)
+    }
+
+    fn layered(seq: u64, keyframe: bool, temporal_id: u8) -> EncodedFrame {
         EncodedFrame {
             data: Bytes::from_static(b"\0\0\0\x01"),
             keyframe,
             seq,
             captured_at: Instant::now(),
             duration: Duration::from_millis(33),
+            temporal_id,
+            target_bps: 1_000_000,
         }
     }
 
@@ -195,7 +209,12 @@ mod tests {
         f.deliver(&frame(0, true));
         f.deliver(&frame(1, false));
         let d = f.deliver(&frame(2, false)); // slow is full now
-        assert_eq!((d.sent, d.dropped, d.keyframe_needed), (1, 1, true));
+        assert_eq!((d.sent, d.dropped), (1, 1));
+        assert!(
+            !d.keyframe_needed,
+            "a slow viewer waits for the next periodic keyframe: none is forced on everyone"
+        );
+        assert!(!f.wants_keyframe());
         assert_eq!(slow.drain(), vec![0, 1]);
         // Room again, but a P-frame would reference the lost frame 2: skip it.
         let d = f.deliver(&frame(3, false));
@@ -204,6 +223,22 @@ mod tests {
         f.deliver(&frame(5, false));
         assert_eq!(slow.drain(), vec![4, 5]);
         assert_eq!(fast.drain(), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn overflow_on_an_upper_layer_resumes_at_the_next_lower_layer_frame() {
+        let mut f = Fanout::default();
+        let slow = FakeSink::new(2);
+        f.subscribe(1, slow.clone());
+        f.deliver(&layered(0, true, 0));
+        f.deliver(&layered(1, false, 2));
+        f.deliver(&layered(2, false, 1)); // full: layer 1 lost
+        assert_eq!(slow.drain(), vec![0, 1]);
+        f.deliver(&layered(3, false, 2)); // may reference 2: skipped
+        f.deliver(&layered(4, false, 0)); // layer 0 intact
+        f.deliver(&layered(5, false, 2));
+        assert_eq!(slow.drain(), vec![4, 5]);
+        assert!(!f.wants_keyframe());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Media path: frame sources (V4L2, test pattern), pixel conversion, H.264 encoding, fan-out, the capture thread.
 
+pub(crate) mod continuity;
 pub(crate) mod controls;
 pub mod convert;
 pub mod encoder;

@@ -544,8 +544,9 @@ impl Worker {
         if self.fanout.wants_keyframe() | self.keyframe.swap(false, Ordering::Relaxed) {
             r.encoder.request_keyframe();
         }
-        let mut encoded: Option<Result<(bool, CapturedFrame), String>> = None;
+        let mut encoded: Option<Result<(bool, u8, CapturedFrame), String>> = None;
         let (encoder, out, started) = (&mut r.encoder, &mut r.out, r.started);
+        let target_bps = encoder.bitrate();
         let snapshots = &mut self.snapshots;
         r.source.next_frame(&mut |view, meta| {
             if !snapshots.is_empty() {
@@ -559,14 +560,15 @@ impl Worker {
             let ts = meta.captured_at.duration_since(started).as_millis() as u64;
             let result = encoder
                 .encode(view, ts, out)
-                .map(|e| (e.keyframe, meta))
+                .map(|e| (e.keyframe, e.temporal_id, meta))
                 .map_err(|e| e.to_string());
             encoded = Some(result);
         })?;
         let Some(result) = encoded else {
             return Ok(());
         };
-        let (keyframe, meta) = result.map_err(|e| SourceError::BadFrame(format!("encode: {e}")))?;
+        let (keyframe, temporal_id, meta) =
+            result.map_err(|e| SourceError::BadFrame(format!("encode: {e}")))?;
         if r.out.is_empty() {
             return Ok(()); // the encoder skipped this picture
         }
@@ -580,6 +582,8 @@ impl Worker {
             seq: meta.seq,
             captured_at: meta.captured_at,
             duration: r.frame_duration,
+            temporal_id,
+            target_bps,
         };
         let d = self.fanout.deliver(&frame);
         self.counters.frames_dropped(d.dropped as u64);
@@ -627,6 +631,7 @@ mod tests {
                 bitrate: 500_000,
                 fps: 30,
                 keyframe_interval: 30,
+                temporal_layers: 1,
             },
             capture: CaptureParams {
                 width,

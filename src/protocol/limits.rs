@@ -17,6 +17,8 @@ pub const BITRATE: RangeInclusive<u32> = 100_000..=20_000_000;
 pub const BITRATE_STEP: u32 = 100_000;
 /// Frames between forced keyframes (`encoder.keyframe_interval`).
 pub const KEYFRAME_INTERVAL: RangeInclusive<u32> = 1..=3600;
+/// Temporal layers of the stream (`encoder.temporal_layers`; openh264 does up to 4).
+pub const TEMPORAL_LAYERS: RangeInclusive<u32> = 1..=4;
 /// `snapshot` JPEG quality, and its default.
 pub const JPEG_QUALITY: RangeInclusive<u32> = 1..=100;
 pub const DEFAULT_JPEG_QUALITY: u8 = 85;
