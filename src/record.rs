@@ -116,7 +116,7 @@ pub async fn record(
         }
 
         let (tx, mut rx) = mpsc::channel(64);
-        handle.subscribe(1, tx).context("subscribing to the pipeline")?;
+        handle.subscribe(1, tx, None).context("subscribing to the pipeline")?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + options.timeout;
         let mut summary = Summary {

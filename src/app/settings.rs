@@ -58,6 +58,8 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
         // A camera that went away is looked for again every second: it resumes within about
         // a second of coming back.
         reopen_delay: Duration::from_millis(1000),
+        rate_policy: config.webrtc.adaptation,
+        min_bitrate: config.encoder.min_bitrate,
     }
 }
 

@@ -367,6 +367,8 @@ pub(crate) mod testing {
                         fps: 30,
                     },
                     reopen_delay: std::time::Duration::from_millis(50),
+                    rate_policy: false,
+                    min_bitrate: 150_000,
                 },
                 Box::new(|p: CaptureParams| {
                     Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))
@@ -396,6 +398,7 @@ pub(crate) mod testing {
                 StateReader::new(
                     handle,
                     counts,
+                    &crate::state::LinkBoard::default(),
                     StateInfo {
                         max_viewers: 4,
                         source: "test-pattern".into(),

@@ -80,6 +80,10 @@ impl<S: FrameSink> Fanout<S> {
         self.subscribers.retain(|s| s.id != id);
     }
 
+    pub fn contains(&self, id: SubscriberId) -> bool {
+        self.subscribers.iter().any(|s| s.id == id)
+    }
+
     pub fn len(&self) -> usize {
         self.subscribers.len()
     }

@@ -9,6 +9,7 @@ pub mod frame;
 pub mod mjpeg;
 pub mod pattern;
 pub(crate) mod pipeline;
+pub(crate) mod policy;
 pub(crate) mod range;
 pub(crate) mod snapshot;
 pub(crate) mod source;

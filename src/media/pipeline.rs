@@ -1,7 +1,7 @@
 //! The capture/encode thread and its handle: runs the source only while someone needs pictures, encodes once, fans out.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,17 +12,27 @@ use super::controls::{ControlError, ControlInfo};
 use super::encoder::{EncoderSettings, H264Encoder};
 use super::fanout::{Fanout, SubscriberId};
 use super::frame::{EncodedFrame, I420Buffer};
+use super::policy::encoder_target;
 use super::source::{
     CaptureChange, CaptureParams, CapturedFrame, FrameSource, SourceError, SourceOpener,
 };
 use super::status::{CounterSnapshot, PipelineCounters, PipelineStatus};
 use crate::log_limit::LogLimiter;
 
+/// What a viewer can take for video, bits per second, as its session last measured it (0: no
+/// estimate yet). The capture thread reads it for the encoder's target
+/// ([`super::policy::encoder_target`]).
+pub(crate) type UsableRate = Arc<AtomicU32>;
+
+/// The encoder target is reconsidered this often.
+const POLICY_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Requests queued to the capture thread (bounded: see [`CONTROL_QUEUE`]).
 enum Request {
     Subscribe {
         id: SubscriberId,
         sink: mpsc::Sender<EncodedFrame>,
+        usable: Option<UsableRate>,
     },
     Unsubscribe {
         id: SubscriberId,
@@ -98,13 +108,15 @@ impl PipelineHandle {
         })
     }
 
-    /// Starts sending encoded frames to `sink`, from the next keyframe on.
+    /// Starts sending encoded frames to `sink`, from the next keyframe on. With the rate
+    /// policy on, `usable` is what this viewer can take (see [`UsableRate`]).
     pub fn subscribe(
         &self,
         id: SubscriberId,
         sink: mpsc::Sender<EncodedFrame>,
+        usable: Option<UsableRate>,
     ) -> Result<(), PipelineError> {
-        self.try_send(Request::Subscribe { id, sink })
+        self.try_send(Request::Subscribe { id, sink, usable })
     }
 
     /// Never blocks. Should the queue be full, the closed sink is noticed on the next frame.
@@ -159,6 +171,7 @@ impl PipelineHandle {
             .await
     }
 
+    /// Sets `encoder.bitrate`: the encoder's rate, or with the rate policy on its ceiling.
     pub async fn set_bitrate(&self, bps: u32) -> Result<Result<u32, String>, PipelineError> {
         self.request(|reply| Request::SetBitrate { bps, reply })
             .await
@@ -173,6 +186,10 @@ pub(crate) struct PipelineConfig {
     pub capture: CaptureParams,
     /// Wait between attempts to (re)open a failed camera while viewers watch.
     pub reopen_delay: Duration,
+    /// The encoder follows its viewers' usable rates ([`super::policy`]) between
+    /// `min_bitrate` and `encoder.bitrate`; false: it runs at `encoder.bitrate`.
+    pub rate_policy: bool,
+    pub min_bitrate: u32,
 }
 
 /// Starts the capture/encode thread. It ends when `cancel` fires or every handle is gone;
@@ -188,6 +205,7 @@ pub(crate) fn spawn(
         viewers: 0,
         params: config.capture,
         bitrate: config.encoder.bitrate,
+        encoder_bitrate: config.encoder.bitrate,
         source: None,
         controls: Default::default(),
         camera_error: None,
@@ -222,6 +240,8 @@ pub(crate) fn spawn(
                 keyframe,
                 cancel,
                 fanout: Fanout::default(),
+                usable: Vec::new(),
+                next_policy: Instant::now(),
                 running: None,
                 snapshots: Vec::new(),
                 control_ops: Vec::new(),
@@ -251,6 +271,9 @@ struct Worker {
     keyframe: Arc<AtomicBool>,
     cancel: CancellationToken,
     fanout: Fanout<mpsc::Sender<EncodedFrame>>,
+    /// Subscribers' usable rates, for the rate policy.
+    usable: Vec<(SubscriberId, UsableRate)>,
+    next_policy: Instant,
     running: Option<Running>,
     /// Waiting for the next picture.
     snapshots: Vec<oneshot::Sender<Result<I420Buffer, String>>>,
@@ -383,18 +406,26 @@ impl Worker {
 
     fn handle(&mut self, request: Request) -> bool {
         match request {
-            Request::Subscribe { id, sink } => {
+            Request::Subscribe { id, sink, usable } => {
                 self.fanout.subscribe(id, sink);
+                self.usable.retain(|(i, _)| *i != id);
+                if let Some(u) = usable {
+                    self.usable.push((id, u));
+                }
                 self.viewers_changed();
             }
             Request::Unsubscribe { id } => {
                 self.fanout.unsubscribe(id);
+                self.usable.retain(|(i, _)| *i != id);
                 self.viewers_changed();
             }
             Request::SetBitrate { bps, reply } => {
-                let result = match self.running.as_mut() {
-                    Some(r) => r.encoder.set_bitrate(bps).map_err(|e| e.to_string()),
-                    None => Ok(()),
+                let result = if self.config.rate_policy {
+                    // The ceiling: the target follows at once if it is above.
+                    self.config.encoder.bitrate = bps;
+                    self.apply_policy()
+                } else {
+                    self.set_encoder_bitrate(bps)
                 };
                 if result.is_ok() {
                     self.config.encoder.bitrate = bps;
@@ -488,9 +519,52 @@ impl Worker {
             .send_if_modified(|s| replace(&mut s.camera_error, error));
     }
 
-    fn viewers_changed(&self) {
+    fn viewers_changed(&mut self) {
         let n = self.fanout.len() as u32;
         self.status.send_if_modified(|s| replace(&mut s.viewers, n));
+        let fanout = &self.fanout;
+        self.usable.retain(|(id, _)| fanout.contains(*id));
+    }
+
+    /// Gives the running encoder (and the status) a new target.
+    fn set_encoder_bitrate(&mut self, bps: u32) -> Result<(), String> {
+        if let Some(r) = self.running.as_mut() {
+            r.encoder.set_bitrate(bps).map_err(|e| e.to_string())?;
+        }
+        self.status
+            .send_if_modified(|s| replace(&mut s.encoder_bitrate, bps));
+        Ok(())
+    }
+
+    /// The rate policy's target now.
+    fn policy_target(&self) -> u32 {
+        let usable: Vec<Option<u32>> = self
+            .usable
+            .iter()
+            .map(|(_, u)| Some(u.load(Ordering::Relaxed)).filter(|&b| b > 0))
+            .chain(
+                // Viewers that report nothing count as able to take the ceiling.
+                std::iter::repeat_n(None, self.fanout.len().saturating_sub(self.usable.len())),
+            )
+            .collect();
+        encoder_target(
+            &usable,
+            self.config.min_bitrate,
+            self.config.encoder.bitrate,
+        )
+    }
+
+    /// Moves the encoder to the policy's target when it differs by more than 2 % (or sits
+    /// outside the bounds).
+    fn apply_policy(&mut self) -> Result<(), String> {
+        self.next_policy = Instant::now() + POLICY_INTERVAL;
+        let target = self.policy_target();
+        let current = self.status.borrow().encoder_bitrate;
+        let ceiling = self.config.encoder.bitrate;
+        if current > ceiling || u64::from(target.abs_diff(current)) * 50 > u64::from(current) {
+            self.set_encoder_bitrate(target)?;
+        }
+        Ok(())
     }
 
     fn start_capture(&mut self) -> Result<(), SourceError> {
@@ -498,6 +572,11 @@ impl Worker {
         let info = source.info();
         let mut settings = self.config.encoder;
         settings.fps = info.fps;
+        if self.config.rate_policy {
+            settings.bitrate = self.policy_target();
+        }
+        self.status
+            .send_if_modified(|s| replace(&mut s.encoder_bitrate, settings.bitrate));
         let encoder = H264Encoder::new(settings)
             .map_err(|e| SourceError::Unsupported(format!("encoder: {e}")))?;
         tracing::info!(width = info.width, height = info.height, fps = info.fps, format = %info.pixel_format, stride = info.stride, "camera opened");
@@ -537,6 +616,12 @@ impl Worker {
     }
 
     fn capture_one(&mut self) -> Result<(), SourceError> {
+        if self.config.rate_policy
+            && Instant::now() >= self.next_policy
+            && let Err(e) = self.apply_policy()
+        {
+            tracing::debug!(error = %e, "encoder target not applied");
+        }
         // Invariant: called only after start_capture succeeded.
         let Some(r) = self.running.as_mut() else {
             return Ok(());
@@ -639,6 +724,8 @@ mod tests {
                 fps: 30,
             },
             reopen_delay,
+            rate_policy: false,
+            min_bitrate: 150_000,
         }
     }
 
@@ -691,7 +778,7 @@ mod tests {
         );
 
         let (tx, mut rx) = mpsc::channel(8);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap()
@@ -840,7 +927,7 @@ mod tests {
             "idle by design, long after the last progress"
         );
         let (tx, _rx) = mpsc::channel(8);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         wait_for("the capture to get stuck", || {
             !counters.is_idle() && !handle.capture_is_healthy(window)
         })
@@ -875,7 +962,7 @@ mod tests {
         .unwrap();
         let mut status = handle.status();
         let (tx, mut rx) = mpsc::channel(8);
-        handle.subscribe(7, tx).unwrap();
+        handle.subscribe(7, tx, None).unwrap();
         let error = status
             .wait_for(|s| s.camera_error.is_some())
             .await
