@@ -1,4 +1,4 @@
-//! Prints pipeline vs bare-openh264 CPU cost per frame, fps and bytes copied, for I420, YUYV and MJPEG input.
+//! Prints pipeline vs bare-openh264 CPU cost per frame, fps, bytes copied and the conversion's own cost, for I420, YUYV and MJPEG input.
 //!
 //! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs).
 #![allow(unsafe_code)] // libc::clock_gettime for CPU time.
@@ -152,6 +152,27 @@ fn pipeline(buffers: &[Vec<u8>], w: usize, h: usize, input: Input) -> Result {
     )
 }
 
+/// The conversion or decode step alone (no encoder), CPU ms per frame: where the pipeline's
+/// extra time over bare openh264 goes.
+fn conversion_only(buffers: &[Vec<u8>], w: usize, h: usize, input: Input) -> f64 {
+    let mut converter = Converter::default();
+    let mut mjpeg = MjpegDecoder::default();
+    let mut checksum = 0u64;
+    let start_cpu = cpu_time();
+    for buf in buffers {
+        let (view, _) = match input {
+            Input::Yuyv => converter.yuyv(buf, w, h, w * 2).expect("yuyv"),
+            Input::Mjpg => mjpeg.decode(buf, w, h).expect("mjpeg"),
+            Input::I420 => (I420View::from_contiguous(buf, w, h, w).expect("i420"), 0),
+        };
+        // Read one byte per plane so the work cannot be optimised away.
+        checksum += u64::from(view.y[w / 2]) + u64::from(view.u[0]) + u64::from(view.v[0]);
+    }
+    let cpu = cpu_time() - start_cpu;
+    std::hint::black_box(checksum);
+    cpu.as_secs_f64() * 1000.0 / buffers.len() as f64
+}
+
 fn finish(
     n: usize,
     start_cpu: Duration,
@@ -177,7 +198,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(120usize);
     println!(
-        "{:<10} {:<5} {:>9} {:>15} {:>15} {:>7} {:>13} {:>12}",
+        "{:<10} {:<5} {:>9} {:>15} {:>15} {:>7} {:>13} {:>12} {:>12}",
         "size",
         "input",
         "fps",
@@ -185,7 +206,8 @@ fn main() {
         "openh264 ms/f",
         "ratio",
         "copied B/f",
-        "encoded B/f"
+        "encoded B/f",
+        "convert ms/f"
     );
     for (w, h) in [(640, 480), (1280, 720), (1920, 1080)] {
         let pattern = PatternGenerator::new(w, h);
@@ -220,10 +242,11 @@ fn main() {
             let p1 = pipeline(&buffers, w, h, input);
             let b2 = bare(&frames);
             let p2 = pipeline(&buffers, w, h, input);
+            let convert_ms = conversion_only(&buffers, w, h, input);
             let bare_ms = (b1.cpu_per_frame_ms + b2.cpu_per_frame_ms) / 2.0;
             let pipe_ms = (p1.cpu_per_frame_ms + p2.cpu_per_frame_ms) / 2.0;
             println!(
-                "{:<10} {:<5} {:>9.1} {:>15.3} {:>15.3} {:>7.3} {:>13} {:>12}",
+                "{:<10} {:<5} {:>9.1} {:>15.3} {:>15.3} {:>7.3} {:>13} {:>12} {:>12.3}",
                 format!("{w}x{h}"),
                 match input {
                     Input::I420 => "I420",
@@ -236,6 +259,7 @@ fn main() {
                 pipe_ms / bare_ms,
                 p1.bytes_copied,
                 p1.encoded_bytes,
+                convert_ms,
             );
             let _ = b1.encoded_bytes;
         }

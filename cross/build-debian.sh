@@ -36,7 +36,7 @@ step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'build-debian.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages --------------------------------------------------------------------
-PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
+PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake
     libc6-dev-arm64-cross qemu-user-static libclang-dev file binutils-aarch64-linux-gnu)
 if ((!print_env)); then
     # shellcheck source=cross/apt.sh

@@ -92,7 +92,10 @@ config_enum!(
 
 config_enum!(
     /// Pixel format asked of a V4L2 camera.
-    PixelFormatChoice { Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG" }
+    PixelFormatChoice {
+        Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG", Rgb3 = "RGB3",
+        Bgr3 = "BGR3"
+    }
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,9 +114,15 @@ pub struct CaptureConfig {
     pub stride_align: u32,
 }
 
+config_enum!(
+    /// Which H.264 encoder runs.
+    EncoderBackend { Auto = "auto", OpenH264 = "openh264", V4l2 = "v4l2" }
+);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderConfig {
+    pub backend: EncoderBackend,
     pub bitrate: u32,
     pub keyframe_interval: u32,
     pub temporal_layers: u32,
@@ -577,8 +586,8 @@ mod tests {
     fn bad_values_name_key_and_allowed_values() {
         let e = err(Some("[capture]\nsource = \"webcam\"\n"), &[]);
         assert!(e.contains("webcam") && e.contains("test-pattern"), "{e}");
-        let e = err(Some("[capture]\nformat = \"RGB3\"\n"), &[]);
-        assert!(e.contains("RGB3") && e.contains("YUYV"), "{e}");
+        let e = err(Some("[capture]\nformat = \"RGB4\"\n"), &[]);
+        assert!(e.contains("RGB4") && e.contains("YUYV"), "{e}");
         let e = err(Some("[capture]\nwidth = 641\n"), &[]);
         assert!(e.contains("capture.width") && e.contains("even"), "{e}");
         let e = err(Some("[webrtc]\nmax_viewers = 0\n"), &[]);

@@ -43,6 +43,41 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// List the cameras, media-controller pipelines and encoders found here, and which camera
+    /// format and encoder the configuration makes rtcam use, and why.
+    Probe,
+    /// Diagnostic (the VM tests): camera -> V4L2 M2M encoder -> decoder with vicodec (FWHT);
+    /// prints a JSON summary and writes the streams and decoded pictures.
+    #[command(hide = true)]
+    M2mCheck {
+        /// The camera node (single-planar YU12, e.g. vivid).
+        #[arg(long, default_value = "/dev/video0")]
+        camera: PathBuf,
+        /// Picture sizes, one segment each (repeatable), e.g. 640x480.
+        #[arg(long = "size", value_parser = parse_size, required = true)]
+        sizes: Vec<(u32, u32)>,
+        /// Frames per size.
+        #[arg(long, default_value_t = 30)]
+        frames: u32,
+        /// Keyframe interval (V4L2_CID_MPEG_VIDEO_GOP_SIZE).
+        #[arg(long, default_value_t = 10)]
+        gop: u32,
+        /// "dmabuf" (import the camera's buffers) or "mmap" (copy into the encoder's).
+        #[arg(long, default_value = "dmabuf", value_parser = ["dmabuf", "mmap"])]
+        input: String,
+        #[arg(long)]
+        output_dir: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once('x')
+        .ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT"))?;
+    Ok((
+        w.parse().map_err(|e| format!("{s:?}: {e}"))?,
+        h.parse().map_err(|e| format!("{s:?}: {e}"))?,
+    ))
 }
 
 fn main() -> ExitCode {
@@ -65,6 +100,44 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
+        Command::Probe => {
+            print!("{}", rtcam::probe::report(&config));
+            ExitCode::SUCCESS
+        }
+        Command::M2mCheck {
+            camera,
+            sizes,
+            frames,
+            gop,
+            input,
+            output_dir,
+        } => {
+            rtcam::logging::init(&config.log.level, rtcam::config::LogTarget::Stderr);
+            let options = rtcam::m2m_check::CheckOptions {
+                camera,
+                sizes,
+                frames,
+                gop,
+                dmabuf: input == "dmabuf",
+                output_dir,
+            };
+            match rtcam::m2m_check::run(&options) {
+                Ok(summary) => match serde_json::to_string(&summary) {
+                    Ok(line) => {
+                        println!("{line}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("rtcam: cannot print the summary: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("rtcam m2m-check: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Record {
             frames,
             output,

@@ -58,6 +58,8 @@ pub struct Summary {
     /// Camera failures seen (each was reported in the log, and capture was retried).
     pub source_errors: u64,
     pub interruptions: Vec<Interruption>,
+    /// The H.264 encoder that ran (backend, device, input, why, fallback).
+    pub(crate) encoder: Option<crate::media::video_encoder::EncoderStatus>,
     pub first_frame_unix_ms: u64,
     pub last_frame_unix_ms: u64,
     pub duration_ms: u64,
@@ -134,6 +136,7 @@ pub async fn record(
             controls,
             source_errors: 0,
             interruptions: Vec::new(),
+            encoder: None,
             first_frame_unix_ms: 0,
             last_frame_unix_ms: 0,
             duration_ms: 0,
@@ -200,6 +203,7 @@ pub async fn record(
         summary.pixel_format = info.pixel_format;
         summary.stride = info.stride;
     }
+    summary.encoder = status.borrow().encoder.clone();
     let counters = handle.counters();
     summary.bytes_copied_per_frame = counters.bytes_copied_per_frame;
     summary.source_errors = counters.source_errors;
@@ -255,6 +259,8 @@ mod tests {
         assert_eq!((summary.width, summary.height), (320, 240));
         assert_eq!(summary.stride, 320);
         assert_eq!(summary.bytes_copied_per_frame, 0);
+        let encoder = summary.encoder.as_ref().expect("the encoder that ran");
+        assert_eq!(encoder.backend, "openh264");
         assert_eq!(summary.controls.get("brightness"), Some(&-10));
         assert!(summary.keyframes >= 1);
         let data = std::fs::read(&options.output).unwrap();

@@ -37,6 +37,8 @@ pub(crate) struct DeviceState {
     pub controls: BTreeMap<String, i64>,
     /// Why the camera cannot be used right now; `null` while it works (or was not needed yet).
     pub camera_error: Option<String>,
+    /// The H.264 encoder (backend, device, input, why, fallback); `null` until capture ran.
+    pub encoder: Option<crate::media::video_encoder::EncoderStatus>,
     /// Each streaming viewer's link, by anonymized session id (with `webrtc.adaptation`).
     pub links: Vec<ViewerLink>,
     pub uptime_s: u64,
@@ -161,6 +163,7 @@ impl StateReader {
             bytes_copied_per_frame: counters.bytes_copied_per_frame,
             controls: status.controls,
             camera_error: status.camera_error,
+            encoder: status.encoder,
             links: self.links.borrow().values().cloned().collect(),
             uptime_s: self.started.elapsed().as_secs(),
         }
@@ -254,6 +257,7 @@ mod tests {
             bytes_copied_per_frame: 0,
             controls: BTreeMap::from([("brightness".to_string(), 3)]),
             camera_error: None,
+            encoder: None,
             links: vec![ViewerLink {
                 viewer: "9f3a61c2".into(),
                 estimate_bps: 940_000,
@@ -291,6 +295,7 @@ mod tests {
             "bytes_copied_per_frame",
             "controls",
             "camera_error",
+            "encoder",
             "links",
             "uptime_s",
         ] {
@@ -298,7 +303,7 @@ mod tests {
         }
         assert_eq!(v["camera_error"], serde_json::Value::Null);
         assert_eq!(v["controls"]["brightness"], 3);
-        assert_eq!(v.as_object().unwrap().len(), 18, "no undocumented fields");
+        assert_eq!(v.as_object().unwrap().len(), 19, "no undocumented fields");
         let link = &v["links"][0];
         for key in [
             "viewer",

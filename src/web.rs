@@ -64,6 +64,8 @@ impl WebServer {
     pub async fn run(self, cancel: CancellationToken) {
         let root = Arc::new(self.root);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        // Every connection task is joined before `run` returns.
+        let connections = tokio_util::task::TaskTracker::new();
         loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -86,7 +88,7 @@ impl WebServer {
             };
             let root = root.clone();
             let cancel = cancel.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let _permit = permit;
                 tokio::select! {
                     _ = cancel.cancelled() => {}
@@ -98,6 +100,8 @@ impl WebServer {
                 }
             });
         }
+        connections.close();
+        connections.wait().await;
         tracing::debug!("web server stopped");
     }
 }

@@ -42,9 +42,10 @@ die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 # --- System packages ------------------------------------------------------------------
 step "checking system packages"
 missing=()
+# cmake: turbojpeg-sys builds its bundled libjpeg-turbo (MJPEG decoding) with it.
 # chromium: the browser tests (tests/web) drive Debian's /usr/bin/chromium; openssl makes the
 # certificates of the MQTT TLS tests.
-for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config chromium openssl; do
+for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config cmake chromium openssl; do
     status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
     if [[ "$status" != "install ok installed" ]]; then
         missing+=("$pkg")

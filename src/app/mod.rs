@@ -255,7 +255,7 @@ async fn run_tracked(
         .await
         .is_err()
     {
-        tracing::warn!(broker = %mqtt_settings.describe(), "MQTT did not disconnect cleanly within {GOODBYE_TIMEOUT:?}; the broker will publish the last will");
+        tracing::warn!(broker = %mqtt_settings.describe(), "MQTT goodbye not delivered within {GOODBYE_TIMEOUT:?} (broker unreachable?); its last will says offline once it notices");
     }
     // 3. The embedded broker (after our own client left it) and the MQTT task, if stuck.
     transport_stop.cancel();

@@ -60,6 +60,9 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
         reopen_delay: Duration::from_millis(1000),
         rate_policy: config.webrtc.adaptation,
         min_bitrate: config.encoder.min_bitrate,
+        hardware: Some(crate::media::video_encoder::v4l2_opener(
+            config.encoder.backend,
+        )),
     }
 }
 

@@ -369,6 +369,7 @@ pub(crate) mod testing {
                     reopen_delay: std::time::Duration::from_millis(50),
                     rate_policy: false,
                     min_bitrate: 150_000,
+                    hardware: None,
                 },
                 Box::new(|p: CaptureParams| {
                     Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))

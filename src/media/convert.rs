@@ -1,4 +1,5 @@
-//! Pixel conversion into I420 for the encoder: one pass into a reused buffer (YUYV, NV12's chroma).
+//! Pixel conversion into I420 for the encoder: one pass into a reused buffer (YUYV with SSE2/AVX2/NEON kernels bit-exact with the scalar one, NV12's chroma).
+#![allow(unsafe_code)] // SIMD intrinsics: x86 SSE2/AVX2 and aarch64 NEON loads and stores.
 
 use super::frame::{I420Buffer, I420View, ShortBuffer};
 
@@ -15,6 +16,7 @@ pub enum ConvertError {
 #[derive(Debug, Default)]
 pub struct Converter {
     i420: I420Buffer,
+    yuyv_kernel: YuyvKernel,
     u: Vec<u8>,
     v: Vec<u8>,
 }
@@ -47,8 +49,7 @@ impl Converter {
         }
         self.i420.resize(width, height);
         let (cw, ch) = (self.i420.chroma_width(), self.i420.chroma_height());
-        let (y, u, v) = self.i420.planes_mut();
-        yuyv_to_i420(src, width, height, stride, y, u, v);
+        yuyv_to_i420(self.yuyv_kernel, src, stride, &mut self.i420);
         let written = width * height + 2 * cw * ch;
         Ok((self.i420.view(), written))
     }
@@ -96,40 +97,328 @@ impl Converter {
 }
 
 /// YUYV (4:2:2) to I420 in one pass over two lines at a time: luma copied, chroma averaged
-/// over each line pair (4:2:0 siting between the lines). Handles padded lines.
-fn yuyv_to_i420(
-    src: &[u8],
-    width: usize,
-    height: usize,
-    stride: usize,
-    y: &mut [u8],
-    u: &mut [u8],
-    v: &mut [u8],
-) {
-    let cw = width.div_ceil(2);
+/// over each line pair (4:2:0 siting between the lines) as `(a + b + 1) >> 1`, which is what
+/// SSE2's `pavgb` and NEON's `urhadd` compute, so every kernel gives the same bytes. Handles
+/// padded lines (`stride` > 2 * `width`).
+/// `out` is already sized to the picture.
+fn yuyv_to_i420(kernel: YuyvKernel, src: &[u8], stride: usize, out: &mut I420Buffer) {
+    let (width, height, cw) = (out.width, out.height, out.chroma_width());
+    let (y, u, v) = out.planes_mut();
     let pairs = width / 2;
     for crow in 0..height.div_ceil(2) {
         let r0 = 2 * crow;
-        // An odd last line pairs with itself.
-        let r1 = (r0 + 1).min(height - 1);
         let a = &src[r0 * stride..r0 * stride + pairs * 4];
-        let b = &src[r1 * stride..r1 * stride + pairs * 4];
         let (y0, rest) = y[r0 * width..].split_at_mut(width);
         let uo = &mut u[crow * cw..crow * cw + pairs];
         let vo = &mut v[crow * cw..crow * cw + pairs];
-        for (i, (qa, qb)) in a.chunks_exact(4).zip(b.chunks_exact(4)).enumerate() {
-            y0[2 * i] = qa[0];
-            y0[2 * i + 1] = qa[2];
-            uo[i] = ((u16::from(qa[1]) + u16::from(qb[1]) + 1) >> 1) as u8;
-            vo[i] = ((u16::from(qa[3]) + u16::from(qb[3]) + 1) >> 1) as u8;
-        }
-        if r1 != r0 {
+        if r0 + 1 < height {
+            let r1 = r0 + 1;
+            let b = &src[r1 * stride..r1 * stride + pairs * 4];
             let y1 = &mut rest[..width];
-            for (i, qb) in b.chunks_exact(4).enumerate() {
-                y1[2 * i] = qb[0];
-                y1[2 * i + 1] = qb[2];
+            let done = kernel.line_pair(a, b, y0, y1, uo, vo);
+            yuyv_line_pair_scalar(
+                &a[done * 4..],
+                &b[done * 4..],
+                &mut y0[done * 2..],
+                Some(&mut y1[done * 2..]),
+                &mut uo[done..],
+                &mut vo[done..],
+            );
+        } else {
+            // An odd last line pairs with itself: one line, scalar is enough.
+            yuyv_line_pair_scalar(a, a, y0, None, uo, vo);
+        }
+    }
+}
+
+/// Two YUYV lines `a` and `b` (`pairs` * 4 bytes) to their luma lines and one averaged
+/// chroma line each for U and V; `y1` is None when `b` is `a` repeated (odd last line).
+fn yuyv_line_pair_scalar(
+    a: &[u8],
+    b: &[u8],
+    y0: &mut [u8],
+    y1: Option<&mut [u8]>,
+    u: &mut [u8],
+    v: &mut [u8],
+) {
+    for (i, (qa, qb)) in a.chunks_exact(4).zip(b.chunks_exact(4)).enumerate() {
+        y0[2 * i] = qa[0];
+        y0[2 * i + 1] = qa[2];
+        u[i] = ((u16::from(qa[1]) + u16::from(qb[1]) + 1) >> 1) as u8;
+        v[i] = ((u16::from(qa[3]) + u16::from(qb[3]) + 1) >> 1) as u8;
+    }
+    if let Some(y1) = y1 {
+        for (i, qb) in b.chunks_exact(4).enumerate() {
+            y1[2 * i] = qb[0];
+            y1[2 * i + 1] = qb[2];
+        }
+    }
+}
+
+/// The vector code a [`Converter`] uses for YUYV, chosen once from what the CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum YuyvKernel {
+    /// Plain Rust: other architectures, and the reference the tests compare against.
+    #[cfg_attr(
+        any(target_arch = "x86_64", target_arch = "aarch64"),
+        allow(dead_code, reason = "only the tests choose it where SIMD exists")
+    )]
+    Scalar,
+    /// Baseline on x86_64: 32 pixels of two lines per step.
+    #[cfg(target_arch = "x86_64")]
+    Sse2,
+    /// x86_64 with AVX2 (runtime-detected): 64 pixels of two lines per step.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// Baseline on aarch64: 32 pixels of two lines per step.
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+impl Default for YuyvKernel {
+    fn default() -> Self {
+        Self::detect()
+    }
+}
+
+impl YuyvKernel {
+    /// The fastest kernel this CPU runs.
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Self::Avx2;
+            }
+            Self::Sse2
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            Self::Neon
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            Self::Scalar
+        }
+    }
+
+    /// Every kernel this CPU runs, scalar first (for the tests and the benchmark).
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut all = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            all.push(Self::Sse2);
+            if std::arch::is_x86_feature_detected!("avx2") {
+                all.push(Self::Avx2);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        all.push(Self::Neon);
+        all
+    }
+
+    /// Converts the leading whole vector steps of a line pair (see
+    /// [`yuyv_line_pair_scalar`]) and returns how many pixel pairs it did; the caller
+    /// finishes the tail with the scalar code.
+    fn line_pair(
+        self,
+        a: &[u8],
+        b: &[u8],
+        y0: &mut [u8],
+        y1: &mut [u8],
+        u: &mut [u8],
+        v: &mut [u8],
+    ) -> usize {
+        match self {
+            Self::Scalar => 0,
+            // SAFETY: SSE2 is part of the x86_64 baseline: every x86_64 CPU has it.
+            #[cfg(target_arch = "x86_64")]
+            Self::Sse2 => unsafe { simd_x86::line_pair_sse2(a, b, y0, y1, u, v) },
+            // SAFETY: `Avx2` is only chosen after `is_x86_feature_detected!("avx2")`.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { simd_x86::line_pair_avx2(a, b, y0, y1, u, v) },
+            // SAFETY: NEON (Advanced SIMD) is part of the aarch64 baseline.
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon => unsafe { simd_neon::line_pair_neon(a, b, y0, y1, u, v) },
+        }
+    }
+}
+
+/// SSE2 (x86_64 baseline) and AVX2 line-pair kernels. In a 16-bit lane of YUYV data the low
+/// byte is luma and the high byte chroma (U or V, alternating lane by lane), so luma is
+/// `lane & 0xFF` and chroma `lane >> 8`, each narrowed with `packus`.
+#[cfg(target_arch = "x86_64")]
+mod simd_x86 {
+    use std::arch::x86_64::*;
+
+    /// 32 pixels (64 bytes of each line) per step.
+    #[target_feature(enable = "sse2")]
+    pub(super) fn line_pair_sse2(
+        a: &[u8],
+        b: &[u8],
+        y0: &mut [u8],
+        y1: &mut [u8],
+        u: &mut [u8],
+        v: &mut [u8],
+    ) -> usize {
+        let lo = _mm_set1_epi16(0x00FF);
+        let mut steps = 0;
+        for (((((qa, qb), ya), yb), uo), vo) in a
+            .chunks_exact(64)
+            .zip(b.chunks_exact(64))
+            .zip(y0.chunks_exact_mut(32))
+            .zip(y1.chunks_exact_mut(32))
+            .zip(u.chunks_exact_mut(16))
+            .zip(v.chunks_exact_mut(16))
+        {
+            let la = load4(qa);
+            let lb = load4(qb);
+            let luma = |x: [__m128i; 4]| {
+                [
+                    _mm_packus_epi16(_mm_and_si128(x[0], lo), _mm_and_si128(x[1], lo)),
+                    _mm_packus_epi16(_mm_and_si128(x[2], lo), _mm_and_si128(x[3], lo)),
+                ]
+            };
+            store(ya, &luma(la));
+            store(yb, &luma(lb));
+            // Averaging whole lanes also averages luma, which is then dropped; chroma is
+            // the high byte, rounded up like the scalar `(a + b + 1) >> 1`.
+            let c: [__m128i; 4] =
+                std::array::from_fn(|i| _mm_srli_epi16(_mm_avg_epu8(la[i], lb[i]), 8));
+            // U0 V0 U1 V1 ... as bytes; as 16-bit lanes U is low, V high.
+            let uv01 = _mm_packus_epi16(c[0], c[1]);
+            let uv23 = _mm_packus_epi16(c[2], c[3]);
+            let uu = _mm_packus_epi16(_mm_and_si128(uv01, lo), _mm_and_si128(uv23, lo));
+            let vv = _mm_packus_epi16(_mm_srli_epi16(uv01, 8), _mm_srli_epi16(uv23, 8));
+            store(uo, &[uu]);
+            store(vo, &[vv]);
+            steps += 1;
+        }
+        steps * 16
+    }
+
+    /// 64 pixels (128 bytes of each line) per step. AVX2's `packus` works within each
+    /// 128-bit half, so every narrowing is followed by a `permute4x64` back into order.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn line_pair_avx2(
+        a: &[u8],
+        b: &[u8],
+        y0: &mut [u8],
+        y1: &mut [u8],
+        u: &mut [u8],
+        v: &mut [u8],
+    ) -> usize {
+        let lo = _mm256_set1_epi16(0x00FF);
+        let pack = |x: __m256i, y: __m256i| {
+            _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(x, y))
+        };
+        let mut steps = 0;
+        for (((((qa, qb), ya), yb), uo), vo) in a
+            .chunks_exact(128)
+            .zip(b.chunks_exact(128))
+            .zip(y0.chunks_exact_mut(64))
+            .zip(y1.chunks_exact_mut(64))
+            .zip(u.chunks_exact_mut(32))
+            .zip(v.chunks_exact_mut(32))
+        {
+            let la = load4_256(qa);
+            let lb = load4_256(qb);
+            let luma = |x: [__m256i; 4]| {
+                [
+                    pack(_mm256_and_si256(x[0], lo), _mm256_and_si256(x[1], lo)),
+                    pack(_mm256_and_si256(x[2], lo), _mm256_and_si256(x[3], lo)),
+                ]
+            };
+            store_256(ya, &luma(la));
+            store_256(yb, &luma(lb));
+            let c: [__m256i; 4] =
+                std::array::from_fn(|i| _mm256_srli_epi16(_mm256_avg_epu8(la[i], lb[i]), 8));
+            let uv01 = pack(c[0], c[1]);
+            let uv23 = pack(c[2], c[3]);
+            let uu = pack(_mm256_and_si256(uv01, lo), _mm256_and_si256(uv23, lo));
+            let vv = pack(_mm256_srli_epi16(uv01, 8), _mm256_srli_epi16(uv23, 8));
+            store_256(uo, &[uu]);
+            store_256(vo, &[vv]);
+            steps += 1;
+        }
+        steps * 32
+    }
+
+    /// Four unaligned 16-byte loads from a 64-byte chunk.
+    #[target_feature(enable = "sse2")]
+    fn load4(src: &[u8]) -> [__m128i; 4] {
+        assert!(src.len() >= 64);
+        // SAFETY: the four 16-byte reads end at byte 64, inside `src` (asserted above);
+        // `loadu` has no alignment requirement.
+        std::array::from_fn(|i| unsafe { _mm_loadu_si128(src.as_ptr().add(16 * i).cast()) })
+    }
+
+    /// Unaligned 16-byte stores of `regs` into `dst`, one after another.
+    #[target_feature(enable = "sse2")]
+    fn store(dst: &mut [u8], regs: &[__m128i]) {
+        assert!(dst.len() >= 16 * regs.len());
+        for (i, r) in regs.iter().enumerate() {
+            // SAFETY: store `i` writes bytes 16*i..16*(i+1) of `dst`, inside it (asserted).
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(16 * i).cast(), *r) };
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn load4_256(src: &[u8]) -> [__m256i; 4] {
+        assert!(src.len() >= 128);
+        // SAFETY: the four 32-byte reads end at byte 128, inside `src` (asserted above).
+        std::array::from_fn(|i| unsafe { _mm256_loadu_si256(src.as_ptr().add(32 * i).cast()) })
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn store_256(dst: &mut [u8], regs: &[__m256i]) {
+        assert!(dst.len() >= 32 * regs.len());
+        for (i, r) in regs.iter().enumerate() {
+            // SAFETY: store `i` writes bytes 32*i..32*(i+1) of `dst`, inside it (asserted).
+            unsafe { _mm256_storeu_si256(dst.as_mut_ptr().add(32 * i).cast(), *r) };
+        }
+    }
+}
+
+/// NEON (aarch64 baseline) line-pair kernel: `ld4` splits 32 YUYV pixels into even luma, U,
+/// odd luma and V; `st2` re-interleaves the luma; `urhadd` is `(a + b + 1) >> 1`.
+#[cfg(target_arch = "aarch64")]
+mod simd_neon {
+    use std::arch::aarch64::*;
+
+    #[target_feature(enable = "neon")]
+    pub(super) fn line_pair_neon(
+        a: &[u8],
+        b: &[u8],
+        y0: &mut [u8],
+        y1: &mut [u8],
+        u: &mut [u8],
+        v: &mut [u8],
+    ) -> usize {
+        let mut steps = 0;
+        for (((((qa, qb), ya), yb), uo), vo) in a
+            .chunks_exact(64)
+            .zip(b.chunks_exact(64))
+            .zip(y0.chunks_exact_mut(32))
+            .zip(y1.chunks_exact_mut(32))
+            .zip(u.chunks_exact_mut(16))
+            .zip(v.chunks_exact_mut(16))
+        {
+            // SAFETY: `qa`, `qb` are 64-byte chunks: `ld4q` reads exactly 64 bytes. `ya`,
+            // `yb` are 32-byte chunks: `st2q` writes exactly 32. `uo`, `vo` are 16-byte
+            // chunks: `st1q` writes exactly 16. NEON is part of the aarch64 baseline.
+            unsafe {
+                let la = vld4q_u8(qa.as_ptr());
+                let lb = vld4q_u8(qb.as_ptr());
+                vst2q_u8(ya.as_mut_ptr(), uint8x16x2_t(la.0, la.2));
+                vst2q_u8(yb.as_mut_ptr(), uint8x16x2_t(lb.0, lb.2));
+                vst1q_u8(uo.as_mut_ptr(), vrhaddq_u8(la.1, lb.1));
+                vst1q_u8(vo.as_mut_ptr(), vrhaddq_u8(la.3, lb.3));
+            }
+            steps += 1;
+        }
+        steps * 16
     }
 }
 
@@ -181,6 +470,81 @@ mod tests {
                 assert_eq!(a.u[(h / 2) * (w / 2)], tight[last + 1]);
             }
         }
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift64*), so a failure reproduces.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_simd_kernel_matches_scalar_bit_exactly() {
+        let kernels = YuyvKernel::available();
+        #[cfg(target_arch = "x86_64")]
+        assert!(kernels.contains(&YuyvKernel::Sse2));
+        #[cfg(target_arch = "aarch64")]
+        assert!(kernels.contains(&YuyvKernel::Neon));
+        assert!(kernels.contains(&YuyvKernel::detect()));
+        let mut compared = 0;
+        // Widths around the 16- and 32-pair steps (and odd ones), heights with an odd last
+        // line, strides tight, lightly and heavily padded.
+        for w in [
+            2usize, 4, 6, 30, 31, 32, 34, 62, 64, 66, 94, 126, 128, 130, 190, 256, 258, 642, 1282,
+        ] {
+            for h in [1, 2, 3, 4, 7] {
+                for stride in [w * 2, w * 2 + 2, w * 2 + 62, (w * 2).next_multiple_of(64)] {
+                    let src = noise(stride * h, (w * 1000 + h * 10 + stride) as u64);
+                    let mut reference = Converter {
+                        yuyv_kernel: YuyvKernel::Scalar,
+                        ..Default::default()
+                    };
+                    let (want, _) = reference.yuyv(&src, w, h, stride).unwrap();
+                    for &k in &kernels[1..] {
+                        let mut c = Converter {
+                            yuyv_kernel: k,
+                            ..Default::default()
+                        };
+                        let (got, n) = c.yuyv(&src, w, h, stride).unwrap();
+                        assert_eq!(n, w * h + 2 * w.div_ceil(2) * h.div_ceil(2));
+                        assert_eq!(got.y, want.y, "{k:?} luma {w}x{h} stride {stride}");
+                        assert_eq!(got.u, want.u, "{k:?} U {w}x{h} stride {stride}");
+                        assert_eq!(got.v, want.v, "{k:?} V {w}x{h} stride {stride}");
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert!(compared >= 19 * 5 * 4 * (kernels.len() - 1));
+    }
+
+    #[test]
+    fn simd_chroma_rounds_half_up_like_scalar() {
+        // Extremes: 255+254 and 0+1 are where truncating and rounding averages differ.
+        let (w, h) = (64, 2);
+        let mut src = vec![0u8; w * 2 * h];
+        for (i, q) in src[..w * 2].chunks_exact_mut(4).enumerate() {
+            q.copy_from_slice(&[1, if i % 2 == 0 { 255 } else { 0 }, 2, 1]);
+        }
+        for q in src[w * 2..].chunks_exact_mut(4) {
+            q.copy_from_slice(&[3, 254, 4, 0]);
+        }
+        let mut c = Converter::default();
+        let (view, _) = c.yuyv(&src, w, h, w * 2).unwrap();
+        for (i, &u) in view.u.iter().enumerate() {
+            // (255 + 254 + 1) / 2 = 255; (0 + 254 + 1) / 2 = 127.
+            assert_eq!(u, if i % 2 == 0 { 255 } else { 127 }, "U {i}");
+        }
+        assert!(view.v.iter().all(|&v| v == 1), "(1 + 0 + 1) / 2 = 1");
+        assert_eq!(&view.y[..4], &[1, 2, 1, 2]);
+        assert_eq!(&view.y[w..w + 4], &[3, 4, 3, 4]);
     }
 
     #[test]

@@ -1,12 +1,8 @@
-//! MJPEG camera frames to I420: decode with zune-jpeg (standard Huffman tables when a UVC frame omits them), then one pass into a reused I420 buffer.
+//! MJPEG camera frames to I420: libjpeg-turbo decodes straight to planar YCbCr (no colour conversion, no chroma upsampling), then one in-place pass to video range.
 
-use zune_jpeg::JpegDecoder;
-use zune_jpeg::zune_core::bytestream::ZCursor;
-use zune_jpeg::zune_core::colorspace::ColorSpace;
-use zune_jpeg::zune_core::options::DecoderOptions;
+use turbojpeg::{Colorspace, Decompressor, Subsamp, YuvImage};
 
-use super::frame::{I420Buffer, I420View};
-use super::range::RangeLuts;
+use super::frame::I420View;
 
 /// Why one MJPEG frame could not be used (the next one may be fine).
 #[derive(Debug, thiserror::Error)]
@@ -20,33 +16,30 @@ pub enum MjpegError {
         want_w: usize,
         want_h: usize,
     },
+    #[error("unsupported JPEG frame: {0}")]
+    Unsupported(String),
+    #[error("JPEG decoder could not start: {0}")]
+    Decoder(String),
 }
 
-/// Decodes MJPEG frames of one size into reused output buffers (zune-jpeg still keeps its
-/// own per-frame working memory).
+/// Decodes MJPEG frames of one size into reused buffers: after the first frame nothing is
+/// allocated (libjpeg-turbo keeps its working memory in its handle).
+#[derive(Default)]
 pub struct MjpegDecoder {
-    /// Interleaved full-resolution Y, Cb, Cr as the decoder writes it.
-    ycc: Vec<u8>,
-    /// A frame without Huffman tables, re-marked as Motion-JPEG (see `needs_avi1_marker`).
-    marked: Vec<u8>,
-    i420: I420Buffer,
-    luts: RangeLuts,
-}
-
-impl Default for MjpegDecoder {
-    fn default() -> Self {
-        Self {
-            ycc: Vec::new(),
-            marked: Vec::new(),
-            i420: I420Buffer::default(),
-            luts: RangeLuts::full_to_limited(),
-        }
-    }
+    /// Created on the first frame, so a camera that never sends MJPEG costs nothing.
+    decompressor: Option<Decompressor>,
+    /// The decoder's planes, tightly packed: Y (then turned to video range in place), Cb, Cr
+    /// at the frame's own chroma subsampling.
+    planes: Vec<u8>,
+    /// 4:2:0 video-range chroma handed to the encoder.
+    u: Vec<u8>,
+    v: Vec<u8>,
 }
 
 impl MjpegDecoder {
     /// Decodes `jpeg`, which must be `width` x `height`, into video-range I420. Returns the
-    /// picture and the number of bytes written after decoding.
+    /// picture and the number of bytes written after decoding (luma mapped in place, 4:2:0
+    /// chroma).
     pub fn decode(
         &mut self,
         jpeg: &[u8],
@@ -59,123 +52,216 @@ impl MjpegDecoder {
                 "truncated frame (no end-of-image marker)".into(),
             ));
         }
-        let jpeg = if needs_avi1_marker(jpeg) {
-            self.marked.clear();
-            self.marked.extend_from_slice(&jpeg[..2]);
-            self.marked.extend_from_slice(&AVI1_APP0);
-            self.marked.extend_from_slice(&jpeg[2..]);
-            &self.marked[..]
-        } else {
-            jpeg
+        let decompressor = match &mut self.decompressor {
+            Some(d) => d,
+            none => {
+                none.insert(Decompressor::new().map_err(|e| MjpegError::Decoder(e.to_string()))?)
+            }
         };
-        let options = DecoderOptions::default()
-            .jpeg_set_out_colorspace(ColorSpace::YCbCr)
-            // A corrupt header cannot make the decoder allocate beyond the camera's size.
-            .set_max_width(width)
-            .set_max_height(height);
-        let mut decoder = JpegDecoder::new_with_options(ZCursor::new(jpeg), options);
-        decoder
-            .decode_headers()
-            .map_err(|e| MjpegError::Corrupt(format!("{e:?}")))?;
-        let (got_w, got_h) = decoder
-            .dimensions()
-            .ok_or_else(|| MjpegError::Corrupt("no frame header".into()))?;
-        if (got_w, got_h) != (width, height) {
-            return Err(MjpegError::Size {
-                got_w,
-                got_h,
-                want_w: width,
-                want_h: height,
-            });
+        let result = decode_planes(decompressor, jpeg, width, height, &mut self.planes);
+        if matches!(result, Err(MjpegError::Corrupt(_))) {
+            // libjpeg keeps state between images (tables, a half-read stream): a corrupt
+            // frame could spoil the next good one, so the next frame gets a fresh handle.
+            self.decompressor = None;
         }
-        if decoder.output_colorspace() != Some(ColorSpace::YCbCr) {
-            return Err(MjpegError::Corrupt(format!(
-                "not a YCbCr JPEG ({:?})",
-                decoder.input_colorspace()
-            )));
+        let geometry = result?;
+        let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
+        self.u.resize(cw * ch, 0);
+        self.v.resize(cw * ch, 0);
+        let (y, chroma) = self.planes.split_at_mut(geometry.luma);
+        luma_to_video_range(&mut y[..geometry.y_stride * height]);
+        if geometry.chroma == 0 {
+            // Greyscale: neutral chroma.
+            self.u.fill(128);
+            self.v.fill(128);
+        } else {
+            let (cb, cr) = chroma.split_at(geometry.chroma);
+            chroma_to_i420(cb, &geometry, &mut self.u);
+            chroma_to_i420(&cr[..geometry.chroma], &geometry, &mut self.v);
         }
-        self.ycc.resize(width * height * 3, 0);
-        decoder
-            .decode_into(&mut self.ycc)
-            .map_err(|e| MjpegError::Corrupt(format!("{e:?}")))?;
-        self.i420.resize(width, height);
-        ycc444_to_i420(&self.ycc, width, height, &self.luts, &mut self.i420);
-        let written = self.i420.data.len();
-        Ok((self.i420.view(), written))
+        let view = I420View {
+            width,
+            height,
+            y: &self.planes[..geometry.y_stride * height],
+            u: &self.u,
+            v: &self.v,
+            y_stride: geometry.y_stride,
+            uv_stride: cw,
+        };
+        Ok((view, width * height + 2 * cw * ch))
     }
 }
 
-/// An APP0 segment with the "AVI1" identifier: it marks a frame as Motion-JPEG, whose missing
-/// Huffman tables are the standard ones of ISO 10918-1 K.3.3 (USB Video Class MJPEG payload
-/// spec). zune-jpeg then fills in those tables.
-const AVI1_APP0: [u8; 9] = [0xFF, 0xE0, 0x00, 0x07, b'A', b'V', b'I', b'1', 0x00];
+/// Decodes one frame's planes into `planes` (resized) and returns their layout.
+fn decode_planes(
+    decompressor: &mut Decompressor,
+    jpeg: &[u8],
+    width: usize,
+    height: usize,
+    planes: &mut Vec<u8>,
+) -> Result<PlaneGeometry, MjpegError> {
+    // Frames without Huffman tables (many UVC cameras leave out the standard ones) decode
+    // as they are: libjpeg-turbo then uses ISO 10918-1 K.3.3's tables.
+    let header = decompressor
+        .read_header(jpeg)
+        .map_err(|e| MjpegError::Corrupt(e.to_string()))?;
+    if (header.width, header.height) != (width, height) {
+        return Err(MjpegError::Size {
+            got_w: header.width,
+            got_h: header.height,
+            want_w: width,
+            want_h: height,
+        });
+    }
+    if !matches!(header.colorspace, Colorspace::YCbCr | Colorspace::Gray) {
+        return Err(MjpegError::Unsupported(format!(
+            "{:?} colour space",
+            header.colorspace
+        )));
+    }
+    let (sx, sy) = subsampling(header.subsamp)?;
+    let geometry = PlaneGeometry::new(width, height, sx, sy);
+    let needed = turbojpeg::yuv_pixels_len(width, 1, height, header.subsamp)
+        .map_err(|e| MjpegError::Unsupported(e.to_string()))?;
+    if needed != geometry.total() {
+        return Err(MjpegError::Unsupported(format!(
+            "plane layout {geometry:?} does not match TurboJPEG's {needed} bytes"
+        )));
+    }
+    planes.resize(needed, 0);
+    let image = YuvImage {
+        pixels: &mut planes[..],
+        width,
+        align: 1,
+        height,
+        subsamp: header.subsamp,
+    };
+    // A warning (corrupt entropy data, premature end of a segment) is an error too:
+    // TurboJPEG reports it as a failure after filling the picture with guesses.
+    decompressor
+        .decompress_to_yuv(jpeg, image)
+        .map_err(|e| MjpegError::Corrupt(e.to_string()))?;
+    Ok(geometry)
+}
+
+/// Horizontal and vertical chroma subsampling factors of a JPEG (0 for greyscale).
+fn subsampling(subsamp: Subsamp) -> Result<(usize, usize), MjpegError> {
+    match subsamp {
+        Subsamp::None => Ok((1, 1)),
+        Subsamp::Sub2x1 => Ok((2, 1)),
+        Subsamp::Sub2x2 => Ok((2, 2)),
+        Subsamp::Sub1x2 => Ok((1, 2)),
+        Subsamp::Gray => Ok((0, 0)),
+        other => Err(MjpegError::Unsupported(format!(
+            "{other:?} chroma subsampling"
+        ))),
+    }
+}
+
+/// Layout of the packed planes TurboJPEG writes with `align` 1 (its `tjPlaneWidth` and
+/// `tjPlaneHeight`): the luma plane is padded to a whole number of chroma samples (161x121
+/// at 4:2:0 is stored as 162x122), chroma is that divided by the subsampling factors.
+#[derive(Debug)]
+struct PlaneGeometry {
+    width: usize,
+    height: usize,
+    sx: usize,
+    sy: usize,
+    /// Luma line length and plane size.
+    y_stride: usize,
+    luma: usize,
+    /// Chroma plane width and height, and size (0 for greyscale).
+    cw: usize,
+    ch: usize,
+    chroma: usize,
+}
+
+impl PlaneGeometry {
+    fn new(width: usize, height: usize, sx: usize, sy: usize) -> Self {
+        let (lw, lh) = (
+            width.next_multiple_of(sx.max(1)),
+            height.next_multiple_of(sy.max(1)),
+        );
+        let cw = lw.checked_div(sx).unwrap_or(0);
+        let ch = if cw == 0 { 0 } else { lh / sy };
+        Self {
+            width,
+            height,
+            sx,
+            sy,
+            y_stride: lw,
+            luma: lw * lh,
+            cw,
+            ch,
+            chroma: cw * ch,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.luma + 2 * self.chroma
+    }
+}
+
+/// Full-range (JFIF) luma to video range in place: `round(16 + y * 219 / 255)`, written as
+/// integer arithmetic the compiler vectorises (no rounding ties: `y * 219` is never an odd
+/// multiple of 127.5).
+fn luma_to_video_range(y: &mut [u8]) {
+    for p in y {
+        *p = ((u16::from(*p) * 219 + 16 * 255 + 127) / 255) as u8;
+    }
+}
+
+/// Full-range chroma sample to video range: `round(128 + (c - 128) * 224 / 255)`, i.e.
+/// `(c * 224 + 128 * 31 + 127) / 255` (no ties either).
+fn chroma_to_video_range(c: u16) -> u8 {
+    ((c * 224 + 128 * 31 + 127) / 255) as u8
+}
+
+/// One full-range chroma plane at the JPEG's subsampling to a video-range 4:2:0 plane
+/// (`out`: ceil(w/2) x ceil(h/2)). 4:2:0 is mapped as it is; 4:2:2 (what UVC cameras send)
+/// averages each vertical pair, `(a + b + 1) >> 1`; other layouts average the samples that
+/// cover each 2x2 block of luma.
+fn chroma_to_i420(src: &[u8], g: &PlaneGeometry, out: &mut [u8]) {
+    let (ow, oh) = (g.width.div_ceil(2), g.height.div_ceil(2));
+    match (g.sx, g.sy) {
+        (2, 2) => {
+            for (o, &c) in out.iter_mut().zip(src) {
+                *o = chroma_to_video_range(u16::from(c));
+            }
+        }
+        (2, 1) => {
+            for (row, line) in out.chunks_exact_mut(ow).enumerate() {
+                let a = &src[(2 * row) * g.cw..][..ow];
+                // An odd last line pairs with itself.
+                let b = &src[(2 * row + 1).min(g.ch - 1) * g.cw..][..ow];
+                for ((o, &p), &q) in line.iter_mut().zip(a).zip(b) {
+                    *o = chroma_to_video_range((u16::from(p) + u16::from(q) + 1) >> 1);
+                }
+            }
+        }
+        (sx, sy) => {
+            // 4:4:4 and 4:4:0: the chroma samples under luma (2x, 2y)..(2x+1, 2y+1).
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut sum = 0u16;
+                    let mut n = 0u16;
+                    for ly in [2 * oy, (2 * oy + 1).min(g.height - 1)] {
+                        for lx in [2 * ox, (2 * ox + 1).min(g.width - 1)] {
+                            sum += u16::from(src[(ly / sy) * g.cw + lx / sx]);
+                            n += 1;
+                        }
+                    }
+                    out[oy * ow + ox] = chroma_to_video_range((sum + n / 2) / n);
+                }
+            }
+        }
+    }
+}
 
 /// True when the frame ends with EOI (0xFFD9), ignoring the zero padding some drivers add.
 fn ends_with_eoi(jpeg: &[u8]) -> bool {
     let end = jpeg.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     jpeg[..end].ends_with(&[0xFF, 0xD9])
-}
-
-/// True when a frame defines no Huffman table before its first scan and does not already say
-/// it is Motion-JPEG: many UVC cameras leave the (standard) tables out to save bandwidth.
-fn needs_avi1_marker(jpeg: &[u8]) -> bool {
-    if !jpeg.starts_with(&[0xFF, 0xD8]) {
-        return false; // not a JPEG; let the decoder say so
-    }
-    let mut i = 2;
-    while i + 4 <= jpeg.len() {
-        if jpeg[i] != 0xFF {
-            return false; // not at a marker: malformed, the decoder reports it
-        }
-        let marker = jpeg[i + 1];
-        if marker == 0xFF {
-            i += 1; // fill byte
-            continue;
-        }
-        let len = usize::from(u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]));
-        match marker {
-            0xC4 => return false,
-            0xDA => return true,
-            0xE0 if jpeg[i + 4..].starts_with(b"AVI1") => return false,
-            _ => {}
-        }
-        i += 2 + len;
-    }
-    false
-}
-
-/// Interleaved full-range YCbCr 4:4:4 to video-range I420: luma through the range table,
-/// chroma averaged over each 2x2 block, then through the range table.
-fn ycc444_to_i420(ycc: &[u8], width: usize, height: usize, luts: &RangeLuts, out: &mut I420Buffer) {
-    let cw = out.chroma_width();
-    let (y, u, v) = out.planes_mut();
-    for (row, line) in ycc.chunks_exact(width * 3).enumerate().take(height) {
-        for (dst, px) in y[row * width..(row + 1) * width]
-            .iter_mut()
-            .zip(line.chunks_exact(3))
-        {
-            *dst = luts.luma[usize::from(px[0])];
-        }
-    }
-    for crow in 0..height.div_ceil(2) {
-        let r0 = 2 * crow;
-        // An odd last line (or column) pairs with itself.
-        let r1 = (r0 + 1).min(height - 1);
-        let a = &ycc[r0 * width * 3..(r0 + 1) * width * 3];
-        let b = &ycc[r1 * width * 3..(r1 + 1) * width * 3];
-        for cx in 0..cw {
-            let x0 = 2 * cx;
-            let x1 = (x0 + 1).min(width - 1);
-            let sum = |k: usize| {
-                u32::from(a[x0 * 3 + k])
-                    + u32::from(a[x1 * 3 + k])
-                    + u32::from(b[x0 * 3 + k])
-                    + u32::from(b[x1 * 3 + k])
-            };
-            u[crow * cw + cx] = luts.chroma[((sum(1) + 2) / 4) as usize];
-            v[crow * cw + cx] = luts.chroma[((sum(2) + 2) / 4) as usize];
-        }
-    }
 }
 
 #[cfg(test)]
@@ -280,6 +366,102 @@ mod tests {
         let mut dec = MjpegDecoder::default();
         let (view, _) = dec.decode(&stripped, 160, 120).unwrap();
         assert!(view.y[60 * view.y_stride + 157].abs_diff(235) <= 4);
+        let without: Vec<u8> = [view.y, view.u, view.v].concat();
+        // The same picture as with the tables, on a fresh decoder and after a full frame.
+        let mut fresh = MjpegDecoder::default();
+        let (view, _) = fresh.decode(&data, 160, 120).unwrap();
+        let with: Vec<u8> = [view.y, view.u, view.v].concat();
+        assert_eq!(without, with);
+        let (view, _) = fresh.decode(&stripped, 160, 120).unwrap();
+        assert_eq!([view.y, view.u, view.v].concat(), with);
+    }
+
+    #[test]
+    fn range_arithmetic_equals_the_lookup_tables() {
+        let luts = crate::media::range::RangeLuts::full_to_limited();
+        let mut all: Vec<u8> = (0..=255).collect();
+        luma_to_video_range(&mut all);
+        assert_eq!(all[..], luts.luma[..]);
+        for c in 0..=255u8 {
+            assert_eq!(
+                chroma_to_video_range(u16::from(c)),
+                luts.chroma[usize::from(c)]
+            );
+        }
+    }
+
+    #[test]
+    fn other_samplings_and_odd_sizes_decode() {
+        // 4:4:4 and 4:2:0 at an odd size: chroma is averaged over each 2x2 block of luma.
+        for sampling in [
+            SamplingFactor::F_1_1,
+            SamplingFactor::F_2_2,
+            SamplingFactor::F_2_1,
+        ] {
+            let (w, h) = (161, 121);
+            let mut dec = MjpegDecoder::default();
+            let (view, written) = dec.decode(&jpeg(w, h, sampling), w, h).unwrap();
+            assert_eq!(written, w * h + 2 * 81 * 61);
+            assert_eq!(
+                (view.u.len(), view.v.len(), view.uv_stride),
+                (81 * 61, 81 * 61, 81)
+            );
+            let limited = |v: u8| (128.0 + (f32::from(v) - 128.0) * 224.0 / 255.0).round() as u8;
+            // Bottom-right quadrant (200, 200), including the odd last row and column.
+            for (cx, cy) in [(60, 45), (80, 60)] {
+                let u = view.u[cy * 81 + cx];
+                assert!(
+                    u.abs_diff(limited(200)) <= 3,
+                    "{sampling:?} u {u} at {cx},{cy}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn greyscale_frames_get_neutral_chroma() {
+        let (w, h) = (64, 48);
+        let grey: Vec<u8> = (0..w * h).map(|i| (i % w * 4) as u8).collect();
+        let mut out = Vec::new();
+        Encoder::new(&mut out, 90)
+            .encode(&grey, w as u16, h as u16, ColorType::Luma)
+            .unwrap();
+        let mut dec = MjpegDecoder::default();
+        let (view, _) = dec.decode(&out, w, h).unwrap();
+        assert!(view.u.iter().chain(view.v).all(|&c| c == 128));
+        assert!(view.y[w - 1].abs_diff(16 + (252 * 219 / 255) as u8) <= 3);
+    }
+
+    #[test]
+    fn corrupted_entropy_data_never_panics() {
+        // Deterministic mutations of a good frame: flipped bytes and cut-and-patched tails.
+        // Each is an error or a picture, never a panic, and the decoder stays usable.
+        let good = jpeg(160, 120, SamplingFactor::F_2_1);
+        let mut dec = MjpegDecoder::default();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut errors = 0;
+        for round in 0..200 {
+            let mut bad = good.clone();
+            for _ in 0..1 + round % 8 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = 2 + (x as usize) % (bad.len() - 4);
+                bad[at] ^= (x >> 32) as u8 | 1;
+            }
+            if round % 5 == 0 {
+                let cut = 2 + (x as usize >> 8) % (bad.len() - 4);
+                bad.truncate(cut);
+                bad.extend_from_slice(&[0xFF, 0xD9]);
+            }
+            if dec.decode(&bad, 160, 120).is_err() {
+                errors += 1;
+            }
+        }
+        assert!(errors > 100, "most corrupt frames are reported: {errors}");
+        if let Err(e) = dec.decode(&good, 160, 120) {
+            panic!("good frame after corrupt ones: {e}");
+        }
     }
 
     #[test]

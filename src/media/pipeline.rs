@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::controls::{ControlError, ControlInfo};
-use super::encoder::{EncoderSettings, H264Encoder};
+use super::encoder::EncoderSettings;
 use super::fanout::{Fanout, SubscriberId};
 use super::frame::{EncodedFrame, I420Buffer};
 use super::policy::encoder_target;
@@ -17,6 +17,7 @@ use super::source::{
     CaptureChange, CaptureParams, CapturedFrame, FrameSource, SourceError, SourceOpener,
 };
 use super::status::{CounterSnapshot, PipelineCounters, PipelineStatus};
+use super::video_encoder::{EncodeOutcome, HardwareChoice, HardwareOpener, VideoEncoder};
 use crate::log_limit::LogLimiter;
 
 /// What a viewer can take for video, bits per second, as its session last measured it (0: no
@@ -190,6 +191,9 @@ pub(crate) struct PipelineConfig {
     /// `min_bitrate` and `encoder.bitrate`; false: it runs at `encoder.bitrate`.
     pub rate_policy: bool,
     pub min_bitrate: u32,
+    /// Finds and opens a hardware encoder when capture starts (`encoder.backend`); `None`:
+    /// openh264 only.
+    pub hardware: Option<HardwareOpener>,
 }
 
 /// Starts the capture/encode thread. It ends when `cancel` fires or every handle is gone;
@@ -209,6 +213,7 @@ pub(crate) fn spawn(
         source: None,
         controls: Default::default(),
         camera_error: None,
+        encoder: None,
     });
     let counters = Arc::new(PipelineCounters::default());
     let keyframe = Arc::new(AtomicBool::new(false));
@@ -247,6 +252,7 @@ pub(crate) fn spawn(
                 control_ops: Vec::new(),
                 open_failures: 0,
                 failure_log: LogLimiter::new(Duration::from_secs(60), 1),
+                hardware_failed: None,
             };
             worker.run();
         })?;
@@ -255,7 +261,7 @@ pub(crate) fn spawn(
 
 struct Running {
     source: Box<dyn FrameSource>,
-    encoder: H264Encoder,
+    encoder: VideoEncoder,
     out: Vec<u8>,
     frame_duration: Duration,
     /// Encoder timestamps count from here.
@@ -283,6 +289,9 @@ struct Worker {
     open_failures: u64,
     /// Repeated camera failures: one line a minute, not one per attempt.
     failure_log: LogLimiter,
+    /// Why the hardware encoder is not used (missing, or it failed): openh264 from then on,
+    /// without looking again, until the service restarts.
+    hardware_failed: Option<String>,
 }
 
 enum ControlOp {
@@ -427,6 +436,7 @@ impl Worker {
                 } else {
                     self.set_encoder_bitrate(bps)
                 };
+                self.encoder_changed();
                 if result.is_ok() {
                     self.config.encoder.bitrate = bps;
                     self.status
@@ -577,8 +587,7 @@ impl Worker {
         }
         self.status
             .send_if_modified(|s| replace(&mut s.encoder_bitrate, settings.bitrate));
-        let encoder = H264Encoder::new(settings)
-            .map_err(|e| SourceError::Unsupported(format!("encoder: {e}")))?;
+        let encoder = self.make_encoder(settings, &info)?;
         tracing::info!(width = info.width, height = info.height, fps = info.fps, format = %info.pixel_format, stride = info.stride, "camera opened");
         if self.open_failures > 0 {
             tracing::info!(attempts = self.open_failures, "camera available again");
@@ -605,7 +614,50 @@ impl Worker {
             frame_duration,
             started: Instant::now(),
         });
+        self.encoder_changed();
         Ok(())
+    }
+
+    /// The hardware encoder `encoder.backend` selects, else openh264 (and why).
+    fn make_encoder(
+        &mut self,
+        settings: EncoderSettings,
+        info: &super::source::SourceInfo,
+    ) -> Result<VideoEncoder, SourceError> {
+        let software = |reason: String, fallback: Option<String>| {
+            VideoEncoder::software(settings, reason, fallback)
+                .map_err(|e| SourceError::Unsupported(format!("encoder: {e}")))
+        };
+        if let Some(why) = &self.hardware_failed {
+            return software(why.clone(), Some(why.clone()));
+        }
+        let Some(opener) = &self.config.hardware else {
+            return software("openh264 only".into(), None);
+        };
+        match (opener.0)(info, &settings) {
+            HardwareChoice::NotWanted { reason } => software(reason, None),
+            HardwareChoice::Unavailable { reason } => {
+                tracing::warn!(%reason, "no hardware encoder; encoding with openh264");
+                self.hardware_failed = Some(reason.clone());
+                software(reason.clone(), Some(reason))
+            }
+            HardwareChoice::Opened { encoder, reason } => {
+                Ok(VideoEncoder::hardware(settings, encoder, reason))
+            }
+        }
+    }
+
+    /// Publishes the encoder's status; remembers a hardware failure.
+    fn encoder_changed(&mut self) {
+        let Some(r) = self.running.as_ref() else {
+            return;
+        };
+        let status = r.encoder.status().clone();
+        if status.fallback.is_some() && self.hardware_failed.is_none() {
+            self.hardware_failed = status.fallback.clone();
+        }
+        self.status
+            .send_if_modified(|s| replace(&mut s.encoder, Some(status)));
     }
 
     fn stop_capture(&mut self) {
@@ -629,7 +681,7 @@ impl Worker {
         if self.fanout.wants_keyframe() | self.keyframe.swap(false, Ordering::Relaxed) {
             r.encoder.request_keyframe();
         }
-        let mut encoded: Option<Result<(bool, u8, CapturedFrame), String>> = None;
+        let mut encoded: Option<Result<(EncodeOutcome, CapturedFrame), String>> = None;
         let (encoder, out, started) = (&mut r.encoder, &mut r.out, r.started);
         let target_bps = encoder.bitrate();
         let snapshots = &mut self.snapshots;
@@ -643,21 +695,33 @@ impl Worker {
                 }
             }
             let ts = meta.captured_at.duration_since(started).as_millis() as u64;
-            let result = encoder
-                .encode(view, ts, out)
-                .map(|e| (e.keyframe, e.temporal_id, meta))
-                .map_err(|e| e.to_string());
+            let result = encoder.encode(view, &meta, ts, out).map(|e| (e, meta));
             encoded = Some(result);
         })?;
         let Some(result) = encoded else {
             return Ok(());
         };
-        let (keyframe, temporal_id, meta) =
-            result.map_err(|e| SourceError::BadFrame(format!("encode: {e}")))?;
+        // A hardware fallback, or a new way pictures reach the encoder, goes to the status.
+        let published = self
+            .status
+            .borrow()
+            .encoder
+            .as_ref()
+            .map(|s| (s.backend, s.input));
+        let current = r.encoder.status();
+        if published != Some((current.backend, current.input)) {
+            self.encoder_changed();
+        }
+        let Some(r) = self.running.as_mut() else {
+            return Ok(());
+        };
+        let (outcome, meta) = result.map_err(|e| SourceError::BadFrame(format!("encode: {e}")))?;
+        let keyframe = outcome.keyframe;
+        let temporal_id = outcome.temporal_id;
         if r.out.is_empty() {
             return Ok(()); // the encoder skipped this picture
         }
-        self.counters.frame_encoded(meta.bytes_copied as u64);
+        self.counters.frame_encoded(outcome.bytes_copied);
         // Hand the bitstream over without copying; the next frame gets a fresh Vec.
         let capacity = r.out.capacity();
         let data = Bytes::from(std::mem::replace(&mut r.out, Vec::with_capacity(capacity)));
@@ -726,6 +790,7 @@ mod tests {
             reopen_delay,
             rate_policy: false,
             min_bitrate: 150_000,
+            hardware: None,
         }
     }
 
@@ -759,6 +824,84 @@ mod tests {
         tokio::task::spawn_blocking(move || thread.join().unwrap())
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_hardware_encoder_falls_back_to_openh264_without_a_gap() {
+        use crate::media::video_encoder::{HardwareChoice, HardwareOpener, HwEncode, HwEncoded};
+        /// Encodes two pictures, then times out like a stuck M2M encoder.
+        struct Stuck(u32);
+        impl HwEncode for Stuck {
+            fn describe(&self) -> (String, String) {
+                ("/dev/video11".into(), "stuck".into())
+            }
+            fn encode(
+                &mut self,
+                _: &I420View<'_>,
+                _: Option<crate::media::source::DmaBufRef>,
+                keyframe: bool,
+                out: &mut Vec<u8>,
+            ) -> Result<HwEncoded, String> {
+                self.0 += 1;
+                if self.0 > 2 {
+                    return Err("timed out".into());
+                }
+                *out = vec![0, 0, 0, 1, if keyframe { 0x65 } else { 0x41 }, 0x80];
+                Ok(HwEncoded {
+                    keyframe,
+                    bytes_copied: 0,
+                    input: "dmabuf",
+                })
+            }
+            fn set_bitrate(&mut self, _: u32) -> Result<u32, Result<String, String>> {
+                Err(Err("gone".into()))
+            }
+            fn keyframes_unavailable(&self) -> Option<String> {
+                None
+            }
+        }
+        let cancel = CancellationToken::new();
+        let mut config = test_config(320, 240, Duration::from_millis(50));
+        config.hardware = Some(HardwareOpener(Arc::new(|_, _| HardwareChoice::Opened {
+            encoder: Box::new(Stuck(0)),
+            reason: "test".into(),
+        })));
+        let (handle, thread) = spawn(
+            config,
+            Box::new(|p: CaptureParams| {
+                Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))
+                    as Box<dyn FrameSource>)
+            }),
+            cancel.clone(),
+        )
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        handle.subscribe(1, tx, None).unwrap();
+        let mut frames = Vec::new();
+        for _ in 0..6 {
+            let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            frames.push(f);
+        }
+        // Two from the hardware encoder (6 bytes each), then openh264 from the very next
+        // picture on, starting with an IDR: no picture lost, no gap.
+        assert_eq!(frames[0].data.len(), 6);
+        assert!(
+            frames[2].keyframe && frames[2].data.len() > 6,
+            "openh264 takes over with an IDR"
+        );
+        let seqs: Vec<u64> = frames.iter().map(|f| f.seq).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "consecutive pictures: {seqs:?}"
+        );
+        let status = handle.status().borrow().encoder.clone().unwrap();
+        assert_eq!(status.backend, "openh264");
+        assert_eq!(status.fallback.as_deref(), Some("timed out"));
+        cancel.cancel();
+        join(thread).await;
     }
 
     #[tokio::test]

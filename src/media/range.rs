@@ -15,7 +15,9 @@ impl RangeLuts {
         )
     }
 
-    /// Full (JFIF) range to limited (video) range: for MJPEG camera frames going to H.264.
+    /// Full (JFIF) range to limited (video) range: the reference the MJPEG path's arithmetic
+    /// is tested against.
+    #[cfg(test)]
     pub fn full_to_limited() -> Self {
         Self::build(
             |y| 16.0 + y * 219.0 / 255.0,

@@ -23,6 +23,21 @@ pub(crate) struct CapturedFrame {
     pub captured_at: Instant,
     /// Pixel bytes copied or converted before the encoder could read the picture.
     pub bytes_copied: usize,
+    /// The camera buffer the picture is in, exported as a DMABUF, when the picture is that
+    /// buffer (zero-copy YU12): a hardware encoder can read it in place.
+    pub dmabuf: Option<DmaBufRef>,
+}
+
+/// A camera buffer exported as a DMABUF (VIDIOC_EXPBUF). The descriptor is the camera's and
+/// valid only while the picture is borrowed (inside `next_frame`'s callback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DmaBufRef {
+    /// The buffer's index, and how many buffers the camera has.
+    pub index: u32,
+    pub buffers: u32,
+    pub fd: std::os::fd::RawFd,
+    /// The whole buffer's size in bytes.
+    pub length: u32,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -29,6 +29,8 @@ pub(crate) struct PipelineStatus {
     pub controls: BTreeMap<String, i64>,
     /// Why the camera could not be opened or failed last; cleared once frames flow again.
     pub camera_error: Option<String>,
+    /// The H.264 encoder in use (once capture ran).
+    pub encoder: Option<super::video_encoder::EncoderStatus>,
 }
 
 /// Counters the capture thread bumps every frame. Private atomics: readers take a

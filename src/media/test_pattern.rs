@@ -121,6 +121,7 @@ impl FrameSource for TestPattern {
                 seq: self.seq,
                 captured_at,
                 bytes_copied: 0,
+                dmabuf: None,
             },
         );
         self.seq += 1;

@@ -1,35 +1,44 @@
-//! V4L2 camera capture with MMAP buffers: format negotiation, zero-copy YU12, one-pass YUYV/NV12, MJPEG decode.
+//! V4L2 camera capture with MMAP buffers: format negotiation, zero-copy YU12, one-pass YUYV/NV12/RGB, MJPEG decode.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-use v4l::buffer::Type;
-use v4l::io::mmap::Stream;
-use v4l::io::traits::CaptureStream;
-use v4l::prelude::*;
-use v4l::video::Capture;
-use v4l::{Format, FourCC};
 
 use super::controls::{ControlError, ControlInfo, ControlKind, normalize_name};
 use super::convert::{ConvertError, Converter};
 use super::frame::I420View;
 use super::mjpeg::MjpegDecoder;
-use super::source::{CapturedFrame, FrameSource, SourceError, SourceInfo};
+use super::rgb::{RgbConverter, RgbOrder};
+use super::source::{CapturedFrame, DmaBufRef, FrameSource, SourceError, SourceInfo};
+use super::vdev::{
+    BufType, ControlDesc, Device, FourCc, FrameSize, Mapping, Memory, PixFormat, QueueArgs,
+};
 use crate::config::{CaptureConfig, PixelFormatChoice};
 
 /// Pixel formats rtcam can encode, in order of preference for `format = "auto"` (least work
-/// per frame first; MJPEG needs a JPEG decode, but is what USB cameras give at 720p30+).
-const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 5] = [
+/// per frame first; MJPEG needs a JPEG decode, but is what USB cameras give at 720p30+;
+/// packed RGB is what libcamera offers for cameras without a YUV-capable ISP, e.g. vimc).
+const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 7] = [
     (PixelFormatChoice::Yu12, b"YU12"),
     (PixelFormatChoice::Nv12, b"NV12"),
     (PixelFormatChoice::Yuyv, b"YUYV"),
     (PixelFormatChoice::Mjpg, b"MJPG"),
     (PixelFormatChoice::Mjpg, b"JPEG"),
+    (PixelFormatChoice::Bgr3, b"BGR3"),
+    (PixelFormatChoice::Rgb3, b"RGB3"),
 ];
 
-/// How long a dequeue may block before the camera counts as stalled.
+/// Whether rtcam can capture in this pixel format.
+pub(crate) fn takes(fourcc: FourCc) -> bool {
+    SUPPORTED.iter().any(|(_, f)| FourCc::new(f) == fourcc)
+}
+
+/// How long a dequeue may wait before the camera counts as stalled.
 const DEQUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+
+const QUEUE: BufType = BufType::VideoCapture;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
@@ -37,114 +46,84 @@ enum Layout {
     Nv12,
     Yuyv,
     Mjpeg,
+    Rgb(RgbOrder),
 }
 
 /// An open, streaming V4L2 camera.
 pub struct Camera {
-    // Field order matters: the stream (mmap'd buffers) is dropped before the device handle.
-    // `None` only inside Drop.
-    stream: Option<Stream<'static>>,
+    /// The mapped capture buffers, by index; unmapped (in Drop) before the buffers are freed.
+    buffers: Vec<Mapping>,
+    /// The same buffers exported as DMABUFs (YU12 only: the pictures a hardware encoder can
+    /// read in place); empty when the driver cannot export.
+    dmabufs: Vec<std::os::fd::OwnedFd>,
     device: Device,
     layout: Layout,
     info: SourceInfo,
     stride: usize,
     converter: Converter,
+    rgb: RgbConverter,
     mjpeg: MjpegDecoder,
     seq: u64,
-    /// Control name → V4L2 id, from the last `controls()`.
-    control_ids: std::collections::HashMap<String, u32>,
+    /// Control name → (V4L2 id, 64-bit), from the last `controls()`.
+    control_ids: HashMap<String, (u32, bool)>,
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> SourceError {
     SourceError::Device(format!("{what} on {}: {e}", path.display()))
 }
 
-fn fourcc_str(f: FourCC) -> String {
-    f.str()
-        .map(str::to_owned)
-        .unwrap_or_else(|_| format!("{:?}", f.repr))
+/// The driver (or a shim such as libcamera's v4l2-compat) does not implement the request.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL))
 }
 
 impl Camera {
     /// Opens the device and negotiates format, size and frame rate with the driver.
     pub fn open(req: &CaptureConfig) -> Result<Self, SourceError> {
         let path = &req.device;
-        let device = Device::with_path(path).map_err(|e| io_err("open", path, e))?;
-        let offered = device
-            .enum_formats()
-            .map_err(|e| io_err("VIDIOC_ENUM_FMT", path, e))?;
-        let offered_names: Vec<String> = offered.iter().map(|d| fourcc_str(d.fourcc)).collect();
-        let wanted: Vec<&[u8; 4]> = match req.format {
-            PixelFormatChoice::Auto => SUPPORTED.iter().map(|(_, f)| *f).collect(),
-            choice => SUPPORTED
-                .iter()
-                .filter(|(c, _)| *c == choice)
-                .map(|(_, f)| *f)
-                .collect(),
+        let device = Device::open(path).map_err(|e| io_err("open", path, e))?;
+        let fourcc = choose_format(&device, req)?.fourcc;
+        let layout = match &fourcc.0 {
+            b"YU12" => Layout::Yu12,
+            b"NV12" => Layout::Nv12,
+            b"YUYV" => Layout::Yuyv,
+            b"RGB3" => Layout::Rgb(RgbOrder::Rgb),
+            b"BGR3" => Layout::Rgb(RgbOrder::Bgr),
+            _ => Layout::Mjpeg,
         };
-        let candidates: Vec<FourCC> = wanted
-            .iter()
-            .map(|f| FourCC::new(f))
-            .filter(|f| offered.iter().any(|d| d.fourcc == *f))
-            .collect();
-        // With "auto", the first format that can do the configured size and rate wins (a USB
-        // camera's YUYV often stops at 10 fps where its MJPEG does 30), else the first that
-        // can do the size, else the first offered.
-        let fit = |f: &FourCC| mode_support(&device, *f, req.width, req.height, req.fps);
-        let Some(fourcc) = candidates
-            .iter()
-            .find(|f| fit(f) == (true, true))
-            .or_else(|| candidates.iter().find(|f| fit(f).0))
-            .or(candidates.first())
-            .copied()
-        else {
-            return Err(SourceError::Unsupported(format!(
-                "{} offers {}; capture.format = {:?} needs one of {}",
-                path.display(),
-                offered_names.join(", "),
-                req.format,
-                wanted
-                    .iter()
-                    .map(|f| String::from_utf8_lossy(*f).into_owned())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+        // Bytes per pixel of the first plane (0: compressed).
+        let pixel_bytes = match layout {
+            Layout::Yu12 | Layout::Nv12 => 1,
+            Layout::Yuyv => 2,
+            Layout::Rgb(_) => 3,
+            Layout::Mjpeg => 0,
         };
-        let mut wanted_format = Format::new(req.width, req.height, fourcc);
-        let compressed = matches!(&fourcc.repr, b"MJPG" | b"JPEG");
-        if req.stride_align > 1 && !compressed {
-            // Padded lines: the luma (or packed YUYV) line rounded up; 0 lets the driver choose.
-            let natural = if &fourcc.repr == b"YUYV" {
-                req.width * 2
-            } else {
-                req.width
-            };
-            wanted_format.stride = natural.next_multiple_of(req.stride_align);
+        let mut wanted_format = PixFormat {
+            width: req.width,
+            height: req.height,
+            fourcc,
+            bytesperline: 0,
+            sizeimage: 0,
+        };
+        if req.stride_align > 1 && pixel_bytes > 0 {
+            // Padded lines: the first plane's line rounded up; 0 lets the driver choose.
+            wanted_format.bytesperline =
+                (req.width * pixel_bytes).next_multiple_of(req.stride_align);
         }
         let got = device
-            .set_format(&wanted_format)
+            .s_fmt(QUEUE, &wanted_format)
             .map_err(|e| io_err("VIDIOC_S_FMT", path, e))?;
         if got.fourcc != fourcc {
             return Err(SourceError::Unsupported(format!(
-                "{} switched the format to {} instead of {}; it offers {}",
+                "{} switched the format to {} instead of {fourcc}",
                 path.display(),
-                fourcc_str(got.fourcc),
-                fourcc_str(fourcc),
-                offered_names.join(", ")
+                got.fourcc,
             )));
         }
         if (got.width, got.height) != (req.width, req.height) {
             let sizes = device
                 .enum_framesizes(fourcc)
-                .map(|s| {
-                    s.into_iter()
-                        .map(|fs| match fs.size {
-                            v4l::framesize::FrameSizeEnum::Discrete(d) => d.to_string(),
-                            v4l::framesize::FrameSizeEnum::Stepwise(s) => s.to_string(),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
+                .map(|s| s.iter().map(describe_size).collect::<Vec<_>>().join(", "))
                 .unwrap_or_default();
             tracing::warn!(
                 requested = %format!("{}x{}", req.width, req.height),
@@ -161,55 +140,176 @@ impl Camera {
                 path.display()
             )));
         }
-        let params = device
-            .set_params(&v4l::video::capture::Parameters::with_fps(req.fps))
-            .map_err(|e| io_err("VIDIOC_S_PARM", path, e))?;
-        let fps = params
-            .interval
-            .denominator
-            .checked_div(params.interval.numerator)
-            .map_or(req.fps, |f| f.max(1));
-        let layout = match &fourcc.repr {
-            b"YU12" => Layout::Yu12,
-            b"NV12" => Layout::Nv12,
-            b"YUYV" => Layout::Yuyv,
-            _ => Layout::Mjpeg,
+        let fps = match device.s_parm_fps(QUEUE, req.fps) {
+            Ok(0) => req.fps,
+            Ok(fps) => fps,
+            // libcamera's V4L2 compatibility layer (0.0.3) has no VIDIOC_S_PARM: the camera
+            // runs at its default rate.
+            Err(e) if unsupported(&e) => {
+                tracing::info!(device = %path.display(), "the driver takes no frame rate (VIDIOC_S_PARM: {e}); using its own");
+                req.fps
+            }
+            Err(e) => return Err(io_err("VIDIOC_S_PARM", path, e)),
         };
-        let min_stride = match layout {
-            Layout::Yuyv => got.width * 2,
-            _ => got.width,
-        };
-        let stride = got.stride.max(min_stride) as usize;
-        let mut stream = Stream::with_buffers(&device, Type::VideoCapture, req.buffers)
-            .map_err(|e| io_err("VIDIOC_REQBUFS/mmap", path, e))?;
-        stream.set_timeout(DEQUEUE_TIMEOUT);
-        let info = SourceInfo {
-            width: got.width,
-            height: got.height,
-            fps,
-            pixel_format: fourcc_str(fourcc),
-            stride: stride as u32,
-        };
-        tracing::info!(
-            device = %path.display(),
-            format = %info.pixel_format,
-            width = info.width,
-            height = info.height,
-            fps,
-            stride,
-            "camera streaming"
-        );
-        Ok(Self {
-            stream: Some(stream),
+        let stride = (got.bytesperline.max(got.width * pixel_bytes)) as usize;
+        let count = device
+            .reqbufs(QUEUE, Memory::Mmap, req.buffers)
+            .map_err(|e| io_err("VIDIOC_REQBUFS", path, e))?;
+        if count == 0 {
+            return Err(SourceError::Device(format!(
+                "{} allocated no capture buffers",
+                path.display()
+            )));
+        }
+        let mut camera = Self {
+            buffers: Vec::with_capacity(count as usize),
+            dmabufs: Vec::new(),
             device,
             layout,
-            info,
+            info: SourceInfo {
+                width: got.width,
+                height: got.height,
+                fps,
+                pixel_format: fourcc.to_string(),
+                stride: stride as u32,
+            },
             stride,
             converter: Converter::default(),
+            rgb: RgbConverter::default(),
             mjpeg: MjpegDecoder::default(),
             seq: 0,
-            control_ids: Default::default(),
+            control_ids: HashMap::new(),
+        };
+        // From here on Drop releases what was set up.
+        for index in 0..count {
+            let map = camera
+                .device
+                .map(QUEUE, index)
+                .map_err(|e| io_err("mmap", path, e))?;
+            camera.buffers.push(map);
+            camera
+                .device
+                .qbuf(QUEUE, Memory::Mmap, index, &QueueArgs::default())
+                .map_err(|e| io_err("VIDIOC_QBUF", path, e))?;
+        }
+        if layout == Layout::Yu12 {
+            match (0..count)
+                .map(|i| camera.device.expbuf(QUEUE, i))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(fds) => camera.dmabufs = fds,
+                Err(e) => {
+                    tracing::debug!(device = %path.display(), "VIDIOC_EXPBUF: {e}; no DMABUF for encoders")
+                }
+            }
+        }
+        camera
+            .device
+            .streamon(QUEUE)
+            .map_err(|e| io_err("VIDIOC_STREAMON", path, e))?;
+        tracing::info!(
+            device = %path.display(),
+            format = %camera.info.pixel_format,
+            width = camera.info.width,
+            height = camera.info.height,
+            fps,
+            stride,
+            buffers = count,
+            "camera streaming"
+        );
+        Ok(camera)
+    }
+}
+
+/// The pixel format capture will use, and why (what `rtcam probe` prints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FormatChoice {
+    pub fourcc: FourCc,
+    pub why: String,
+}
+
+/// Picks the pixel format for `req` among what the device offers. With `format = "auto"`, the
+/// first supported format (in `SUPPORTED` order) that can do the configured size and rate
+/// wins (a USB camera's YUYV often stops at 10 fps where its MJPEG does 30), else the first
+/// that can do the size, else the first offered.
+pub(crate) fn choose_format(
+    device: &Device,
+    req: &CaptureConfig,
+) -> Result<FormatChoice, SourceError> {
+    let path = device.path();
+    let offered = device
+        .enum_formats(QUEUE)
+        .map_err(|e| io_err("VIDIOC_ENUM_FMT", path, e))?;
+    let offered_names: Vec<String> = offered.iter().map(|d| d.fourcc.to_string()).collect();
+    let wanted: Vec<&[u8; 4]> = match req.format {
+        PixelFormatChoice::Auto => SUPPORTED.iter().map(|(_, f)| *f).collect(),
+        choice => SUPPORTED
+            .iter()
+            .filter(|(c, _)| *c == choice)
+            .map(|(_, f)| *f)
+            .collect(),
+    };
+    let candidates: Vec<FourCc> = wanted
+        .iter()
+        .map(|f| FourCc::new(f))
+        .filter(|f| offered.iter().any(|d| d.fourcc == *f))
+        .collect();
+    let fit = |f: &FourCc| mode_support(device, *f, req.width, req.height, req.fps);
+    let mode = format!("{}x{} at {} fps", req.width, req.height, req.fps);
+    let choice = if let Some(f) = candidates.iter().find(|f| fit(f) == (true, true)) {
+        Some((*f, format!("the first rtcam takes that does {mode}")))
+    } else if let Some(f) = candidates.iter().find(|f| fit(f).0) {
+        Some((
+            *f,
+            format!("no format does {mode}; the first that does the size"),
+        ))
+    } else {
+        candidates.first().map(|f| {
+            (
+                *f,
+                format!(
+                    "none lists {}x{}; the first rtcam takes",
+                    req.width, req.height
+                ),
+            )
         })
+    };
+    let Some((fourcc, why)) = choice else {
+        return Err(SourceError::Unsupported(format!(
+            "{} offers {}; capture.format = {:?} needs one of {}",
+            path.display(),
+            offered_names.join(", "),
+            req.format,
+            wanted
+                .iter()
+                .map(|f| String::from_utf8_lossy(*f).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let usable: Vec<&str> = offered_names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| SUPPORTED.iter().any(|(_, f)| f.as_slice() == n.as_bytes()))
+        .collect();
+    let why = match req.format {
+        PixelFormatChoice::Auto => format!(
+            "format = auto: {why} (of {} formats offered, rtcam takes {})",
+            offered_names.len(),
+            usable.join(", ")
+        ),
+        _ => format!("capture.format = \"{fourcc}\""),
+    };
+    Ok(FormatChoice { fourcc, why })
+}
+
+pub(crate) fn describe_size(s: &FrameSize) -> String {
+    match s {
+        FrameSize::Discrete { width, height } => format!("{width}x{height}"),
+        FrameSize::Stepwise { min, max, step } => format!(
+            "{}x{}-{}x{} step {}x{}",
+            min.0, min.1, max.0, max.1, step.0, step.1
+        ),
     }
 }
 
@@ -223,80 +323,132 @@ impl FrameSource for Camera {
             .device
             .query_controls()
             .map_err(|e| ControlError::Failed(format!("VIDIOC_QUERY_EXT_CTRL: {e}")))?;
-        let mut ids = Vec::new();
+        let mut ids = HashMap::new();
         let mut out = Vec::new();
         for d in descriptions {
-            let id = d.id;
-            if let Some(info) = self.describe(d) {
-                ids.push(id);
+            if let Some(info) = self.describe(&d) {
+                ids.insert(
+                    info.name.clone(),
+                    (d.id, d.kind == ControlDesc::TYPE_INTEGER64),
+                );
                 out.push(info);
             }
         }
-        self.control_ids = out.iter().map(|c| c.name.clone()).zip(ids).collect();
+        self.control_ids = ids;
         Ok(out)
     }
 
     fn set_control(&mut self, info: &ControlInfo, value: i64) -> Result<i64, ControlError> {
-        let id = *self
+        let (id, wide) = *self
             .control_ids
             .get(&info.name)
             .ok_or_else(|| ControlError::Unknown(info.name.clone()))?;
-        let v = match info.kind {
-            ControlKind::Boolean => v4l::control::Value::Boolean(value != 0),
-            _ => v4l::control::Value::Integer(value),
+        let value = match info.kind {
+            ControlKind::Boolean => i64::from(value != 0),
+            _ => value,
         };
         self.device
-            .set_control(v4l::control::Control { id, value: v })
-            .map_err(|e| ControlError::Failed(format!("VIDIOC_S_CTRL {}: {e}", info.name)))?;
-        Ok(value)
+            .set_control(id, value, wide)
+            .map_err(|e| ControlError::Failed(format!("VIDIOC_S_EXT_CTRLS {}: {e}", info.name)))
     }
 
     fn next_frame(
         &mut self,
         consume: &mut dyn FnMut(&I420View<'_>, CapturedFrame),
     ) -> Result<(), SourceError> {
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(SourceError::Device("camera already released".into()));
-        };
-        let (buf, meta) = match CaptureStream::next(stream) {
-            Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+        let path = self.device.path().to_owned();
+        let deadline = Instant::now() + DEQUEUE_TIMEOUT;
+        let dequeued = loop {
+            match self.device.dqbuf(QUEUE, Memory::Mmap) {
+                Ok(Some(d)) => break d,
+                Ok(None) => {}
+                Err(e) => return Err(io_err("VIDIOC_DQBUF", &path, e)),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(SourceError::Stalled(DEQUEUE_TIMEOUT));
             }
-            Err(e) => return Err(SourceError::Device(format!("VIDIOC_DQBUF: {e}"))),
+            let ready = self
+                .device
+                .poll(left)
+                .map_err(|e| io_err("poll", &path, e))?;
+            if ready.error && !ready.readable {
+                // The device is gone or stopped streaming: DQBUF says which.
+                match self.device.dqbuf(QUEUE, Memory::Mmap) {
+                    Ok(Some(d)) => break d,
+                    Ok(None) => {
+                        return Err(SourceError::Device(format!(
+                            "{}: poll error",
+                            path.display()
+                        )));
+                    }
+                    Err(e) => return Err(io_err("VIDIOC_DQBUF", &path, e)),
+                }
+            }
         };
         let captured_at = Instant::now();
+        let index = dequeued.index as usize;
+        let Some(buf) = self.buffers.get(index) else {
+            return Err(SourceError::Device(format!(
+                "{} returned buffer {index} of {}",
+                path.display(),
+                self.buffers.len()
+            )));
+        };
         // The driver says how much of the buffer holds this frame; never read past it.
-        let used = (meta.bytesused as usize).min(buf.len());
-        let data = &buf[..used];
+        let used = (dequeued.bytesused as usize).min(buf.len());
+        let data = &buf.as_slice()[..used];
         let (w, h) = (self.info.width as usize, self.info.height as usize);
+        let seq = self.seq;
         let frame = |bytes_copied| CapturedFrame {
-            seq: self.seq,
+            seq,
             captured_at,
             bytes_copied,
+            dmabuf: None,
         };
-        let result = match self.layout {
-            Layout::Yu12 => I420View::from_contiguous(data, w, h, self.stride)
-                .map_err(|e| ConvertError::from(e).to_string())
-                .map(|view| consume(&view, frame(0))),
-            Layout::Nv12 => self
-                .converter
-                .nv12(data, w, h, self.stride)
-                .map_err(|e| e.to_string())
-                .map(|(view, copied)| consume(&view, frame(copied))),
-            Layout::Yuyv => self
-                .converter
-                .yuyv(data, w, h, self.stride)
-                .map_err(|e| e.to_string())
-                .map(|(view, copied)| consume(&view, frame(copied))),
-            // The decoded picture counts as copied: it is written once, then encoded.
-            Layout::Mjpeg => self
-                .mjpeg
-                .decode(data, w, h)
-                .map_err(|e| e.to_string())
-                .map(|(view, written)| consume(&view, frame(written))),
+        let result = if dequeued.is_error() {
+            Err("the driver flagged the buffer as corrupt (V4L2_BUF_FLAG_ERROR)".to_owned())
+        } else {
+            match self.layout {
+                Layout::Yu12 => {
+                    let dmabuf = self.dmabufs.get(index).map(|fd| DmaBufRef {
+                        index: dequeued.index,
+                        buffers: self.buffers.len() as u32,
+                        fd: fd.as_raw_fd(),
+                        length: buf.len() as u32,
+                    });
+                    I420View::from_contiguous(data, w, h, self.stride)
+                        .map_err(|e| ConvertError::from(e).to_string())
+                        .map(|view| consume(&view, CapturedFrame { dmabuf, ..frame(0) }))
+                }
+                Layout::Nv12 => self
+                    .converter
+                    .nv12(data, w, h, self.stride)
+                    .map_err(|e| e.to_string())
+                    .map(|(view, copied)| consume(&view, frame(copied))),
+                Layout::Yuyv => self
+                    .converter
+                    .yuyv(data, w, h, self.stride)
+                    .map_err(|e| e.to_string())
+                    .map(|(view, copied)| consume(&view, frame(copied))),
+                Layout::Rgb(order) => self
+                    .rgb
+                    .convert(data, order, w, h, self.stride)
+                    .map_err(|e| e.to_string())
+                    .map(|(view, written)| consume(&view, frame(written))),
+                // The decoded picture counts as copied: it is written once, then encoded.
+                Layout::Mjpeg => self
+                    .mjpeg
+                    .decode(data, w, h)
+                    .map_err(|e| e.to_string())
+                    .map(|(view, written)| consume(&view, frame(written))),
+            }
         };
         self.seq += 1;
+        // The buffer goes back to the driver whatever became of its picture.
+        self.device
+            .qbuf(QUEUE, Memory::Mmap, dequeued.index, &QueueArgs::default())
+            .map_err(|e| io_err("VIDIOC_QBUF", &path, e))?;
         // A short or corrupt buffer is one bad frame, not a dead camera.
         result.map_err(SourceError::BadFrame)
     }
@@ -306,18 +458,19 @@ impl FrameSource for Camera {
 /// A driver that cannot enumerate sizes or intervals is taken at its word (true).
 fn mode_support(
     device: &Device,
-    fourcc: FourCC,
+    fourcc: FourCc,
     width: u32,
     height: u32,
     fps: u32,
 ) -> (bool, bool) {
-    use v4l::framesize::FrameSizeEnum;
     let size_ok = match device.enum_framesizes(fourcc) {
-        Ok(sizes) if !sizes.is_empty() => sizes.iter().any(|s| match &s.size {
-            FrameSizeEnum::Discrete(d) => (d.width, d.height) == (width, height),
-            FrameSizeEnum::Stepwise(s) => {
-                (s.min_width..=s.max_width).contains(&width)
-                    && (s.min_height..=s.max_height).contains(&height)
+        Ok(sizes) if !sizes.is_empty() => sizes.iter().any(|s| match *s {
+            FrameSize::Discrete {
+                width: w,
+                height: h,
+            } => (w, h) == (width, height),
+            FrameSize::Stepwise { min, max, .. } => {
+                (min.0..=max.0).contains(&width) && (min.1..=max.1).contains(&height)
             }
         }),
         _ => true,
@@ -326,49 +479,38 @@ fn mode_support(
         return (false, false);
     }
     let fps_ok = match device.enum_frameintervals(fourcc, width, height) {
-        Ok(intervals) if !intervals.is_empty() => intervals.iter().any(|i| match &i.interval {
-            v4l::frameinterval::FrameIntervalEnum::Discrete(f) => {
-                f.numerator > 0 && f.denominator / f.numerator >= fps
-            }
-            v4l::frameinterval::FrameIntervalEnum::Stepwise(s) => {
-                // The shortest interval is the highest rate.
-                s.min.numerator > 0 && s.min.denominator / s.min.numerator >= fps
-            }
-        }),
+        Ok(rates) if !rates.is_empty() => rates.iter().any(|r| r.max_fps >= fps),
         _ => true,
     };
     (true, fps_ok)
 }
 
 impl Camera {
-    fn describe(&self, d: v4l::control::Description) -> Option<ControlInfo> {
-        use v4l::control::{Flags, MenuItem, Type};
-        if d.flags.intersects(Flags::DISABLED | Flags::READ_ONLY) {
+    fn describe(&self, d: &ControlDesc) -> Option<ControlInfo> {
+        if d.is_disabled_or_read_only() {
             return None;
         }
-        let kind = match d.typ {
-            Type::Integer => ControlKind::Integer,
-            Type::Boolean => ControlKind::Boolean,
-            Type::Menu | Type::IntegerMenu => ControlKind::Menu,
+        let kind = match d.kind {
+            ControlDesc::TYPE_INTEGER | ControlDesc::TYPE_INTEGER64 => ControlKind::Integer,
+            ControlDesc::TYPE_BOOLEAN => ControlKind::Boolean,
+            ControlDesc::TYPE_MENU | ControlDesc::TYPE_INTEGER_MENU => ControlKind::Menu,
             _ => return None,
         };
-        let value = match self.device.control(d.id).ok()?.value {
-            v4l::control::Value::Integer(v) => v,
-            v4l::control::Value::Boolean(b) => i64::from(b),
-            _ => return None,
+        let value = self
+            .device
+            .get_control(d.id, d.kind == ControlDesc::TYPE_INTEGER64)
+            .ok()?;
+        let menu = if kind == ControlKind::Menu {
+            let integer = d.kind == ControlDesc::TYPE_INTEGER_MENU;
+            (d.minimum..=d.maximum)
+                .filter_map(|i| {
+                    let index = u32::try_from(i).ok()?;
+                    Some((i, self.device.menu_item(d.id, index, integer)?))
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
-        let menu = d
-            .items
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(i, item)| {
-                let label = match item {
-                    MenuItem::Name(n) => n,
-                    MenuItem::Value(v) => v.to_string(),
-                };
-                (i64::from(i), label)
-            })
-            .collect();
         Some(ControlInfo {
             name: normalize_name(&d.name),
             kind,
@@ -384,13 +526,15 @@ impl Camera {
 
 impl Drop for Camera {
     fn drop(&mut self) {
-        // v4l's Stream panics in its Drop when STREAMOFF fails with anything but ENODEV (a
-        // camera in a bad state); contain that so releasing a broken camera is logged, not fatal.
-        if let Some(stream) = self.stream.take() {
-            let released = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(stream)));
-            if released.is_err() {
-                tracing::warn!("VIDIOC_STREAMOFF failed while releasing the camera");
-            }
+        // Stop, unmap, then free the buffers (REQBUFS 0 fails while they are mapped). A camera
+        // that is gone answers ENODEV to all of it; nothing here can be retried.
+        if let Err(e) = self.device.streamoff(QUEUE)
+            && e.raw_os_error() != Some(libc::ENODEV)
+        {
+            tracing::info!(device = %self.device.path().display(), "VIDIOC_STREAMOFF while releasing the camera: {e}");
         }
+        self.buffers.clear();
+        self.dmabufs.clear();
+        let _ = self.device.reqbufs(QUEUE, Memory::Mmap, 0);
     }
 }

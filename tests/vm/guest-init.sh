@@ -1,7 +1,9 @@
 #!/bin/busybox sh
-# The VM tests' /init: loads vivid, runs every case in /cases with rtcam against /dev/video0,
+# The VM tests' /init: loads vivid and the other test drivers, runs every case in /cases,
 # writes the results as a tar stream onto the raw virtio disk, and powers off.
-# Case lines: NAME|ENV ASSIGNMENTS|RTCAM RECORD ARGUMENTS|KIND (plain or fault).
+# Case lines: NAME|ENV ASSIGNMENTS|COMMAND|KIND (plain, fault, or mplane: plain after
+# reloading vicodec with multiplanar=1); a case's standard output
+# goes to /out/NAME.json, its standard error to /out/NAME.log, its exit code to /out/NAME.rc.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /out /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s /bin
 export PATH=/bin LD_LIBRARY_PATH=/lib
@@ -13,21 +15,51 @@ say() { echo "vmtest: $*"; }
 now_ms() { adjtimex | awk '/tv_sec/ { s = $2 } /tv_usec/ { u = $2 } END { printf "%d%03d\n", s, u / 1000 }'; }
 
 say "kernel $(uname -r) on $(uname -m), $(grep -c ^processor /proc/cpuinfo) cpu"
+# Each module's insmod result goes to /out/modules.txt; the host fails the run by name when
+# one did not load or its device nodes are missing (see /out/nodes.txt).
 while read -r mod args; do
-    insmod "/modules/$mod" $args || say "insmod $mod failed"
+    # shellcheck disable=SC2086
+    insmod "/modules/$mod" $args 2>>/out/insmod.log
+    rc=$?
+    echo "${mod%.ko} $rc" >>/out/modules.txt
+    [ $rc = 0 ] || say "insmod $mod failed ($rc): $(tail -1 /out/insmod.log)"
 done </modules/order
 i=0
 while [ ! -e /dev/video0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 [ -e /dev/video0 ] || say "FAIL: /dev/video0 did not appear"
 say "/dev/video0 ready after $(cut -d' ' -f1 /proc/uptime) s of uptime"
+# The V4L2 and media-controller nodes the drivers created (node, name / model).
+for d in /sys/class/video4linux/*; do
+    [ -e "$d/name" ] && echo "v4l2 /dev/${d##*/} $(cat "$d/name")" >>/out/nodes.txt
+done
+for d in /sys/bus/media/devices/*; do
+    [ -e "$d/model" ] && echo "media /dev/${d##*/} $(cat "$d/model")" >>/out/nodes.txt
+done
+say "nodes: $(awk '{ print $2 }' /out/nodes.txt | tr '\n' ' ')"
+# There is no udevd here, and libcamera enumerates only devices udev has initialised: write
+# the (empty) udev database entries udevd would, for the media and V4L2 nodes.
+mkdir -p /run/udev/data
+for d in /sys/bus/media/devices/* /sys/class/video4linux/*; do
+    [ -e "$d/dev" ] && echo "I:1" >"/run/udev/data/c$(cat "$d/dev")"
+done
+# Stable names for the cases (no udev here): /dev/by-name/<node name, spaces and / as ->.
+mkdir -p /dev/by-name
+while read -r kind node name; do
+    [ "$kind" = v4l2 ] && ln -s "$node" "/dev/by-name/$(echo "$name" | tr ' /' '--')"
+done </out/nodes.txt
 VIVID=/sys/bus/platform/drivers/vivid
 
-run_fault() { # name args...: record while vivid is unbound for 2 s, then bound again
+run_fault() { # name command...: run while vivid is unbound for 2 s, then bound again
     name=$1; shift
-    /rtcam record "$@" >"/out/$name.json" 2>"/out/$name.log" &
+    "$@" >"/out/$name.json" 2>"/out/$name.log" &
     pid=$!
+    # Capture runs once the camera is opened after the controls were set (setting a control
+    # opens the camera briefly, without capturing, when nothing streams yet).
+    capturing() {
+        awk '/control set/ { c = 1 } c && /camera opened/ { found = 1 } END { exit !found }' "/out/$name.log"
+    }
     i=0
-    while ! grep -q "capture started" "/out/$name.log" && kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do
+    while ! capturing && kill -0 $pid 2>/dev/null && [ $i -lt 300 ]; do
         sleep 0.1; i=$((i + 1))
     done
     sleep 1.5
@@ -42,23 +74,31 @@ run_fault() { # name args...: record while vivid is unbound for 2 s, then bound 
     echo $? >"/out/$name.rc"
 }
 
-while IFS='|' read -r name envs args kind; do
+while IFS='|' read -r name envs command kind; do
     [ -n "$name" ] || continue
     start=$(now_ms)
+    if [ "$kind" = mplane ]; then
+        # vicodec again, in its multi-planar mode (the API bcm2835-codec uses).
+        rmmod vicodec && insmod /modules/vicodec.ko multiplanar=1 \
+            || say "$name: reloading vicodec with multiplanar=1 failed"
+        kind=plain
+    fi
     if [ "$kind" = fault ]; then
         # shellcheck disable=SC2086
         export $envs
         # shellcheck disable=SC2086
-        run_fault "$name" $args
+        run_fault "$name" $command
         for kv in $envs; do unset "${kv%%=*}"; done
     else
         # shellcheck disable=SC2086
-        env $envs /rtcam record $args >"/out/$name.json" 2>"/out/$name.log"
+        env $envs $command >"/out/$name.json" 2>"/out/$name.log"
         echo $? >"/out/$name.rc"
     fi
     say "$name: exit $(cat "/out/$name.rc") in $(($(now_ms) - start)) ms"
 done </cases
 
 cp /proc/uptime /out/uptime
+cp /proc/devices /out/proc-devices.txt
+dmesg >/out/dmesg.txt
 tar -C /out -cf /dev/vda . && sync && say "results written"
 poweroff -f

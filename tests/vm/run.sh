@@ -38,7 +38,14 @@ die() { printf 'tests/vm/run.sh: error: %s\n' "$*" >&2; exit 1; }
 die_missing() { printf 'tests/vm/run.sh: MISSING: %s\n' "$*" >&2; exit 1; }
 
 step "system packages"
-PKGS=(qemu-system-x86 qemu-system-arm busybox-static file binutils binutils-aarch64-linux-gnu)
+PKGS=(qemu-system-x86 qemu-system-arm busybox-static file binutils binutils-aarch64-linux-gnu make gcc-12)
+# The test driver modules are cross-compiled for the aarch64 guest (tests/vm/build-modules.sh).
+[[ " ${arches[*]} " == *" aarch64 "* ]] && PKGS+=(gcc-12-aarch64-linux-gnu)
+# Debian 12's libcamera (0.0.3: vimc pipeline handler, IPA modules, the V4L2 compatibility
+# layer v4l2-compat.so, libcamerify from libcamera-tools) and the libraries it links that a build host may lack, for the x86_64
+# guest: downloaded and unpacked into the initramfs, not installed.
+LIBCAMERA_PKGS=(libcamera0.0.3 libcamera-ipa libcamera-v4l2 libcamera-tools liblttng-ust1 liblttng-ust-common1
+    liblttng-ust-ctl5 libnuma1 libdw1 libelf1 libunwind8 libyaml-0-2)
 # shellcheck source=cross/apt.sh
 . "$REPO/cross/apt.sh"
 ensure_packages "${PKGS[@]}"
@@ -103,16 +110,43 @@ for arch in "${arches[@]}"; do
     fi
     ls "$CACHE/debs/${pkg}_"*"_$deb_arch.deb" >/dev/null 2>&1 \
         || die_missing "$pkg .deb in $CACHE/debs"
+    if [[ "$arch" == x86_64 ]]; then
+        step "$arch: Debian's libcamera ($CACHE/debs)"
+        for p in "${LIBCAMERA_PKGS[@]}"; do
+            fetch_deb "$p:$deb_arch" "$deb_arch" || die_missing "$p:$deb_arch .deb (apt-get download failed)"
+        done
+    fi
 done
 
-step "VM tests: ${arches[*]}"
+# Extracts Debian's libcamera packages for the guest (cached, keyed by the .deb names) and
+# prints the directory.
+libcamera_root() {
+    local deb_arch="$1" root="$CACHE/$1/libcamera" debs=() p f
+    for p in "${LIBCAMERA_PKGS[@]}"; do
+        f=("$CACHE/debs/${p}_"*"_$deb_arch.deb")
+        [[ -f "${f[-1]}" ]] || die_missing "$p:$deb_arch .deb in $CACHE/debs"
+        debs+=("${f[-1]}")
+    done
+    if [[ "$(cat "$root/.from" 2>/dev/null)" != "${debs[*]##*/}" ]]; then
+        rm -rf "$root"
+        mkdir -p "$root"
+        for f in "${debs[@]}"; do dpkg-deb -x "$f" "$root"; done
+        echo "${debs[*]##*/}" >"$root/.from"
+    fi
+    echo "$root"
+}
+
 args=()
 for arch in "${arches[@]}"; do
+    step "$arch: test driver modules (vimc, vicodec, v4l2loopback) for the guest kernel"
+    modules="$(tests/vm/build-modules.sh "$arch")"
     case "$arch" in
-        x86_64) args+=(--arch x86_64 --rtcam "$RTCAM_BIN") ;;
-        aarch64) args+=(--arch aarch64 --rtcam "$RTCAM_ARM_BIN") ;;
+        x86_64) args+=(--arch x86_64 --rtcam "$RTCAM_BIN" --modules "$modules" --libcamera "$(libcamera_root amd64)") ;;
+        aarch64) args+=(--arch aarch64 --rtcam "$RTCAM_ARM_BIN" --modules "$modules" --libcamera none) ;;
     esac
 done
+step "VM tests: ${arches[*]}"
 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    "$VENV_PY" tests/vm/vmtest.py --cache "$CACHE" --timeout "$VM_TIMEOUT_S" "${args[@]}"
+    "$VENV_PY" tests/vm/vmtest.py --cache "$CACHE" --timeout "$VM_TIMEOUT_S" \
+    ${VM_ONLY:+--only "$VM_ONLY"} "${args[@]}"
 step "VM tests passed in $((SECONDS - started)) s"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -81,8 +82,32 @@ ARCHES = {
     ),
 }
 
-MODULES = ["vivid", "virtio_pci", "virtio_blk"]
+# The M2M cases: one segment per size (vicodec needs at least 640x360; the second size
+# restarts the encoder), frames per segment, and the keyframe interval set through the GOP
+# control.
+M2M_SIZES = [(640, 480), (640, 360)]
+M2M_FRAMES = 20
+M2M_GOP = 5
 VIVID_ARGS = "n_devs=1 node_types=0x1 num_inputs=1 input_types=0x0 vid_cap_nr=0 no_error_inj=1"
+# Modules the guest loads, in this order (each after its dependencies), with their arguments.
+# vivid comes first so that its capture node is /dev/video0. vimc, vicodec and v4l2loopback
+# are not in Debian's kernel package: tests/vm/build-modules.sh builds them for it.
+GUEST_MODULES = [
+    ("vivid", VIVID_ARGS),
+    ("vimc", ""),
+    ("vicodec", ""),
+    ("v4l2loopback", "devices=1 card_label=rtcam-loopback"),
+    ("virtio_pci", ""),
+    ("virtio_blk", ""),
+]
+# What each test driver must create in the guest: V4L2 node names (/sys/class/video4linux/*/
+# name: video nodes and sub-devices) and media-controller models (/sys/bus/media/devices/*/model).
+EXPECTED_NODES = {
+    "vivid": (["vivid-000-vid-cap"], []),
+    "vimc": (["Raw Capture 0", "Raw Capture 1", "RGB/YUV Capture", "Sensor A", "Debayer A", "Scaler"], ["VIMC MDEV"]),
+    "vicodec": (["stateful-encoder", "stateful-decoder", "stateless-decoder"], ["vicodec"]),
+    "v4l2loopback": (["rtcam-loopback"], []),
+}
 
 
 @dataclass
@@ -96,11 +121,24 @@ class Case:
     controls: dict[str, int] = field(default_factory=dict)
     kind: str = "plain"  # plain | fault | refused
     expect_rc: int = 0
+    device: str = "/dev/video0"  # vivid
+    # Runs rtcam through this (e.g. libcamerify, which preloads libcamera's v4l2-compat.so).
+    wrapper: str = ""
+    # vivid's controls (see command()); other drivers do not have them.
+    vivid: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+    # M2M cases: reload vicodec with multiplanar=1 first.
+    mplane: bool = False
 
     def env(self) -> str:
+        if self.kind == "m2m":
+            return "RTCAM__LOG__LEVEL=info"
+        if self.kind == "probe":
+            return f"RTCAM__CAPTURE__DEVICE={self.device} RTCAM__CAPTURE__WIDTH={self.width} RTCAM__CAPTURE__HEIGHT={self.height}"
         e = {
+            **self.extra_env,
             "RTCAM__CAPTURE__SOURCE": "v4l2",
-            "RTCAM__CAPTURE__DEVICE": "/dev/video0",
+            "RTCAM__CAPTURE__DEVICE": self.device,
             "RTCAM__CAPTURE__FORMAT": self.fmt or "auto",
             "RTCAM__CAPTURE__WIDTH": self.width,
             "RTCAM__CAPTURE__HEIGHT": self.height,
@@ -110,18 +148,25 @@ class Case:
         }
         return " ".join(f"{k}={v}" for k, v in e.items())
 
-    def args(self) -> str:
+    def command(self) -> str:
+        if self.kind == "probe":
+            return "/rtcam probe"
+        if self.kind == "m2m":
+            sizes = " ".join(f"--size {w}x{h}" for w, h in M2M_SIZES)
+            return (f"/rtcam m2m-check --camera {self.device} {sizes} --frames {self.frames} --gop {M2M_GOP} "
+                    f"--input {self.fmt} --output-dir /out/{self.name}")
         timeout = 240 if self.kind == "fault" else 120
-        a = f"--frames {self.frames} --output /out/{self.name}.h264 --timeout {timeout}"
+        a = f"{self.wrapper} /rtcam record --frames {self.frames} --output /out/{self.name}.h264 --timeout {timeout}"
         # vivid draws status text over the top of the picture (several 16-line rows, most of a
         # 180-line frame); its "OSD Text Mode" menu control, set through rtcam's control path
         # like any other, switches that off so the colour bars are all there is.
-        for k, v in {"osd_text_mode": 2, **self.controls}.items():
+        vivid = {"osd_text_mode": 2} if self.vivid else {}
+        for k, v in {**vivid, **self.controls}.items():
             a += f" --control {k}={v}"
         return a
 
 
-def cases(arch: Arch) -> list[Case]:
+def cases(arch: Arch, libcamera: bool) -> list[Case]:
     out = []
     n = arch.frames
     # 320x180 and 640x360 are sizes of vivid's webcam input. At 640x360 the driver picks the
@@ -136,6 +181,27 @@ def cases(arch: Arch) -> list[Case]:
     out.append(Case("brightness-192", "YU12", 640, 360, 10, controls={"brightness": 192}))
     out.append(Case("brightness-300", "YU12", 640, 360, 5, controls={"brightness": 300}, kind="refused", expect_rc=1))
     out.append(Case("fault", "YU12", 320, 180, arch.fault_frames, kind="fault"))
+    # What rtcam finds in the guest and would choose (the service's own selection code).
+    out.append(Case("probe", None, 640, 360, 0, kind="probe"))
+    # encoder.backend = "v4l2" where no V4L2 node encodes H.264 (vicodec's are FWHT): rtcam
+    # says why and encodes with openh264; the recording is complete.
+    out.append(Case("encoder-v4l2-missing", "YU12", 640, 360, 30, extra_env={"RTCAM__ENCODER__BACKEND": "v4l2"}))
+    # vivid -> vicodec's stateful encoder (FWHT) -> vicodec's decoder, through rtcam's M2M
+    # encoder: the camera's buffers imported as DMABUF where vicodec's layout matches (640x480),
+    # copied into MMAP buffers where it does not (640x360: vicodec wants 368-line buffers);
+    # then again with vicodec reloaded in its multi-planar mode (the API bcm2835-codec uses).
+    # vicodec's FWHT encoder takes ~0.2 s per 640x480 frame under TCG: 20 frames per size.
+    out.append(Case("m2m-dmabuf", "dmabuf", 0, 0, M2M_FRAMES, kind="m2m"))
+    out.append(Case("m2m-mplane-dmabuf", "dmabuf", 0, 0, M2M_FRAMES, kind="m2m", mplane=True))
+    if libcamera:
+        # vimc through libcamera (sensor -> debayer -> scaler -> capture, configured by
+        # libcamera's vimc pipeline handler), read through the V4L2 compatibility layer that
+        # libcamerify preloads (-d: its log names the camera it maps the node to). libcamera
+        # 0.0.3 offers packed RGB only, in both byte orders; its vimc handler scales by 3, so
+        # the width is a multiple of 6 (640 would come out as 636).
+        for fmt in ("BGR3", "RGB3"):
+            out.append(Case(f"libcamera-vimc-{fmt.lower()}", fmt, 720, 480, 30, device="/dev/by-name/RGB-YUV-Capture",
+                            wrapper="/usr/bin/libcamerify -d", vivid=False, kind="libcamera"))
     return out
 
 
@@ -167,11 +233,19 @@ def modinfo(path: Path) -> dict[str, str]:
     return info
 
 
-def resolve_modules(moddir: Path, wanted: list[str]) -> list[Path]:
-    """`wanted` and everything they depend on, dependencies first (as modules.dep would)."""
-    by_name = {}
-    for p in moddir.rglob("*.ko"):
-        by_name[p.stem.replace("-", "_")] = p
+def resolve_modules(moddirs: list[Path], wanted: list[str]) -> list[Path]:
+    """`wanted` and everything they depend on, dependencies first (as modules.dep would).
+    Modules are looked up in the kernel's tree and the extra directories, in that order; a
+    wanted module that is neither there nor built into the kernel (modules.builtin) is missing."""
+    by_name: dict[str, Path] = {}
+    for d in moddirs:
+        for p in d.rglob("*.ko"):
+            by_name.setdefault(p.stem.replace("-", "_"), p)
+    builtin_file = moddirs[0] / "modules.builtin"
+    builtin = {
+        Path(line.strip()).stem.replace("-", "_")
+        for line in (builtin_file.read_text().splitlines() if builtin_file.exists() else [])
+    }
     order: list[Path] = []
     seen: set[str] = set()
 
@@ -188,12 +262,11 @@ def resolve_modules(moddir: Path, wanted: list[str]) -> list[Path]:
         order.append(path)
 
     for w in wanted:
-        if w.replace("-", "_") not in by_name:
-            # virtio_pci etc. may be built in; vivid must be a module or built in somewhere.
-            continue
+        key = w.replace("-", "_")
+        if key not in by_name and key not in builtin:
+            die(f"MISSING: kernel module {w}: not in {', '.join(map(str, moddirs))} and not built in "
+                "(tests/vm/build-modules.sh builds vimc, vicodec and v4l2loopback)")
         visit(w)
-    if not any(p.stem == "vivid" for p in order):
-        die(f"no vivid.ko under {moddir}")
     return order
 
 
@@ -256,30 +329,59 @@ def elf_needs(arch: Arch, path: Path) -> tuple[list[str], str | None]:
     return needed, interp
 
 
-def add_libraries(arch: Arch, cpio: Cpio, binary: Path) -> list[str]:
-    """Copies the shared libraries `binary` links (recursively) into /lib; returns their names."""
+def add_libraries(arch: Arch, cpio: Cpio, binaries: list[Path], extra_dirs: list[Path] = ()) -> list[str]:
+    """Copies the shared libraries `binaries` link (recursively) into /lib, found in
+    `extra_dirs` first (unpacked packages), then the host's library directories; returns
+    their names."""
     added: list[str] = []
-    todo = [binary]
+    todo = list(binaries)
     interp_path = None
+    dirs = [Path(d) for d in extra_dirs] + [Path(d) for d in arch.lib_dirs]
     while todo:
-        needed, interp = elf_needs(arch, todo.pop())
+        binary = todo.pop()
+        needed, interp = elf_needs(arch, binary)
         if interp and interp_path is None:
             interp_path = interp
         for lib in needed:
             if lib in added:
                 continue
-            found = next((Path(d) / lib for d in arch.lib_dirs if (Path(d) / lib).exists()), None)
+            found = next((d / lib for d in dirs if (d / lib).exists()), None)
             if found is None:
-                die(f"{binary.name} needs {lib}, not found in {arch.lib_dirs}")
+                die(f"MISSING: {lib}, which {binary.name} needs, is not in {', '.join(map(str, dirs))}")
             cpio.file(f"/lib/{lib}", found.resolve().read_bytes(), 0o755)
             added.append(lib)
             todo.append(found.resolve())
     if interp_path is None:
-        die(f"{binary} has no program interpreter (not a dynamic executable?)")
+        die(f"{binaries[0]} has no program interpreter (not a dynamic executable?)")
     base = Path(interp_path).name
     if interp_path.strip("/") != f"lib/{base}":
         cpio.symlink(interp_path, f"/lib/{base}")
     return added
+
+
+def add_libcamera(arch: Arch, cpio: Cpio, root: Path) -> list[Path]:
+    """Debian's libcamera, unpacked by run.sh into `root`, at its installed paths (it finds
+    its IPA modules, their proxies and data there): the library, the V4L2 compatibility layer
+    (v4l2-compat.so, what libcamerify preloads) and the vimc IPA. Returns the ELF files whose
+    libraries the guest needs."""
+    libdir = f"usr/lib/{arch.name}-linux-gnu"
+    files = [
+        f"{libdir}/v4l2-compat.so",
+        "usr/bin/libcamerify",
+        f"{libdir}/libcamera/ipa_vimc.so",
+        f"{libdir}/libcamera/ipa_vimc.so.sign",
+        f"{libdir}/libcamera/vimc_ipa_proxy",
+        "usr/share/libcamera/ipa/vimc/vimc.conf",
+    ]
+    elves = []
+    for f in files:
+        src = root / f
+        if not src.exists():
+            die(f"MISSING: {f} in the unpacked libcamera packages ({root})")
+        cpio.file(f"/{f}", src.read_bytes(), 0o755)
+        if not f.endswith((".sign", ".conf", "libcamerify")):
+            elves.append(src)
+    return elves
 
 
 def busybox_binary(arch: Arch, cache: Path) -> Path:
@@ -316,25 +418,38 @@ def kernel_tree(arch: Arch, cache: Path) -> tuple[Path, Path]:
     return vmlinuz[-1], mods[-1]
 
 
-def build_initramfs(arch: Arch, cache: Path, rtcam: Path, case_list: list[Case], work: Path) -> tuple[Path, Path]:
-    """(kernel, initramfs): busybox, /init, vivid and virtio-blk modules, rtcam and its libraries."""
+def build_initramfs(
+    arch: Arch, cache: Path, rtcam: Path, case_list: list[Case], work: Path, extra_modules: Path,
+    libcamera: Path | None,
+) -> tuple[Path, Path]:
+    """(kernel, initramfs): busybox, /init, the test drivers and virtio-blk modules, rtcam and its libraries."""
     vmlinuz, moddir = kernel_tree(arch, cache)
+    if not extra_modules.is_dir():
+        die(f"MISSING: the test driver modules directory {extra_modules} (tests/vm/build-modules.sh)")
     cpio = Cpio()
     for d in ("bin", "dev", "proc", "sys", "tmp", "out", "lib", "modules"):
         cpio.mkdir(d)
     cpio.file("/bin/busybox", busybox_binary(arch, cache).read_bytes(), 0o755)
     cpio.file("/init", (HERE / "guest-init.sh").read_bytes(), 0o755)
     order = []
-    modules = resolve_modules(moddir, MODULES)
+    args = {name.replace("-", "_"): a for name, a in GUEST_MODULES}
+    modules = resolve_modules([moddir, extra_modules], [name for name, _ in GUEST_MODULES])
     for p in modules:
         cpio.file(f"/modules/{p.name}", p.read_bytes())
-        order.append(f"{p.name} {VIVID_ARGS}" if p.stem == "vivid" else p.name)
+        order.append(f"{p.name} {args.get(p.stem.replace('-', '_'), '')}".rstrip())
     cpio.file("/modules/order", ("\n".join(order) + "\n").encode())
     stripped = work / "rtcam"
     subprocess.run([arch.strip, "-o", str(stripped), str(rtcam)], check=True)
     cpio.file("/rtcam", stripped.read_bytes(), 0o755)
-    libs = add_libraries(arch, cpio, rtcam)
-    lines = [f"{c.name}|{c.env()}|{c.args()}|{'fault' if c.kind == 'fault' else 'plain'}" for c in case_list]
+    binaries, lib_dirs = [rtcam], []
+    if libcamera is not None:
+        binaries += add_libcamera(arch, cpio, libcamera)
+        lib_dirs = [libcamera / f"usr/lib/{arch.name}-linux-gnu", libcamera / f"lib/{arch.name}-linux-gnu"]
+    libs = add_libraries(arch, cpio, binaries, lib_dirs)
+    def guest_kind(c: Case) -> str:
+        return "fault" if c.kind == "fault" else "mplane" if c.mplane else "plain"
+
+    lines = [f"{c.name}|{c.env()}|{c.command()}|{guest_kind(c)}" for c in case_list]
     cpio.file("/cases", ("\n".join(lines) + "\n").encode())
     out = work / "initramfs.cpio"
     cpio.write(out)
@@ -454,7 +569,133 @@ class Checker:
         summary = json.loads(lines[-1]) if lines else None
         return rc, summary, log
 
+    def check_m2m(self, case: Case) -> None:
+        """rtcam's M2M encoder against vicodec: every frame through, drain, restart, controls,
+        and the decoded pictures are vivid's colour bars."""
+        import numpy as np
+
+        rc, s, log = self.load(case)
+        if rc is None:
+            return
+        if rc != 0 or s is None:
+            self.fail(case, f"rtcam m2m-check exited {rc}; log tail:\n{log[-1500:]}")
+            return
+        st = s["stats"]
+        controls = {name: outcome for name, outcome in s["controls"]}
+        print(f"vmtest: {self.arch.name} {case.name}: encoder {s['encoder']['path']} ({s['encoder']['card']}, "
+              f"{'multi' if s['encoder']['mplane'] else 'single'}-planar), decoder {s['decoder']['path']}; camera "
+              f"buffers {'offered for import' if s['input'] == 'dmabuf' else 'copied'}; controls {controls}; "
+              f"keyframe request: {s['keyframe_request']}")
+        for seg in s["segments"]:
+            print(f"vmtest: {self.arch.name} {case.name}: {seg['width']}x{seg['height']}: {seg['input']}, "
+                  f"{seg['bytes_copied_per_frame']} bytes copied per frame"
+                  + (f" ({seg['dmabuf_refused']})" if seg["dmabuf_refused"] else ""))
+        print(f"vmtest: {self.arch.name} {case.name}: mid-stream drain {s['mid_drain']}, final drain "
+              f"{s['final_drain_units']} units, {st['initializations']} initialisations, {st['drains']} drains, "
+              f"{st['last_buffers']} LAST buffers, {st['eos_events']} EOS events, {st['corrupt_units']} corrupt; "
+              f"{s['encode_ms']} ms capture+encode, {s['duration_ms']} ms in all")
+        if s["input"] != case.fmt:
+            self.fail(case, f"input {s['input']}, asked {case.fmt}")
+        if s["encoder"]["mplane"] != case.mplane or s["decoder"]["mplane"] != case.mplane:
+            self.fail(case, f"expected {'multi' if case.mplane else 'single'}-planar codec nodes: {s['encoder']}")
+        if controls.get("gop_size") != {"applied": M2M_GOP}:
+            self.fail(case, f"the GOP control was not applied: {controls}")
+        if controls.get("bitrate") != "unsupported":
+            self.fail(case, f"vicodec has no bitrate control, yet: {controls.get('bitrate')}")
+        if not s["keyframe_request"].startswith("unavailable") or "FORCE_KEY_FRAME" not in s["keyframe_request"]:
+            self.fail(case, f"forced keyframes on vicodec must be reported unavailable: {s['keyframe_request']!r}")
+        if not s["mid_drain"] or s["mid_drain"]["phase"] != "Stopped":
+            self.fail(case, f"the mid-stream drain did not end in Stopped: {s['mid_drain']}")
+        if st["last_buffers"] < 2 or st["drains"] < 2:
+            self.fail(case, f"expected two drains ending in LAST buffers: {st}")
+        if st["initializations"] != len(M2M_SIZES):
+            self.fail(case, f"{st['initializations']} initialisations for {len(M2M_SIZES)} sizes")
+        if st["corrupt_units"]:
+            self.fail(case, f"{st['corrupt_units']} corrupt units")
+        if s["phase_at_end"] != "Stopped":
+            self.fail(case, f"phase after the final drain: {s['phase_at_end']}")
+        for seg, (w, h) in zip(s["segments"], M2M_SIZES):
+            row = {
+                "arch": self.arch.name, "case": f"{case.name} {w}x{h}", "format": f"YU12>FWHT {seg['input']}",
+                "size": f"{seg['width']}x{seg['height']}", "stride": w, "captured": seg["frames_in"],
+                "decoded": seg["decoded"], "copied/frame": seg["bytes_copied_per_frame"], "encoder": "vicodec",
+                "bars": "-",
+            }
+            self.rows.append(row)
+            # DMABUF where the layouts match: vivid's 640x480 YU12 buffers are what vicodec
+            # reads; at 640x360 vicodec wants 368-line buffers, so that size is copied.
+            want_input = "dmabuf" if case.fmt == "dmabuf" and h % 16 == 0 else "mmap"
+            want_copied = 0 if want_input == "dmabuf" else w * h * 3 // 2
+            if seg["input"] != want_input or seg["bytes_copied_per_frame"] != want_copied:
+                self.fail(case, f"{w}x{h}: input {seg['input']} copying {seg['bytes_copied_per_frame']} bytes per "
+                          f"frame ({seg['dmabuf_refused']}); expected {want_input}, {want_copied}")
+            if (seg["width"], seg["height"]) != (w, h):
+                self.fail(case, f"segment {seg['width']}x{seg['height']}, asked {w}x{h}")
+            if not (seg["frames_in"] == seg["units"] == seg["decoded"] == case.frames):
+                self.fail(case, f"{w}x{h}: {seg['frames_in']} frames in, {seg['units']} encoded, {seg['decoded']} "
+                          f"decoded; expected {case.frames} each")
+            # A stream starts at each (re)start: the first frame, and in the first segment the
+            # frame after the mid-stream drain (resumed by restarting the CAPTURE queue). From
+            # each start, a keyframe every M2M_GOP frames and none between (vivid's changing
+            # status text makes prediction pay, so vicodec codes P-frames).
+            starts = [0]
+            if seg is s["segments"][0] and s["mid_drain"]:
+                starts.append(s["mid_drain"]["at_frame"] + 1)
+            want_i = set()
+            for a, b in zip(starts, starts[1:] + [case.frames]):
+                want_i |= set(range(a, b, M2M_GOP))
+            if seg["iframes"] != sorted(want_i):
+                self.fail(case, f"{w}x{h}: I-frames at {seg['iframes']}, expected {sorted(want_i)} "
+                          "(GOP control; a keyframe first after every restart)")
+            path = self.results / case.name / Path(seg["decoded_file"]).name
+            frame_len = w * h * 3 // 2
+            data = np.fromfile(path, dtype=np.uint8) if path.exists() else np.zeros(0, np.uint8)
+            if data.size != frame_len * seg["decoded"]:
+                self.fail(case, f"{path.name}: {data.size} bytes for {seg['decoded']} pictures of {w}x{h}")
+                continue
+            frames = data.reshape(-1, frame_len)
+            bad, dy, dc = [], 0.0, 0.0
+            for f in (frames[0], frames[len(frames) // 2], frames[-1]):
+                for (name, ey, eu, ev), (y, u, v) in zip(BARS, bar_samples(f.reshape(h * 3 // 2, w), w, h)):
+                    dy, dc = max(dy, abs(y - ey)), max(dc, abs(u - eu), abs(v - ev))
+                    if abs(y - ey) > Y_TOLERANCE or abs(u - eu) > C_TOLERANCE or abs(v - ev) > C_TOLERANCE:
+                        bad.append(f"{name}: got Y{y:.0f} Cb{u:.0f} Cr{v:.0f}, want Y{ey} Cb{eu} Cr{ev}")
+            row["bars"] = f"{'ok' if not bad else 'BAD'} (max |dY| {dy:.0f}, |dC| {dc:.0f}), I@{seg['iframes']}"
+            if bad:
+                self.fail(case, f"{w}x{h}: decoded colour bars wrong: " + "; ".join(bad))
+
+    def check_probe(self, case: Case) -> None:
+        rc, _, log = self.load(case)
+        if rc is None:
+            return
+        text = (self.results / f"{case.name}.json").read_text(errors="replace")
+        print(f"vmtest: {self.arch.name} rtcam probe:")
+        for line in text.splitlines():
+            print(f"    {line}")
+        expected = [
+            '/dev/video0  "vivid-000-vid-cap"  vivid (driver vivid)',
+            "YU12: 6 sizes, 320x180 .. 3840x2160",
+            '/dev/video3  "RGB/YUV Capture"  vimc (driver vimc)',
+            "VIMC MDEV: sub-devices:",
+            "Sensor A",
+            "vicodec (vicodec, single-planar): takes YU12",
+            "-> gives FWHT",
+            "openh264 (software, built in)",
+            "camera: /dev/video0 in YU12 at 640x360 30 fps: format = auto: the first rtcam takes that does",
+            "encoder: openh264: auto: openh264, since no V4L2 H.264 encoder fits (/dev/video4: not an H.264 "
+            "encoder (produces FWHT)",
+        ]
+        missing = [e for e in expected if e not in text]
+        if rc != 0 or missing:
+            self.fail(case, f"rtcam probe (exit {rc}) lacks {missing}; stderr: {log[-500:]}")
+
     def check(self, case: Case) -> dict | None:
+        if case.kind == "probe":
+            self.check_probe(case)
+            return None
+        if case.kind == "m2m":
+            self.check_m2m(case)
+            return None
         rc, s, log = self.load(case)
         if rc is None:
             return None
@@ -484,9 +725,22 @@ class Checker:
             if f.shape != (h * 3 // 2, w):
                 self.fail(case, f"decoded frame {i} is {f.shape[1]}x{f.shape[0] * 2 // 3}, not {w}x{h}")
                 break
+        enc = s.get("encoder") or {}
+        row["encoder"] = enc.get("backend", "?")
+        if case.kind in ("plain", "libcamera", "fault"):
+            wanted_v4l2 = case.extra_env.get("RTCAM__ENCODER__BACKEND") == "v4l2"
+            fallback = enc.get("fallback") or ""
+            if enc.get("backend") != "openh264":
+                self.fail(case, f"expected openh264 (no H.264 M2M node in the guest): {enc}")
+            elif wanted_v4l2 and "no V4L2 H.264 encoder fits" not in fallback:
+                self.fail(case, f"encoder.backend = v4l2 without such a node must say why openh264 runs: {enc}")
+            elif not wanted_v4l2 and (fallback or "auto: openh264, since no V4L2 H.264 encoder fits" not in enc.get("reason", "")):
+                self.fail(case, f"auto must choose openh264 with its reason and no fallback: {enc}")
+            elif wanted_v4l2:
+                print(f"vmtest: {self.arch.name} {case.name}: encoder {enc}")
         if case.fmt and s["pixel_format"] != case.fmt:
             self.fail(case, f"pixel format {s['pixel_format']}, asked {case.fmt}")
-        natural = w * 2 if s["pixel_format"] == "YUYV" else w
+        natural = w * {"YUYV": 2, "RGB3": 3, "BGR3": 3}.get(s["pixel_format"], 1)
         if case.stride_align:
             want = -(-natural // case.stride_align) * case.stride_align
             if s["stride"] != want or s["stride"] == w:
@@ -498,7 +752,15 @@ class Checker:
             self.fail(case, f"YU12 must be zero-copy, but {copied} bytes were copied per frame")
         if s["pixel_format"] != "YU12" and copied <= 0:
             self.fail(case, f"{s['pixel_format']} is converted, yet bytes copied is {copied}")
-        if frames and case.kind == "plain" and "brightness" not in case.controls:
+        if case.kind == "libcamera":
+            mapped = [l for l in log.splitlines() if "V4L2Compat" in l and f"Opened {case.device} -> fd" in l]
+            version = [l for l in log.splitlines() if "libcamera v" in l]
+            if not mapped or not version:
+                self.fail(case, f"libcamera's V4L2 compatibility layer did not map {case.device} to a camera "
+                          f"(no 'Opened {case.device} -> fd' in the log): rtcam did not read through libcamera")
+            else:
+                row["case"] += f" ({version[0].split('libcamera ', 1)[1].strip()})"
+        if frames and case.kind in ("plain", "libcamera") and "brightness" not in case.controls:
             bad = []
             dy = dc = 0.0
             # First, middle and last frame: the picture is right throughout, not only once.
@@ -514,7 +776,35 @@ class Checker:
         return row
 
 
-def run_arch(arch: Arch, rtcam: Path, cache: Path, timeout_s: int) -> tuple[list[dict], list[str], float]:
+def check_drivers(checker: Checker) -> None:
+    """Every guest module loaded and each test driver created its nodes (fails by name)."""
+    arch = checker.arch.name
+    mods_file, nodes_file = checker.results / "modules.txt", checker.results / "nodes.txt"
+    if not mods_file.exists() or not nodes_file.exists():
+        checker.failures.append(f"{arch}: the guest wrote no modules.txt/nodes.txt (see the console log)")
+        return
+    loaded = dict(line.split() for line in mods_file.read_text().splitlines() if line.strip())
+    for name, rc in loaded.items():
+        if rc != "0":
+            log = (checker.results / "insmod.log").read_text(errors="replace").strip()
+            checker.failures.append(f"{arch}: MISSING: kernel module {name} did not load (insmod exit {rc}): {log[-300:]}")
+    v4l2, media = {}, {}
+    for line in nodes_file.read_text().splitlines():
+        kind, node, name = (line.split(" ", 2) + ["", ""])[:3]
+        (v4l2 if kind == "v4l2" else media)[name] = node
+    for driver, (names, models) in EXPECTED_NODES.items():
+        found = [f"{v4l2[n]} {n!r}" for n in names if n in v4l2] + [f"{media[m]} {m!r}" for m in models if m in media]
+        missing = [n for n in names if n not in v4l2] + [m for m in models if m not in media]
+        print(f"vmtest: {arch}: {driver}: {', '.join(found) or 'no nodes'}")
+        if missing:
+            checker.failures.append(f"{arch}: MISSING: {driver} did not create {', '.join(map(repr, missing))} "
+                                    f"(module loaded: {loaded.get(driver, 'not in the guest')})")
+
+
+def run_arch(
+    arch: Arch, rtcam: Path, cache: Path, timeout_s: int, extra_modules: Path, libcamera: Path | None,
+    only: str | None = None,
+) -> tuple[list[dict], list[str], float, int]:
     if not rtcam.is_file():
         die(f"{arch.name}: rtcam binary not found at {rtcam}")
     kind = subprocess.run(["file", "-L", str(rtcam)], capture_output=True, text=True).stdout
@@ -524,20 +814,29 @@ def run_arch(arch: Arch, rtcam: Path, cache: Path, timeout_s: int) -> tuple[list
     work = cache / arch.deb_arch / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    case_list = cases(arch)
+    case_list = cases(arch, libcamera is not None)
+    if only:
+        case_list = [c for c in case_list if re.search(only, c.name)]
+        print(f"vmtest: {arch.name}: PARTIAL RUN (--only {only!r}): {', '.join(c.name for c in case_list)}")
     start = time.monotonic()
-    vmlinuz, initramfs = build_initramfs(arch, cache, rtcam, case_list, work)
+    vmlinuz, initramfs = build_initramfs(arch, cache, rtcam, case_list, work, extra_modules, libcamera)
     results = boot(arch, vmlinuz, initramfs, work, timeout_s)
     elapsed = time.monotonic() - start
     checker = Checker(arch, results)
+    check_drivers(checker)
     by_name = {}
     for c in case_list:
         row = checker.check(c)
         if row:
             by_name[c.name] = row
-    check_brightness(checker, case_list, by_name)
-    check_fault(checker, case_list, by_name)
-    return checker.rows, checker.failures, elapsed
+    names = {c.name for c in case_list}
+    if {"brightness-64", "brightness-192", BRIGHTNESS_BASE} <= names:
+        check_brightness(checker, case_list, by_name)
+    if "fault" in names:
+        check_fault(checker, case_list, by_name)
+    if not only and not {"brightness-64", "fault"} <= names:
+        checker.failures.append(f"{arch.name}: the brightness and fault cases are missing")
+    return checker.rows, checker.failures, elapsed, len(case_list)
 
 
 def mean_luma(row: dict) -> float:
@@ -578,7 +877,11 @@ def check_fault(checker: Checker, case_list: list[Case], rows: dict) -> None:
     gone_file = checker.results / f"{case.name}.gone_ms"
     back_ms, gone_ms = int(back_file.read_text()), int(gone_file.read_text())
     log = (checker.results / f"{case.name}.log").read_text(errors="replace")
-    errors = [l for l in log.splitlines() if "ERROR" in l and ("capture failed" in l or "cannot start capture" in l)]
+    errors = [
+        l for l in log.splitlines()
+        if (" ERROR " in l or " WARN " in l)
+        and any(m in l for m in ("capture failed", "cannot start capture", "cannot open the camera"))
+    ]
     after = [i for i in s["interruptions"] if i["resumed_unix_ms"] > back_ms - 1000]
     resume = (after[0]["resumed_unix_ms"] - back_ms) / 1000 if after else None
     row["bars"] = f"resumed {resume:.2f}s after return" if resume is not None else "NO RESUME"
@@ -595,7 +898,7 @@ def check_fault(checker: Checker, case_list: list[Case], rows: dict) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["arch", "case", "format", "size", "stride", "captured", "decoded", "copied/frame", "bars"]
+    cols = ["arch", "case", "format", "size", "stride", "captured", "decoded", "copied/frame", "encoder", "bars"]
     widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
     print()
     print("  ".join(c.ljust(widths[c]) for c in cols))
@@ -608,15 +911,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", action="append", choices=sorted(ARCHES), required=True)
     ap.add_argument("--rtcam", action="append", required=True, help="rtcam binary per --arch, in order")
+    ap.add_argument("--modules", action="append", required=True, type=Path,
+                    help="test driver modules (tests/vm/build-modules.sh) per --arch, in order")
+    ap.add_argument("--libcamera", action="append", required=True,
+                    help="unpacked Debian libcamera packages per --arch, in order ('none': no libcamera cases)")
     ap.add_argument("--cache", type=Path, default=REPO / "target/vm")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per VM")
+    ap.add_argument("--only", help="development: run only the cases whose name matches this regex (a partial run)")
     a = ap.parse_args()
-    if len(a.arch) != len(a.rtcam):
-        die("give one --rtcam per --arch")
+    if not len(a.arch) == len(a.rtcam) == len(a.modules) == len(a.libcamera):
+        die("give one --rtcam, --modules and --libcamera per --arch")
     all_rows, all_failures = [], []
-    for name, binary in zip(a.arch, a.rtcam):
-        rows, failures, elapsed = run_arch(ARCHES[name], Path(binary), a.cache, a.timeout)
-        print(f"vmtest: {name}: initramfs + boot + {len(cases(ARCHES[name]))} cases: {elapsed:.1f} s", flush=True)
+    for name, binary, modules, libcamera in zip(a.arch, a.rtcam, a.modules, a.libcamera):
+        libcamera_root = None if libcamera == "none" else Path(libcamera)
+        rows, failures, elapsed, n_cases = run_arch(
+            ARCHES[name], Path(binary), a.cache, a.timeout, modules, libcamera_root, a.only
+        )
+        print(f"vmtest: {name}: initramfs + boot + {n_cases} cases: {elapsed:.1f} s", flush=True)
         all_rows += rows
         all_failures += failures
     print_table(all_rows)
@@ -624,7 +935,8 @@ def main() -> None:
         for f in all_failures:
             print(f"FAIL: {f}")
         sys.exit(1)
-    print(f"vmtest: all checks passed ({len(all_rows)} clips)")
+    partial = f" (PARTIAL RUN: --only {a.only!r})" if a.only else ""
+    print(f"vmtest: all checks passed ({len(all_rows)} clips){partial}")
 
 
 if __name__ == "__main__":
