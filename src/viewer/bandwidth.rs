@@ -6,19 +6,22 @@
 //!   over the last 20 groups (trendline), and an adaptive threshold turns the slope into
 //!   overuse, underuse or normal.
 //! * **Rate control (AIMD).** Overuse: down to 85 % of what the viewer acknowledged receiving.
-//!   Normal: up, additively near the last link capacity seen, else multiplicatively at 8 % a
-//!   second, doubling every half second without congestion up to 50 % a second (libwebrtc
-//!   probes with padding instead; rtcam has no padding, so it ramps faster to come back
-//!   within seconds after a dip; without TWCC it stays at 8 %). Underuse: hold while the
-//!   queue drains.
+//!   Normal: up, additively near the last link capacity seen (for [`CAPACITY_MEMORY`] after an
+//!   overuse), else multiplicatively at 8 % a second, doubling every half second without
+//!   congestion up to 50 % a second (libwebrtc probes with padding instead; rtcam has no
+//!   padding, so it ramps faster to come back within seconds after a dip; without TWCC it
+//!   stays at 8 %). Underuse: hold while the queue drains.
 //! * **Loss.** More than 10 % lost (TWCC, or a receiver report's fraction lost when there is no
 //!   TWCC) cuts the rate by half the loss; 2-10 % holds it (5-10 % with TWCC, whose delay
 //!   trend shows congestion before loss does: random loss alone does not stop a climb).
 //! * **REMB** from a viewer that sends it caps the estimate.
 //!
-//! Bounds: never below the floor; never above the ceiling divided by [`VIDEO_SHARE`] (more
-//! could never be used), nor above 1.5 times what the viewer acknowledged while the estimate
-//! is still climbing (an estimate must not run away from what was shown to work).
+//! Bounds: never below the floor, never above the ceiling divided by [`VIDEO_SHARE`] (more
+//! could never be used). Unlike libwebrtc, the climb is not held to 1.5 times what the viewer
+//! acknowledged: rtcam's viewers are often sent less than their estimate allows (an encoder
+//! short of content, a viewer on fewer temporal layers), and a viewer on one layer must be
+//! able to estimate enough for the next one; the bound above keeps it finite, and overuse
+//! after a layer switch brings it back (`src/viewer/layers.rs` backs off such attempts).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -92,6 +95,8 @@ const DECREASE_FACTOR: f64 = 0.85;
 /// Multiplicative increase per second, at first and at most.
 const INCREASE_MIN: f64 = 0.08;
 const INCREASE_MAX: f64 = 0.5;
+/// After an overuse, the rate grows additively near the capacity it showed for this long.
+const CAPACITY_MEMORY: Duration = Duration::from_secs(2);
 /// Throughput window for the acknowledged rate.
 const ACKED_WINDOW: Duration = Duration::from_millis(500);
 /// Loss above this cuts the rate; between this and the low mark it holds.
@@ -567,7 +572,14 @@ impl BandwidthEstimator {
         if dt == 0.0 {
             return;
         }
-        let before = self.rate;
+        if self
+            .last_decrease
+            .is_some_and(|t| now.saturating_duration_since(t) > CAPACITY_MEMORY)
+        {
+            // No overuse for a while near the old capacity: it may have grown (a path that
+            // recovered from a dip); climb multiplicatively again until told otherwise.
+            self.capacity = None;
+        }
         if self.capacity.is_some() {
             // About one packet more per response time (libwebrtc's additive increase).
             let response = rtt.as_secs_f64() + 0.1;
@@ -584,19 +596,11 @@ impl BandwidthEstimator {
             // Receiver reports come once a second: no acceleration on so slow a signal.
             self.rate *= (1.0 + INCREASE_MIN).powf(dt);
         }
-        let acked = self.acked_rate();
         if let Some(capacity) = self.capacity
-            && acked.unwrap_or(self.rate) > capacity.upper()
+            && self.acked_rate().unwrap_or(self.rate) > capacity.upper()
         {
             // The path carries more than it did at the last overuse: that capacity is gone.
             self.capacity = None;
-        }
-        if let Some(acked) = acked {
-            // Never climb past 1.5 times what the viewer demonstrably received.
-            let limit = 1.5 * acked + 10_000.0;
-            if self.rate > limit {
-                self.rate = before.max(limit);
-            }
         }
     }
 

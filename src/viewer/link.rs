@@ -1,13 +1,15 @@
 //! A viewer's congestion control inside webrtc-rs's interceptor chain: feedback into its bandwidth estimate, pacing and the retransmission budget out, shared with its writer through a `Link`.
 //!
 //! webrtc-rs 0.21 gives the pieces this is built on: the transport-wide sequence numbers
-//! (`TwccSenderInterceptor`), the send history that joins TWCC feedback to what was sent
-//! (`CongestionControlInterceptor`, driving any `BandwidthEstimator`), the NACK responder and
-//! the RTCP packet types. What it does not give, rtcam adds here:
-//! * [`TwccToEstimate`]: the `BandwidthEstimator` webrtc-rs drives; it hands the packet reports
-//!   to rtcam's own estimator ([`super::bandwidth`]), which also hears REMB and receiver
-//!   reports (webrtc-rs's `Gcc` hears only TWCC, ramps at 8 % a second from 300 kbit/s, and its
-//!   estimate reaches the application only through `get_stats`).
+//! (`TwccSenderInterceptor`), TWCC feedback decoding (`convert_twcc`), the NACK responder and
+//! the RTCP packet types. Its `CongestionControlInterceptor` + `Gcc` estimator are not used:
+//! `Gcc` hears only TWCC (no REMB, no receiver reports), starts at 300 kbit/s and climbs 8 % a
+//! second, its delay detector compares the raw per-group delay with the threshold (libwebrtc
+//! scales it by the number of deltas), its estimate reaches the application only through
+//! `get_stats`, and the send history counts packets a lost feedback packet did not cover as
+//! lost. What rtcam adds here:
+//! * [`TwccHistory`]: matches TWCC feedback to what was sent and hands it to rtcam's own
+//!   estimator ([`super::bandwidth`]).
 //! * [`FeedbackTap`]: reads REMB, receiver reports (loss; round trip from the sender reports it
 //!   saw leave) and stamps the absolute send time (for viewers that estimate with REMB) on each
 //!   packet as it leaves the pacer.
@@ -19,17 +21,16 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{
-    Attribute, BandwidthEstimator as ChainEstimator, Interceptor, Packet, PacketReport, StreamInfo,
-    TaggedPacket,
-};
+use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket, convert_twcc};
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp::extension::abs_send_time_extension::AbsSendTimeExtension;
+use rtc::rtp::extension::transport_cc_extension::TransportCcExtension;
 use rtc::sansio::Protocol;
-use rtc::shared::marshal::{Marshal, MarshalSize};
+use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 
 use super::bandwidth::{BandwidthEstimator, EstimateStats, PacketResult};
 
@@ -130,44 +131,131 @@ fn backlog_time(bytes: usize, estimate: u32) -> Duration {
     Duration::from_secs_f64(bytes as f64 * 8.0 / pacing_rate(estimate).max(1.0))
 }
 
-/// The estimator webrtc-rs's `CongestionControlInterceptor` drives with TWCC packet reports.
-pub(crate) struct TwccToEstimate {
+/// Sent-packet slots kept for matching TWCC feedback (by transport-wide sequence number).
+const TWCC_SLOTS: usize = 8192;
+
+/// The send history TWCC feedback is matched against: every RTP packet's transport-wide
+/// sequence number (written by webrtc-rs's `TwccSenderInterceptor` just before), release
+/// instant and size on the way out; the viewer's feedback (`TransportLayerCc`, decoded with
+/// webrtc-rs's `convert_twcc`) on the way in, handed to the link's estimate. Wire-most, so it
+/// sees every packet that leaves, retransmissions included.
+///
+/// Why not webrtc-rs's `CongestionControlInterceptor`: its history reports every packet that
+/// no feedback covered as lost, so one lost feedback packet (a tenth of a second of video)
+/// reads as a loss burst; here only what the viewer reported as missing counts.
+pub(crate) struct TwccHistory {
     link: Link,
+    ext_ids: std::collections::HashMap<u32, u8>,
+    /// By sequence number modulo the slot count: (sequence number, departure, bytes).
+    sent: Vec<Option<(u16, Instant, usize)>>,
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
 }
 
-impl TwccToEstimate {
+impl TwccHistory {
     pub fn new(link: Link) -> Self {
-        Self { link }
+        Self {
+            link,
+            ext_ids: std::collections::HashMap::new(),
+            sent: vec![None; TWCC_SLOTS],
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+        }
     }
-}
 
-impl ChainEstimator for TwccToEstimate {
-    fn on_reports(&mut self, now: Instant, reports: &[PacketReport]) {
-        let packets: Vec<PacketResult> = reports
-            .iter()
-            .map(|r| PacketResult {
-                departure: r.departure,
-                arrival: if r.arrived { r.arrival } else { None },
-                size: r.size,
+    fn feedback(&mut self, now: Instant, fb: &TransportLayerCc) {
+        let mut results: Vec<PacketResult> = convert_twcc(fb)
+            .into_iter()
+            .filter_map(|ack| {
+                let seq = ack.sequence_number;
+                let (_, departure, size) =
+                    self.sent[usize::from(seq) % TWCC_SLOTS].filter(|(s, _, _)| *s == seq)?;
+                Some(PacketResult {
+                    departure,
+                    arrival: if ack.arrived { ack.arrival } else { None },
+                    size,
+                })
             })
             .collect();
+        if results.is_empty() {
+            return;
+        }
+        results.sort_by_key(|r| r.departure);
         self.link
             .lock()
             .estimator
-            .on_transport_feedback(now, &packets);
+            .on_transport_feedback(now, &results);
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for TwccHistory {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            for fb in packets
+                .iter()
+                .filter_map(|p| p.as_any().downcast_ref::<TransportLayerCc>())
+            {
+                self.feedback(msg.now, fb);
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
     }
 
-    fn target_bitrate(&self) -> f64 {
-        f64::from(self.link.estimate())
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.reads.pop_front()
     }
 
-    fn handle_timeout(&mut self, now: Instant) {
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtp(rtp) = &msg.message.packet
+            && let Some(&id) = self.ext_ids.get(&rtp.header.ssrc)
+            && let Some(mut raw) = rtp.header.get_extension(id)
+            && let Ok(ext) = TransportCcExtension::unmarshal(&mut raw)
+        {
+            let seq = ext.transport_sequence;
+            let size = rtp.header.marshal_size() + rtp.payload.len();
+            self.sent[usize::from(seq) % TWCC_SLOTS] = Some((seq, msg.now, size));
+        }
+        self.writes.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.writes.pop_front()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
         self.link.lock().estimator.handle_timeout(now);
+        Ok(())
     }
 
-    fn poll_timeout(&self) -> Option<Instant> {
+    fn poll_timeout(&mut self) -> Option<Instant> {
         self.link.lock().estimator.poll_timeout()
     }
+}
+
+impl Interceptor for TwccHistory {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        if let Some(ext) = info
+            .rtp_header_extensions
+            .iter()
+            .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+            && let Ok(id) = u8::try_from(ext.id)
+        {
+            self.ext_ids.insert(info.ssrc, id);
+        }
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.ext_ids.remove(&info.ssrc);
+    }
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 /// Reads REMB and receiver reports into the link's estimate, remembers the sender reports

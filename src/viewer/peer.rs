@@ -8,8 +8,7 @@ use std::time::Instant;
 
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::interceptor::{
-    Attribute, CongestionControlBuilder, Interceptor, Packet, Slot, StreamInfo, TaggedPacket,
-    TwccSenderBuilder,
+    Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket, TwccSenderBuilder,
 };
 use rtc::peer_connection::configuration::media_engine::MIME_TYPE_H264;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
@@ -27,7 +26,7 @@ use webrtc::peer_connection::{
     RTCPeerConnectionState, Registry, SettingEngineBuilder, register_default_interceptors,
 };
 
-use super::link::{FeedbackTap, Link, PacedSender, TwccToEstimate};
+use super::link::{FeedbackTap, Link, PacedSender, TwccHistory};
 use super::session::Timeouts;
 use crate::ports::PortPool;
 use crate::protocol::sdp::SENT_PROFILE_LEVEL_ID;
@@ -139,10 +138,7 @@ fn interceptors(media_engine: &mut MediaEngine, link: Option<&Link>) -> Result<R
         RtpCodecKind::Video,
     );
     Ok(registry
-        .with(
-            Slot::CongestionControl,
-            CongestionControlBuilder::new(TwccToEstimate::new(link.clone())).build(),
-        )
+        .with(Slot::CongestionControl, TwccHistory::new(link.clone()))
         .with(Slot::TwccSender, TwccSenderBuilder::new().build())
         // Wire-ward of the pacer (the send time is the release instant), app-ward of the
         // TWCC numbering.

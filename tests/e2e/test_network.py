@@ -458,3 +458,84 @@ def test_a_viewer_behind_600k_gets_a_steady_picture(net):
     assert off["freezes"] >= 1 or off["fps"] < 14 / 30 * off["produced"], (
         f"without adaptation the 600 kbit/s viewer should freeze: {off}"
     )
+
+
+def test_b_a_slow_viewer_does_not_hold_back_a_fast_one(net):
+    down, up, rate = constrained(600)
+    specs = [
+        ViewerSpec("600k", down, up, rate),
+        ViewerSpec("fast", Shape(delay_ms=1), Shape(delay_ms=1), None),
+    ]
+    results = {}
+    for adaptation in (True, False):
+        run = run_scenario(net, "b", adaptation, specs, 25)
+        links = {l["viewer"]: l for l in last_links(run)}
+        for who in ("600k", "fast"):
+            t0, t1 = steady(run, who)
+            results[(adaptation, who)] = row(
+                "b", run, who, t0, t1, "after 5 s", cpu_s=round(run.cpu_s, 1)
+            )
+        record_metric(f"network.b.{'on' if adaptation else 'off'}.links", list(links.values()))
+    fast, slow = results[(True, "fast")], results[(True, "600k")]
+    assert fast["fps"] >= 29 / 30 * fast["produced"], fast
+    assert fast["kbps"] >= 0.9 * CEILING / 1000, fast
+    # The slow one gets what fits of the same stream: its base layers.
+    assert slow["fps"] >= 7 / 30 * slow["produced"], slow
+
+
+def test_c_a_dip_to_500k_is_followed_and_left_within_5_s(net):
+    down, up, _ = constrained(None)
+    spec = [ViewerSpec("dip", down, up, 3000)]
+    before, dip = 8.0, 20.0
+    after = 12.0
+    results = {}
+    for adaptation in (True, False):
+        run = run_scenario(
+            net,
+            "c",
+            adaptation,
+            spec,
+            before + dip + after,
+            events=[(before, "dip", 500), (before + dip, "dip", 3000)],
+        )
+        rec = run.records["dip"]
+        t_down = run.t_start + before * 1000
+        t_up = t_down + dip * 1000
+        first = rec.first_frame_ms() or t_down
+        pre = rec.window(first + 3000, t_down)
+        full_fps = lambda w: w["fps"] >= 0.9 * run.produced  # noqa: E731
+        full_rate = lambda w: w["fps"] >= 0.9 * run.produced and w["kbps"] >= 0.9 * pre["kbps"]  # noqa: E731
+        fps_back = recovery_s(rec, t_up, run.t_end, full_fps)
+        rate_back = recovery_s(rec, t_up, run.t_end, full_rate)
+        tag = "on" if adaptation else "off"
+        row("c", run, "dip", first + 3000, t_down, "3 Mbit/s before")
+        row("c", run, "dip", t_down, t_up, "500 kbit/s")
+        r = row(
+            "c",
+            run,
+            "dip",
+            t_up,
+            run.t_end,
+            "3 Mbit/s after",
+            fps_back_s=fmt(fps_back, 1),
+            rate_back_s=fmt(rate_back, 1),
+            cpu_s=round(run.cpu_s, 1),
+        )
+        results[adaptation] = (r, fps_back, rate_back, pre)
+    r, fps_back, rate_back, pre = results[True]
+    assert fps_back is not None and fps_back <= 5, f"full frame rate {fps_back} s after: {r}"
+    assert rate_back is not None and rate_back <= 5, (
+        f"full rate ({pre['kbps']:.0f} kbit/s before the dip) {rate_back} s after: {r}"
+    )
+
+
+def test_d_two_percent_loss_costs_no_long_freeze(net):
+    down, up, rate = constrained(3000, loss=0.02)
+    spec = [ViewerSpec("2%", down, up, rate)]
+    results = {}
+    for adaptation in (True, False):
+        run = run_scenario(net, "d", adaptation, spec, 20)
+        t0, t1 = steady(run, "2%")
+        results[adaptation] = row("d", run, "2%", t0, t1, "after 5 s", cpu_s=round(run.cpu_s, 1))
+    on = results[True]
+    assert on["longest_freeze_ms"] <= 1000, on
