@@ -1,5 +1,39 @@
-# Sourced by the cross/ scripts: installs the Debian packages given that are missing
-# (adding the arm64 architecture first), using the caller's die().
+# Sourced by the cross/, tests/ and yocto/ scripts (uses the caller's die()):
+#
+#   ensure_packages PKG...       install the Debian packages given that are missing
+#   apt_install_checked PKG...   install exactly these (e.g. PKG=VERSION), same checks
+#
+# Nothing installed is ever removed or upgraded behind the caller's back: the install is first
+# simulated (`apt-get install -s`), and when it would remove a package, or upgrade or downgrade
+# an installed one, the script stops and names them. RTCAM_APT_ALLOW_UPGRADES=1 lets upgrades
+# through (never removals) on a machine where that is fine. The arm64 architecture is added
+# only when an :arm64 package is asked for.
+
+# The packages an `apt-get install -s` transcript would remove, upgrade or downgrade.
+apt_changes_to_installed() {
+    # Inst lines of installed packages carry the installed version in brackets:
+    #   Inst zlib1g [1:1.2.13.dfsg-1] (1:1.2.13.dfsg-1+deb12u1 Debian-Security:...)
+    awk '/^Remv / { print "remove " $2 } /^Inst [^ ]+ \[/ { gsub(/[][]/, "", $3); print "upgrade " $2 " " $3 " -> " substr($4, 2) }'
+}
+
+apt_install_checked() {
+    local sim changes
+    export DEBIAN_FRONTEND=noninteractive
+    if ! sim="$(apt-get install -s --no-install-recommends "$@" 2>&1)"; then
+        die "apt-get cannot install $* here:
+$sim"
+    fi
+    changes="$(apt_changes_to_installed <<<"$sim")"
+    if grep -q '^remove ' <<<"$changes" ||
+        { [[ -n "$changes" ]] && [[ "${RTCAM_APT_ALLOW_UPGRADES:-0}" != 1 ]]; }; then
+        die "installing $* would change packages this machine already has:
+$(sed 's/^/    /' <<<"$changes")
+Nothing was installed. Install the packages yourself in a way that suits this machine, or
+rerun with RTCAM_APT_ALLOW_UPGRADES=1 to allow the upgrades (removals are never allowed)."
+    fi
+    apt-get install -y --no-install-recommends "$@"
+}
+
 ensure_packages() {
     local missing=() pkg
     for pkg in "$@"; do
@@ -9,8 +43,41 @@ ensure_packages() {
     ((${#missing[@]})) || return 0
     [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} (run as root, or install them)"
     printf 'installing %s\n' "${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
+    if [[ " ${missing[*]}" == *:arm64* ]] && ! dpkg --print-foreign-architectures | grep -qx arm64; then
+        dpkg --add-architecture arm64
+    fi
     apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
+    apt_install_checked "${missing[@]}"
+}
+
+# ensure_qemu_system qemu-system-x86 [qemu-system-arm]: the qemu system emulators, matching the
+# qemu this machine already has. Debian 12's qemu-system-* (7.2) would replace a qemu-utils
+# from bookworm-backports (10.x) -- a removal -- so when qemu-utils is a backports version the
+# emulators are installed at exactly that version from bookworm-backports (adding that source
+# first if it is not configured); otherwise from bookworm.
+ensure_qemu_system() {
+    local missing=() pkg version
+    for pkg in "$@"; do
+        [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
+            || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    version="$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)"
+    if [[ "$version" != *bpo* ]]; then
+        ensure_packages "${missing[@]}"
+        return
+    fi
+    [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} at qemu-utils' version $version (run as root)"
+    if ! apt-cache policy 2>/dev/null | grep -q 'bookworm-backports'; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" \
+            >/etc/apt/sources.list.d/rtcam-bookworm-backports.list
+    fi
+    apt-get update
+    local wanted=()
+    for pkg in "${missing[@]}" qemu-system-common qemu-system-data; do
+        [[ "$(dpkg-query -W -f='${Status} ${Version}' "$pkg" 2>/dev/null || true)" == "install ok installed $version" ]] \
+            || wanted+=("$pkg=$version")
+    done
+    printf 'installing %s (qemu-utils is %s, from bookworm-backports)\n' "${wanted[*]}" "$version"
+    apt_install_checked "${wanted[@]}"
 }

@@ -86,6 +86,9 @@ step "cargo build --release --target $TARGET ${FEATURES[*]}"
 BIN="$CARGO_TARGET_DIR/$TARGET/release/rtcam"
 file "$BIN"
 file -L "$BIN" | grep -q 'ARM aarch64' || die "$BIN is not an aarch64 ELF"
+# openh264's NEON code (the arm64 .S files) is in: its *_AArch64_neon functions are in the
+# libraries the binary linked (same build arguments: no rebuild).
+CARGO="$CARGO" "$REPO/scripts/check-openh264-asm.sh" --locked --release --target "$TARGET" "${FEATURES[@]}" --bin rtcam
 aarch64-linux-gnu-readelf -d "$BIN" | grep NEEDED || true
 # The release profile already strips (strip = true); strip a copy again to be sure the figure
 # is the stripped size.

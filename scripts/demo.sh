@@ -8,13 +8,26 @@ need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v c++ >/dev/null || need+=(g++)
 command -v cmake >/dev/null || need+=(cmake)  # builds the bundled libjpeg-turbo
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+# bindgen (v4l2-sys-mit) loads libclang and parses with clang's own headers; libclang-dev
+# brings both (libclang-N-dev: lib/libclang.so, libclang-common-N-dev: lib/clang/N/include).
+# libclang-cpp.so, from another package, is not libclang.
+compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null &&
+  compgen -G '/usr/lib/llvm-*/lib/clang/*/include/stddef.h' >/dev/null || need+=(libclang-dev)
+# openh264's x86 SIMD code is assembled with nasm; without it the encoder runs as plain C.
+case "$(uname -m)" in x86_64 | i?86) command -v nasm >/dev/null || need+=(nasm) ;; esac
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${need[@]}"
+  # Install only what is missing, never removing or upgrading what the machine has.
+  changes="$(apt-get install -s --no-install-recommends "${need[@]}" | grep -E '^(Remv |Inst [^ ]+ \[)' || true)"
+  if [ -n "$changes" ]; then
+    printf 'demo.sh: installing %s would remove or upgrade installed packages:\n%s\nInstall them yourself, then run this again.\n' \
+      "${need[*]}" "$changes" >&2
+    exit 1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${need[@]}"
 fi
 if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 18 ]; then
   echo "demo.sh: Node.js $(node --version) is too old to build the viewer: install Node.js >= 18" >&2

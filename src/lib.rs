@@ -17,6 +17,7 @@ pub mod media;
 mod mqtt;
 mod outbound;
 mod ports;
+pub mod preflight;
 pub mod probe;
 mod protocol;
 pub mod record;

@@ -24,8 +24,14 @@ struct Cli {
 enum Command {
     /// Run the service (the default).
     Run,
-    /// Print the effective configuration, or what is wrong with it.
-    CheckConfig,
+    /// Print the effective configuration, or what is wrong with it: its values, and the files
+    /// and addresses they name, checked as `run` checks them.
+    CheckConfig {
+        /// Do not read the files the configuration names (password, certificates, TURN
+        /// credentials, web.root): for image builds that install them later.
+        #[arg(long)]
+        no_files: bool,
+    },
     /// Record N frames from the configured camera to an H.264 (Annex-B) file, then print a
     /// one-line JSON summary. Capture settings come from the configuration
     /// (e.g. RTCAM__CAPTURE__FORMAT=YUYV); camera failures are reported and retried.
@@ -95,7 +101,15 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
+        Command::CheckConfig { no_files } => {
+            let files = match no_files {
+                true => rtcam::preflight::Files::Skip,
+                false => rtcam::preflight::Files::Check,
+            };
+            if let Err(e) = rtcam::preflight::check(&config, files) {
+                eprintln!("rtcam: configuration error: {e}");
+                return ExitCode::from(2);
+            }
             print!("{}", config.to_toml());
             ExitCode::SUCCESS
         }

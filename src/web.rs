@@ -28,6 +28,24 @@ const MAX_CONNECTIONS: usize = 32;
 /// Time allowed for a client to send its request head, and to take the response.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The viewer's directory as served: it exists and has an index.html (also `check-config`'s
+/// check, src/preflight.rs). Returns the canonical path.
+pub(crate) fn check_root(root: &Path) -> Result<PathBuf> {
+    let canonical = std::fs::canonicalize(root).with_context(|| {
+        format!(
+            "{:?}: not found (build the viewer: cd web && npm ci && npm run build)",
+            root.display().to_string()
+        )
+    })?;
+    if !canonical.join("index.html").is_file() {
+        bail!(
+            "{:?} has no index.html (build the viewer: cd web && npm ci && npm run build)",
+            root.display().to_string()
+        );
+    }
+    Ok(canonical)
+}
+
 /// A bound, ready-to-run web server.
 pub struct WebServer {
     listener: TcpListener,
@@ -37,18 +55,7 @@ pub struct WebServer {
 impl WebServer {
     /// Checks `web.root` and binds `web.listen`; errors name the key.
     pub async fn bind(config: &WebConfig) -> Result<Self> {
-        let root = std::fs::canonicalize(&config.root).with_context(|| {
-            format!(
-                "web.root = {:?}: not found (build the viewer: cd web && npm ci && npm run build)",
-                config.root.display().to_string()
-            )
-        })?;
-        if !root.join("index.html").is_file() {
-            bail!(
-                "web.root = {:?} has no index.html (build the viewer: cd web && npm ci && npm run build)",
-                config.root.display().to_string()
-            );
-        }
+        let root = check_root(&config.root).map_err(|e| anyhow::anyhow!("web.root = {e:#}"))?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("web.listen = \"{}\": cannot listen", config.listen))?;

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# rtcam's test command: formatting, lints, unit tests, release build, end-to-end tests,
-# the browser viewer's build and its browser tests (Chromium), field-deployment checks
-# (cross/ci-field.sh) and the VM tests against the vivid V4L2 driver in x86_64 and aarch64
-# virtual machines (tests/vm/run.sh); the last two are skipped with --e2e-only/--web-only.
+# rtcam's test command: formatting, lints, unit tests, release build (and a check that openh264
+# has its SIMD assembly), end-to-end tests, the browser viewer's build and its browser tests
+# (Chromium), field-deployment checks (cross/ci-field.sh), BitBake checks of the Yocto layer
+# (yocto/ci-bitbake.sh), the VM tests against the vivid V4L2 driver in x86_64 and aarch64
+# virtual machines (tests/vm/run.sh) and the Debian package under systemd in a VM
+# (tests/vm/systemd/run.sh); the last four are skipped with --e2e-only/--web-only.
 #
 #   ./tests/run.sh                  everything
 #   ./tests/run.sh --e2e-only       only the end-to-end and browser tests (existing $RTCAM_BIN)
 #   ./tests/run.sh --web-only       only the viewer build and the browser tests
 #   ./tests/run.sh -- -k bye        extra arguments after -- go to pytest
 #
-# On a fresh Debian 12 machine, run as root: missing Debian packages are installed with apt.
+# On a fresh Debian 12 machine, run as root: missing Debian packages are installed with apt,
+# never removing or upgrading an installed one (cross/apt.sh: it stops and names them).
 # A Rust toolchain (rustup, >= the crate's rust-version, with clippy and rustfmt) must be
 # installed beforehand. The end-to-end tests run inside a private network namespace
 # (`unshare -n`) holding only the loopback interface: they start their own mosquitto and
@@ -30,7 +33,7 @@ while (($#)); do
         --e2e-only) e2e_only=1 ;;
         --) shift; pytest_args=("$@"); break ;;
         --web-only) e2e_only=1; web_only=1 ;;
-        -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -41,36 +44,28 @@ die() { printf 'run.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # --- System packages ------------------------------------------------------------------
 step "checking system packages"
-missing=()
+# shellcheck source=cross/apt.sh
+. "$REPO/cross/apt.sh"  # ensure_packages: never removes or upgrades an installed package
 # cmake: turbojpeg-sys builds its bundled libjpeg-turbo (MJPEG decoding) with it.
 # chromium: the browser tests (tests/web) drive Debian's /usr/bin/chromium; openssl makes the
-# certificates of the MQTT TLS tests.
-for pkg in mosquitto libclang-dev iproute2 util-linux build-essential pkg-config cmake chromium openssl; do
-    status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
-    if [[ "$status" != "install ok installed" ]]; then
-        missing+=("$pkg")
-    fi
-done
+# certificates of the MQTT TLS tests; nasm assembles openh264's x86 SIMD code (without it
+# openh264-sys2 quietly builds the plain C encoder; scripts/check-openh264-asm.sh fails then).
+pkgs=(mosquitto libclang-dev iproute2 util-linux build-essential pkg-config cmake chromium openssl nasm)
 if ! command -v python3 >/dev/null; then
-    missing+=(python3 python3-venv)
+    pkgs+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-    missing+=(python3-venv)  # Debian ships ensurepip separately
+    pkgs+=(python3-venv)  # Debian ships ensurepip separately
 fi
 # Node.js >= 18 and npm build the viewer (web/) and run the browser tests. Debian's `nodejs`
 # and `npm` packages do; a Node.js from elsewhere (e.g. NodeSource, which bundles npm) is used
 # as it is.
-command -v node >/dev/null || missing+=(nodejs)
-command -v npm >/dev/null || missing+=(npm)
-if ((${#missing[@]})); then
-    [[ "$(id -u)" == 0 ]] || die "missing packages: ${missing[*]} (run as root, or install them)"
-    step "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+command -v node >/dev/null || pkgs+=(nodejs)
+command -v npm >/dev/null || pkgs+=(npm)
+ensure_packages "${pkgs[@]}"
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || die "mosquitto not found"
 command -v unshare >/dev/null || die "unshare (util-linux) not found"
 command -v ip >/dev/null || die "ip (iproute2) not found"
+command -v nasm >/dev/null || die "nasm not found (apt-get install nasm): openh264 would lose its SIMD code"
 [[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium not found (apt-get install chromium)"
 command -v node >/dev/null || die "node not found (apt-get install nodejs)"
 command -v npm >/dev/null || die "npm not found (apt-get install npm)"
@@ -109,6 +104,8 @@ if ((!e2e_only)); then
     cargo test
     step "cargo build --release"
     cargo build --release
+    step "openh264 built with its assembly (scripts/check-openh264-asm.sh --release)"
+    ./scripts/check-openh264-asm.sh --release
 fi
 
 # --- End-to-end tests -------------------------------------------------------------------
@@ -161,10 +158,26 @@ if ((!e2e_only)); then
     RTCAM_BIN="$RTCAM_BIN" ./cross/ci-field.sh
 fi
 
+# --- The Yocto layer through BitBake (issue 12) --------------------------------------------
+# OE-core wrynose + BitBake 2.18 from ../shared/yocto: parse, bitbake -e/-n, offline fetch and
+# unpack of meta-rtcam as an unprivileged user (yocto/ci-bitbake.sh).
+if ((!e2e_only)); then
+    step "Yocto layer: BitBake parse, environment, dry run and unpack (yocto/ci-bitbake.sh)"
+    ./yocto/ci-bitbake.sh
+fi
+
 # --- Real V4L2 in virtual machines (issue 5) ----------------------------------------------
 # rtcam record against Debian's vivid driver under qemu-system-x86_64 and -aarch64 (the
 # aarch64 binary is the one ci-field.sh just built): formats, strides, controls, camera loss.
 if ((!e2e_only)); then
     step "VM tests: real V4L2 (vivid) on x86_64 and aarch64 (tests/vm/run.sh)"
     RTCAM_BIN="$RTCAM_BIN" ./tests/vm/run.sh
+fi
+
+# --- The Debian package under a real systemd (issue 12) -------------------------------------
+# The amd64 .deb ci-field.sh built, installed in a Debian 12 guest with systemd and vivid:
+# READY, watchdog, journald fields, a viewer through the broker, offline on stop, security.
+if ((!e2e_only)); then
+    step "VM test: the .deb under systemd (tests/vm/systemd/run.sh)"
+    ./tests/vm/systemd/run.sh
 fi

@@ -71,3 +71,30 @@ async fn broker_enabled_without_feature_or_port_clash_is_a_clear_error() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn run_refuses_what_check_config_refuses() {
+    let env = vec![
+        (
+            "RTCAM__CAPTURE__SOURCE".to_string(),
+            "test-pattern".to_string(),
+        ),
+        (
+            "RTCAM__MQTT__PASSWORD_FILE".into(),
+            "/nonexistent/rtcam-mqtt-password".into(),
+        ),
+    ];
+    let config = Config::load(&Sources {
+        env,
+        ..Default::default()
+    })
+    .unwrap();
+    let checked = rtcam::preflight::check(&config, rtcam::preflight::Files::Check)
+        .expect_err("check-config refuses a missing password file");
+    let err = rtcam::app::run(config, CancellationToken::new())
+        .await
+        .expect_err("run refuses it too");
+    let text = format!("{err:#}");
+    assert!(text.contains("mqtt.password_file"), "{text}");
+    assert_eq!(text, checked.to_string(), "the same error as check-config");
+}

@@ -1,44 +1,104 @@
 #!/usr/bin/env python3
-"""Regenerate yocto/meta-rtcam/recipes-multimedia/rtcam/rtcam-crates.inc from Cargo.lock.
+"""Writes the generated files of yocto/meta-rtcam (and the Debian copyright file) from Cargo.lock.
 
-Every crates.io package in Cargo.lock becomes a `crate://crates.io/NAME/VERSION` entry in
-SRC_URI plus `SRC_URI[NAME-VERSION.sha256sum]` with Cargo.lock's checksum -- the same output
-as `bitbake -c update_crates rtcam` (cargo-update-recipe-crates.bbclass), without a build
-host. tests/yocto_crates.rs fails when the two files disagree.
+  rtcam-crates.inc   every crates.io package of Cargo.lock as `crate://crates.io/NAME/VERSION`
+                     with its sha256sum (what cargo-update-recipe-crates.bbclass writes)
+  rtcam-release.inc  SRCREV: the rtcam commit the layer builds (HEAD when this runs), and the
+                     licences of rtcam and of every crate linked into the device build
+                     (--no-default-features, aarch64/armv7/x86_64 Linux; `cargo tree -e
+                     normal,no-proc-macro`) as LICENSE expressions and LIC_FILES_CHKSUM entries
+  files/web/         a copy of the built viewer (web/dist), when given --web
 
-    python3 yocto/update-crates.py           rewrite the .inc
-    python3 yocto/update-crates.py --check   exit 1 if the .inc is out of date
+    python3 yocto/update-crates.py            rewrite both .inc files, SRCREV = HEAD
+    python3 yocto/update-crates.py --web      also copy web/dist into the layer
+    python3 yocto/update-crates.py --check    exit 1 when a generated file is out of date:
+                                              the crate list or licences differ from a fresh
+                                              run, or SRCREV is not an ancestor of HEAD with
+                                              HEAD's Cargo.lock; with --web also the viewer copy
+    python3 yocto/update-crates.py --debian-copyright FILE
+                                              write the Debian package's copyright file (DEP-5)
+                                              for the crates of the .deb builds
+
+SRCREV names a commit of this repository, so a commit cannot pin itself: commit the source
+first, then run this and commit the regenerated files (yocto/meta-rtcam/README.md, "Releases").
+Licence texts are read from the .crate files in cargo's cache (`cargo fetch --locked` first),
+byte for byte what BitBake unpacks. Needs Python >= 3.11, git and cargo.
 """
+import hashlib
+import io
+import os
 import pathlib
+import re
+import shutil
+import subprocess
 import sys
-
-try:
-    import tomllib  # Python >= 3.11
-except ImportError:  # pragma: no cover
-    tomllib = None
+import tarfile
+import tomllib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LOCK = REPO / "Cargo.lock"
-INC = REPO / "yocto/meta-rtcam/recipes-multimedia/rtcam/rtcam-crates.inc"
+RECIPE_DIR = REPO / "yocto/meta-rtcam/recipes-multimedia/rtcam"
+CRATES_INC = RECIPE_DIR / "rtcam-crates.inc"
+RELEASE_INC = RECIPE_DIR / "rtcam-release.inc"
+WEB_COPY = RECIPE_DIR / "files/web"
+WEB_DIST = REPO / "web/dist"
 CRATES_IO = "registry+https://github.com/rust-lang/crates.io-index"
 
+# The device build's targets (Yocto MACHINEs and the Debian packages): the licence list is the
+# union of what each links, so it holds for any of them.
+DEVICE_TARGETS = [
+    "aarch64-unknown-linux-gnu",
+    "armv7-unknown-linux-gnueabihf",
+    "x86_64-unknown-linux-gnu",
+]
+# rtcam's own licence files (Cargo.toml: license = "MIT OR Apache-2.0").
+OWN_LICENCE_FILES = ["LICENSE-MIT", "LICENSE-APACHE"]
+# Licence files outside a crate's top level that cover code it compiles in: openh264-sys2
+# builds Cisco's openh264 C++/assembly from upstream/ (BSD-2-Clause), turbojpeg-sys the
+# bundled libjpeg-turbo from libjpeg-turbo/ (LICENSE.md; README.ijg holds the IJG licence).
+EXTRA_LICENCE_FILES = {
+    "openh264-sys2": ["upstream/LICENSE"],
+    "turbojpeg-sys": ["libjpeg-turbo/LICENSE.md", "libjpeg-turbo/README.ijg"],
+}
+# Licences of bundled C code beyond the crate's own `license` (which covers the Rust code):
+# libjpeg-turbo is IJG (the libjpeg API) and BSD-3-Clause (TurboJPEG API, build system), its
+# SIMD code Zlib (libjpeg-turbo/LICENSE.md).
+BUNDLED_LICENCES = {"turbojpeg-sys": "IJG AND BSD-3-Clause AND Zlib"}
+# The browser viewer (files/web): rtcam's code, the bundled mqtt.js and what it bundles
+# (web/dist/app.js.LEGAL.txt: ieee754 is BSD-3-Clause, safe-buffer and regenerator MIT).
+WEB_LICENCES = ["MIT OR Apache-2.0", "MIT", "BSD-3-Clause"]
+WEB_LICENCE_FILES = ["app.js.LEGAL.txt", "mqtt.LICENSE.md"]
+LICENCE_FILE = re.compile(r"(?i)^(licen[cs]e|copying|unlicense|copyright|notice)([-._].*)?$")
 
-def packages():
-    if tomllib is None:
-        sys.exit("update-crates.py: needs Python >= 3.11 (tomllib)")
-    lock = tomllib.loads(LOCK.read_text())
+
+def die(message):
+    sys.exit(f"update-crates.py: {message}")
+
+
+def run(*args, cwd=REPO):
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        die(f"`{' '.join(args)}` failed:\n{result.stderr.strip()}")
+    return result.stdout
+
+
+# --- Cargo.lock -> crate list ---------------------------------------------------------------
+
+
+def lock_packages(lock_text):
+    """[(name, version, checksum)] of every crates.io package of a Cargo.lock."""
     out = []
-    for p in lock.get("package", []):
+    for p in tomllib.loads(lock_text).get("package", []):
         source = p.get("source")
         if source is None:
             continue  # rtcam itself (path package)
         if source != CRATES_IO:
-            sys.exit(f"update-crates.py: {p['name']} {p['version']}: unsupported source {source}")
+            die(f"{p['name']} {p['version']}: unsupported source {source}")
         out.append((p["name"], p["version"], p["checksum"]))
     return out
 
 
-def render(pkgs):
+def render_crates(pkgs):
     lines = [
         "# Autogenerated by yocto/update-crates.py from Cargo.lock -- do not edit.",
         "# tests/yocto_crates.rs checks that this file matches Cargo.lock.",
@@ -53,17 +113,333 @@ def render(pkgs):
     return "\n".join(lines) + "\n"
 
 
-def main():
-    text = render(packages())
-    if "--check" in sys.argv[1:]:
-        if not INC.exists() or INC.read_text() != text:
-            print(f"{INC.relative_to(REPO)} is out of date: run python3 yocto/update-crates.py")
-            return 1
+# --- Licence expressions --------------------------------------------------------------------
+# A crate's `license` is an SPDX expression ("MIT OR Apache-2.0", "(MIT OR Apache-2.0) AND
+# Unicode-3.0", the old "MIT/Apache-2.0"). It is parsed into a canonical tree so that equal
+# choices written in another order count once: a str (one licence) or ("OR"|"AND", frozenset).
+
+
+def parse_licence(text):
+    tokens = re.findall(r"\(|\)|[A-Za-z0-9.+\-]+|/", text)
+    pos = 0
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def expression():  # term (OR term)*
+        items = [term()]
+        while peek() in ("OR", "/"):
+            take()
+            items.append(term())
+        return combine("OR", items)
+
+    def term():  # factor (AND factor)*
+        items = [factor()]
+        while peek() == "AND":
+            take()
+            items.append(factor())
+        return combine("AND", items)
+
+    def factor():
+        token = take() if peek() is not None else None
+        if token == "(":
+            inner = expression()
+            if take() != ")":
+                raise ValueError("missing )")
+            return inner
+        if token is None or token in ("AND", "OR", "/", ")", "WITH"):
+            raise ValueError(f"unexpected {token!r}")
+        return token
+
+    try:
+        tree = expression()
+        if pos != len(tokens):
+            raise ValueError(f"unexpected {tokens[pos]!r}")
+    except (ValueError, IndexError) as e:
+        die(f"cannot parse licence expression {text!r}: {e}")
+    return tree
+
+
+def combine(op, items):
+    flat = set()
+    for item in items:
+        if isinstance(item, tuple) and item[0] == op:
+            flat |= item[1]
+        else:
+            flat.add(item)
+    return next(iter(flat)) if len(flat) == 1 else (op, frozenset(flat))
+
+
+def render_licence(tree, syntax, nested=False):
+    """SPDX ("A AND (B OR C)") or OE-core's older form ("A & (B | C)")."""
+    if isinstance(tree, str):
+        return tree
+    op, items = tree
+    word = {"SPDX": {"AND": " AND ", "OR": " OR "}, "OE": {"AND": " & ", "OR": " | "}}[syntax][op]
+    parts = sorted(render_licence(i, syntax, True) for i in items)
+    # Single licences first, then the choices, each group sorted: a stable, readable order.
+    parts.sort(key=lambda p: ("(" in p, p))
+    text = word.join(parts)
+    return f"({text})" if nested else text
+
+
+def licence_names(tree):
+    if isinstance(tree, str):
+        return {tree}
+    return set().union(*(licence_names(i) for i in tree[1]))
+
+
+# --- The linked crates and their licence files ------------------------------------------------
+
+
+def linked_crates(targets, features):
+    """{(name, version): licence} of the crates.io packages linked into rtcam for these targets."""
+    out = {}
+    for target in targets:
+        text = run(
+            "cargo", "tree", "--locked", "-e", "normal,no-proc-macro", "--target", target,
+            *features, "--prefix", "none", "--no-dedupe", "--format", "{p}|{l}",
+        )
+        for line in text.splitlines():
+            package, _, licence = line.partition("|")
+            fields = package.split()
+            if len(fields) < 2 or not fields[1].startswith("v"):
+                die(f"cargo tree: unexpected line {line!r}")
+            name, version = fields[0], fields[1][1:]
+            if len(fields) > 2:
+                continue  # "rtcam v0.1.0 (/path)": the path package itself
+            if not licence:
+                die(f"{name} {version} declares no `license`; add it by hand to this script")
+            if name in BUNDLED_LICENCES:
+                licence = f"({licence}) AND {BUNDLED_LICENCES[name]}"
+            out[(name, version)] = licence
+    return out
+
+
+def cargo_home():
+    return pathlib.Path(os.environ.get("CARGO_HOME") or pathlib.Path.home() / ".cargo")
+
+
+def crate_archive(name, version):
+    hits = sorted(cargo_home().glob(f"registry/cache/*/{name}-{version}.crate"))
+    if not hits:
+        die(f"{name}-{version}.crate is not in {cargo_home()}/registry/cache: run `cargo fetch --locked`")
+    return hits[0]
+
+
+def crate_licence_files(name, version):
+    """[(path inside the crate, md5, beginline, endline)]: the crate's licence files, or the
+    `license = ...` line of its Cargo.toml when it ships none."""
+    prefix = f"{name}-{version}/"
+    with tarfile.open(crate_archive(name, version)) as tar:
+        members = {m.name[len(prefix):]: m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix)}
+
+        def read(path):
+            return tar.extractfile(members[path]).read()
+
+        picked = [p for p in members if "/" not in p and LICENCE_FILE.match(p)]
+        picked += [p for p in members if p.startswith("LICENSES/")]  # REUSE layout
+        for extra in EXTRA_LICENCE_FILES.get(name, []):
+            if extra not in members:
+                die(f"{name}-{version} has no {extra} (EXTRA_LICENCE_FILES)")
+            picked.append(extra)
+        out = [(p, hashlib.md5(read(p)).hexdigest(), 0, 0) for p in sorted(set(picked))]
+        if not out:
+            lines = read("Cargo.toml").splitlines(keepends=True)
+            for number, line in enumerate(lines, 1):
+                if re.match(rb"\s*license\s*=", line):
+                    out.append(("Cargo.toml", hashlib.md5(line).hexdigest(), number, number))
+                    break
+            else:
+                die(f"{name}-{version}: no licence file and no `license =` line in Cargo.toml")
+    return out
+
+
+def git_blob(commit, path):
+    result = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+def render_release(srcrev, crates):
+    crates_tree = combine("AND", [parse_licence("MIT OR Apache-2.0")] + [parse_licence(l) for l in crates.values()])
+    web_tree = combine("AND", [parse_licence(l) for l in WEB_LICENCES])
+    tree = combine("AND", [crates_tree, web_tree])
+    entries = []
+    for path in OWN_LICENCE_FILES:
+        blob = git_blob(srcrev, path)
+        if blob is None:
+            die(f"commit {srcrev} has no {path}")
+        entries.append(f"file://{path};md5={hashlib.md5(blob).hexdigest()}")
+    for path in WEB_LICENCE_FILES:
+        if not (WEB_COPY / path).is_file():
+            die(f"{WEB_COPY.relative_to(REPO)}/{path} is missing: build web/dist and run with --web")
+        entries.append(f"file://${{UNPACKDIR}}/web/{path};md5={hashlib.md5((WEB_COPY / path).read_bytes()).hexdigest()}")
+    for name, version in sorted(crates):
+        for path, md5, begin, end in crate_licence_files(name, version):
+            lines = f";beginline={begin};endline={end}" if begin else ""
+            entries.append(f"file://${{CARGO_VENDORING_DIRECTORY}}/{name}-{version}/{path}{lines};md5={md5}")
+    targets = ", ".join(DEVICE_TARGETS)
+    out = [
+        "# Autogenerated by yocto/update-crates.py -- do not edit.",
+        "",
+        "# The rtcam commit this layer builds. Its Cargo.lock is the one rtcam-crates.inc lists;",
+        "# tests/yocto_crates.rs checks that it is an ancestor of HEAD with HEAD's Cargo.lock.",
+        f'SRCREV = "{srcrev}"',
+        "",
+        "# Licences of rtcam and of the crates linked into the device build: --no-default-features,",
+        f"# {targets}",
+        f"# (`cargo tree -e normal,no-proc-macro`): {len(crates)} crates under",
+        f"# {', '.join(sorted(licence_names(crates_tree)))}.",
+        "# _SPDX for OE-core that parses LICENSE as SPDX, _OE ('&', '|') for whinlatter and wrynose.",
+        f'RTCAM_CRATES_LICENSE_SPDX = "{render_licence(crates_tree, "SPDX")}"',
+        f'RTCAM_CRATES_LICENSE_OE = "{render_licence(crates_tree, "OE")}"',
+        "# The browser viewer (rtcam-web).",
+        f'RTCAM_WEB_LICENSE_SPDX = "{render_licence(web_tree, "SPDX")}"',
+        f'RTCAM_WEB_LICENSE_OE = "{render_licence(web_tree, "OE")}"',
+        "# Both.",
+        f'RTCAM_LICENSE_SPDX = "{render_licence(tree, "SPDX")}"',
+        f'RTCAM_LICENSE_OE = "{render_licence(tree, "OE")}"',
+        "",
+        "# rtcam's licence files, the viewer's licence notices, then each linked crate's licence",
+        "# files (its Cargo.toml `license` line when it ships none).",
+        'LIC_FILES_CHKSUM = " \\',
+    ]
+    out += [f"    {e} \\" for e in entries]
+    out.append('"')
+    return "\n".join(out) + "\n"
+
+
+def read_srcrev():
+    match = re.search(r'^SRCREV = "([0-9a-f]{40})"$', RELEASE_INC.read_text(), re.M) if RELEASE_INC.exists() else None
+    return match.group(1) if match else None
+
+
+def srcrev_problem(srcrev):
+    """Why SRCREV cannot be what this checkout builds, or None."""
+    if srcrev is None:
+        return f"{RELEASE_INC.relative_to(REPO)} has no SRCREV"
+    if subprocess.run(["git", "cat-file", "-e", f"{srcrev}^{{commit}}"], cwd=REPO, capture_output=True).returncode:
+        return f"SRCREV {srcrev} is not a commit of this repository (rebased or squashed away?)"
+    if subprocess.run(["git", "merge-base", "--is-ancestor", srcrev, "HEAD"], cwd=REPO).returncode:
+        return f"SRCREV {srcrev} is not an ancestor of HEAD"
+    if git_blob(srcrev, "Cargo.lock") != LOCK.read_bytes():
+        return f"Cargo.lock of SRCREV {srcrev} differs from this checkout's"
+    return None
+
+
+# --- Debian copyright -----------------------------------------------------------------------
+
+
+def render_debian_copyright(crates):
+    """DEP-5 copyright: rtcam, then each statically linked crate with its own licence files."""
+    out = [
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/",
+        "Upstream-Name: rtcam",
+        "Comment: /usr/bin/rtcam links the Rust crates below statically (Cargo.lock; the",
+        " device build and the default build, Linux on aarch64, armv7 and x86_64), as listed by",
+        " `cargo tree -e normal,no-proc-macro`; generated by yocto/update-crates.py. Each",
+        " crate's paragraph holds its own licence files (or its Cargo.toml licence line). The",
+        " browser viewer in /usr/share/rtcam/web bundles mqtt.js (MIT) and the notices in",
+        " /usr/share/rtcam/web/app.js.LEGAL.txt and mqtt.LICENSE.md.",
+        "",
+        "Files: *",
+        "Copyright: rtcam contributors",
+        "License: MIT or Apache-2.0",
+        " On Debian systems the Apache License 2.0 is in /usr/share/common-licenses/Apache-2.0.",
+    ]
+    for line in (REPO / "LICENSE-MIT").read_text().splitlines():
+        out.append(" " + line if line.strip() else " .")
+    for (name, version), licence in sorted(crates.items()):
+        out += ["", f"Files: cargo-crates/{name}-{version}/*", "Copyright: see the licence text below"]
+        out.append(f"License: {render_licence(parse_licence(licence), 'SPDX').replace(' AND ', ' and ').replace(' OR ', ' or ')}")
+        with tarfile.open(crate_archive(name, version)) as tar:
+            for path, _, begin, _ in crate_licence_files(name, version):
+                data = tar.extractfile(f"{name}-{version}/{path}").read().decode("utf-8", "replace")
+                if begin:
+                    data = data.splitlines()[begin - 1]
+                if is_apache_2(data):
+                    # Debian ships this text once; keep what the crate added: its copyright lines.
+                    out.append(f" {name}-{version}/{path}: the Apache License 2.0, /usr/share/common-licenses/Apache-2.0")
+                    data = "\n".join(l for l in data.splitlines() if re.match(r"\s*Copyright\b(?!.*\[yyyy\])", l))
+                    if not data:
+                        continue
+                else:
+                    out.append(f" {name}-{version}/{path}:")
+                out += [" " + l.rstrip() if l.strip() else " ." for l in data.splitlines()]
+    return "\n".join(out) + "\n"
+
+
+def is_apache_2(text):
+    head = text[:600]
+    return "Apache License" in head and "Version 2.0, January 2004" in head
+
+
+# --- Main -------------------------------------------------------------------------------------
+
+
+def web_problems():
+    """Differences between web/dist and the layer's copy, as messages."""
+    if not (WEB_DIST / "index.html").is_file():
+        return [f"{WEB_DIST.relative_to(REPO)} is not built (cd web && npm ci && npm run build)"]
+    have = {p.relative_to(WEB_COPY): p.read_bytes() for p in WEB_COPY.rglob("*") if p.is_file()} if WEB_COPY.is_dir() else {}
+    want = {p.relative_to(WEB_DIST): p.read_bytes() for p in WEB_DIST.rglob("*") if p.is_file()}
+    return [f"{WEB_COPY.relative_to(REPO)}/{p}: differs from web/dist" for p in sorted(set(have) | set(want)) if have.get(p) != want.get(p)]
+
+
+def main(argv):
+    check = "--check" in argv
+    web = "--web" in argv
+    if "--debian-copyright" in argv:
+        run("cargo", "fetch", "--locked")
+        target = pathlib.Path(argv[argv.index("--debian-copyright") + 1])
+        crates = linked_crates(DEVICE_TARGETS, ["--no-default-features"])
+        crates.update(linked_crates(DEVICE_TARGETS, []))
+        target.write_text(render_debian_copyright(crates))
+        print(f"wrote {target} ({len(crates)} crates)")
         return 0
-    INC.write_text(text)
-    print(f"wrote {INC.relative_to(REPO)} ({len(packages())} crates)")
+
+    run("cargo", "fetch", "--locked")  # the .crate files the licence texts are read from
+    lock_text = LOCK.read_text()
+    crates_text = render_crates(lock_packages(lock_text))
+    crates = linked_crates(DEVICE_TARGETS, ["--no-default-features"])
+    if check:
+        problems = []
+        if not CRATES_INC.exists() or CRATES_INC.read_text() != crates_text:
+            problems.append(f"{CRATES_INC.relative_to(REPO)} does not match Cargo.lock")
+        srcrev = read_srcrev()
+        problem = srcrev_problem(srcrev)
+        if problem:
+            problems.append(problem)
+        elif RELEASE_INC.read_text() != render_release(srcrev, crates):
+            problems.append(f"{RELEASE_INC.relative_to(REPO)}: licences differ from the linked crates'")
+        if web:
+            problems += web_problems()
+        for p in problems:
+            print(f"update-crates.py --check: {p}")
+        if problems:
+            print("fix: commit your changes, run `python3 yocto/update-crates.py --web` and commit its output")
+        return 1 if problems else 0
+
+    if git_blob("HEAD", "Cargo.lock") != lock_text.encode():
+        die("Cargo.lock differs from HEAD's: commit it first (SRCREV = HEAD must have this Cargo.lock)")
+    srcrev = run("git", "rev-parse", "HEAD").strip()
+    if web:
+        if not (WEB_DIST / "index.html").is_file():
+            die(web_problems()[0])
+        shutil.rmtree(WEB_COPY, ignore_errors=True)
+        shutil.copytree(WEB_DIST, WEB_COPY)
+        print(f"copied web/dist to {WEB_COPY.relative_to(REPO)}")
+    CRATES_INC.write_text(crates_text)
+    RELEASE_INC.write_text(render_release(srcrev, crates))
+    print(f"wrote {CRATES_INC.relative_to(REPO)} ({len(lock_packages(lock_text))} crates)")
+    print(f"wrote {RELEASE_INC.relative_to(REPO)} (SRCREV {srcrev}, {len(crates)} linked crates)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

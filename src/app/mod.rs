@@ -77,6 +77,8 @@ async fn run_tracked(
     cancel: &CancellationToken,
     transport_stop: &CancellationToken,
 ) -> Result<()> {
+    // Everything `check-config` checks, first: a bad file fails the start naming its key.
+    crate::preflight::check(config, crate::preflight::Files::Check)?;
     let topics = settings::topics(config);
     let mqtt_settings = settings::mqtt_settings(config)?;
     let ice_servers = settings::ice_servers(config)?;

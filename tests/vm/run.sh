@@ -8,7 +8,9 @@
 #
 # Binaries: $RTCAM_BIN (default target/release/rtcam) and $RTCAM_ARM_BIN (default
 # target/debian-cross/aarch64-unknown-linux-gnu/release/rtcam, from cross/build-debian.sh).
-# Installs qemu-system-x86, qemu-system-arm, busybox-static if missing (root, apt); downloads
+# Installs qemu-system-x86, qemu-system-arm (at the installed qemu-utils' version, from
+# bookworm-backports when that is where it came from), busybox-static if missing (root, apt;
+# never removing or upgrading a package, see cross/apt.sh); downloads
 # Debian's linux-image-*-amd64/-arm64 and busybox-static:arm64 .debs into target/vm/debs.
 # Anything missing is an error naming it: these tests never pass by skipping.
 set -euo pipefail
@@ -38,7 +40,7 @@ die() { printf 'tests/vm/run.sh: error: %s\n' "$*" >&2; exit 1; }
 die_missing() { printf 'tests/vm/run.sh: MISSING: %s\n' "$*" >&2; exit 1; }
 
 step "system packages"
-PKGS=(qemu-system-x86 qemu-system-arm busybox-static file binutils binutils-aarch64-linux-gnu make gcc-12)
+PKGS=(busybox-static file binutils binutils-aarch64-linux-gnu make gcc-12)
 # The test driver modules are cross-compiled for the aarch64 guest (tests/vm/build-modules.sh).
 [[ " ${arches[*]} " == *" aarch64 "* ]] && PKGS+=(gcc-12-aarch64-linux-gnu)
 # Debian 12's libcamera (0.0.3: vimc pipeline handler, IPA modules, the V4L2 compatibility
@@ -49,6 +51,7 @@ LIBCAMERA_PKGS=(libcamera0.0.3 libcamera-ipa libcamera-v4l2 libcamera-tools libl
 # shellcheck source=cross/apt.sh
 . "$REPO/cross/apt.sh"
 ensure_packages "${PKGS[@]}"
+ensure_qemu_system qemu-system-x86 qemu-system-arm  # at the installed qemu-utils' version
 command -v qemu-system-x86_64 >/dev/null || die_missing "qemu-system-x86_64 (package qemu-system-x86)"
 command -v qemu-system-aarch64 >/dev/null || die_missing "qemu-system-aarch64 (package qemu-system-arm)"
 [[ -x /bin/busybox ]] || die_missing "/bin/busybox (package busybox-static)"
