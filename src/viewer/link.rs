@@ -819,4 +819,107 @@ mod tests {
         assert_eq!(report.estimate.loss, Some(0.5));
         assert!(link.estimate() <= 400_000, "{}", link.estimate());
     }
+
+    /// A TWCC report from `base`: `statuses` (true: arrived); packet n arrives at (n + 1) × 10 ms.
+    fn twcc(base: u16, statuses: &[bool]) -> TransportLayerCc {
+        use rtc::rtcp::transport_feedbacks::transport_layer_cc::{
+            PacketStatusChunk, RecvDelta, RunLengthChunk, StatusChunkTypeTcc, SymbolTypeTcc,
+        };
+        let symbol = |arrived: bool| {
+            if arrived {
+                SymbolTypeTcc::PacketReceivedLargeDelta
+            } else {
+                SymbolTypeTcc::PacketNotReceived
+            }
+        };
+        let packet_chunks = statuses
+            .iter()
+            .map(|arrived| {
+                PacketStatusChunk::RunLengthChunk(RunLengthChunk {
+                    type_tcc: StatusChunkTypeTcc::RunLengthChunk,
+                    packet_status_symbol: symbol(*arrived),
+                    run_length: 1,
+                })
+            })
+            .collect();
+        let mut previous_us = 0;
+        let mut recv_deltas = Vec::new();
+        for (i, arrived) in statuses.iter().enumerate() {
+            if *arrived {
+                let at_us = (i64::from(base) + i as i64 + 1) * 10_000;
+                recv_deltas.push(RecvDelta {
+                    type_tcc_packet: symbol(true),
+                    delta: at_us - previous_us,
+                });
+                previous_us = at_us;
+            }
+        }
+        TransportLayerCc {
+            sender_ssrc: 1,
+            media_ssrc: SSRC,
+            base_sequence_number: base,
+            packet_status_count: statuses.len() as u16,
+            reference_time: 0,
+            fb_pkt_count: 0,
+            packet_chunks,
+            recv_deltas,
+        }
+    }
+
+    #[test]
+    fn twcc_feedback_counts_as_lost_only_what_the_viewer_reported_missing() {
+        const TWCC_ID: u8 = 5;
+        let link = Link::new(150_000, CEILING);
+        let mut history = TwccHistory::new(link.clone());
+        history.bind_local_stream(&StreamInfo {
+            ssrc: SSRC,
+            rtp_header_extensions: vec![RTPHeaderExtension {
+                uri: rtc::sdp::extmap::TRANSPORT_CC_URI.into(),
+                id: TWCC_ID.into(),
+            }],
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        for seq in 0..100u16 {
+            let mut packet = rtp(seq);
+            let ext = TransportCcExtension {
+                transport_sequence: seq,
+            };
+            packet
+                .header
+                .set_extension(TWCC_ID, ext.marshal().unwrap().into())
+                .unwrap();
+            let at = t0 + Duration::from_millis(10 * u64::from(seq));
+            history
+                .handle_write(tagged(at, Packet::Rtp(packet), false))
+                .unwrap();
+            assert!(history.poll_write().is_some(), "packet {seq} passed on");
+        }
+        // Feedback for 0-19 with 5 missing; the one for 20-39 is lost on the way; 40-99 all
+        // arrived; and a report of packets never sent, which must count for nothing.
+        let mut first = [true; 20];
+        first[5] = false;
+        let reports = [
+            (0, first.to_vec()),
+            (40, vec![true; 60]),
+            (1_000, vec![false; 20]),
+        ];
+        let t1 = t0 + Duration::from_millis(1_050);
+        for (base, statuses) in reports {
+            history
+                .handle_read(tagged(
+                    t1,
+                    Packet::Rtcp(vec![Box::new(twcc(base, &statuses))]),
+                    false,
+                ))
+                .unwrap();
+            assert!(history.poll_read().is_some(), "feedback passed on");
+        }
+        let stats = link.report(t1).estimate;
+        assert!(stats.twcc);
+        assert_eq!(stats.loss, Some(1.0 / 80.0));
+        // 1200-byte packets 10 ms apart on the viewer's clock: about 1 Mbit/s received.
+        let acked = stats.acked_bps.expect("an acknowledged rate");
+        assert!((900_000..=1_050_000).contains(&acked), "{acked}");
+    }
 }
