@@ -969,6 +969,9 @@ def _record(v: Viewer, path: str, byte_samples: list) -> None:
         "session": v.session,
         "t_offer_ms": v.t_offer_ms,
         "t_first_frame_ms": v.t_first_frame_ms,
+        # When recording stopped: the end of every measuring window (frames after it are not
+        # recorded, so a window reaching past it would count a freeze that never happened).
+        "t_end_ms": now_ms(),
         "frames": [[f.seq, f.ts, round(f.arrival_ms, 1), f.crc_ok] for f in v.frames],
         "bytes": byte_samples,
         "decode_failures": v.decode_failures,
@@ -1005,13 +1008,15 @@ async def _cli(a: argparse.Namespace) -> int:
         _emit("error", message=f"timeout: {e}")
         return 2
     _emit("connected", session=v.session, ms_from_offer=round(v.t_connected_ms - v.t_offer_ms, 1))
-    await v.wait_frames(1, a.timeout)
-    _emit(
-        "first-frame",
-        session=v.session,
-        ms_from_offer=round(v.t_first_frame_ms - v.t_offer_ms, 1),
-        frame=asdict(v.frames[0]),
-    )
+    if not a.video_optional:
+        await v.wait_frames(1, a.timeout)
+    if v.frames:
+        _emit(
+            "first-frame",
+            session=v.session,
+            ms_from_offer=round(v.t_first_frame_ms - v.t_offer_ms, 1),
+            frame=asdict(v.frames[0]),
+        )
     if a.ping:
         reply, rtt = await v.ping(t="cli")
         _emit("ping", reply=reply, rtt_ms=round(rtt, 2))
@@ -1057,6 +1062,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ice-address", default=None, help="the one local address ICE uses")
     p.add_argument("--record", default=None, help="write frames and received bytes (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no per-second stats lines")
+    p.add_argument(
+        "--video-optional",
+        action="store_true",
+        help="once connected, receive for --duration seconds even if no frame arrives "
+        "(a network test measuring a path that may carry no picture at all)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr)
