@@ -447,6 +447,9 @@ pub(crate) struct PacedSender {
     retransmit: Bucket,
     /// When each RTP sequence number (by slot) was first released.
     first_sent: Vec<Option<(u16, Instant)>>,
+    /// The RTX (RFC 4588) SSRCs of the bound streams: a retransmission on one of them has its
+    /// own sequence number and carries the original one in its first two payload bytes.
+    rtx_ssrcs: HashSet<u32>,
     released: VecDeque<TaggedPacket>,
     reads: VecDeque<TaggedPacket>,
 }
@@ -460,8 +463,20 @@ impl PacedSender {
             media: Bucket::new(),
             retransmit: Bucket::new(),
             first_sent: vec![None; SENT_SLOTS],
+            rtx_ssrcs: HashSet::new(),
             released: VecDeque::new(),
             reads: VecDeque::new(),
+        }
+    }
+
+    /// The media sequence number a retransmission repeats: an RTX packet's original sequence
+    /// number (the first two bytes of its payload), else its own.
+    fn original_sequence_number(&self, rtp: &rtc::rtp::Packet) -> Option<u16> {
+        if self.rtx_ssrcs.contains(&rtp.header.ssrc) {
+            let osn = rtp.payload.get(..2)?;
+            Some(u16::from_be_bytes([osn[0], osn[1]]))
+        } else {
+            Some(rtp.header.sequence_number)
         }
     }
 
@@ -522,8 +537,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
         let size = Self::size(&msg);
         let estimate = self.link.estimate();
         if msg.message.has(&Attribute::Retransmission) {
-            let seq = rtp.header.sequence_number;
-            let admitted = self.admit_retransmission(now, seq, size as f64 * 8.0, estimate);
+            let admitted = self.original_sequence_number(rtp).is_some_and(|seq| {
+                self.admit_retransmission(now, seq, size as f64 * 8.0, estimate)
+            });
             let mut s = self.link.lock();
             if admitted {
                 s.counters.retransmitted += 1;
@@ -589,8 +605,16 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
 }
 
 impl Interceptor for PacedSender {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        if let Some(rtx) = info.ssrc_rtx {
+            self.rtx_ssrcs.insert(rtx);
+        }
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        if let Some(rtx) = info.ssrc_rtx {
+            self.rtx_ssrcs.remove(&rtx);
+        }
+    }
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
@@ -604,6 +628,7 @@ mod tests {
     use rtc::shared::TransportContext;
 
     const SSRC: u32 = 0x1234;
+    const RTX_SSRC: u32 = 0x5678;
     const CEILING: u32 = 1_000_000;
 
     fn rtp(seq: u16) -> rtc::rtp::Packet {
@@ -634,6 +659,7 @@ mod tests {
     fn stream() -> StreamInfo {
         StreamInfo {
             ssrc: SSRC,
+            ssrc_rtx: Some(RTX_SSRC),
             rtp_header_extensions: vec![RTPHeaderExtension {
                 uri: rtc::sdp::extmap::ABS_SEND_TIME_URI.into(),
                 id: 3,
@@ -818,6 +844,46 @@ mod tests {
         );
         assert_eq!(report.estimate.loss, Some(0.5));
         assert!(link.estimate() <= 400_000, "{}", link.estimate());
+    }
+
+    /// An RFC 4588 retransmission of `original`, with its own sequence number.
+    fn rtx(rtx_seq: u16, original: u16) -> rtc::rtp::Packet {
+        let mut payload = original.to_be_bytes().to_vec();
+        payload.extend_from_slice(&[0u8; 1188]);
+        rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                ssrc: RTX_SSRC,
+                sequence_number: rtx_seq,
+                payload_type: 103,
+                ..Default::default()
+            },
+            payload: Bytes::from(payload),
+        }
+    }
+
+    #[test]
+    fn an_rtx_retransmission_is_judged_by_the_packet_it_repeats() {
+        let link = Link::new(150_000, CEILING);
+        let mut chain = chain(&link);
+        let t0 = Instant::now();
+        chain
+            .handle_write(tagged(t0, Packet::Rtp(rtp(500)), false))
+            .unwrap();
+        drain(&mut chain);
+        // RTX sequence numbers are their own: 7 was never sent as media, 500 was.
+        let t1 = t0 + Duration::from_millis(100);
+        chain
+            .handle_write(tagged(t1, Packet::Rtp(rtx(7, 500)), true))
+            .unwrap();
+        let out = drain(&mut chain);
+        assert_eq!(out.len(), 1, "the repair of 500 is sent");
+        chain
+            .handle_write(tagged(t1, Packet::Rtp(rtx(500, 7)), true))
+            .unwrap();
+        assert!(drain(&mut chain).is_empty(), "7 was never sent");
+        let c = link.report(t1).counters;
+        assert_eq!((c.retransmitted, c.retransmissions_dropped), (1, 1));
     }
 
     /// A TWCC report from `base`: `statuses` (true: arrived); packet n arrives at (n + 1) × 10 ms.

@@ -562,6 +562,7 @@ def test_d_two_percent_loss_costs_no_long_freeze(net):
     results = {}
     for adaptation in (True, False):
         run = run_scenario(net, "d", adaptation, spec, 20)
+        record_metric(f"network.d.{'on' if adaptation else 'off'}.links", last_links(run))
         t0, t1 = steady(run, "2%")
         results[adaptation] = row("d", run, "2%", t0, t1, "after 5 s", cpu_s=round(run.cpu_s, 2))
     on = results[True]
