@@ -21,7 +21,8 @@
 //! acknowledged: rtcam's viewers are often sent less than their estimate allows (an encoder
 //! short of content, a viewer on fewer temporal layers), and a viewer on one layer must be
 //! able to estimate enough for the next one; the bound above keeps it finite, and overuse
-//! after a layer switch brings it back (`src/viewer/layers.rs` backs off such attempts).
+//! after a layer switch brings it back down, and the layer with it (the cost: a viewer on a
+//! path too slow for the next layer tries it now and then, see the README's figures).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
