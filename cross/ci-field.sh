@@ -32,7 +32,7 @@ die() { printf 'ci-field.sh: error: %s\n' "$*" >&2; exit 1; }
 
 step "system packages"
 # nasm: openh264's x86 SIMD code, for a `cargo deb` that builds the amd64 binary itself.
-PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
+PKGS=(rustc-web cargo-web gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
     libc6-dev-arm64-cross binutils-aarch64-linux-gnu qemu-user-static libclang-dev file
     dpkg-dev python3 build-essential nasm ca-certificates)
 # shellcheck source=cross/apt.sh
