@@ -94,7 +94,7 @@ config_enum!(
     /// Pixel format asked of a V4L2 camera.
     PixelFormatChoice {
         Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG", Rgb3 = "RGB3",
-        Bgr3 = "BGR3"
+        Bgr3 = "BGR3", H264 = "H264"
     }
 );
 
@@ -112,6 +112,21 @@ pub struct CaptureConfig {
     /// Round the line length asked of the driver up to a multiple of this many bytes
     /// (0: the driver's own choice).
     pub stride_align: u32,
+    /// With `format = "auto"`, take the camera's own H.264 first when it offers it at the
+    /// configured size and rate (passthrough).
+    pub prefer_camera_h264: bool,
+    /// Passthrough: the last IDR and what followed, up to this many bytes, for new viewers
+    /// (0: none; they wait for the camera's next IDR).
+    pub gop_cache_bytes: u32,
+}
+
+impl CaptureConfig {
+    /// Whether the camera may deliver H.264 itself rather than pictures.
+    pub fn may_pass_h264_through(&self) -> bool {
+        self.source == SourceKind::V4l2
+            && (self.format == PixelFormatChoice::H264
+                || (self.format == PixelFormatChoice::Auto && self.prefer_camera_h264))
+    }
 }
 
 config_enum!(
@@ -304,6 +319,12 @@ impl Config {
             return Err(invalid(
                 "capture.stride_align",
                 "0 (the driver's choice) or a power of two up to 4096",
+            ));
+        }
+        if !limits::GOP_CACHE_BYTES.contains(&c.gop_cache_bytes) {
+            return Err(invalid(
+                "capture.gop_cache_bytes",
+                format!("{} bytes", limits::describe(&limits::GOP_CACHE_BYTES)),
             ));
         }
         if !limits::BITRATE.contains(&self.encoder.bitrate) {
@@ -635,6 +656,30 @@ mod tests {
         );
         let c = load_with(None, &[("RTCAM__MQTT__TLS", "true")]).unwrap();
         assert!(c.mqtt.tls);
+        let e = err(Some("[capture]\ngop_cache_bytes = 100000000\n"), &[]);
+        assert!(e.contains("capture.gop_cache_bytes"), "{e}");
+    }
+
+    #[test]
+    fn camera_h264_is_chosen_explicitly_or_by_auto_when_preferred() {
+        let c = load_with(None, &[]).unwrap();
+        assert!(
+            !c.capture.may_pass_h264_through(),
+            "auto alone never passes H.264 through"
+        );
+        let c = load_with(Some("[capture]\nformat = \"H264\"\n"), &[]).unwrap();
+        assert!(c.capture.may_pass_h264_through());
+        let c = load_with(None, &[("RTCAM__CAPTURE__PREFER_CAMERA_H264", "true")]).unwrap();
+        assert!(c.capture.may_pass_h264_through());
+        let c = load_with(
+            Some("[capture]\nformat = \"YU12\"\nprefer_camera_h264 = true\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(
+            !c.capture.may_pass_h264_through(),
+            "an explicit pixel format wins"
+        );
     }
 
     #[test]

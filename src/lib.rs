@@ -9,6 +9,7 @@ mod broker;
 mod certificate;
 pub mod config;
 mod control;
+pub mod feed_h264;
 mod homeassistant;
 mod log_limit;
 pub mod logging;

@@ -48,10 +48,38 @@ enum Command {
         /// Fail when the frames have not arrived within this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Tests: after this many frames a second subscriber joins, as a new viewer does,
+        /// and records to --join-output (its preroll from the GOP cache included).
+        #[arg(long, hide = true, requires = "join_output")]
+        join_at: Option<u64>,
+        #[arg(long, hide = true, requires = "join_at")]
+        join_output: Option<PathBuf>,
     },
     /// List the cameras, media-controller pipelines and encoders found here, and which camera
     /// format and encoder the configuration makes rtcam use, and why.
     Probe,
+    /// Test helper (the VM tests): writes an H.264 clip into a V4L2 output device such as
+    /// v4l2loopback, one access unit per buffer, paced, in a loop; prints its plan as JSON.
+    #[command(hide = true)]
+    FeedH264 {
+        /// The loopback device.
+        #[arg(long)]
+        device: PathBuf,
+        /// A raw Annex-B H.264 file starting with an IDR.
+        #[arg(long)]
+        clip: PathBuf,
+        /// The clip's picture size, WIDTHxHEIGHT.
+        #[arg(long, value_parser = parse_size)]
+        size: (u32, u32),
+        #[arg(long, default_value_t = 30)]
+        fps: u32,
+        /// After every N access units an extra buffer of garbage (0: none).
+        #[arg(long, default_value_t = 0)]
+        garbage_every: u32,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+    },
     /// Diagnostic (the VM tests): camera -> V4L2 M2M encoder -> decoder with vicodec (FWHT);
     /// prints a JSON summary and writes the streams and decoded pictures.
     #[command(hide = true)]
@@ -118,6 +146,31 @@ fn main() -> ExitCode {
             print!("{}", rtcam::probe::report(&config));
             ExitCode::SUCCESS
         }
+        Command::FeedH264 {
+            device,
+            clip,
+            size,
+            fps,
+            garbage_every,
+            seconds,
+        } => {
+            let options = rtcam::feed_h264::FeedOptions {
+                device,
+                clip,
+                width: size.0,
+                height: size.1,
+                fps,
+                garbage_every,
+                duration: std::time::Duration::from_secs(seconds),
+            };
+            match rtcam::feed_h264::run(&options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rtcam feed-h264: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::M2mCheck {
             camera,
             sizes,
@@ -157,6 +210,8 @@ fn main() -> ExitCode {
             output,
             controls,
             timeout,
+            join_at,
+            join_output,
         } => record(
             config,
             rtcam::record::RecordOptions {
@@ -164,6 +219,12 @@ fn main() -> ExitCode {
                 output,
                 controls,
                 timeout: std::time::Duration::from_secs(timeout),
+                join: join_at.zip(join_output).map(|(after_frames, output)| {
+                    rtcam::record::JoinOptions {
+                        after_frames,
+                        output,
+                    }
+                }),
             },
         ),
     }

@@ -33,6 +33,9 @@ pub(crate) struct DeviceState {
     pub frames_encoded: u64,
     pub frames_dropped: u64,
     pub bytes_copied_per_frame: u64,
+    /// Camera frames that could not be used (flagged by the driver, corrupt, truncated, or
+    /// in passthrough referring to a frame the driver lost), since the start.
+    pub frames_corrupt: u64,
     /// Last known control values (filled once controls were listed or set).
     pub controls: BTreeMap<String, i64>,
     /// Why the camera cannot be used right now; `null` while it works (or was not needed yet).
@@ -41,6 +44,9 @@ pub(crate) struct DeviceState {
     pub encoder: Option<crate::media::video_encoder::EncoderStatus>,
     /// Each streaming viewer's link, by anonymized session id (with `webrtc.adaptation`).
     pub links: Vec<ViewerLink>,
+    /// The stream's H.264 profile and level as an SDP `profile-level-id` (e.g. `42c01f`);
+    /// `null` while the camera's own H.264 has not been read yet.
+    pub profile_level_id: Option<String>,
     pub uptime_s: u64,
 }
 
@@ -161,10 +167,12 @@ impl StateReader {
             frames_encoded: counters.frames_encoded,
             frames_dropped: counters.frames_dropped,
             bytes_copied_per_frame: counters.bytes_copied_per_frame,
+            frames_corrupt: counters.frames_corrupt,
             controls: status.controls,
             camera_error: status.camera_error,
             encoder: status.encoder,
             links: self.links.borrow().values().cloned().collect(),
+            profile_level_id: status.h264.map(|h| h.profile_level_id()),
             uptime_s: self.started.elapsed().as_secs(),
         }
     }
@@ -255,6 +263,7 @@ mod tests {
             frames_encoded: 42,
             frames_dropped: 0,
             bytes_copied_per_frame: 0,
+            frames_corrupt: 0,
             controls: BTreeMap::from([("brightness".to_string(), 3)]),
             camera_error: None,
             encoder: None,
@@ -271,6 +280,7 @@ mod tests {
                 retransmissions_dropped: 0,
                 keyframe_requests_ignored: 1,
             }],
+            profile_level_id: Some("42c01f".into()),
             uptime_s: 9,
         }
     }
@@ -293,17 +303,20 @@ mod tests {
             "frames_encoded",
             "frames_dropped",
             "bytes_copied_per_frame",
+            "frames_corrupt",
             "controls",
             "camera_error",
             "encoder",
             "links",
+            "profile_level_id",
             "uptime_s",
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
         assert_eq!(v["camera_error"], serde_json::Value::Null);
         assert_eq!(v["controls"]["brightness"], 3);
-        assert_eq!(v.as_object().unwrap().len(), 19, "no undocumented fields");
+        assert_eq!(v["profile_level_id"], "42c01f");
+        assert_eq!(v.as_object().unwrap().len(), 20, "no undocumented fields");
         let link = &v["links"][0];
         for key in [
             "viewer",

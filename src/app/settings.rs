@@ -13,7 +13,7 @@ use crate::media::encoder::EncoderSettings;
 use crate::media::pipeline::PipelineConfig;
 use crate::media::source::{CaptureParams, FrameSource, SourceOpener};
 use crate::media::test_pattern::TestPattern;
-use crate::media::v4l2::Camera;
+use crate::media::v4l2::{Camera, CodedSettings};
 use crate::mqtt::MqttSettings;
 use crate::protocol::signal::status_payload;
 use crate::protocol::topics::Topics;
@@ -21,6 +21,11 @@ use crate::protocol::topics::Topics;
 /// Opens the configured source each time capture starts (never falls back to another).
 pub(crate) fn source_opener(config: &Config) -> SourceOpener {
     let base = config.capture.clone();
+    // A camera's own H.264 starts at these; set-bitrate changes it later.
+    let coded = CodedSettings {
+        bitrate: config.encoder.bitrate,
+        gop: config.encoder.keyframe_interval,
+    };
     // The test pattern's controls outlive each open, like a camera driver's do.
     let brightness = Arc::new(AtomicI64::new(0));
     Box::new(move |p: CaptureParams| {
@@ -36,7 +41,7 @@ pub(crate) fn source_opener(config: &Config) -> SourceOpener {
                     .with_brightness(brightness.clone())
                     .with_noise(c.test_pattern_noise),
             ) as Box<dyn FrameSource>,
-            SourceKind::V4l2 => Box::new(Camera::open(&c)?),
+            SourceKind::V4l2 => Box::new(Camera::open(&c, &coded)?),
         })
     })
 }
@@ -63,6 +68,8 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
         hardware: Some(crate::media::video_encoder::v4l2_opener(
             config.encoder.backend,
         )),
+        camera_h264: config.capture.may_pass_h264_through(),
+        gop_cache_bytes: config.capture.gop_cache_bytes as usize,
     }
 }
 

@@ -159,6 +159,16 @@ impl Controller {
         match command {
             Command::Ping { t } => done(json!({"pong": true, "t": t})),
             Command::Keyframe => {
+                // A camera or hardware encoder without the control: say so, do not pretend.
+                let unavailable_why = pipeline
+                    .status()
+                    .borrow()
+                    .encoder
+                    .as_ref()
+                    .and_then(|e| e.keyframes_unavailable.clone());
+                if let Some(why) = unavailable_why {
+                    return Err(unavailable(why));
+                }
                 pipeline.request_keyframe();
                 done(json!({}))
             }
@@ -196,7 +206,18 @@ impl Controller {
             }
             Command::ListControls => {
                 let list = self.controls().await?;
-                done(json!({"controls": list}))
+                let mut result = json!({"controls": list});
+                // Forcing a keyframe is not a control, but its absence is said here too.
+                if let Some(why) = pipeline
+                    .status()
+                    .borrow()
+                    .encoder
+                    .as_ref()
+                    .and_then(|e| e.keyframes_unavailable.clone())
+                {
+                    result["keyframes_unavailable"] = Value::String(why);
+                }
+                done(result)
             }
             Command::GetControl { name } => {
                 let c = self
@@ -351,6 +372,24 @@ pub(crate) mod testing {
     impl Rig {
         /// `rate`: per-source (per second, burst); the global limit is far above it.
         pub fn new(rate: (u32, u32), forward_namespaces: &[&str]) -> Self {
+            Self::with_source(
+                rate,
+                forward_namespaces,
+                Box::new(|p: CaptureParams| {
+                    Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))
+                        as Box<dyn FrameSource>)
+                }),
+                false,
+            )
+        }
+
+        /// With another source; `camera_h264`: it may send H.264 itself.
+        pub fn with_source(
+            rate: (u32, u32),
+            forward_namespaces: &[&str],
+            opener: crate::media::source::SourceOpener,
+            camera_h264: bool,
+        ) -> Self {
             let cancel = CancellationToken::new();
             let tracker = TaskTracker::new();
             let (handle, thread) = pipeline::spawn(
@@ -370,11 +409,10 @@ pub(crate) mod testing {
                     rate_policy: false,
                     min_bitrate: 150_000,
                     hardware: None,
+                    camera_h264,
+                    gop_cache_bytes: 0,
                 },
-                Box::new(|p: CaptureParams| {
-                    Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))
-                        as Box<dyn FrameSource>)
-                }),
+                opener,
                 cancel.clone(),
             )
             .expect("capture thread");
@@ -436,6 +474,43 @@ mod tests {
 
     fn sid(s: &str) -> SessionId {
         SessionId::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn keyframe_and_bitrate_are_unavailable_with_the_reason_for_a_camera_without_the_controls()
+     {
+        let units = std::sync::Arc::new(crate::media::h264::annexb::tests::encoded_stream(4, 60));
+        let rig = Rig::with_source(
+            (100, 100),
+            &[],
+            crate::media::passthrough::tests::H264Camera::opener(units),
+            true,
+        );
+        let c = &rig.controller;
+        let mqtt = Origin::Mqtt;
+        let id = json!(1);
+        // Listing the controls opens the camera: it passes H.264 through and says keyframes
+        // cannot be forced.
+        let Ok(CommandOutput::Done(listed)) = c.run(&mqtt, &id, Command::ListControls).await else {
+            panic!("list-controls failed");
+        };
+        let why = listed["keyframes_unavailable"].as_str().unwrap().to_owned();
+        assert!(why.contains("FORCE_KEY_FRAME"), "{why}");
+        let e = c.run(&mqtt, &id, Command::Keyframe).await.unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (CommandErrorCode::Unavailable, why.as_str())
+        );
+        let e = c
+            .run(&mqtt, &id, Command::SetBitrate { bps: 500_000 })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, CommandErrorCode::Unavailable);
+        assert!(e.message.contains("BITRATE"), "{}", e.message);
+        let state = c.inner.state.current();
+        assert_eq!(state.encoder.unwrap().backend, "camera");
+        assert_eq!(state.profile_level_id.as_deref(), Some("42c00c"));
+        rig.stop().await;
     }
 
     #[tokio::test]

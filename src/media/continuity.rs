@@ -64,6 +64,7 @@ mod tests {
             duration: Duration::from_millis(33),
             temporal_id,
             target_bps: 1_000_000,
+            preroll: None,
         }
     }
 

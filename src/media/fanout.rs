@@ -1,4 +1,6 @@
-//! Encode-once fan-out: each viewer's bounded queue; a full queue skips that viewer's frames until they decode again.
+//! Encode-once fan-out: each viewer's bounded queue; a full queue skips that viewer's frames until they decode again; a new viewer may start from a cached GOP.
+
+use std::sync::Arc;
 
 use super::continuity::Continuity;
 use super::frame::EncodedFrame;
@@ -101,15 +103,34 @@ impl<S: FrameSink> Fanout<S> {
 
     /// Offers `frame` to every subscriber that could decode it.
     pub fn deliver(&mut self, frame: &EncodedFrame) -> Delivery {
+        self.deliver_after(frame, &[])
+    }
+
+    /// Offers `frame` to every subscriber. One that waits for a keyframe while `start` holds
+    /// the frames since the last IDR (a GOP cache) starts at once: it gets `frame` with
+    /// `start` as its preroll, all in one queue slot.
+    pub fn deliver_after(&mut self, frame: &EncodedFrame, start: &[EncodedFrame]) -> Delivery {
         let mut d = Delivery::default();
+        let mut with_start: Option<EncodedFrame> = None;
         self.subscribers.retain_mut(|s| {
+            let mut offered = frame;
             if !s.continuity.decodable(frame) {
-                s.continuity.skipped(frame);
-                d.dropped += 1;
-                return true;
+                if start.is_empty() {
+                    s.continuity.skipped(frame);
+                    d.dropped += 1;
+                    return true;
+                }
+                // A GOP cache (passthrough): start over from its IDR at once, in one queue slot.
+                offered = with_start.get_or_insert_with(|| EncodedFrame {
+                    preroll: Some(Arc::from(start)),
+                    ..frame.clone()
+                });
             }
-            match s.sink.offer(frame) {
+            match s.sink.offer(offered) {
                 SinkResult::Sent => {
+                    for f in offered.preroll.iter().flat_map(|p| p.iter()) {
+                        s.continuity.sent(f);
+                    }
                     s.continuity.sent(frame);
                     d.sent += 1;
                     true
@@ -186,7 +207,61 @@ mod tests {
             duration: Duration::from_millis(33),
             temporal_id,
             target_bps: 1_000_000,
+            preroll: None,
         }
+    }
+
+    /// A sink that keeps whole frames (with their preroll).
+    #[derive(Clone, Default)]
+    struct Keeper(Rc<RefCell<Vec<EncodedFrame>>>);
+
+    impl FrameSink for Keeper {
+        fn offer(&self, frame: &EncodedFrame) -> SinkResult {
+            self.0.borrow_mut().push(frame.clone());
+            SinkResult::Sent
+        }
+    }
+
+    #[test]
+    fn a_new_viewer_starts_from_the_cached_gop_in_one_slot() {
+        let mut f = Fanout::default();
+        let early = Keeper::default();
+        f.subscribe(1, early.clone());
+        let gop = [frame(10, true), frame(11, false), frame(12, false)];
+        for g in &gop {
+            f.deliver(g);
+        }
+        let late = Keeper::default();
+        f.subscribe(2, late.clone());
+        let d = f.deliver_after(&frame(13, false), &gop);
+        assert_eq!((d.sent, d.dropped, d.keyframe_needed), (2, 0, false));
+        let got = late.0.borrow().clone();
+        assert_eq!(got.len(), 1, "one queue slot");
+        let preroll: Vec<u64> = got[0]
+            .preroll
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|f| f.seq)
+            .collect();
+        assert_eq!((preroll, got[0].seq), (vec![10, 11, 12], 13));
+        assert!(got[0].preroll.as_ref().unwrap()[0].keyframe);
+        // Viewers already watching get the frame alone.
+        assert!(early.0.borrow().iter().all(|f| f.preroll.is_none()));
+        // Later frames come without a preroll; a keyframe never carries one.
+        f.subscribe(3, Keeper::default());
+        f.deliver_after(&frame(14, false), &gop);
+        assert!(late.0.borrow()[1].preroll.is_none());
+        let next = Keeper::default();
+        f.subscribe(4, next.clone());
+        f.deliver_after(&frame(20, true), &gop);
+        assert!(next.0.borrow()[0].preroll.is_none());
+        // Without a cache a new viewer waits for a keyframe, as before.
+        let waiting = Keeper::default();
+        f.subscribe(5, waiting.clone());
+        let d = f.deliver_after(&frame(21, false), &[]);
+        assert_eq!((d.dropped, d.keyframe_needed), (1, true));
+        assert!(waiting.0.borrow().is_empty());
     }
 
     #[test]

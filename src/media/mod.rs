@@ -1,4 +1,4 @@
-//! Media path: frame sources (V4L2, test pattern), pixel conversion, H.264 encoding, fan-out, the capture thread.
+//! Media path: frame sources (V4L2, test pattern), pixel conversion, H.264 encoding or a camera's own H.264 passed through, fan-out, the capture thread.
 
 pub(crate) mod continuity;
 pub(crate) mod controls;
@@ -9,6 +9,7 @@ pub mod frame;
 pub(crate) mod h264;
 pub(crate) mod m2m;
 pub mod mjpeg;
+pub mod passthrough;
 pub mod pattern;
 pub(crate) mod pipeline;
 pub(crate) mod policy;

@@ -160,7 +160,11 @@ impl Owner {
     }
 
     fn on_message(&mut self, id: &SessionId, payload: &[u8]) {
-        match self.registry.on_message(id, payload, Instant::now()) {
+        let stream = self.deps.pipeline.status().borrow().h264;
+        match self
+            .registry
+            .on_message(id, payload, stream, Instant::now())
+        {
             Decision::Reject(r) => self.reject(id, &r),
             Decision::Start { key, offer, evict } => {
                 if let Some((old_id, old_key)) = evict {

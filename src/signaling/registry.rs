@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
-use crate::protocol::sdp::{CheckedOffer, check_offer};
+use crate::protocol::sdp::{CheckedOffer, SentStream, check_offer};
 use crate::protocol::signal::{
     ErrorCode, IceCandidate, Limits, Rejection, ViewerMessage, parse_viewer_message,
 };
@@ -96,14 +96,22 @@ impl Registry {
         self.sessions.len()
     }
 
-    /// Handles a payload that arrived on `<base>/session/<id>/in`.
-    pub fn on_message(&mut self, id: &SessionId, payload: &[u8], now: Instant) -> Decision {
+    /// Handles a payload that arrived on `<base>/session/<id>/in`. `stream`: the H.264 stream
+    /// rtcam sends (offers are checked against it), `None` while it is not known yet (the
+    /// camera's own H.264 before rtcam has read its SPS).
+    pub fn on_message(
+        &mut self,
+        id: &SessionId,
+        payload: &[u8],
+        stream: Option<SentStream>,
+        now: Instant,
+    ) -> Decision {
         let message = match parse_viewer_message(payload, self.parse_limits) {
             Ok(m) => m,
             Err(r) => return Decision::Reject(r),
         };
         match message {
-            ViewerMessage::Offer { sdp } => self.on_offer(id, sdp, now),
+            ViewerMessage::Offer { sdp } => self.on_offer(id, sdp, stream, now),
             ViewerMessage::Candidate(candidate) => {
                 let Some(entry) = self
                     .sessions
@@ -140,7 +148,13 @@ impl Registry {
         }
     }
 
-    fn on_offer(&mut self, id: &SessionId, sdp: String, now: Instant) -> Decision {
+    fn on_offer(
+        &mut self,
+        id: &SessionId,
+        sdp: String,
+        stream: Option<SentStream>,
+        now: Instant,
+    ) -> Decision {
         if let Some(e) = self.sessions.get(id) {
             let why = if e.phase == Phase::Closing {
                 format!("session {id} is still closing; pick a new session id for a new offer")
@@ -149,7 +163,13 @@ impl Registry {
             };
             return Decision::Reject(Rejection::new(ErrorCode::SessionExists, why));
         }
-        let offer = match check_offer(&sdp) {
+        let Some(stream) = stream else {
+            return Decision::Reject(Rejection::new(
+                ErrorCode::Busy,
+                "the camera's H.264 profile is not known yet (rtcam reads it from the camera's first SPS); retry in a moment",
+            ));
+        };
+        let offer = match check_offer(&sdp, &stream) {
             Ok(o) => o,
             Err(r) => return Decision::Reject(r),
         };
@@ -297,6 +317,35 @@ mod tests {
         msg(json!({"v":1,"type":"offer","sdp":SDP}))
     }
 
+    /// What openh264 sends at 720p30.
+    const CB: Option<SentStream> = Some(SentStream::constrained_baseline(0x1f));
+
+    #[test]
+    fn offers_wait_until_the_stream_is_known_and_are_checked_against_it() {
+        let mut r = reg(4, 8);
+        let t = Instant::now();
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), None, t)),
+            ErrorCode::Busy,
+            "the camera's own H.264 before its SPS was read"
+        );
+        assert_eq!(r.len(), 0);
+        // The offer names Constrained Baseline only: a High camera is refused with bad-sdp.
+        let high = Some(SentStream {
+            profile_idc: 0x64,
+            constraints: 0,
+            level_idc: 0x28,
+        });
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), high, t)),
+            ErrorCode::BadSdp
+        );
+        assert!(matches!(
+            r.on_message(&sid("a"), &offer(), CB, t),
+            Decision::Start { .. }
+        ));
+    }
+
     fn cand() -> Vec<u8> {
         msg(json!({"v":1,"type":"candidate","candidate":null}))
     }
@@ -317,7 +366,7 @@ mod tests {
         id: &str,
         now: Instant,
     ) -> (SessionKey, Option<(SessionId, SessionKey)>) {
-        match r.on_message(&sid(id), &offer(), now) {
+        match r.on_message(&sid(id), &offer(), CB, now) {
             Decision::Start { key, evict, .. } => (key, evict),
             other => panic!("expected start, got {other:?}"),
         }
@@ -330,7 +379,7 @@ mod tests {
         let (key, evict) = start(&mut r, "a", t);
         assert_eq!(evict, None);
         assert_eq!(
-            r.on_message(&sid("a"), &cand(), t),
+            r.on_message(&sid("a"), &cand(), CB, t),
             Decision::Candidate {
                 key,
                 candidate: None
@@ -352,12 +401,15 @@ mod tests {
         let mut r = reg(2, 2);
         let (key, _) = start(&mut r, "a", t);
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &offer(), t)),
+            rejected(r.on_message(&sid("a"), &offer(), CB, t)),
             ErrorCode::SessionExists
         );
-        assert_eq!(r.on_message(&sid("a"), &bye(), t), Decision::End { key });
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &offer(), t)),
+            r.on_message(&sid("a"), &bye(), CB, t),
+            Decision::End { key }
+        );
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), CB, t)),
             ErrorCode::SessionExists
         );
         assert!(r.on_closed(&sid("a"), key));
@@ -370,14 +422,17 @@ mod tests {
         let mut r = reg(1, 4);
         let (a, _) = start(&mut r, "a", t);
         r.on_connected(&sid("a"), a).unwrap();
-        assert_eq!(r.on_message(&sid("a"), &bye(), t), Decision::End { key: a });
+        assert_eq!(
+            r.on_message(&sid("a"), &bye(), CB, t),
+            Decision::End { key: a }
+        );
         // A second bye, or candidates, for a closing session: unknown.
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &bye(), t)),
+            rejected(r.on_message(&sid("a"), &bye(), CB, t)),
             ErrorCode::UnknownSession
         );
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &cand(), t)),
+            rejected(r.on_message(&sid("a"), &cand(), CB, t)),
             ErrorCode::UnknownSession
         );
         // Another viewer may negotiate, but cannot become a viewer before "a" is closed...
@@ -397,7 +452,7 @@ mod tests {
         let (b, _) = start(&mut r, "b", t);
         assert_eq!(r.on_connected(&sid("a"), a), Ok(()));
         assert_eq!(
-            rejected(r.on_message(&sid("c"), &offer(), t)),
+            rejected(r.on_message(&sid("c"), &offer(), CB, t)),
             ErrorCode::MaxViewers
         );
         // "b" negotiated in parallel and connects second: refused, closing.
@@ -447,17 +502,20 @@ mod tests {
         let (key, _) = start(&mut r, "a", t);
         for _ in 0..MAX_CANDIDATES_PER_SESSION {
             assert!(matches!(
-                r.on_message(&sid("a"), &cand(), t),
+                r.on_message(&sid("a"), &cand(), CB, t),
                 Decision::Candidate { .. }
             ));
         }
         for _ in 0..1000 {
             assert_eq!(
-                rejected(r.on_message(&sid("a"), &cand(), t)),
+                rejected(r.on_message(&sid("a"), &cand(), CB, t)),
                 ErrorCode::TooManyCandidates
             );
         }
-        assert_eq!(r.on_message(&sid("a"), &bye(), t), Decision::End { key });
+        assert_eq!(
+            r.on_message(&sid("a"), &bye(), CB, t),
+            Decision::End { key }
+        );
     }
 
     #[test]
@@ -465,11 +523,11 @@ mod tests {
         let t = Instant::now();
         let mut r = reg(1, 1);
         assert_eq!(
-            rejected(r.on_message(&sid("x"), &cand(), t)),
+            rejected(r.on_message(&sid("x"), &cand(), CB, t)),
             ErrorCode::UnknownSession
         );
         assert_eq!(
-            rejected(r.on_message(&sid("x"), &bye(), t)),
+            rejected(r.on_message(&sid("x"), &bye(), CB, t)),
             ErrorCode::UnknownSession
         );
     }
@@ -487,11 +545,11 @@ mod tests {
             msg(json!({"v":1,"type":"offer","sdp":"v=0\r\nm=audio 9 RTP/AVP 0\r\na=mid:0\r\n"})),
         ] {
             assert!(matches!(
-                r.on_message(&sid("a"), &bad, t),
+                r.on_message(&sid("a"), &bad, CB, t),
                 Decision::Reject(_)
             ));
             assert!(matches!(
-                r.on_message(&sid("b"), &bad, t),
+                r.on_message(&sid("b"), &bad, CB, t),
                 Decision::Reject(_)
             ));
         }
@@ -504,7 +562,7 @@ mod tests {
         let t = Instant::now();
         let mut r = reg(2, 2);
         let (old, _) = start(&mut r, "a", t);
-        r.on_message(&sid("a"), &bye(), t);
+        r.on_message(&sid("a"), &bye(), CB, t);
         assert!(r.on_closed(&sid("a"), old));
         let (new, _) = start(&mut r, "a", t);
         assert_ne!(old, new);

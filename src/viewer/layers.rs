@@ -194,6 +194,7 @@ mod tests {
                 duration: Duration::from_millis(33),
                 temporal_id: tid,
                 target_bps: TARGET,
+                preroll: None,
             };
             self.n += 1;
             (now, frame)

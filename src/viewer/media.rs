@@ -56,6 +56,12 @@ struct Shared {
     usable: UsableRate,
 }
 
+/// RTP time between the cached frames a new viewer gets at once (H.264 passthrough): their
+/// capture times lie in the past, and spreading them that far apart would make the viewer
+/// play them out and stay that far behind. A tick apart it decodes them at once and shows
+/// the live picture; each still has its own timestamp.
+const PREROLL_SPACING: Duration = Duration::from_millis(1);
+
 /// The sending side of a viewer's video, added to the peer connection before the answer.
 pub(crate) struct VideoSender {
     track: Arc<TrackLocalStaticSample>,
@@ -278,6 +284,26 @@ async fn write_frames(
             _ = cancel.cancelled() => break,
             f = frames.recv() => match f { Some(f) => f, None => break },
         };
+        if let Some(preroll) = &frame.preroll {
+            // A new viewer's start from the GOP cache: the cached frames first, back to back.
+            tracing::debug!(
+                frames = preroll.len(),
+                first_seq = preroll.first().map(|f| f.seq),
+                "starting from the cached GOP"
+            );
+            for f in preroll.iter() {
+                // Through the viewer's layer choice too, so it knows the decoder has the IDR.
+                if let Some(a) = adaptive.as_mut()
+                    && !a.offer(Instant::now(), f)
+                {
+                    continue;
+                }
+                // Sent now: the send-time extension must not claim they left long ago.
+                let now = Instant::now();
+                write_sample(&track, ssrc, payload_type, f, now, PREROLL_SPACING).await;
+                sent += 1;
+            }
+        }
         if let Some(a) = adaptive.as_mut()
             && !a.offer(Instant::now(), &frame)
         {
@@ -290,18 +316,8 @@ async fn write_frames(
             .filter(|d| !d.is_zero())
             .unwrap_or(frame.duration);
         previous = Some(frame.captured_at);
-        let sample = Sample {
-            data: frame.data,
-            duration,
-            ..Sample::new(frame.captured_at)
-        };
-        if let Err(e) = track
-            .sample_writer(ssrc, payload_type)
-            .write_sample(&sample)
-            .await
-        {
-            tracing::debug!(error = %e, "write_sample failed");
-        }
+        let at = frame.captured_at;
+        write_sample(&track, ssrc, payload_type, &frame, at, duration).await;
         sent += 1;
         if sent == 1 {
             tracing::debug!(
@@ -310,6 +326,29 @@ async fn write_frames(
                 "first frame sent"
             );
         }
+    }
+}
+
+/// Sends one access unit made `at`; `duration` is how far RTP time moves on after it.
+async fn write_sample(
+    track: &TrackLocalStaticSample,
+    ssrc: u32,
+    payload_type: u8,
+    frame: &EncodedFrame,
+    at: Instant,
+    duration: Duration,
+) {
+    let sample = Sample {
+        data: frame.data.clone(),
+        duration,
+        ..Sample::new(at)
+    };
+    if let Err(e) = track
+        .sample_writer(ssrc, payload_type)
+        .write_sample(&sample)
+        .await
+    {
+        tracing::debug!(error = %e, "write_sample failed");
     }
 }
 

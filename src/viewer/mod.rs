@@ -273,6 +273,9 @@ impl Driver {
                                 links: a.links.clone(),
                                 viewer: anonymized(&self.id),
                             });
+                        if let Some(note) = &self.offer.level_note {
+                            tracing::info!(%note, "streaming above the viewer's declared H.264 level");
+                        }
                         let started = video
                             .as_ref()
                             .ok_or(())
