@@ -316,7 +316,7 @@ mod tests {
         assert_eq!(v["camera_error"], serde_json::Value::Null);
         assert_eq!(v["controls"]["brightness"], 3);
         assert_eq!(v["profile_level_id"], "42c01f");
-        assert_eq!(v.as_object().unwrap().len(), 20, "no undocumented fields");
+        assert_eq!(v.as_object().unwrap().len(), 21, "no undocumented fields");
         let link = &v["links"][0];
         for key in [
             "viewer",
