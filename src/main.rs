@@ -55,6 +55,17 @@ enum Command {
         #[arg(long, hide = true, requires = "join_at")]
         join_output: Option<PathBuf>,
     },
+    /// Print the device's public identity key (auth.identity_key_path), the key viewers pin.
+    Identity {
+        /// Create the key file if it does not exist yet (run as the service's user).
+        #[arg(long)]
+        create: bool,
+    },
+    /// Owner keys and viewer credentials (docs/protocol.md §9).
+    Token {
+        #[command(subcommand)]
+        command: rtcam::token::TokenCommand,
+    },
     /// List the cameras, media-controller pipelines and encoders found here, and which camera
     /// format and encoder the configuration makes rtcam use, and why.
     Probe,
@@ -142,6 +153,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
+        Command::Identity { create } => print_outcome(rtcam::token::identity(&config, create)),
+        Command::Token { command } => print_outcome(rtcam::token::run(&config, &command)),
         Command::Probe => {
             print!("{}", rtcam::probe::report(&config));
             ExitCode::SUCCESS
@@ -227,6 +240,21 @@ fn main() -> ExitCode {
                 }),
             },
         ),
+    }
+}
+
+/// Prints a key/credential command's result: stdout, notes on stderr, or the error.
+fn print_outcome(outcome: anyhow::Result<rtcam::token::Outcome>) -> ExitCode {
+    match outcome {
+        Ok(out) => {
+            eprint!("{}", out.stderr);
+            print!("{}", out.stdout);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rtcam: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

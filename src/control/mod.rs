@@ -17,6 +17,7 @@ use crate::media::pipeline::{PipelineError, PipelineHandle};
 use crate::media::snapshot::encode_jpeg;
 use crate::media::source::CaptureChange;
 use crate::outbound::Publish;
+use crate::protocol::auth::permissions::Access;
 use crate::protocol::command::{Command, CommandError, CommandErrorCode, RequestId};
 use crate::protocol::topics::{SessionId, Topics};
 use crate::state::StateReader;
@@ -147,13 +148,32 @@ impl Controller {
         }
     }
 
-    /// Runs one validated command for `origin`.
+    /// True when commands of `namespace` are forwarded (`control.forward_namespaces`).
+    fn forwards(&self, namespace: &str) -> bool {
+        self.inner
+            .settings
+            .forward_namespaces
+            .iter()
+            .any(|n| n == namespace)
+    }
+
+    /// Runs one validated command for `origin`, if `access` (the sender's credential, or
+    /// open) allows it: otherwise `forbidden` (docs/protocol.md §9.7). A namespace that is
+    /// not forwarded at all is `not-allowed` for everyone, as in open mode.
     pub async fn run(
         &self,
         origin: &Origin,
+        access: &Access,
         id: &RequestId,
         command: Command,
     ) -> Result<CommandOutput, CommandError> {
+        let unforwarded =
+            matches!(&command, Command::Forward { namespace, .. } if !self.forwards(namespace));
+        if !unforwarded {
+            access
+                .allows(&command)
+                .map_err(|f| CommandError::new(CommandErrorCode::Forbidden, f.0))?;
+        }
         let pipeline = &self.inner.pipeline;
         let done = |v: Value| Ok(CommandOutput::Done(v));
         match command {
@@ -305,12 +325,7 @@ impl Controller {
         args: serde_json::Map<String, Value>,
     ) -> Result<(), CommandError> {
         let inner = &self.inner;
-        if !inner
-            .settings
-            .forward_namespaces
-            .iter()
-            .any(|n| n == namespace)
-        {
+        if !self.forwards(namespace) {
             return Err(CommandError::new(
                 CommandErrorCode::NotAllowed,
                 format!("namespace `{namespace}` is not in control.forward_namespaces"),
@@ -491,18 +506,29 @@ mod tests {
         let id = json!(1);
         // Listing the controls opens the camera: it passes H.264 through and says keyframes
         // cannot be forced.
-        let Ok(CommandOutput::Done(listed)) = c.run(&mqtt, &id, Command::ListControls).await else {
+        let Ok(CommandOutput::Done(listed)) = c
+            .run(&mqtt, &Access::Open, &id, Command::ListControls)
+            .await
+        else {
             panic!("list-controls failed");
         };
         let why = listed["keyframes_unavailable"].as_str().unwrap().to_owned();
         assert!(why.contains("FORCE_KEY_FRAME"), "{why}");
-        let e = c.run(&mqtt, &id, Command::Keyframe).await.unwrap_err();
+        let e = c
+            .run(&mqtt, &Access::Open, &id, Command::Keyframe)
+            .await
+            .unwrap_err();
         assert_eq!(
             (e.code, e.message.as_str()),
             (CommandErrorCode::Unavailable, why.as_str())
         );
         let e = c
-            .run(&mqtt, &id, Command::SetBitrate { bps: 500_000 })
+            .run(
+                &mqtt,
+                &Access::Open,
+                &id,
+                Command::SetBitrate { bps: 500_000 },
+            )
             .await
             .unwrap_err();
         assert_eq!(e.code, CommandErrorCode::Unavailable);
@@ -520,17 +546,24 @@ mod tests {
         let viewer = Origin::Viewer(sid("v1"));
         let id = json!(1);
         assert_eq!(
-            c.run(&viewer, &id, Command::Ping { t: json!(7) }).await,
+            c.run(&viewer, &Access::Open, &id, Command::Ping { t: json!(7) })
+                .await,
             Ok(CommandOutput::Done(json!({"pong": true, "t": 7})))
         );
         assert_eq!(
-            c.run(&viewer, &id, Command::SetBitrate { bps: 300_000 })
-                .await,
+            c.run(
+                &viewer,
+                &Access::Open,
+                &id,
+                Command::SetBitrate { bps: 300_000 }
+            )
+            .await,
             Ok(CommandOutput::Done(json!({"bps": 300_000})))
         );
         let e = c
             .run(
                 &viewer,
+                &Access::Open,
                 &id,
                 Command::SetControl {
                     name: "zoom".into(),
@@ -540,12 +573,19 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code, CommandErrorCode::BadArgs);
-        let Ok(CommandOutput::Done(state)) = c.run(&viewer, &id, Command::GetState).await else {
+        let Ok(CommandOutput::Done(state)) =
+            c.run(&viewer, &Access::Open, &id, Command::GetState).await
+        else {
             panic!()
         };
         assert_eq!(state["bitrate"], 300_000);
         let Ok(CommandOutput::Snapshot { jpeg, result }) = c
-            .run(&Origin::Mqtt, &id, Command::Snapshot { quality: 50 })
+            .run(
+                &Origin::Mqtt,
+                &Access::Open,
+                &id,
+                Command::Snapshot { quality: 50 },
+            )
             .await
         else {
             panic!()
@@ -559,7 +599,7 @@ mod tests {
             args: Default::default(),
         };
         assert_eq!(
-            c.run(&viewer, &id, fwd("ptz")).await,
+            c.run(&viewer, &Access::Open, &id, fwd("ptz")).await,
             Ok(CommandOutput::Forwarded)
         );
         assert_eq!(
@@ -567,11 +607,14 @@ mod tests {
             "v1"
         );
         assert_eq!(
-            c.run(&viewer, &id, fwd("light")).await.unwrap_err().code,
+            c.run(&viewer, &Access::Open, &id, fwd("light"))
+                .await
+                .unwrap_err()
+                .code,
             CommandErrorCode::NotAllowed
         );
         assert_eq!(
-            c.run(&Origin::Mqtt, &id, fwd("ptz"))
+            c.run(&Origin::Mqtt, &Access::Open, &id, fwd("ptz"))
                 .await
                 .unwrap_err()
                 .code,

@@ -26,6 +26,8 @@ use webrtc::peer_connection::{
 use crate::control::Controller;
 use crate::media::pipeline::PipelineHandle;
 use crate::outbound::SignalOut;
+use crate::protocol::auth::Grant;
+use crate::protocol::auth::permissions::Access;
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
 use crate::protocol::sdp::{CheckedOffer, check_answer};
 use crate::protocol::signal::{ErrorCode, IceCandidate, Rejection};
@@ -34,6 +36,41 @@ use link::Link;
 use media::{Adaptive, VideoSender};
 use peer::{PcEvent, WebrtcSettings};
 use session::{Action, End, Input, PeerState, Session};
+
+/// What an accepted offer's credential grants the new session.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Admission {
+    /// What the session may do on its data channel.
+    pub access: Access,
+    /// When the credential expires: the session ends then (None in open mode).
+    pub expires_at: Option<Instant>,
+    /// Who, for logs: the credential's `sub` and `jti`.
+    pub viewer: Option<String>,
+}
+
+impl Admission {
+    /// Open mode: anyone, for as long as they like.
+    pub fn open() -> Self {
+        Self {
+            access: Access::Open,
+            expires_at: None,
+            viewer: None,
+        }
+    }
+
+    /// A verified credential's grant, received at `now` (`now_ms` on the wall clock).
+    pub fn granted(grant: &Grant, now: Instant, now_ms: u64) -> Self {
+        let left = grant.expires_at_ms().saturating_sub(now_ms);
+        Self {
+            access: Access::Granted(grant.rights.clone()),
+            expires_at: Some(now + Duration::from_millis(left)),
+            viewer: Some(match &grant.subject {
+                Some(sub) => format!("{sub} ({})", grant.credential_id),
+                None => grant.credential_id.clone(),
+            }),
+        }
+    }
+}
 
 /// Numeric identity of one session instance (a reused session id gets a new one).
 pub(crate) type SessionKey = u64;
@@ -103,11 +140,17 @@ pub(crate) fn spawn_session(
     id: SessionId,
     key: SessionKey,
     offer: CheckedOffer,
+    admission: Admission,
     cancel: CancellationToken,
 ) -> SessionHandle {
     let (candidates, candidates_rx) = mpsc::channel(MAX_CANDIDATES_PER_SESSION as usize + 1);
     let (end, end_rx) = watch::channel(None);
-    let span = tracing::info_span!("session", id = %id, key);
+    let span = match &admission.viewer {
+        Some(viewer) => {
+            tracing::info_span!("session", id = %id, key, viewer = %viewer.escape_debug())
+        }
+        None => tracing::info_span!("session", id = %id, key),
+    };
     let tracker = deps.tracker.clone();
     tracker.spawn(
         async move {
@@ -115,6 +158,7 @@ pub(crate) fn spawn_session(
                 id,
                 key,
                 offer,
+                admission,
                 deps,
                 cancel,
                 session_cancel: CancellationToken::new(),
@@ -132,6 +176,8 @@ struct Driver {
     id: SessionId,
     key: SessionKey,
     offer: CheckedOffer,
+    /// What the session's credential allows, and until when.
+    admission: Admission,
     deps: Arc<SessionDeps>,
     /// Shutdown of the whole device.
     cancel: CancellationToken,
@@ -180,7 +226,11 @@ impl Driver {
         mut end: watch::Receiver<Option<EndRequest>>,
     ) {
         tracing::debug!("offer accepted");
-        let mut session = Session::new(self.offered_at, self.deps.settings.timeouts);
+        let mut session = Session::new(
+            self.offered_at,
+            self.deps.settings.timeouts,
+            self.admission.expires_at,
+        );
         let (ev_tx, mut events) = mpsc::channel(64);
         // The port lease lives as long as this task: dropped after the peer connection closed.
         let lease = self
@@ -374,6 +424,7 @@ impl Driver {
                         dc,
                         self.id.clone(),
                         self.deps.controller.clone(),
+                        self.admission.access.clone(),
                         self.session_cancel.clone(),
                     )
                     .in_current_span(),

@@ -31,7 +31,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOST, REPO, Mosquitto, Monitor, Rtcam, free_port, record_metric, tail
+from conftest import (
+    HOST,
+    REPO,
+    Mosquitto,
+    Monitor,
+    Rtcam,
+    free_port,
+    record_metric,
+    tail,
+    viewer_auth,
+)
 from netem import Link, Shape
 from viewer import latency_ms, percentile
 
@@ -261,6 +271,14 @@ def run_scenario(
         for spec in viewers:
             link = links[spec.name]
             out = workdir / f"{tag}-{spec.name}.json"
+            # Signed mode (the default): the viewer's credential and the device's pinned key.
+            auth_file = workdir / f"{tag}-{spec.name}-auth.json"
+            auth = viewer_auth(cam.device)
+            auth_args = []
+            if auth is not None:
+                auth_file.write_text(auth.to_json())
+                os.chmod(auth_file, 0o600)
+                auth_args = ["--auth", str(auth_file)]
             argv = link.viewer_argv(
                 sys.executable,
                 VIEWER_PY,
@@ -274,6 +292,7 @@ def run_scenario(
                 "--record", str(out),
                 "--quiet",
                 "--video-optional",  # without adaptation a slow path may show no picture at all
+                *auth_args,
             )  # fmt: skip
             log = open(workdir / f"{tag}-{spec.name}.log", "wb")
             procs.append((spec.name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), out))

@@ -10,7 +10,14 @@ Library use (inside an asyncio loop)::
 
 CLI (one JSON object per line on stdout)::
 
-    python viewer.py --port 1883 --device testcam --duration 10 [--no-bye] [--die-after S]
+    python viewer.py --port 1883 --device testcam --duration 10 [--no-bye] [--die-after S] \
+        [--auth auth.json]
+
+Signed mode (docs/protocol.md §9): with a `ViewerAuth` (viewer key, credential, the device
+key to pin) the viewer signs every message it publishes (rtcam_auth.py, Python
+`cryptography` + PyJWT, not rtcam's code), opens only device messages signed by the pinned
+key, and ignores errors whose `ref` names an envelope it did not send. The tests' conftest
+sets `default_auth`, so every Viewer signs unless told otherwise (`auth=None`: open mode).
 
 Only loopback is ever used: aioice's host-address discovery is patched to return
 127.0.0.1 (aioice skips 127.0.0.1 otherwise, so nothing would connect inside a
@@ -33,6 +40,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,8 +58,18 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpHeaderExtensionParameters
 from aiortc.sdp import candidate_from_sdp
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pattern import decode_frame
+from rtcam_auth import (
+    AuthError,
+    ViewerSigner,
+    load_private_key_pem,
+    open_device_message,
+    public_b64,
+)
 
 log = logging.getLogger("viewer")
 
@@ -341,11 +359,20 @@ def rtc_configuration() -> RTCConfiguration:
 class MqttLink:
     """A paho client whose acks and messages are delivered to an asyncio loop."""
 
-    def __init__(self, host: str, port: int, client_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        loop: asyncio.AbstractEventLoop,
+        login: tuple[str, str] | None = None,
+    ):
         self.host, self.port, self.loop = host, port, loop
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
         )
+        if login is not None:
+            self.client.username_pw_set(*login)
         self._lock = threading.Lock()
         self._acks: dict[tuple[str, int], asyncio.Future] = {}
         self._early: set[tuple[str, int]] = set()
@@ -430,6 +457,48 @@ class MqttLink:
 # --------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------
+# Signed mode
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ViewerAuth:
+    """What a viewer signs with: its own key, an owner's credential bound to that key, and
+    the device key it pins (None: learn it from the retained status, trust on first use)."""
+
+    key: Ed25519PrivateKey
+    credential: str
+    device_key: str | None = None
+
+    def to_json(self) -> str:
+        pem = self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        return json.dumps(
+            {"key_pem": pem, "credential": self.credential, "device_key": self.device_key}
+        )
+
+    @staticmethod
+    def from_json(text: str) -> ViewerAuth:
+        d = json.loads(text)
+        return ViewerAuth(
+            load_private_key_pem(d["key_pem"].encode()), d["credential"], d.get("device_key")
+        )
+
+    @property
+    def public(self) -> str:
+        return public_b64(self.key)
+
+
+# Set by the tests' conftest: device id -> the auth a Viewer uses when given none.
+default_auth: Callable[[str], ViewerAuth | None] | None = None
+# The broker login viewers use ((username, password), None: anonymous), for ACL tests.
+broker_login: tuple[str, str] | None = None
+
+
 class ViewerError(Exception):
     def __init__(self, message: str, code: str | None = None, reply: dict | None = None):
         super().__init__(message)
@@ -497,18 +566,32 @@ class Viewer:
         decode: bool = True,
         keep_problems: int = 20,
         feedback: str = "remb",
+        auth: ViewerAuth | None | str = "default",
     ):
+        """auth: "default" takes `default_auth(device)`; None is open mode (unsigned)."""
         if feedback not in FEEDBACK_MODES:
             raise ValueError(f"feedback {feedback!r} is not one of {FEEDBACK_MODES}")
         self.feedback = feedback
         self.twcc: TwccFeedback | None = None
         self.jitter_buffer: BrowserLikeJitterBuffer | None = None
         self.host, self.port, self.device, self.prefix = host, port, device, prefix
+        if auth == "default":
+            auth = default_auth(device) if default_auth is not None else None
+        self.auth: ViewerAuth | None = auth
         self.session = session or new_session_id()
         self.decode = decode
         self.keep_problems = keep_problems
         base = f"{prefix}/{device}/session/{self.session}"
         self.topic_in, self.topic_out = f"{base}/in", f"{base}/out"
+        self.topic_status = f"{prefix}/{device}/status"
+        self.signer = (
+            ViewerSigner(self.auth.key, self.auth.credential, self.topic_in) if self.auth else None
+        )
+        self.device_key: str | None = self.auth.device_key if self.auth else None
+        # Signed mode: device messages that failed the check (code, raw payload), and errors
+        # whose `ref` names someone else's envelope (ignored, as docs/protocol.md §9.6 says).
+        self.rejected: list[tuple[str, bytes]] = []
+        self.foreign_errors: list[dict] = []
         self.frames: list[FrameRecord] = []
         self.decode_failures = 0
         self.messages: list[tuple[float, dict | None, bytes]] = []  # everything on `out`
@@ -539,8 +622,17 @@ class Viewer:
     # ---- signaling ------------------------------------------------------------------
 
     def _on_out(self, topic: str, payload: bytes) -> None:
+        text: bytes | str = payload
+        if self.auth is not None:
+            try:
+                text = open_device_message(payload, topic, self.device_key, int(now_ms()))
+            except AuthError as e:
+                # Not from the device (a forged answer, someone else's junk): dropped.
+                self.rejected.append((e.code, payload[:300]))
+                log.info("%s: device message rejected: %s", self.session, e)
+                return
         try:
-            msg = json.loads(payload)
+            msg = json.loads(text)
         except ValueError:
             msg = None
         self.messages.append((now_ms(), msg, payload))
@@ -549,6 +641,18 @@ class Viewer:
             log.warning("%s: non-JSON message on out: %r", self.session, payload[:200])
             return
         kind = msg.get("type")
+        if (
+            kind == "error"
+            and self.signer is not None
+            and "ref" in msg
+            and (msg["ref"] not in self.signer.sent_sigs or msg.get("code") == "replayed")
+        ):
+            # An error about someone else's message on our topic (another envelope's sig, or
+            # null for an unsigned one), or about a copy of one of ours that went through
+            # already (`replayed`): not a problem of this session, carry on (§9.6). No
+            # `ref`: about the session itself.
+            self.foreign_errors.append(msg)
+            return
         if kind == "answer":
             self.t_answer_ms = now_ms()
             self.answer_sdp = msg.get("sdp")
@@ -589,9 +693,38 @@ class Viewer:
         c.sdpMLineIndex = cand.get("sdpMLineIndex")
         await self.pc.addIceCandidate(c)
 
-    async def send(self, msg: dict | str | bytes, topic: str | None = None) -> None:
-        payload = msg if isinstance(msg, (str, bytes)) else json.dumps(msg)
+    def seal(self, msg: dict | str | bytes, topic: str | None = None, cred: bool | None = None) -> str:
+        """The signed envelope of `msg` (any text) for `topic` (default: this session's `in`)."""
+        text = msg.decode() if isinstance(msg, bytes) else msg
+        return self.signer.seal(text, topic=topic or self.topic_in, cred=cred)
+
+    async def send(
+        self, msg: dict | str | bytes, topic: str | None = None, signed: bool | None = None
+    ) -> None:
+        """Publish `msg` on `topic` (default: `in`); signed when the viewer has auth (the
+        first offer carries the credential), unless `signed=False`."""
+        if signed is None:
+            signed = self.signer is not None
+        if signed:
+            payload: str | bytes = self.seal(msg, topic)
+        else:
+            payload = msg if isinstance(msg, (str, bytes)) else json.dumps(msg)
         await self.mqtt.publish(topic or self.topic_in, payload)
+
+    async def _learn_device_key(self, timeout: float) -> None:
+        """Trust on first use: the key in the device's retained status (docs/protocol.md §9.6)."""
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_status(topic, payload):
+            try:
+                status = json.loads(payload)
+            except ValueError:
+                return
+            if isinstance(status, dict) and status.get("key") and not got.done():
+                got.set_result(status["key"])
+
+        await self.mqtt.subscribe(self.topic_status, on_status)
+        self.device_key = await asyncio.wait_for(got, timeout)
 
     async def wait_message(self, predicate, timeout: float) -> dict:
         """Wait for a message on `out` (already received or future) matching predicate."""
@@ -627,8 +760,10 @@ class Viewer:
         self._dc_open = asyncio.Event()
         self._frame_event = asyncio.Event()
         self._msg_event = asyncio.Event()
-        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop)
+        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop, broker_login)
         await self.mqtt.connect()
+        if self.auth is not None and self.device_key is None:
+            await self._learn_device_key(timeout)
         # Protocol 2: subscribe to `out` before publishing the offer.
         await self.mqtt.subscribe(self.topic_out, self._on_out)
 
@@ -896,8 +1031,26 @@ def summarize(frames: list[FrameRecord]) -> dict:
 class ViewerProcess:
     """Runs this file as a CLI viewer in a child process; lines of JSON events on stdout."""
 
-    def __init__(self, host: str, port: int, device: str, *extra: str, prefix: str = "rtcam"):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        device: str,
+        *extra: str,
+        prefix: str = "rtcam",
+        auth: ViewerAuth | None | str = "default",
+    ):
         self.session = new_session_id()
+        if auth == "default":
+            auth = default_auth(device) if default_auth is not None else None
+        auth_args: list[str] = []
+        if auth is not None:
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                f.write(auth.to_json())
+            os.chmod(f.name, 0o600)
+            auth_args = ["--auth", f.name]
         self.args = [
             sys.executable,
             os.path.abspath(__file__),
@@ -911,6 +1064,7 @@ class ViewerProcess:
             prefix,
             "--session",
             self.session,
+            *auth_args,
             *extra,
         ]
         self.proc: asyncio.subprocess.Process | None = None
@@ -988,8 +1142,18 @@ async def _cli(a: argparse.Namespace) -> int:
     global ICE_ADDRESS
     if a.ice_address:
         ICE_ADDRESS = a.ice_address
+    auth = None
+    if a.auth:
+        with open(a.auth) as f:
+            auth = ViewerAuth.from_json(f.read())
     v = Viewer(
-        a.host, a.port, a.device, prefix=a.prefix, session=a.session, feedback=a.feedback
+        a.host,
+        a.port,
+        a.device,
+        prefix=a.prefix,
+        session=a.session,
+        feedback=a.feedback,
+        auth=auth,
     )
     byte_samples: list[list[float]] = []
 
@@ -1047,6 +1211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="rtcam")
     p.add_argument("--prefix", default="rtcam")
     p.add_argument("--session", default=None)
+    p.add_argument("--auth", default=None, help="signed mode: JSON file from ViewerAuth.to_json")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of video to receive")
     p.add_argument("--timeout", type=float, default=20.0, help="connect/first frame timeout")
     p.add_argument("--ping", action="store_true", help="ping over the data channel once")
