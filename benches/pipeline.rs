@@ -115,6 +115,7 @@ fn settings(w: usize) -> EncoderSettings {
         },
         fps: 30,
         keyframe_interval: 60,
+        temporal_layers: 3,
     }
 }
 

@@ -149,6 +149,9 @@ pub struct EncoderConfig {
     pub backend: EncoderBackend,
     pub bitrate: u32,
     pub keyframe_interval: u32,
+    pub temporal_layers: u32,
+    /// Lowest target the adaptation may give the encoder (docs/protocol.md §5.3).
+    pub min_bitrate: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +178,9 @@ pub struct WebrtcConfig {
     pub disconnect_timeout_ms: u64,
     pub viewer_queue_frames: usize,
     pub certificate_path: PathBuf,
+    /// Per-viewer bandwidth estimation, layer selection, pacing and the encoder target policy
+    /// (docs/protocol.md §5.3); false: every viewer gets every frame at the configured rate.
+    pub adaptation: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -426,6 +432,18 @@ impl Config {
             return Err(invalid(
                 "encoder.keyframe_interval",
                 format!("{} frames", limits::describe(&limits::KEYFRAME_INTERVAL)),
+            ));
+        }
+        if !limits::TEMPORAL_LAYERS.contains(&self.encoder.temporal_layers) {
+            return Err(invalid(
+                "encoder.temporal_layers",
+                limits::describe(&limits::TEMPORAL_LAYERS),
+            ));
+        }
+        if !limits::BITRATE.contains(&self.encoder.min_bitrate) {
+            return Err(invalid(
+                "encoder.min_bitrate",
+                format!("{} bits per second", limits::describe(&limits::BITRATE)),
             ));
         }
         let w = &self.webrtc;

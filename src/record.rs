@@ -212,7 +212,7 @@ pub async fn record(
         }
 
         let (tx, mut rx) = mpsc::channel(64);
-        handle.subscribe(1, tx).context("subscribing to the pipeline")?;
+        handle.subscribe(1, tx, None).context("subscribing to the pipeline")?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + options.timeout;
         let mut summary = Summary {
@@ -251,7 +251,9 @@ pub async fn record(
                 let file = std::fs::File::create(&j.output)
                     .with_context(|| format!("creating {}", j.output.display()))?;
                 let (tx, rx) = mpsc::channel(64);
-                handle.subscribe(2, tx).context("subscribing the second viewer")?;
+                handle
+                    .subscribe(2, tx, None)
+                    .context("subscribing the second viewer")?;
                 tracing::info!(after_seq = last_seq, "a second subscriber joins");
                 joined = Some(Joined {
                     out: std::io::BufWriter::new(file),

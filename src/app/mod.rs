@@ -25,8 +25,8 @@ use crate::ports::PortPool;
 use crate::protocol::signal::{Limits, status_payload};
 use crate::signaling::registry::{SessionLimits, SignedInbound};
 use crate::signaling::{self, SignalingParts};
-use crate::state::{SessionCounts, StateInfo, StateReader, run_state_publisher};
-use crate::viewer::peer::WebrtcSettings;
+use crate::state::{LinkBoard, SessionCounts, StateInfo, StateReader, run_state_publisher};
+use crate::viewer::peer::{Adaptation, WebrtcSettings};
 use crate::viewer::session::Timeouts;
 use inbound::{Discovery, Dispatcher};
 use readiness::{DiscoveryUpdate, Readiness, announce_ready};
@@ -130,9 +130,11 @@ async fn run_tracked(
     let signal = SignalOut::new(publish.clone(), topics.clone(), device_key.clone());
     let (connected_tx, connected_rx) = watch::channel(0u64);
     let (counts_tx, counts_rx) = watch::channel(SessionCounts::default());
+    let links = LinkBoard::default();
     let state = StateReader::new(
         pipeline.clone(),
         counts_rx,
+        &links,
         StateInfo {
             max_viewers: w.max_viewers,
             source: match config.capture.source {
@@ -186,6 +188,10 @@ async fn run_tracked(
                 },
                 queue_frames: w.viewer_queue_frames,
                 mdns_unavailable: AtomicBool::new(!mdns),
+                adaptation: w.adaptation.then(|| Adaptation {
+                    min_bitrate: config.encoder.min_bitrate,
+                    links: links.clone(),
+                }),
             },
             pipeline: pipeline.clone(),
             controller: controller.clone(),

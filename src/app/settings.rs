@@ -56,6 +56,7 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
             bitrate: config.encoder.bitrate,
             fps: config.capture.fps,
             keyframe_interval: config.encoder.keyframe_interval,
+            temporal_layers: config.encoder.temporal_layers as u8,
         },
         capture: CaptureParams {
             width: config.capture.width,
@@ -65,6 +66,8 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
         // A camera that went away is looked for again every second: it resumes within about
         // a second of coming back.
         reopen_delay: Duration::from_millis(1000),
+        rate_policy: config.webrtc.adaptation,
+        min_bitrate: config.encoder.min_bitrate,
         hardware: Some(crate::media::video_encoder::v4l2_opener(
             config.encoder.backend,
         )),

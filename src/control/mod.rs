@@ -413,6 +413,7 @@ pub(crate) mod testing {
                         bitrate: 500_000,
                         fps: 30,
                         keyframe_interval: 30,
+                        temporal_layers: 1,
                     },
                     capture: CaptureParams {
                         width: 320,
@@ -420,6 +421,8 @@ pub(crate) mod testing {
                         fps: 30,
                     },
                     reopen_delay: std::time::Duration::from_millis(50),
+                    rate_policy: false,
+                    min_bitrate: 150_000,
                     hardware: None,
                     camera_h264,
                     gop_cache_bytes: 0,
@@ -449,6 +452,7 @@ pub(crate) mod testing {
                 StateReader::new(
                     handle,
                     counts,
+                    &crate::state::LinkBoard::default(),
                     StateInfo {
                         max_viewers: 4,
                         source: "test-pattern".into(),

@@ -139,6 +139,10 @@ impl CameraStream {
             seq,
             captured_at,
             duration: self.frame_duration,
+            // One layer; no encoder target of rtcam's: a viewer's layer choice goes by the
+            // bytes measured.
+            temporal_id: 0,
+            target_bps: u32::MAX,
             preroll: None,
         };
         match self.passthrough.accept(frame) {

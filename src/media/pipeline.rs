@@ -1,7 +1,7 @@
 //! The capture/encode thread and its handle: runs the source only while someone needs pictures, encodes once, fans out.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +13,7 @@ use super::encoder::EncoderSettings;
 use super::fanout::{Delivery, Fanout, SubscriberId};
 use super::frame::{EncodedFrame, I420Buffer};
 use super::passthrough::{CameraStream, Outcome};
+use super::policy::encoder_target;
 use super::source::{
     CaptureChange, CaptureParams, CapturedFrame, FrameSource, SourceError, SourceOpener,
 };
@@ -21,11 +22,20 @@ use super::video_encoder::{EncodeOutcome, HardwareChoice, HardwareOpener, VideoE
 use crate::log_limit::LogLimiter;
 use crate::protocol::sdp::SentStream;
 
+/// What a viewer can take for video, bits per second, as its session last measured it (0: no
+/// estimate yet). The capture thread reads it for the encoder's target
+/// ([`super::policy::encoder_target`]).
+pub(crate) type UsableRate = Arc<AtomicU32>;
+
+/// The encoder target is reconsidered this often.
+const POLICY_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Requests queued to the capture thread (bounded: see [`CONTROL_QUEUE`]).
 enum Request {
     Subscribe {
         id: SubscriberId,
         sink: mpsc::Sender<EncodedFrame>,
+        usable: Option<UsableRate>,
     },
     Unsubscribe {
         id: SubscriberId,
@@ -101,13 +111,15 @@ impl PipelineHandle {
         })
     }
 
-    /// Starts sending encoded frames to `sink`, from the next keyframe on.
+    /// Starts sending encoded frames to `sink`, from the next keyframe on. With the rate
+    /// policy on, `usable` is what this viewer can take (see [`UsableRate`]).
     pub fn subscribe(
         &self,
         id: SubscriberId,
         sink: mpsc::Sender<EncodedFrame>,
+        usable: Option<UsableRate>,
     ) -> Result<(), PipelineError> {
-        self.try_send(Request::Subscribe { id, sink })
+        self.try_send(Request::Subscribe { id, sink, usable })
     }
 
     /// Never blocks. Should the queue be full, the closed sink is noticed on the next frame.
@@ -162,6 +174,7 @@ impl PipelineHandle {
             .await
     }
 
+    /// Sets `encoder.bitrate`: the encoder's rate, or with the rate policy on its ceiling.
     pub async fn set_bitrate(&self, bps: u32) -> Result<Result<u32, String>, PipelineError> {
         self.request(|reply| Request::SetBitrate { bps, reply })
             .await
@@ -176,6 +189,10 @@ pub(crate) struct PipelineConfig {
     pub capture: CaptureParams,
     /// Wait between attempts to (re)open a failed camera while viewers watch.
     pub reopen_delay: Duration,
+    /// The encoder follows its viewers' usable rates ([`super::policy`]) between
+    /// `min_bitrate` and `encoder.bitrate`; false: it runs at `encoder.bitrate`.
+    pub rate_policy: bool,
+    pub min_bitrate: u32,
     /// Finds and opens a hardware encoder when capture starts (`encoder.backend`); `None`:
     /// openh264 only.
     pub hardware: Option<HardwareOpener>,
@@ -213,6 +230,7 @@ pub(crate) fn spawn(
         viewers: 0,
         params: config.capture,
         bitrate: config.encoder.bitrate,
+        encoder_bitrate: config.encoder.bitrate,
         source: None,
         controls: Default::default(),
         camera_error: None,
@@ -252,6 +270,8 @@ pub(crate) fn spawn(
                 keyframe,
                 cancel,
                 fanout: Fanout::default(),
+                usable: Vec::new(),
+                next_policy: Instant::now(),
                 running: None,
                 snapshots: Vec::new(),
                 control_ops: Vec::new(),
@@ -301,6 +321,9 @@ struct Worker {
     keyframe: Arc<AtomicBool>,
     cancel: CancellationToken,
     fanout: Fanout<mpsc::Sender<EncodedFrame>>,
+    /// Subscribers' usable rates, for the rate policy.
+    usable: Vec<(SubscriberId, UsableRate)>,
+    next_policy: Instant,
     running: Option<Running>,
     /// Waiting for the next picture.
     snapshots: Vec<oneshot::Sender<Result<I420Buffer, String>>>,
@@ -440,27 +463,44 @@ impl Worker {
 
     fn handle(&mut self, request: Request) -> bool {
         match request {
-            Request::Subscribe { id, sink } => {
+            Request::Subscribe { id, sink, usable } => {
                 self.fanout.subscribe(id, sink);
+                self.usable.retain(|(i, _)| *i != id);
+                if let Some(u) = usable {
+                    self.usable.push((id, u));
+                }
                 self.viewers_changed();
             }
             Request::Unsubscribe { id } => {
                 self.fanout.unsubscribe(id);
+                self.usable.retain(|(i, _)| *i != id);
                 self.viewers_changed();
             }
             Request::SetBitrate { bps, reply } => {
                 let result = match self.running.as_mut() {
                     Some(Running {
-                        coder: Coder::Encode { encoder, .. },
+                        coder: Coder::Encode { .. },
                         ..
-                    }) => encoder.set_bitrate(bps),
+                    }) if self.config.rate_policy => {
+                        // The ceiling: the target follows at once if it is above.
+                        self.config.encoder.bitrate = bps;
+                        self.apply_policy()
+                    }
+                    Some(Running {
+                        coder: Coder::Encode { .. },
+                        ..
+                    }) => self.set_encoder_bitrate(bps),
                     Some(r) => match r.source.coded() {
                         Some(camera) => camera.set_bitrate(bps).map(drop),
                         None => Err("the source has no bitrate".into()),
                     },
                     None => match &self.camera_bitrate_unavailable {
                         Some(why) => Err(why.clone()),
-                        None => Ok(()),
+                        None if self.config.rate_policy => {
+                            self.config.encoder.bitrate = bps;
+                            self.apply_policy()
+                        }
+                        None => self.set_encoder_bitrate(bps),
                     },
                 };
                 self.encoder_changed();
@@ -556,9 +596,63 @@ impl Worker {
             .send_if_modified(|s| replace(&mut s.camera_error, error));
     }
 
-    fn viewers_changed(&self) {
+    fn viewers_changed(&mut self) {
         let n = self.fanout.len() as u32;
         self.status.send_if_modified(|s| replace(&mut s.viewers, n));
+        let fanout = &self.fanout;
+        self.usable.retain(|(id, _)| fanout.contains(*id));
+    }
+
+    /// Gives the running encoder (and the status) a new target.
+    fn set_encoder_bitrate(&mut self, bps: u32) -> Result<(), String> {
+        if let Some(Running {
+            coder: Coder::Encode { encoder, .. },
+            ..
+        }) = self.running.as_mut()
+        {
+            encoder.set_bitrate(bps).map_err(|e| e.to_string())?;
+        }
+        self.status
+            .send_if_modified(|s| replace(&mut s.encoder_bitrate, bps));
+        Ok(())
+    }
+
+    /// The rate policy's target now.
+    fn policy_target(&self) -> u32 {
+        let usable: Vec<Option<u32>> = self
+            .usable
+            .iter()
+            .map(|(_, u)| Some(u.load(Ordering::Relaxed)).filter(|&b| b > 0))
+            .chain(
+                // Viewers that report nothing count as able to take the ceiling.
+                std::iter::repeat_n(None, self.fanout.len().saturating_sub(self.usable.len())),
+            )
+            .collect();
+        encoder_target(
+            &usable,
+            self.config.min_bitrate,
+            self.config.encoder.bitrate,
+        )
+    }
+
+    /// Moves the encoder to the policy's target when it differs by more than 2 % (or sits
+    /// outside the bounds).
+    fn apply_policy(&mut self) -> Result<(), String> {
+        self.next_policy = Instant::now() + POLICY_INTERVAL;
+        if let Some(Running {
+            coder: Coder::Camera(_),
+            ..
+        }) = &self.running
+        {
+            return Ok(()); // a camera's own H.264: its bitrate is set-bitrate's alone
+        }
+        let target = self.policy_target();
+        let current = self.status.borrow().encoder_bitrate;
+        let ceiling = self.config.encoder.bitrate;
+        if current > ceiling || u64::from(target.abs_diff(current)) * 50 > u64::from(current) {
+            self.set_encoder_bitrate(target)?;
+        }
+        Ok(())
     }
 
     fn start_capture(&mut self) -> Result<(), SourceError> {
@@ -566,6 +660,11 @@ impl Worker {
         let info = source.info();
         let mut settings = self.config.encoder;
         settings.fps = info.fps;
+        if self.config.rate_policy && source.coded().is_none() {
+            settings.bitrate = self.policy_target();
+        }
+        self.status
+            .send_if_modified(|s| replace(&mut s.encoder_bitrate, settings.bitrate));
         let frame_duration = Duration::from_secs(1) / info.fps.max(1);
         let coder = match source.coded() {
             Some(camera) => {
@@ -679,6 +778,12 @@ impl Worker {
     }
 
     fn capture_one(&mut self) -> Result<(), SourceError> {
+        if self.config.rate_policy
+            && Instant::now() >= self.next_policy
+            && let Err(e) = self.apply_policy()
+        {
+            tracing::debug!(error = %e, "encoder target not applied");
+        }
         // Invariant: called only after start_capture succeeded.
         let Some(r) = self.running.as_mut() else {
             return Ok(());
@@ -691,6 +796,7 @@ impl Worker {
         }
         let mut encoded: Option<Result<(EncodeOutcome, CapturedFrame), String>> = None;
         let started = r.started;
+        let target_bps = encoder.bitrate();
         let snapshots = &mut self.snapshots;
         r.source.next_frame(&mut |view, meta| {
             if !snapshots.is_empty() {
@@ -729,6 +835,7 @@ impl Worker {
         };
         let (outcome, meta) = result.map_err(|e| SourceError::BadFrame(format!("encode: {e}")))?;
         let keyframe = outcome.keyframe;
+        let temporal_id = outcome.temporal_id;
         if out.is_empty() {
             return Ok(()); // the encoder skipped this picture
         }
@@ -742,6 +849,8 @@ impl Worker {
             seq: meta.seq,
             captured_at: meta.captured_at,
             duration: *frame_duration,
+            temporal_id,
+            target_bps,
             preroll: None,
         };
         if keyframe {
@@ -752,7 +861,7 @@ impl Worker {
         Ok(())
     }
 
-    fn delivered(&self, d: Delivery) {
+    fn delivered(&mut self, d: Delivery) {
         self.counters.frames_dropped(d.dropped as u64);
         if d.closed > 0 {
             self.viewers_changed();
@@ -863,6 +972,7 @@ mod tests {
                 bitrate: 500_000,
                 fps: 30,
                 keyframe_interval: 30,
+                temporal_layers: 1,
             },
             capture: CaptureParams {
                 width,
@@ -870,6 +980,8 @@ mod tests {
                 fps: 30,
             },
             reopen_delay,
+            rate_policy: false,
+            min_bitrate: 150_000,
             hardware: None,
             camera_h264: false,
             gop_cache_bytes: 0,
@@ -958,7 +1070,7 @@ mod tests {
         )
         .unwrap();
         let (tx, mut rx) = mpsc::channel(16);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         let mut frames = Vec::new();
         for _ in 0..6 {
             let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -1003,7 +1115,7 @@ mod tests {
         );
 
         let (tx, mut rx) = mpsc::channel(8);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap()
@@ -1136,7 +1248,7 @@ mod tests {
             "unknown until the camera was read"
         );
         let (tx, mut rx) = mpsc::channel(64);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         let mut early = Vec::new();
         while early.len() < 11 {
             let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -1171,7 +1283,7 @@ mod tests {
         // A viewer joining mid-GOP starts at once: the last IDR (8) and what followed, then
         // the live frames, with no gap.
         let (tx2, mut rx2) = mpsc::channel(8);
-        handle.subscribe(2, tx2).unwrap();
+        handle.subscribe(2, tx2, None).unwrap();
         let first = tokio::time::timeout(Duration::from_secs(5), rx2.recv())
             .await
             .unwrap()
@@ -1241,7 +1353,7 @@ mod tests {
             "idle by design, long after the last progress"
         );
         let (tx, _rx) = mpsc::channel(8);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         wait_for("the capture to get stuck", || {
             !counters.is_idle() && !handle.capture_is_healthy(window)
         })
@@ -1276,7 +1388,7 @@ mod tests {
         .unwrap();
         let mut status = handle.status();
         let (tx, mut rx) = mpsc::channel(8);
-        handle.subscribe(7, tx).unwrap();
+        handle.subscribe(7, tx, None).unwrap();
         let error = status
             .wait_for(|s| s.camera_error.is_some())
             .await

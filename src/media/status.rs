@@ -18,8 +18,11 @@ pub(crate) struct PipelineStatus {
     pub viewers: u32,
     /// What capture is set to (or, once running, what the source delivers).
     pub params: CaptureParams,
-    /// Encoder target, bits per second.
+    /// `encoder.bitrate` (set by `set-bitrate`): the encoder's rate, or with the rate policy on
+    /// its ceiling, bits per second.
     pub bitrate: u32,
+    /// The encoder's target now, bits per second.
+    pub encoder_bitrate: u32,
     /// What the open (or last opened) source delivers: format, size, stride.
     pub source: Option<SourceInfo>,
     /// Last known control values.

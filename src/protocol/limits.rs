@@ -17,6 +17,8 @@ pub const BITRATE: RangeInclusive<u32> = 100_000..=20_000_000;
 pub const BITRATE_STEP: u32 = 100_000;
 /// Frames between forced keyframes (`encoder.keyframe_interval`).
 pub const KEYFRAME_INTERVAL: RangeInclusive<u32> = 1..=3600;
+/// Temporal layers of the stream (`encoder.temporal_layers`; openh264 does up to 4).
+pub const TEMPORAL_LAYERS: RangeInclusive<u32> = 1..=4;
 /// Bytes of the camera's H.264 kept for new viewers (`capture.gop_cache_bytes`; 0: none).
 pub const GOP_CACHE_BYTES: RangeInclusive<u32> = 0..=64 << 20;
 /// `snapshot` JPEG quality, and its default.

@@ -1,6 +1,11 @@
 //! One WebRTC viewer session: the async driver that moves inputs and actions between the pure `session` and webrtc-rs.
 
+pub(crate) mod bandwidth;
 pub(crate) mod datachannel;
+pub(crate) mod layers;
+pub(crate) mod link;
+#[cfg(test)]
+pub(crate) mod linksim;
 pub(crate) mod media;
 pub(crate) mod peer;
 pub(crate) mod session;
@@ -27,7 +32,8 @@ use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
 use crate::protocol::sdp::{CheckedOffer, check_answer};
 use crate::protocol::signal::{ErrorCode, IceCandidate, Rejection};
 use crate::protocol::topics::SessionId;
-use media::VideoSender;
+use link::Link;
+use media::{Adaptive, VideoSender};
 use peer::{PcEvent, WebrtcSettings};
 use session::{Action, End, Input, PeerState, Session};
 
@@ -193,6 +199,18 @@ fn peer_state(s: RTCPeerConnectionState) -> Option<PeerState> {
     }
 }
 
+/// The session id as the device state shows it: a hash keyed per run, stable while the device
+/// runs, that does not reveal the id (which names the session's topics).
+fn anonymized(id: &SessionId) -> String {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let hash = KEY
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .hash_one(id.to_string());
+    format!("{:08x}", hash as u32)
+}
+
 fn internal(why: impl std::fmt::Display) -> Rejection {
     Rejection::new(ErrorCode::Internal, why.to_string())
 }
@@ -220,8 +238,14 @@ impl Driver {
             .settings
             .ports
             .lease(&self.deps.settings.bind_addresses);
+        // With adaptation, the viewer's congestion state lives from here (its interceptors
+        // hold it) to the end of the session.
+        let link = self.deps.settings.adaptation.as_ref().map(|a| {
+            let ceiling = self.deps.pipeline.status().borrow().bitrate;
+            Link::new(a.min_bitrate, ceiling)
+        });
         let pc = match lease {
-            Ok(ref l) => peer::build(&self.deps.settings, l.port, &ev_tx)
+            Ok(ref l) => peer::build(&self.deps.settings, l.port, &ev_tx, link.as_ref())
                 .await
                 .map_err(|e| internal(format!("peer connection: {e}"))),
             Err(ref e) => Err(internal(e)),
@@ -287,6 +311,18 @@ impl Driver {
                             setup_ms = self.offered_at.elapsed().as_millis() as u64,
                             "viewer connected"
                         );
+                        let adaptive = self
+                            .deps
+                            .settings
+                            .adaptation
+                            .as_ref()
+                            .zip(link.clone())
+                            .map(|(a, link)| Adaptive {
+                                link,
+                                min_bitrate: a.min_bitrate,
+                                links: a.links.clone(),
+                                viewer: anonymized(&self.id),
+                            });
                         if let Some(note) = &self.offer.level_note {
                             tracing::info!(%note, "streaming above the viewer's declared H.264 level");
                         }
@@ -300,6 +336,7 @@ impl Driver {
                                     self.key,
                                     payload_type,
                                     self.deps.settings.queue_frames,
+                                    adaptive,
                                     &self.deps.tracker,
                                     &self.session_cancel,
                                 )

@@ -411,6 +411,7 @@ pub(crate) mod tests {
             bitrate: 300_000,
             fps: 30,
             keyframe_interval,
+            temporal_layers: 1,
         })
         .expect("encoder");
         let pattern = PatternGenerator::new(w, h);

@@ -231,6 +231,8 @@ mod tests {
             seq,
             captured_at: Instant::now(),
             duration: Duration::from_millis(33),
+            temporal_id: 0,
+            target_bps: 1_000_000,
             preroll: None,
         }
     }
