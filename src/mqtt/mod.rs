@@ -87,6 +87,10 @@ pub(crate) enum MqttEvent {
 pub(crate) struct MqttHandle {
     client: AsyncClient,
     refused: Arc<RefusalLog>,
+    /// Publishes handed to the client so far (all QoS 1).
+    requested: Arc<AtomicU64>,
+    /// Set at shutdown: disconnect once this many publishes have been sent and acknowledged.
+    goodbye: Arc<watch::Sender<Option<u64>>>,
 }
 
 /// Counts refused publishes; logs them at most once a minute.
@@ -101,7 +105,10 @@ impl Publish for MqttHandle {
             .client
             .try_publish(topic, QoS::AtLeastOnce, retain, payload)
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.requested.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
             Err(e) => {
                 let total = self.refused.count.fetch_add(1, Ordering::Relaxed) + 1;
                 let allowed = self
@@ -123,13 +130,16 @@ impl Publish for MqttHandle {
 }
 
 impl MqttHandle {
-    /// Publishes `payload` on `topic` (retained), then disconnects cleanly: the connection
-    /// task ends once the DISCONNECT is written. Used at shutdown.
+    /// Publishes `payload` on `topic` (retained), then disconnects cleanly once the broker
+    /// has acknowledged every publish queued until then (the last byes, `offline`): the
+    /// connection task ends when the DISCONNECT is written. Closing the connection with
+    /// acknowledgements still due makes mosquitto before 2.0.22 treat it as an error (it logs
+    /// "out of memory"), drop what it had not read yet and send the last will. Used at
+    /// shutdown; the caller bounds the wait.
     pub fn say_goodbye(&self, topic: String, payload: Vec<u8>) {
         let _ = self.publish(topic, payload, true);
-        if let Err(e) = self.client.try_disconnect() {
-            tracing::debug!(error = %e, "MQTT disconnect could not be queued");
-        }
+        self.goodbye
+            .send_replace(Some(self.requested.load(Ordering::Relaxed)));
     }
 }
 
@@ -167,6 +177,8 @@ pub(crate) fn connect(settings: &MqttSettings) -> (MqttHandle, EventLoop) {
                 count: AtomicU64::new(0),
                 log: std::sync::Mutex::new(LogLimiter::new(Duration::from_secs(60), 1)),
             }),
+            requested: Arc::new(AtomicU64::new(0)),
+            goodbye: Arc::new(watch::channel(None).0),
         },
         eventloop,
     )
@@ -189,13 +201,36 @@ pub(crate) async fn run_event_loop(
     // Subscriptions queued, then sent (their packet ids), to name a refused one in the log.
     let mut queued_subscriptions = std::collections::VecDeque::new();
     let mut sent_subscriptions = std::collections::HashMap::new();
+    // Publishes written to the broker, and those not acknowledged yet on this connection.
+    let mut published = 0u64;
+    let mut unacked = 0u64;
+    let mut goodbye = handle.goodbye.subscribe();
+    let mut disconnect_queued = false;
     loop {
+        if !disconnect_queued
+            && let Some(target) = *goodbye.borrow_and_update()
+            && published >= target
+            && unacked == 0
+        {
+            disconnect_queued = true;
+            if let Err(e) = handle.client.try_disconnect() {
+                tracing::debug!(error = %e, "MQTT disconnect could not be queued");
+            }
+        }
         let event = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = goodbye.changed(), if !disconnect_queued => continue,
             e = eventloop.poll() => e,
         };
         match event {
+            Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                published += 1;
+                unacked += 1;
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => unacked = unacked.saturating_sub(1),
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                // A clean start: what was in flight is sent again and counted again.
+                unacked = 0;
                 tracing::info!(broker = %settings.describe(), code = ?ack.code, "MQTT connected");
                 if failures > 0 {
                     tracing::info!(failures, "MQTT broker reachable again");
