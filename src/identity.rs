@@ -1,7 +1,5 @@
 //! Ed25519 key files: the device identity key (created on first start) and owner keys, as PKCS#8 PEM written 0600.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -40,21 +38,7 @@ pub fn create(path: &Path) -> Result<SigningKey> {
     }
     let seed = random_bytes::<KEY_LEN>()?;
     let pem = pkcs8_pem_from_seed(&seed);
-    // Written beside it and renamed, so a power cut never leaves half a key.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(pem.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    crate::certificate::write_private_file(path, pem.as_bytes())?;
     Ok(SigningKey::from_seed(&seed))
 }
 
