@@ -1,6 +1,9 @@
-//! Prints pipeline vs bare-openh264 CPU cost per frame, fps, bytes copied and the conversion's own cost, for I420, YUYV and MJPEG input.
+//! Prints pipeline vs bare-openh264 CPU cost per frame, fps, bytes copied and the conversion's own cost, for I420, YUYV and MJPEG input, and for a camera's own H.264 passed through.
 //!
 //! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs).
+//! H264 rows: the camera's access units (openh264's encoding of the same frames) through
+//! rtcam's passthrough stage and RTP packetization, no encoder; "copied B/f" is the access unit
+//! copied out of the camera's buffer, "convert ms/f" the passthrough stage alone.
 #![allow(unsafe_code)] // libc::clock_gettime for CPU time.
 
 use std::time::{Duration, Instant};
@@ -12,6 +15,7 @@ use rtcam::media::convert::Converter;
 use rtcam::media::encoder::{EncoderSettings, H264Encoder};
 use rtcam::media::frame::{I420Buffer, I420View};
 use rtcam::media::mjpeg::MjpegDecoder;
+use rtcam::media::passthrough::PassthroughStage;
 use rtcam::media::pattern::PatternGenerator;
 
 /// CPU time this process has used (all threads).
@@ -71,6 +75,8 @@ enum Input {
     I420,
     Yuyv,
     Mjpg,
+    /// The camera's own H.264 (one access unit per buffer), passed through: no encoder.
+    H264,
 }
 
 struct Result {
@@ -78,6 +84,24 @@ struct Result {
     fps: f64,
     bytes_copied: usize,
     encoded_bytes: usize,
+}
+
+/// The frames as a camera that encodes H.264 itself would deliver them: one access unit per
+/// buffer (openh264's, at the same settings; SPS/PPS with each IDR; the frames its rate
+/// control skips make no buffer).
+fn camera_h264(frames: &[I420Buffer]) -> Vec<Vec<u8>> {
+    let mut enc = H264Encoder::new(settings(frames[0].width)).expect("encoder");
+    frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let mut out = Vec::new();
+            enc.encode(&f.view(), i as u64 * 33, &mut out)
+                .expect("encode");
+            out
+        })
+        .filter(|out| !out.is_empty())
+        .collect()
 }
 
 fn settings(w: usize) -> EncoderSettings {
@@ -91,6 +115,7 @@ fn settings(w: usize) -> EncoderSettings {
         },
         fps: 30,
         keyframe_interval: 60,
+        temporal_layers: 3,
     }
 }
 
@@ -124,13 +149,31 @@ fn pipeline(buffers: &[Vec<u8>], w: usize, h: usize, input: Input) -> Result {
         90_000,
     );
     let mut out = Vec::new();
+    let mut passthrough = PassthroughStage::new(4 << 20, Duration::from_millis(33));
     let (mut copied, mut encoded, mut packets) = (0, 0, 0);
     let (start_cpu, start) = (cpu_time(), Instant::now());
     for (i, buf) in buffers.iter().enumerate() {
+        if input == Input::H264 {
+            let Some(data) = passthrough.push(buf, i as u64) else {
+                panic!(
+                    "access unit {i} of {} ({} bytes) not passed on",
+                    buffers.len(),
+                    buf.len()
+                );
+            };
+            copied += data.len();
+            encoded += data.len();
+            packets += packetizer
+                .packetize(Instant::now(), &data, 3000)
+                .expect("packetize")
+                .len();
+            continue;
+        }
         let (view, bytes_copied): (I420View<'_>, usize) = match input {
             Input::Yuyv => converter.yuyv(buf, w, h, w * 2).expect("yuyv"),
             Input::Mjpg => mjpeg.decode(buf, w, h).expect("mjpeg"),
             Input::I420 => (I420View::from_contiguous(buf, w, h, w).expect("i420"), 0),
+            Input::H264 => unreachable!("passed through above"),
         };
         copied += bytes_copied;
         enc.encode(&view, i as u64 * 33, &mut out).expect("encode");
@@ -157,12 +200,18 @@ fn conversion_only(buffers: &[Vec<u8>], w: usize, h: usize, input: Input) -> f64
     let mut converter = Converter::default();
     let mut mjpeg = MjpegDecoder::default();
     let mut checksum = 0u64;
+    let mut passthrough = PassthroughStage::new(4 << 20, Duration::from_millis(33));
     let start_cpu = cpu_time();
-    for buf in buffers {
+    for (i, buf) in buffers.iter().enumerate() {
+        if input == Input::H264 {
+            checksum += passthrough.push(buf, i as u64).map_or(0, |d| d.len()) as u64;
+            continue;
+        }
         let (view, _) = match input {
             Input::Yuyv => converter.yuyv(buf, w, h, w * 2).expect("yuyv"),
             Input::Mjpg => mjpeg.decode(buf, w, h).expect("mjpeg"),
             Input::I420 => (I420View::from_contiguous(buf, w, h, w).expect("i420"), 0),
+            Input::H264 => unreachable!("passed through above"),
         };
         // Read one byte per plane so the work cannot be optimised away.
         checksum += u64::from(view.y[w / 2]) + u64::from(view.u[0]) + u64::from(view.v[0]);
@@ -230,11 +279,12 @@ fn main() {
                 b
             })
             .collect();
-        for input in [Input::I420, Input::Yuyv, Input::Mjpg] {
+        for input in [Input::I420, Input::Yuyv, Input::Mjpg, Input::H264] {
             let buffers: Vec<Vec<u8>> = match input {
                 Input::Yuyv => frames.iter().map(to_yuyv).collect(),
                 Input::Mjpg => frames.iter().map(to_mjpeg).collect(),
                 Input::I420 => frames.iter().map(|f| f.data.clone()).collect(),
+                Input::H264 => camera_h264(&frames),
             };
             // Alternate to spread any frequency drift over both measurements.
             let b1 = bare(&frames);
@@ -251,6 +301,7 @@ fn main() {
                     Input::I420 => "I420",
                     Input::Yuyv => "YUYV",
                     Input::Mjpg => "MJPG",
+                    Input::H264 => "H264",
                 },
                 (p1.fps + p2.fps) / 2.0,
                 pipe_ms,

@@ -7,7 +7,10 @@
 #   ./cross/build-debian.sh --no-test    build only
 #
 # Uses /usr/bin/cargo and /usr/bin/rustc from Debian's rustc-web/cargo-web (Rust 1.96 in
-# bookworm) and libstd-rust-web-dev:arm64 for the target's std. Output:
+# bookworm) and the target's std from libstd-rust-web-dev:arm64, unpacked (not installed) into
+# a private sysroot under target/debian-cross: installing it would pull in arm64 zlib, xz,
+# zstd and libxml2 at the newest version, which multiarch forces onto the host's own amd64
+# packages as upgrades. Output:
 #   target/debian-cross/aarch64-unknown-linux-gnu/release/rtcam
 # The separate target dir keeps this build from invalidating rustup's target/{debug,release}.
 # Nothing is written to .cargo/config.toml: the cross settings are environment variables, so
@@ -36,7 +39,7 @@ step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'build-debian.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages --------------------------------------------------------------------
-PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake
+PKGS=(rustc-web cargo-web gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake
     libc6-dev-arm64-cross qemu-user-static libclang-dev file binutils-aarch64-linux-gnu)
 if ((!print_env)); then
     # shellcheck source=cross/apt.sh
@@ -44,12 +47,43 @@ if ((!print_env)); then
     ensure_packages "${PKGS[@]}"
 fi
 
+# --- The target's Rust std, unpacked into a private sysroot -------------------------------
+# libstd-rust-web-dev:arm64 at exactly the installed rustc-web's version (rustc refuses a std
+# from another build), downloaded with apt-get download and unpacked with dpkg-deb -x.
+RUST_SYSROOT="$REPO/target/debian-cross/rust-sysroot"
+arm64_std() {
+    local version
+    version="$(dpkg-query -W -f='${Version}' rustc-web)" || die "rustc-web is not installed"
+    if [[ "$(cat "$RUST_SYSROOT/.version" 2>/dev/null)" == "$version" ]]; then
+        return 0
+    fi
+    if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+        [[ "$(id -u)" == 0 ]] || die "MISSING: the arm64 dpkg architecture (dpkg --add-architecture arm64; apt-get update)"
+        dpkg --add-architecture arm64
+        apt-get update
+    fi
+    local dl
+    dl="$(mktemp -d)"
+    chmod 0755 "$dl" # apt-get download drops privileges to _apt
+    (cd "$dl" && apt-get download "libstd-rust-web-dev:arm64=$version") ||
+        die "MISSING: libstd-rust-web-dev:arm64=$version could not be downloaded (apt-get update?)"
+    rm -rf "$RUST_SYSROOT"
+    mkdir -p "$RUST_SYSROOT"
+    dpkg-deb -x "$dl"/libstd-rust-web-dev_*_arm64.deb "$RUST_SYSROOT.unpacked"
+    mv "$RUST_SYSROOT.unpacked/usr/lib" "$RUST_SYSROOT/lib"
+    rm -rf "$RUST_SYSROOT.unpacked" "$dl"
+    echo "$version" >"$RUST_SYSROOT/.version"
+}
+
 # --- Environment: Debian's cargo + rustc, GNU cross tools, bindgen sysroot, qemu runner ---
 CARGO=/usr/bin/cargo
 export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
 unset RUSTUP_TOOLCHAIN RUSTC_WRAPPER
 export CARGO_TARGET_DIR="$REPO/target/debian-cross"
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+# Target crates find std in the private sysroot; build scripts and proc macros (host) use
+# rustc's own.
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="--sysroot=$RUST_SYSROOT"
 # The runner starts the sysroot's dynamic loader as the program and lets it load the test
 # binary: Debian's qemu-user 7.2 on some hosts (seen on a 6.18 kernel in a Firecracker VM)
 # spins forever in the guest's first pthread_create when qemu itself maps the ELF interpreter
@@ -70,14 +104,16 @@ if ((print_env)); then
     for v in RUSTC RUSTDOC CARGO_TARGET_DIR CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER \
         CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER CC_aarch64_unknown_linux_gnu \
         CXX_aarch64_unknown_linux_gnu AR_aarch64_unknown_linux_gnu \
-        BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu QEMU_LD_PREFIX; do
+        BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu QEMU_LD_PREFIX \
+        CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS; do
         printf 'export %s=%q\n' "$v" "${!v}"
     done
     exit 0
 fi
 
 [[ -x "$CARGO" && -x "$RUSTC" ]] || die "Debian's cargo/rustc not found at $CARGO / $RUSTC"
-[[ -d /usr/lib/rustlib/$TARGET ]] || die "no std for $TARGET (libstd-rust-web-dev:arm64)"
+arm64_std
+[[ -d "$RUST_SYSROOT/lib/rustlib/$TARGET/lib" ]] || die "MISSING: no std for $TARGET in $RUST_SYSROOT"
 step "$("$CARGO" --version); $("$RUSTC" --version)"
 
 # --- Release build ------------------------------------------------------------------------

@@ -32,7 +32,7 @@ die() { printf 'ci-field.sh: error: %s\n' "$*" >&2; exit 1; }
 
 step "system packages"
 # nasm: openh264's x86 SIMD code, for a `cargo deb` that builds the amd64 binary itself.
-PKGS=(rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
+PKGS=(rustc-web cargo-web gcc-aarch64-linux-gnu g++-aarch64-linux-gnu
     libc6-dev-arm64-cross binutils-aarch64-linux-gnu qemu-user-static libclang-dev file
     dpkg-dev python3 build-essential nasm ca-certificates)
 # shellcheck source=cross/apt.sh
@@ -62,7 +62,9 @@ ARM_BIN="$REPO/target/debian-cross/aarch64-unknown-linux-gnu/release/rtcam"
 step "rtcam check-config --config config/rtcam.toml (aarch64 under qemu, and $RTCAM_BIN)"
 # The shipped config names /etc/rtcam/mqtt-password, which the operator writes: its values are
 # checked with --no-files, the full check must fail naming that key, and pass once the file
-# exists (RTCAM__MQTT__PASSWORD_FILE points at a stand-in).
+# exists (RTCAM__MQTT__PASSWORD_FILE points at a stand-in). The device identity key goes to
+# /var/lib/rtcam, which the package's unit creates (StateDirectory) and this host lacks:
+# RTCAM__AUTH__IDENTITY_KEY_PATH points into the stand-in directory.
 ARM_RUN=(qemu-aarch64-static "$SYSROOT/lib/ld-linux-aarch64.so.1" --library-path "$SYSROOT/lib" "$ARM_BIN")
 "${ARM_RUN[@]}" check-config --no-files --config config/rtcam.toml >/dev/null
 echo "aarch64: config/rtcam.toml values OK (--no-files)"
@@ -75,8 +77,10 @@ grep -q 'mqtt.password_file.*/etc/rtcam/mqtt-password' <<<"$out" || die "check-c
 echo "x86_64: without the password file: $out"
 password_dir="$(mktemp -d)"
 echo stand-in >"$password_dir/mqtt-password"
+export RTCAM__AUTH__IDENTITY_KEY_PATH="$password_dir/identity.pem"
 RTCAM__MQTT__PASSWORD_FILE="$password_dir/mqtt-password" "$RTCAM_BIN" check-config --config config/rtcam.toml >/dev/null
 RTCAM__MQTT__PASSWORD_FILE="$password_dir/mqtt-password" "${ARM_RUN[@]}" check-config --config config/rtcam.toml >/dev/null
+unset RTCAM__AUTH__IDENTITY_KEY_PATH
 rm -rf "$password_dir"
 echo "x86_64, aarch64: config/rtcam.toml OK once the password file exists"
 

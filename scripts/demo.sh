@@ -36,7 +36,12 @@ fi
 # The viewer, exactly as pinned in web/package-lock.json, into web/dist (config/demo.toml's web.root).
 (cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
 cargo build --release
+# Signed mode (the default): demo keys under target/demo/ on first use; the URL's fragment
+# carries the demo viewer's key and credential (never sent to a server) and the device key.
+keys="$(scripts/demo-keys.sh)"
+owner="${keys%%$'\n'*}"
+fragment="${keys#*$'\n'}"
 # config/demo.toml: web server on 8080, embedded broker's WebSocket listener on 8083.
 url="http://127.0.0.1:8080/?broker=ws://127.0.0.1:8083&device=demo"
-printf '\n  rtcam demo: open %s\n  (Ctrl-C stops it)\n\n' "$url"
-exec cargo run --release --quiet -- --config config/demo.toml "$@"
+printf '\n  rtcam demo: open %s\n  (Ctrl-C stops it)\n\n' "$url#$fragment"
+RTCAM__AUTH__OWNER_KEYS="$owner" exec cargo run --release --quiet -- --config config/demo.toml "$@"

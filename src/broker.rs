@@ -1,15 +1,16 @@
-//! Embedded MQTT broker (rumqttd) for the demo: TCP and WebSocket listeners that start before rtcam connects and stop at shutdown.
+//! Embedded MQTT broker (rumqttd) for the demo: an MQTT 5 TCP and an MQTT 3.1.1 WebSocket listener that start before rtcam connects and stop at shutdown.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
 use rumqttd::{LinkType, Router, Server, ServerSettings};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, EMBEDDED_BROKER_MAX_PAYLOAD};
 
 /// How long `start` waits for the listeners to accept connections.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,7 +19,7 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 fn broker_config(config: &BrokerConfig) -> Result<rumqttd::Config> {
     let connections = json!({
         "connection_timeout_ms": 60000,
-        "max_payload_size": 1 << 20,
+        "max_payload_size": EMBEDDED_BROKER_MAX_PAYLOAD,
         "max_inflight_count": 200,
         "dynamic_filters": true
     });
@@ -31,7 +32,8 @@ fn broker_config(config: &BrokerConfig) -> Result<rumqttd::Config> {
             "max_segment_size": 16 << 20,
             "max_segment_count": 4
         },
-        "v4": {"1": {"name": "v4-1", "listen": config.listen.to_string(),
+        // TCP speaks MQTT 5 (rtcam's own client); WebSocket 3.1.1 (browsers, mqtt.js).
+        "v5": {"1": {"name": "v5-1", "listen": config.listen.to_string(),
                       "next_connection_delay_ms": 1, "connections": connections}},
         "ws": {"1": {"name": "ws-1", "listen": config.ws_listen.to_string(),
                       "next_connection_delay_ms": 1, "connections": connections}}
@@ -63,17 +65,19 @@ pub(crate) async fn start(
     }
     // The router runs on a thread of its own; it lives as long as the process.
     let router_tx = Router::new(broker.id, broker.router.clone()).spawn();
-    for (settings, link) in [
-        (listener(&broker.v4)?, LinkType::Remote),
-        (listener(&broker.ws)?, LinkType::Websocket),
+    let mut tcp = Server::new(listener(&broker.v5)?, router_tx.clone(), V5);
+    let mut ws = Server::new(listener(&broker.ws)?, router_tx, V4);
+    for serve in [
+        Box::pin(async move { tcp.start(LinkType::Remote).await })
+            as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
+        Box::pin(async move { ws.start(LinkType::Websocket).await }),
     ] {
-        let mut server = Server::new(settings, router_tx.clone(), V4);
         let cancel = cancel.clone();
         tracker.spawn(async move {
             // Cancelling drops the listener: the port is free again.
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                r = server.start(link) => if let Err(e) = r {
+                r = serve => if let Err(e) = r {
                     tracing::error!(error = %e, "embedded MQTT broker listener stopped");
                 },
             }
@@ -87,7 +91,9 @@ pub(crate) async fn start(
 /// Connects an MQTT client to `addr` until the broker answers (up to [`LISTEN_TIMEOUT`]),
 /// then disconnects cleanly: a bare TCP probe would make the broker log a broken connection.
 async fn wait_until_serving(addr: SocketAddr) -> Result<()> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet};
+    use rumqttc::Outgoing;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
     let host = addr.ip().to_string();
     loop {

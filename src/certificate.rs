@@ -45,21 +45,28 @@ pub fn load_or_create(path: &Path) -> Result<RTCCertificate> {
     let pem = cert
         .serialize_pem()
         .map_err(|e| anyhow::anyhow!("serializing the DTLS certificate: {e}"))?;
-    // Write beside it and rename, so a power cut never leaves half a key.
-    let tmp = path.with_extension("tmp");
+    write_private_file(path, pem.as_bytes()).context("webrtc.certificate_path")?;
+    tracing::info!(path = %path.display(), "generated and cached a new DTLS certificate");
+    Ok(cert)
+}
+
+/// Writes a private key file (mode 0600) beside `path` and renames it into place, so a
+/// power cut never leaves half a key. Used for the DTLS certificate and the identity key.
+pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .with_context(|| format!("webrtc.certificate_path: cannot write {}", tmp.display()))?;
-    file.write_all(pem.as_bytes())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(contents)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    tracing::info!(path = %path.display(), "generated and cached a new DTLS certificate");
-    Ok(cert)
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 #[cfg(test)]

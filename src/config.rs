@@ -5,8 +5,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::auth::keys::PublicKey;
 use crate::protocol::limits;
-use crate::protocol::topics::is_valid_id;
+use crate::protocol::topics::{
+    SessionId, Topics, filter_matches, ha_config_topic, ha_status_topic, is_valid_filter,
+    is_valid_id,
+};
 
 /// The compiled-in defaults; every key rtcam knows is in this file.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -26,6 +30,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub web: WebConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +43,10 @@ pub struct HomeAssistantConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
+    /// Plain (unsigned) commands on `<prefix>/<device>/command`; they rely on broker ACLs.
+    pub mqtt_commands: bool,
+    /// Topic filters a command's `reply_to` may name besides `<prefix>/<device>/command/reply/#`.
+    pub reply_to_allowed: Vec<String>,
     pub forward_namespaces: Vec<String>,
     pub forward_timeout_ms: u64,
     pub session_rate: u32,
@@ -94,7 +103,7 @@ config_enum!(
     /// Pixel format asked of a V4L2 camera.
     PixelFormatChoice {
         Auto = "auto", Yu12 = "YU12", Nv12 = "NV12", Yuyv = "YUYV", Mjpg = "MJPG", Rgb3 = "RGB3",
-        Bgr3 = "BGR3"
+        Bgr3 = "BGR3", H264 = "H264"
     }
 );
 
@@ -112,6 +121,21 @@ pub struct CaptureConfig {
     /// Round the line length asked of the driver up to a multiple of this many bytes
     /// (0: the driver's own choice).
     pub stride_align: u32,
+    /// With `format = "auto"`, take the camera's own H.264 first when it offers it at the
+    /// configured size and rate (passthrough).
+    pub prefer_camera_h264: bool,
+    /// Passthrough: the last IDR and what followed, up to this many bytes, for new viewers
+    /// (0: none; they wait for the camera's next IDR).
+    pub gop_cache_bytes: u32,
+}
+
+impl CaptureConfig {
+    /// Whether the camera may deliver H.264 itself rather than pictures.
+    pub fn may_pass_h264_through(&self) -> bool {
+        self.source == SourceKind::V4l2
+            && (self.format == PixelFormatChoice::H264
+                || (self.format == PixelFormatChoice::Auto && self.prefer_camera_h264))
+    }
 }
 
 config_enum!(
@@ -125,6 +149,9 @@ pub struct EncoderConfig {
     pub backend: EncoderBackend,
     pub bitrate: u32,
     pub keyframe_interval: u32,
+    pub temporal_layers: u32,
+    /// Lowest target the adaptation may give the encoder (docs/protocol.md §5.3).
+    pub min_bitrate: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +178,9 @@ pub struct WebrtcConfig {
     pub disconnect_timeout_ms: u64,
     pub viewer_queue_frames: usize,
     pub certificate_path: PathBuf,
+    /// Per-viewer bandwidth estimation, layer selection, pacing and the encoder target policy
+    /// (docs/protocol.md §5.3); false: every viewer gets every frame at the configured rate.
+    pub adaptation: bool,
     pub turn_rest: TurnRestConfig,
 }
 
@@ -188,6 +218,10 @@ pub struct MqttConfig {
     pub state_min_interval_ms: u64,
 }
 
+/// Largest packet the embedded broker accepts from a client; nothing larger can reach rtcam
+/// through it (rumqttd does not honour a client's Maximum Packet Size itself).
+pub const EMBEDDED_BROKER_MAX_PAYLOAD: usize = 1 << 20;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -216,6 +250,84 @@ config_enum!(
 pub struct LogConfig {
     pub level: String,
     pub target: LogTarget,
+}
+
+config_enum!(
+    /// Who may use the session topics (docs/protocol.md §9).
+    AuthMode { Signed = "signed", Open = "open" }
+);
+
+/// `[auth]`: signed mode (docs/protocol.md §9, docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// The device identity key (Ed25519, PKCS#8 PEM, 0600); empty: a new key each start.
+    pub identity_key_path: PathBuf,
+    /// Trusted owner public keys (b64url, 43 characters).
+    pub owner_keys: Vec<String>,
+    /// Credential ids (`jti`) refused before they expire.
+    pub revoked: Vec<String>,
+    /// Forwarded namespaces every credential with `control` may use.
+    pub control_namespaces: Vec<String>,
+    pub max_clock_skew_ms: u64,
+    pub replay_cache_entries: usize,
+}
+
+impl AuthConfig {
+    /// The parsed `owner_keys` (valid once [`validate_auth`] passed).
+    pub fn owner_public_keys(&self) -> Vec<PublicKey> {
+        self.owner_keys
+            .iter()
+            .filter_map(|k| PublicKey::from_b64url(k.trim()).ok())
+            .collect()
+    }
+}
+
+/// Checks `[auth]`; `forward_namespaces` is `control.forward_namespaces`.
+pub fn validate_auth(auth: &AuthConfig, forward_namespaces: &[String]) -> Result<(), ConfigError> {
+    for key in &auth.owner_keys {
+        if let Err(e) = PublicKey::from_b64url(key.trim()) {
+            return Err(invalid(
+                "auth.owner_keys",
+                format!(
+                    "{key:?}: {e}; each entry is an owner's Ed25519 public key as printed by \
+                     `rtcam token keygen` (43 base64url characters)"
+                ),
+            ));
+        }
+    }
+    if let Some(id) = auth.revoked.iter().find(|id| !is_valid_id(id)) {
+        return Err(invalid(
+            "auth.revoked",
+            format!("{id:?}: credential ids (jti) are 1 to 64 characters from A-Z a-z 0-9 _ -"),
+        ));
+    }
+    if let Some(ns) = auth
+        .control_namespaces
+        .iter()
+        .find(|ns| !forward_namespaces.contains(ns))
+    {
+        return Err(invalid(
+            "auth.control_namespaces",
+            format!("{ns:?} is not in control.forward_namespaces"),
+        ));
+    }
+    if !limits::CLOCK_SKEW_MS.contains(&auth.max_clock_skew_ms) {
+        let r = &limits::CLOCK_SKEW_MS;
+        return Err(invalid(
+            "auth.max_clock_skew_ms",
+            format!("between {} and {} ms", r.start(), r.end()),
+        ));
+    }
+    if !limits::REPLAY_CACHE_ENTRIES.contains(&auth.replay_cache_entries) {
+        let r = &limits::REPLAY_CACHE_ENTRIES;
+        return Err(invalid(
+            "auth.replay_cache_entries",
+            format!("between {} and {}", r.start(), r.end()),
+        ));
+    }
+    Ok(())
 }
 
 /// A configuration that could not be loaded or is invalid.
@@ -275,6 +387,10 @@ impl Config {
                 .with_list_parse_key("webrtc.stun_servers")
                 .with_list_parse_key("webrtc.turn_rest.urls")
                 .with_list_parse_key("control.forward_namespaces")
+                .with_list_parse_key("control.reply_to_allowed")
+                .with_list_parse_key("auth.owner_keys")
+                .with_list_parse_key("auth.revoked")
+                .with_list_parse_key("auth.control_namespaces")
                 .source(Some(env)),
         );
         let config: Config = builder.build()?.try_deserialize()?;
@@ -315,6 +431,12 @@ impl Config {
                 "0 (the driver's choice) or a power of two up to 4096",
             ));
         }
+        if !limits::GOP_CACHE_BYTES.contains(&c.gop_cache_bytes) {
+            return Err(invalid(
+                "capture.gop_cache_bytes",
+                format!("{} bytes", limits::describe(&limits::GOP_CACHE_BYTES)),
+            ));
+        }
         if !limits::BITRATE.contains(&self.encoder.bitrate) {
             return Err(invalid(
                 "encoder.bitrate",
@@ -325,6 +447,18 @@ impl Config {
             return Err(invalid(
                 "encoder.keyframe_interval",
                 format!("{} frames", limits::describe(&limits::KEYFRAME_INTERVAL)),
+            ));
+        }
+        if !limits::TEMPORAL_LAYERS.contains(&self.encoder.temporal_layers) {
+            return Err(invalid(
+                "encoder.temporal_layers",
+                limits::describe(&limits::TEMPORAL_LAYERS),
+            ));
+        }
+        if !limits::BITRATE.contains(&self.encoder.min_bitrate) {
+            return Err(invalid(
+                "encoder.min_bitrate",
+                format!("{} bits per second", limits::describe(&limits::BITRATE)),
             ));
         }
         let w = &self.webrtc;
@@ -405,6 +539,7 @@ impl Config {
                 return Err(invalid("control.forward_namespaces", problem));
             }
         }
+        self.validate_reply_to_allowed()?;
         if !(100..=600_000).contains(&k.forward_timeout_ms) {
             return Err(invalid("control.forward_timeout_ms", "100 to 600000"));
         }
@@ -488,6 +623,46 @@ impl Config {
                 "a tracing filter such as \"info\" or \"rtcam=debug,warn\"",
             ));
         }
+        validate_auth(&self.auth, &self.control.forward_namespaces)
+    }
+
+    /// `control.reply_to_allowed`: valid filters that match none of the device's own topics
+    /// (a reply there would speak, or answer itself, in the device's name).
+    fn validate_reply_to_allowed(&self) -> Result<(), ConfigError> {
+        let topics = Topics::new(self.mqtt.prefix.trim_end_matches('/'), &self.device.id);
+        let any = SessionId::parse("any").expect("a valid session id");
+        let mut own = vec![
+            topics.status(),
+            topics.state(),
+            topics.command(),
+            topics.snapshot(),
+            topics.forward_reply(),
+            topics.events(),
+            topics.session_in(&any),
+            topics.session_out(&any),
+            topics.forward("any"),
+        ];
+        let ha = &self.homeassistant.discovery_prefix;
+        own.push(ha_config_topic(ha, &self.device.id));
+        own.push(ha_status_topic(ha));
+        for filter in &self.control.reply_to_allowed {
+            if !is_valid_filter(filter) {
+                return Err(invalid(
+                    "control.reply_to_allowed",
+                    format!(
+                        "{filter:?} is not an MQTT topic filter (levels split by /, + or # as whole levels, # last, no leading / or $)"
+                    ),
+                ));
+            }
+            if let Some(topic) = own.iter().find(|t| filter_matches(filter, t)) {
+                return Err(invalid(
+                    "control.reply_to_allowed",
+                    format!(
+                        "{filter:?} matches the device's own topic {topic}; allow only your dashboards' reply topics, e.g. \"dash/+/replies\""
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -556,9 +731,20 @@ mod tests {
                 ..Default::default()
             });
             assert!(c.is_ok(), "{}: {:?}", path.display(), c.err());
+            // Signed mode is never off in a shipped config (rtcam.toml is what the Debian
+            // package and the Yocto recipe install).
+            assert_eq!(
+                c.unwrap().auth.mode,
+                AuthMode::Signed,
+                "{} runs open mode",
+                path.display()
+            );
             checked += 1;
         }
-        assert!(checked >= 2, "default.toml and demo.toml at least");
+        assert!(
+            checked >= 3,
+            "default.toml, rtcam.toml and demo.toml at least"
+        );
     }
 
     #[test]
@@ -666,9 +852,15 @@ mod tests {
             Some("[webrtc.turn_rest]\nurls = [\"stun:t.lan\"]\nsecret_file = \"/s\"\n"),
             &[],
         );
-        assert!(e.contains("webrtc.turn_rest.urls") && e.contains("stun:t.lan"), "{e}");
+        assert!(
+            e.contains("webrtc.turn_rest.urls") && e.contains("stun:t.lan"),
+            "{e}"
+        );
         let e = err(Some("[webrtc.turn_rest]\nttl_s = 5\n"), &[]);
-        assert!(e.contains("webrtc.turn_rest.ttl_s") && e.contains("60"), "{e}");
+        assert!(
+            e.contains("webrtc.turn_rest.ttl_s") && e.contains("60"),
+            "{e}"
+        );
         let c = load_with(
             None,
             &[
@@ -678,6 +870,72 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.webrtc.turn_rest.urls, ["turn:a:3478", "turns:a:5349"]);
+        let e = err(Some("[capture]\ngop_cache_bytes = 100000000\n"), &[]);
+        assert!(e.contains("capture.gop_cache_bytes"), "{e}");
+    }
+
+    #[test]
+    fn camera_h264_is_chosen_explicitly_or_by_auto_when_preferred() {
+        let c = load_with(None, &[]).unwrap();
+        assert!(
+            !c.capture.may_pass_h264_through(),
+            "auto alone never passes H.264 through"
+        );
+        let c = load_with(Some("[capture]\nformat = \"H264\"\n"), &[]).unwrap();
+        assert!(c.capture.may_pass_h264_through());
+        let c = load_with(None, &[("RTCAM__CAPTURE__PREFER_CAMERA_H264", "true")]).unwrap();
+        assert!(c.capture.may_pass_h264_through());
+        let c = load_with(
+            Some("[capture]\nformat = \"YU12\"\nprefer_camera_h264 = true\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(
+            !c.capture.may_pass_h264_through(),
+            "an explicit pixel format wins"
+        );
+    }
+
+    #[test]
+    fn auth_section() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(
+            c.auth.mode,
+            AuthMode::Signed,
+            "signed is the built-in default"
+        );
+        assert!(c.auth.owner_keys.is_empty());
+        let owner = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
+        let c = load_with(
+            Some(&format!(
+                "[control]\nforward_namespaces = [\"ptz\"]\n[auth]\nmode = \"open\"\nowner_keys = [\"{owner}\"]\ncontrol_namespaces = [\"ptz\"]\n"
+            )),
+            &[("RTCAM__AUTH__REVOKED", "a,b-2")],
+        )
+        .unwrap();
+        assert_eq!(c.auth.mode, AuthMode::Open);
+        assert_eq!(c.auth.owner_public_keys()[0].to_b64url(), owner);
+        assert_eq!(c.auth.revoked, ["a", "b-2"]);
+        let e = err(Some("[auth]\nmode = \"none\"\n"), &[]);
+        assert!(e.contains("none") && e.contains("signed"), "{e}");
+        let e = err(Some("[auth]\nowner_keys = [\"abc\"]\n"), &[]);
+        assert!(
+            e.contains("auth.owner_keys") && e.contains("token keygen"),
+            "{e}"
+        );
+        let e = err(Some("[auth]\nrevoked = [\"a b\"]\n"), &[]);
+        assert!(e.contains("auth.revoked"), "{e}");
+        let e = err(Some("[auth]\ncontrol_namespaces = [\"ptz\"]\n"), &[]);
+        assert!(
+            e.contains("auth.control_namespaces") && e.contains("forward_namespaces"),
+            "{e}"
+        );
+        let e = err(Some("[auth]\nmax_clock_skew_ms = 10\n"), &[]);
+        assert!(e.contains("auth.max_clock_skew_ms"), "{e}");
+        let e = err(Some("[auth]\nreplay_cache_entries = 1\n"), &[]);
+        assert!(e.contains("auth.replay_cache_entries"), "{e}");
+        let e = err(Some("[auth]\nowner_key = []\n"), &[]);
+        assert!(e.contains("owner_key"), "{e}");
     }
 
     #[test]
@@ -696,5 +954,45 @@ mod tests {
         let text = c.to_toml();
         let again = load_with(Some(&text), &[]).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn command_topic_settings() {
+        let c = load_with(None, &[]).unwrap();
+        assert!(c.control.mqtt_commands);
+        assert!(c.control.reply_to_allowed.is_empty());
+        let c = load_with(
+            Some("[control]\nmqtt_commands = false\nreply_to_allowed = [\"dash/+/replies\", \"nodered/#\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(!c.control.mqtt_commands);
+        assert_eq!(c.control.reply_to_allowed, ["dash/+/replies", "nodered/#"]);
+        let c = load_with(None, &[("RTCAM__CONTROL__REPLY_TO_ALLOWED", "a/+,b/#")]).unwrap();
+        assert_eq!(c.control.reply_to_allowed, ["a/+", "b/#"]);
+        for bad in ["a/#/b", "", "$SYS/#"] {
+            let e = err(
+                Some(&format!("[control]\nreply_to_allowed = [\"{bad}\"]\n")),
+                &[],
+            );
+            assert!(
+                e.contains("control.reply_to_allowed") && e.contains("filter"),
+                "{e}"
+            );
+        }
+        // Filters that cover the device's own topics would let a sender speak in its name.
+        for own in [
+            "#",
+            "rtcam/#",
+            "rtcam/+/status",
+            "rtcam/rtcam/session/+/out",
+            "homeassistant/#",
+        ] {
+            let e = err(
+                Some(&format!("[control]\nreply_to_allowed = [\"{own}\"]\n")),
+                &[],
+            );
+            assert!(e.contains("the device's own topic"), "{own}: {e}");
+        }
     }
 }

@@ -9,18 +9,10 @@ use crate::protocol::topics::Topics;
 /// Resolutions offered by the Home Assistant select entity.
 pub(crate) const RESOLUTIONS: [&str; 4] = ["320x240", "640x480", "1280x720", "1920x1080"];
 
-/// `<discovery_prefix>/device/<device>/config`.
-pub(crate) fn config_topic(discovery_prefix: &str, device: &str) -> String {
-    format!(
-        "{}/device/{device}/config",
-        discovery_prefix.trim_end_matches('/')
-    )
-}
-
-/// Home Assistant's birth topic: `online` there means "rediscover everything".
-pub(crate) fn status_topic(discovery_prefix: &str) -> String {
-    format!("{}/status", discovery_prefix.trim_end_matches('/'))
-}
+// The topic names live with rtcam's others (config validation needs them too).
+pub(crate) use crate::protocol::topics::{
+    ha_config_topic as config_topic, ha_status_topic as status_topic,
+};
 
 /// The device discovery payload: camera image, buttons, numbers (bitrate, fps and each
 /// integer camera control with the driver's range), a select and sensors, all bound to

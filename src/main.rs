@@ -48,10 +48,49 @@ enum Command {
         /// Fail when the frames have not arrived within this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Tests: after this many frames a second subscriber joins, as a new viewer does,
+        /// and records to --join-output (its preroll from the GOP cache included).
+        #[arg(long, hide = true, requires = "join_output")]
+        join_at: Option<u64>,
+        #[arg(long, hide = true, requires = "join_at")]
+        join_output: Option<PathBuf>,
+    },
+    /// Print the device's public identity key (auth.identity_key_path), the key viewers pin.
+    Identity {
+        /// Create the key file if it does not exist yet (run as the service's user).
+        #[arg(long)]
+        create: bool,
+    },
+    /// Owner keys and viewer credentials (docs/protocol.md §9).
+    Token {
+        #[command(subcommand)]
+        command: rtcam::token::TokenCommand,
     },
     /// List the cameras, media-controller pipelines and encoders found here, and which camera
     /// format and encoder the configuration makes rtcam use, and why.
     Probe,
+    /// Test helper (the VM tests): writes an H.264 clip into a V4L2 output device such as
+    /// v4l2loopback, one access unit per buffer, paced, in a loop; prints its plan as JSON.
+    #[command(hide = true)]
+    FeedH264 {
+        /// The loopback device.
+        #[arg(long)]
+        device: PathBuf,
+        /// A raw Annex-B H.264 file starting with an IDR.
+        #[arg(long)]
+        clip: PathBuf,
+        /// The clip's picture size, WIDTHxHEIGHT.
+        #[arg(long, value_parser = parse_size)]
+        size: (u32, u32),
+        #[arg(long, default_value_t = 30)]
+        fps: u32,
+        /// After every N access units an extra buffer of garbage (0: none).
+        #[arg(long, default_value_t = 0)]
+        garbage_every: u32,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+    },
     /// Diagnostic (the VM tests): camera -> V4L2 M2M encoder -> decoder with vicodec (FWHT);
     /// prints a JSON summary and writes the streams and decoded pictures.
     #[command(hide = true)]
@@ -114,9 +153,36 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
+        Command::Identity { create } => print_outcome(rtcam::token::identity(&config, create)),
+        Command::Token { command } => print_outcome(rtcam::token::run(&config, &command)),
         Command::Probe => {
             print!("{}", rtcam::probe::report(&config));
             ExitCode::SUCCESS
+        }
+        Command::FeedH264 {
+            device,
+            clip,
+            size,
+            fps,
+            garbage_every,
+            seconds,
+        } => {
+            let options = rtcam::feed_h264::FeedOptions {
+                device,
+                clip,
+                width: size.0,
+                height: size.1,
+                fps,
+                garbage_every,
+                duration: std::time::Duration::from_secs(seconds),
+            };
+            match rtcam::feed_h264::run(&options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rtcam feed-h264: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::M2mCheck {
             camera,
@@ -157,6 +223,8 @@ fn main() -> ExitCode {
             output,
             controls,
             timeout,
+            join_at,
+            join_output,
         } => record(
             config,
             rtcam::record::RecordOptions {
@@ -164,8 +232,29 @@ fn main() -> ExitCode {
                 output,
                 controls,
                 timeout: std::time::Duration::from_secs(timeout),
+                join: join_at.zip(join_output).map(|(after_frames, output)| {
+                    rtcam::record::JoinOptions {
+                        after_frames,
+                        output,
+                    }
+                }),
             },
         ),
+    }
+}
+
+/// Prints a key/credential command's result: stdout, notes on stderr, or the error.
+fn print_outcome(outcome: anyhow::Result<rtcam::token::Outcome>) -> ExitCode {
+    match outcome {
+        Ok(out) => {
+            eprint!("{}", out.stderr);
+            print!("{}", out.stdout);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rtcam: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

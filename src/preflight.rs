@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{AuthMode, Config, ConfigError};
 
 /// Whether [`check`] reads the files the configuration names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +108,33 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
         crate::web::check_root(&config.web.root)
             .map_err(|e| invalid("web.root", format!("{e:#}")))?;
     }
-    Ok(())
+    check_identity(config)
+}
+
+/// Signed mode's device identity key: an existing file must be a key `run` can load (it is
+/// never replaced: viewers pin it); a missing one is created at start, in a directory that
+/// must exist.
+fn check_identity(config: &Config) -> Result<(), ConfigError> {
+    let a = &config.auth;
+    let path = &a.identity_key_path;
+    if a.mode == AuthMode::Open || path.as_os_str().is_empty() {
+        return Ok(());
+    }
+    if path.exists() {
+        return crate::identity::load(path)
+            .map(drop)
+            .map_err(|e| invalid("auth.identity_key_path", format!("{e:#}")));
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(invalid(
+            "auth.identity_key_path",
+            format!(
+                "{} does not exist, and the key is created there on first start",
+                dir.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -365,5 +391,36 @@ mod tests {
         ] {
             assert!(!is_host(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_identity_key_must_load_or_have_a_directory_to_be_made_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("identity.pem");
+        let toml = format!(
+            "[auth]\nidentity_key_path = {:?}\n",
+            key.display().to_string()
+        );
+        check(&config(&toml), Files::Check).unwrap();
+        std::fs::write(&key, "not a key").unwrap();
+        let e = file_error(&toml);
+        assert!(
+            e.contains("auth.identity_key_path") && e.contains("identity.pem"),
+            "{e}"
+        );
+        crate::identity::create(&dir.path().join("good.pem")).unwrap();
+        let good = format!(
+            "[auth]\nidentity_key_path = {:?}\n",
+            dir.path().join("good.pem").display().to_string()
+        );
+        check(&config(&good), Files::Check).unwrap();
+        let e = file_error("[auth]\nidentity_key_path = \"/nonexistent-dir/identity.pem\"\n");
+        assert!(e.contains("/nonexistent-dir"), "{e}");
+        // Open mode has no identity key.
+        check(
+            &config("[auth]\nmode = \"open\"\nidentity_key_path = \"/nonexistent-dir/k.pem\"\n"),
+            Files::Check,
+        )
+        .unwrap();
     }
 }

@@ -209,6 +209,7 @@ pub fn report(config: &Config) -> String {
         "  openh264 (software, built in): YU12 -> H264 Constrained Baseline"
     );
     let _ = writeln!(out, "with this configuration rtcam would use:");
+    let mut passthrough = false;
     let camera_choice = match config.capture.source {
         SourceKind::TestPattern => {
             "the test pattern (capture.source = \"test-pattern\")".to_owned()
@@ -216,18 +217,28 @@ pub fn report(config: &Config) -> String {
         SourceKind::V4l2 => match Device::open(&config.capture.device) {
             Err(e) => format!("{}: cannot open it: {e}", config.capture.device.display()),
             Ok(device) => match choose_format(&device, &config.capture) {
-                Ok(FormatChoice { fourcc, why }) => format!(
-                    "{} in {fourcc} at {}x{} {} fps: {why}",
-                    config.capture.device.display(),
-                    config.capture.width,
-                    config.capture.height,
-                    config.capture.fps
-                ),
+                Ok(FormatChoice { fourcc, why }) => {
+                    passthrough = fourcc.0 == *b"H264";
+                    format!(
+                        "{} in {fourcc} at {}x{} {} fps: {why}",
+                        config.capture.device.display(),
+                        config.capture.width,
+                        config.capture.height,
+                        config.capture.fps
+                    )
+                }
                 Err(e) => format!("{}: {e}", config.capture.device.display()),
             },
         },
     };
     let _ = writeln!(out, "  camera: {camera_choice}");
+    if passthrough {
+        let _ = writeln!(
+            out,
+            "  encoder: none: the camera's own H.264 is passed through without re-encoding (bitrate, GOP and forced keyframes through its V4L2 controls where it has them)"
+        );
+        return out;
+    }
     let c = &config.capture;
     let encoder = match video_encoder::decide(
         config.encoder.backend,

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::settings::{pipeline_config, source_opener};
 use crate::config::Config;
+use crate::media::frame::EncodedFrame;
 use crate::media::pipeline;
 use crate::media::source::unix_ms;
 
@@ -24,6 +25,33 @@ pub struct RecordOptions {
     pub controls: Vec<(String, i64)>,
     /// Give up when `frames` have not arrived within this long.
     pub timeout: Duration,
+    /// A second subscriber that joins the running pipeline, as a new viewer does.
+    pub join: Option<JoinOptions>,
+}
+
+/// A second subscriber that joins after `after_frames` frames were written and records to
+/// `output` until the main recording ends (the VM tests check that it starts with an IDR
+/// from the GOP cache).
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    pub after_frames: u64,
+    pub output: PathBuf,
+}
+
+/// What the second subscriber got.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct JoinSummary {
+    pub output: PathBuf,
+    /// `seq` of the last frame the main recording had when the subscriber joined.
+    pub joined_after_seq: u64,
+    /// Frames written (its preroll included) and their bytes.
+    pub frames: u64,
+    pub bytes_written: u64,
+    /// Its first frame: `seq`, and whether it is a keyframe.
+    pub first_seq: Option<u64>,
+    pub first_keyframe: bool,
+    /// Frames that came at once as its start (the cached GOP).
+    pub preroll_frames: u64,
 }
 
 /// Frames stopped arriving and came back (the camera failed and was reopened).
@@ -57,6 +85,17 @@ pub struct Summary {
     pub controls: std::collections::BTreeMap<String, i64>,
     /// Camera failures seen (each was reported in the log, and capture was retried).
     pub source_errors: u64,
+    /// Camera frames that could not be used (flagged, corrupt, truncated, or in passthrough
+    /// referring to a frame the driver lost).
+    pub frames_corrupt: u64,
+    /// This process's CPU time (all threads: capture, encoding, writing the file) per frame
+    /// once frames flow (from the first frame written to the last), milliseconds: opening the
+    /// camera, and in passthrough waiting for the first IDR, are not in it.
+    pub cpu_ms_per_frame: f64,
+    /// The stream's H.264 profile and level (`profile-level-id`).
+    pub profile_level_id: Option<String>,
+    /// The second subscriber (`--join-at`), if one joined.
+    pub join: Option<JoinSummary>,
     pub interruptions: Vec<Interruption>,
     /// The H.264 encoder that ran (backend, device, input, why, fallback).
     pub(crate) encoder: Option<crate::media::video_encoder::EncoderStatus>,
@@ -67,6 +106,61 @@ pub struct Summary {
 
 /// A gap between frames longer than this (and than 4 frame periods) counts as an interruption.
 const GAP_THRESHOLD: Duration = Duration::from_millis(500);
+
+/// CPU time this process has used, all threads.
+#[allow(unsafe_code)] // libc::clock_gettime: the C library's process CPU clock.
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Writes a frame, its preroll (a new subscriber's start from the GOP cache) first; returns
+/// (frames, bytes) written.
+fn write_frame(out: &mut impl Write, frame: &EncodedFrame) -> std::io::Result<(u64, u64)> {
+    let mut written = (0, 0);
+    for f in frame.preroll.iter().flat_map(|p| p.iter()).chain([frame]) {
+        out.write_all(&f.data)?;
+        written.0 += 1;
+        written.1 += f.data.len() as u64;
+    }
+    Ok(written)
+}
+
+/// The second subscriber's file and tally.
+struct Joined {
+    out: std::io::BufWriter<std::fs::File>,
+    rx: mpsc::Receiver<EncodedFrame>,
+    summary: JoinSummary,
+}
+
+impl Joined {
+    fn take(&mut self, frame: &EncodedFrame) -> Result<()> {
+        let s = &mut self.summary;
+        if s.first_seq.is_none() {
+            let first = frame
+                .preroll
+                .as_ref()
+                .and_then(|p| p.first())
+                .unwrap_or(frame);
+            s.first_seq = Some(first.seq);
+            s.first_keyframe = first.keyframe;
+            s.preroll_frames = frame.preroll.as_ref().map_or(0, |p| p.len() as u64);
+        }
+        let (frames, bytes) = write_frame(&mut self.out, frame)
+            .with_context(|| format!("writing {}", s.output.display()))?;
+        s.frames += frames;
+        s.bytes_written += bytes;
+        Ok(())
+    }
+}
 
 /// Parses `name=value` for `--control`.
 pub fn parse_control(s: &str) -> Result<(String, i64), String> {
@@ -118,7 +212,7 @@ pub async fn record(
         }
 
         let (tx, mut rx) = mpsc::channel(64);
-        handle.subscribe(1, tx).context("subscribing to the pipeline")?;
+        handle.subscribe(1, tx, None).context("subscribing to the pipeline")?;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + options.timeout;
         let mut summary = Summary {
@@ -135,6 +229,10 @@ pub async fn record(
             keyframes: 0,
             controls,
             source_errors: 0,
+            frames_corrupt: 0,
+            cpu_ms_per_frame: 0.0,
+            profile_level_id: None,
+            join: None,
             interruptions: Vec::new(),
             encoder: None,
             first_frame_unix_ms: 0,
@@ -142,12 +240,48 @@ pub async fn record(
             duration_ms: 0,
         };
         let mut last_arrival: Option<Instant> = None;
+        let mut joined: Option<Joined> = None;
+        let mut last_seq = 0;
+        // CPU time and frames written when the first frame was written.
+        let mut cpu_from: Option<(Duration, u64)> = None;
         while summary.frames < options.frames {
+            if joined.is_none()
+                && let Some(j) = options.join.as_ref().filter(|j| summary.frames >= j.after_frames)
+            {
+                let file = std::fs::File::create(&j.output)
+                    .with_context(|| format!("creating {}", j.output.display()))?;
+                let (tx, rx) = mpsc::channel(64);
+                handle
+                    .subscribe(2, tx, None)
+                    .context("subscribing the second viewer")?;
+                tracing::info!(after_seq = last_seq, "a second subscriber joins");
+                joined = Some(Joined {
+                    out: std::io::BufWriter::new(file),
+                    rx,
+                    summary: JoinSummary {
+                        output: j.output.clone(),
+                        joined_after_seq: last_seq,
+                        ..Default::default()
+                    },
+                });
+            }
+            let second = async {
+                match joined.as_mut() {
+                    Some(j) => j.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let frame = tokio::select! {
                 f = rx.recv() => match f {
                     Some(f) => f,
                     None => bail!("the capture pipeline stopped"),
                 },
+                Some(f) = second => {
+                    if let Some(j) = joined.as_mut() {
+                        j.take(&f)?;
+                    }
+                    continue;
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::error!(frames = summary.frames, wanted = options.frames, timeout = ?options.timeout, "recording timed out");
                     break;
@@ -176,14 +310,39 @@ pub async fn record(
                 summary.first_frame_unix_ms = now_ms;
             }
             summary.last_frame_unix_ms = now_ms;
-            out.write_all(&frame.data)
+            let (frames, bytes) = write_frame(&mut out, &frame)
                 .with_context(|| format!("writing {}", options.output.display()))?;
-            summary.frames += 1;
-            summary.keyframes += u64::from(frame.keyframe);
-            summary.bytes_written += frame.data.len() as u64;
+            summary.frames += frames;
+            summary.keyframes += frame
+                .preroll
+                .iter()
+                .flat_map(|p| p.iter())
+                .chain([&frame])
+                .filter(|f| f.keyframe)
+                .count() as u64;
+            summary.bytes_written += bytes;
+            last_seq = frame.seq;
+            match cpu_from {
+                None => cpu_from = Some((process_cpu_time(), summary.frames)),
+                Some((cpu, frames)) => {
+                    let cpu = process_cpu_time().saturating_sub(cpu);
+                    let n = (summary.frames - frames).max(1);
+                    summary.cpu_ms_per_frame = cpu.as_secs_f64() * 1000.0 / n as f64;
+                }
+            }
         }
         summary.complete = summary.frames >= options.frames;
         summary.duration_ms = started.elapsed().as_millis() as u64;
+        if let Some(mut j) = joined {
+            // What reached the second subscriber's queue by now is its share.
+            while let Ok(f) = j.rx.try_recv() {
+                j.take(&f)?;
+            }
+            j.out
+                .flush()
+                .with_context(|| format!("writing {}", j.summary.output.display()))?;
+            summary.join = Some(j.summary);
+        }
         Ok(summary)
     }
     .await;
@@ -204,9 +363,11 @@ pub async fn record(
         summary.stride = info.stride;
     }
     summary.encoder = status.borrow().encoder.clone();
+    summary.profile_level_id = status.borrow().h264.map(|h| h.profile_level_id());
     let counters = handle.counters();
     summary.bytes_copied_per_frame = counters.bytes_copied_per_frame;
     summary.source_errors = counters.source_errors;
+    summary.frames_corrupt = counters.frames_corrupt;
     Ok(summary)
 }
 
@@ -250,6 +411,10 @@ mod tests {
             output: dir.join("clip.h264"),
             controls: vec![("brightness".into(), -10)],
             timeout: Duration::from_secs(20),
+            join: Some(JoinOptions {
+                after_frames: 1,
+                output: dir.join("joined.h264"),
+            }),
         };
         let summary = record(&config, &options, CancellationToken::new())
             .await
@@ -263,6 +428,18 @@ mod tests {
         assert_eq!(encoder.backend, "openh264");
         assert_eq!(summary.controls.get("brightness"), Some(&-10));
         assert!(summary.keyframes >= 1);
+        assert_eq!(
+            summary.profile_level_id.as_deref().map(|p| &p[..4]),
+            Some("42c0")
+        );
+        assert!(summary.cpu_ms_per_frame > 0.0);
+        assert_eq!(summary.frames_corrupt, 0);
+        // The second subscriber joined a running encoder: it starts at a (forced) keyframe.
+        let join = summary.join.as_ref().expect("the second subscriber");
+        assert!(join.first_keyframe && join.first_seq > Some(join.joined_after_seq));
+        assert_eq!(join.preroll_frames, 0, "no GOP cache without passthrough");
+        let joined = std::fs::read(dir.join("joined.h264")).unwrap();
+        assert_eq!(joined.len() as u64, join.bytes_written);
         let data = std::fs::read(&options.output).unwrap();
         assert_eq!(data.len() as u64, summary.bytes_written);
         assert!(data.starts_with(&[0, 0, 0, 1]), "Annex-B start code");

@@ -26,17 +26,84 @@ pub(crate) struct DeviceState {
     pub width: u32,
     pub height: u32,
     pub fps: u32,
+    /// `encoder.bitrate`: the ceiling of the encoder's target (`set-bitrate`).
     pub bitrate: u32,
+    /// The encoder's target now (below `bitrate` when the viewers' links need it).
+    pub encoder_bitrate: u32,
     pub frames_encoded: u64,
     pub frames_dropped: u64,
     pub bytes_copied_per_frame: u64,
+    /// Camera frames that could not be used (flagged by the driver, corrupt, truncated, or
+    /// in passthrough referring to a frame the driver lost), since the start.
+    pub frames_corrupt: u64,
     /// Last known control values (filled once controls were listed or set).
     pub controls: BTreeMap<String, i64>,
     /// Why the camera cannot be used right now; `null` while it works (or was not needed yet).
     pub camera_error: Option<String>,
     /// The H.264 encoder (backend, device, input, why, fallback); `null` until capture ran.
     pub encoder: Option<crate::media::video_encoder::EncoderStatus>,
+    /// Each streaming viewer's link, by anonymized session id (with `webrtc.adaptation`).
+    pub links: Vec<ViewerLink>,
+    /// The stream's H.264 profile and level as an SDP `profile-level-id` (e.g. `42c01f`);
+    /// `null` while the camera's own H.264 has not been read yet.
+    pub profile_level_id: Option<String>,
     pub uptime_s: u64,
+}
+
+/// One viewer's link as the state shows it (docs/protocol.md §3.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct ViewerLink {
+    /// The session id, anonymized: a keyed hash that is stable while the device runs and
+    /// says nothing about the session's topic.
+    pub viewer: String,
+    /// Bandwidth estimate, bits per second.
+    pub estimate_bps: u32,
+    /// Where the estimate comes from: "twcc", "remb" or "loss" (receiver reports only).
+    pub feedback: &'static str,
+    /// Highest temporal layer this viewer is sent, of `layers` (0-based).
+    pub layer: u8,
+    pub layers: u8,
+    /// Frames sent to this viewer over the last second.
+    pub fps: u32,
+    pub rtt_ms: Option<u32>,
+    /// Recent loss the viewer reported, per mille.
+    pub loss_permille: Option<u32>,
+    pub retransmitted: u64,
+    /// Retransmissions not sent: too late to help or over the viewer's budget.
+    pub retransmissions_dropped: u64,
+    /// Keyframe requests (PLI/FIR) not passed to the encoder because this viewer could not
+    /// keep up or asked too often.
+    pub keyframe_requests_ignored: u64,
+}
+
+/// The viewers' links, written by their sessions and read by the state: a cheap handle.
+#[derive(Clone)]
+pub(crate) struct LinkBoard {
+    links: Arc<watch::Sender<BTreeMap<u64, ViewerLink>>>,
+}
+
+impl Default for LinkBoard {
+    fn default() -> Self {
+        Self {
+            links: Arc::new(watch::channel(BTreeMap::new()).0),
+        }
+    }
+}
+
+impl LinkBoard {
+    /// Sets (or replaces) the entry of session `key`.
+    pub fn set(&self, key: u64, link: ViewerLink) {
+        self.links
+            .send_if_modified(|m| m.insert(key, link.clone()).as_ref() != Some(&link));
+    }
+
+    pub fn remove(&self, key: u64) {
+        self.links.send_if_modified(|m| m.remove(&key).is_some());
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<u64, ViewerLink>> {
+        self.links.subscribe()
+    }
 }
 
 /// How many sessions are in each phase (the session registry publishes it).
@@ -60,6 +127,7 @@ pub(crate) struct StateInfo {
 pub(crate) struct StateReader {
     pipeline: PipelineHandle,
     sessions: watch::Receiver<SessionCounts>,
+    links: watch::Receiver<BTreeMap<u64, ViewerLink>>,
     info: Arc<StateInfo>,
     started: Instant,
 }
@@ -68,11 +136,13 @@ impl StateReader {
     pub fn new(
         pipeline: PipelineHandle,
         sessions: watch::Receiver<SessionCounts>,
+        links: &LinkBoard,
         info: StateInfo,
     ) -> Self {
         Self {
             pipeline,
             sessions,
+            links: links.subscribe(),
             info: Arc::new(info),
             started: Instant::now(),
         }
@@ -93,12 +163,16 @@ impl StateReader {
             height: status.params.height,
             fps: status.params.fps,
             bitrate: status.bitrate,
+            encoder_bitrate: status.encoder_bitrate,
             frames_encoded: counters.frames_encoded,
             frames_dropped: counters.frames_dropped,
             bytes_copied_per_frame: counters.bytes_copied_per_frame,
+            frames_corrupt: counters.frames_corrupt,
             controls: status.controls,
             camera_error: status.camera_error,
             encoder: status.encoder,
+            links: self.links.borrow().values().cloned().collect(),
+            profile_level_id: status.h264.map(|h| h.profile_level_id()),
             uptime_s: self.started.elapsed().as_secs(),
         }
     }
@@ -185,12 +259,28 @@ mod tests {
             height: 480,
             fps: 30,
             bitrate: 1_000_000,
+            encoder_bitrate: 800_000,
             frames_encoded: 42,
             frames_dropped: 0,
             bytes_copied_per_frame: 0,
+            frames_corrupt: 0,
             controls: BTreeMap::from([("brightness".to_string(), 3)]),
             camera_error: None,
             encoder: None,
+            links: vec![ViewerLink {
+                viewer: "9f3a61c2".into(),
+                estimate_bps: 940_000,
+                feedback: "twcc",
+                layer: 1,
+                layers: 3,
+                fps: 15,
+                rtt_ms: Some(41),
+                loss_permille: Some(3),
+                retransmitted: 12,
+                retransmissions_dropped: 0,
+                keyframe_requests_ignored: 1,
+            }],
+            profile_level_id: Some("42c01f".into()),
             uptime_s: 9,
         }
     }
@@ -209,19 +299,45 @@ mod tests {
             "height",
             "fps",
             "bitrate",
+            "encoder_bitrate",
             "frames_encoded",
             "frames_dropped",
             "bytes_copied_per_frame",
+            "frames_corrupt",
             "controls",
             "camera_error",
             "encoder",
+            "links",
+            "profile_level_id",
             "uptime_s",
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
         assert_eq!(v["camera_error"], serde_json::Value::Null);
         assert_eq!(v["controls"]["brightness"], 3);
-        assert_eq!(v.as_object().unwrap().len(), 17, "no undocumented fields");
+        assert_eq!(v["profile_level_id"], "42c01f");
+        assert_eq!(v.as_object().unwrap().len(), 21, "no undocumented fields");
+        let link = &v["links"][0];
+        for key in [
+            "viewer",
+            "estimate_bps",
+            "feedback",
+            "layer",
+            "layers",
+            "fps",
+            "rtt_ms",
+            "loss_permille",
+            "retransmitted",
+            "retransmissions_dropped",
+            "keyframe_requests_ignored",
+        ] {
+            assert!(link.get(key).is_some(), "links[].{key}");
+        }
+        assert_eq!(
+            link.as_object().unwrap().len(),
+            11,
+            "no undocumented link fields"
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@ use crate::protocol::signal::{DeviceMessage, ErrorCode, Rejection};
 use crate::protocol::topics::{InboundTopic, Topics};
 use crate::signaling::SignalingHandle;
 
+use super::retained::RetainedGuard;
+
 /// Home Assistant discovery: the retained config message and HA's birth topic.
 pub(crate) struct Discovery {
     pub config_topic: String,
@@ -35,6 +37,8 @@ pub(crate) struct Dispatcher {
     /// The retained `online` status payload.
     pub online: Vec<u8>,
     pub discovery: Discovery,
+    /// The device's own retained topics: overwrites by others are repaired.
+    pub retained: RetainedGuard,
     log: LogLimiter,
 }
 
@@ -49,6 +53,7 @@ impl Dispatcher {
         publish: Arc<dyn Publish>,
         online: Vec<u8>,
         discovery: Discovery,
+        retained: RetainedGuard,
     ) -> Self {
         Self {
             topics,
@@ -59,6 +64,7 @@ impl Dispatcher {
             publish,
             online,
             discovery,
+            retained,
             log: LogLimiter::new(Duration::from_secs(10), 5),
         }
     }
@@ -86,6 +92,10 @@ impl Dispatcher {
     }
 
     fn route(&mut self, topic: &str, payload: bytes::Bytes) {
+        let now = Instant::now();
+        if self.retained.observe(topic, &payload, now) {
+            return;
+        }
         if self.discovery.ha_status_topic.as_deref() == Some(topic) {
             if payload.as_ref() == b"online" {
                 tracing::info!("Home Assistant came online; republishing discovery");
@@ -93,7 +103,6 @@ impl Dispatcher {
             }
             return;
         }
-        let now = Instant::now();
         match self.topics.parse_inbound(topic) {
             InboundTopic::SessionIn(id) => {
                 if let Err(e) = self.signaling.submit(id.clone(), payload) {
@@ -104,7 +113,10 @@ impl Dispatcher {
                     }
                 }
             }
-            InboundTopic::Command => self.commands.submit(&payload, now),
+            InboundTopic::Command => {
+                self.commands
+                    .submit(&payload, now, crate::outbound::unix_ms())
+            }
             InboundTopic::ForwardReply => {
                 if let Err(e) = self.router.service_reply(payload)
                     && let Some(suppressed) = self.log.allow(now)

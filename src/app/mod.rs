@@ -2,6 +2,7 @@
 
 pub(crate) mod inbound;
 pub(crate) mod readiness;
+pub(crate) mod retained;
 pub(crate) mod settings;
 
 use std::sync::Arc;
@@ -15,20 +16,21 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SourceKind};
 use crate::control::forwarding::spawn_router;
-use crate::control::mqtt::MqttCommands;
+use crate::control::mqtt::{CommandPolicy, MqttCommands};
 use crate::control::{ControlSettings, Controller};
 use crate::homeassistant;
 use crate::media::pipeline;
 use crate::outbound::{Publish, SignalOut};
 use crate::ports::PortPool;
 use crate::protocol::signal::{Limits, status_payload};
-use crate::signaling::registry::SessionLimits;
+use crate::signaling::registry::{SessionLimits, SignedInbound};
 use crate::signaling::{self, SignalingParts};
-use crate::state::{SessionCounts, StateInfo, StateReader, run_state_publisher};
-use crate::viewer::peer::WebrtcSettings;
+use crate::state::{LinkBoard, SessionCounts, StateInfo, StateReader, run_state_publisher};
+use crate::viewer::peer::{Adaptation, WebrtcSettings};
 use crate::viewer::session::Timeouts;
 use inbound::{Discovery, Dispatcher};
 use readiness::{DiscoveryUpdate, Readiness, announce_ready};
+use retained::RetainedGuard;
 
 /// How long the MQTT connection gets to deliver the byes, `offline` and a clean DISCONNECT.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -80,7 +82,10 @@ async fn run_tracked(
     // Everything `check-config` checks, first: a bad file fails the start naming its key.
     crate::preflight::check(config, crate::preflight::Files::Check)?;
     let topics = settings::topics(config);
-    let mqtt_settings = settings::mqtt_settings(config)?;
+    // Signed mode's identity key is loaded (created on first start) before anything starts.
+    let device_key = crate::identity::load_for_start(&config.auth)?.map(Arc::new);
+    let public_key = device_key.as_ref().map(|k| k.public_key());
+    let mqtt_settings = settings::mqtt_settings(config, public_key.as_ref())?;
     let ice_servers = settings::ice_servers(config)?;
     let w = &config.webrtc;
     let certificate = crate::certificate::load_or_create(&w.certificate_path)?;
@@ -116,13 +121,20 @@ async fn run_tracked(
     .context("starting the capture thread")?;
 
     let (mqtt, eventloop) = crate::mqtt::connect(&mqtt_settings);
-    let publish: Arc<dyn Publish> = Arc::new(mqtt.clone());
-    let signal = SignalOut::new(publish.clone(), topics.clone());
+    let ha = &config.homeassistant;
+    let config_topic = homeassistant::config_topic(&ha.discovery_prefix, &config.device.id);
+    // Retained topics that heal: rtcam republishes them when another client overwrites them.
+    let retained = RetainedGuard::new([topics.status(), topics.state(), config_topic.clone()]);
+    let transport: Arc<dyn Publish> = Arc::new(mqtt.clone());
+    let publish = retained.recording(transport.clone());
+    let signal = SignalOut::new(publish.clone(), topics.clone(), device_key.clone());
     let (connected_tx, connected_rx) = watch::channel(0u64);
     let (counts_tx, counts_rx) = watch::channel(SessionCounts::default());
+    let links = LinkBoard::default();
     let state = StateReader::new(
         pipeline.clone(),
         counts_rx,
+        &links,
         StateInfo {
             max_viewers: w.max_viewers,
             source: match config.capture.source {
@@ -159,6 +171,11 @@ async fn run_tracked(
                 max_payload_bytes: config.mqtt.max_payload_bytes,
                 max_sdp_bytes: w.max_sdp_bytes,
             },
+            signed: device_key.is_some().then(|| SignedInbound {
+                verifier: settings::verifier(config),
+                replay: settings::replay_cache(config),
+                topics: topics.clone(),
+            }),
             signal: signal.clone(),
             webrtc: WebrtcSettings {
                 ice_servers,
@@ -171,6 +188,10 @@ async fn run_tracked(
                 },
                 queue_frames: w.viewer_queue_frames,
                 mdns_unavailable: AtomicBool::new(!mdns),
+                adaptation: w.adaptation.then(|| Adaptation {
+                    min_bitrate: config.encoder.min_bitrate,
+                    links: links.clone(),
+                }),
             },
             pipeline: pipeline.clone(),
             controller: controller.clone(),
@@ -183,11 +204,16 @@ async fn run_tracked(
         controller,
         publish.clone(),
         topics.clone(),
+        CommandPolicy {
+            plain: k.mqtt_commands,
+            reply_to_allowed: k.reply_to_allowed.clone(),
+            signed: device_key
+                .is_some()
+                .then(|| (settings::verifier(config), settings::replay_cache(config))),
+        },
         tracker,
         cancel.clone(),
     );
-    let ha = &config.homeassistant;
-    let config_topic = homeassistant::config_topic(&ha.discovery_prefix, &config.device.id);
     let (discovery_tx, discovery_rx) = watch::channel(initial_discovery(config));
     let mut dispatcher = Dispatcher::new(
         topics.clone(),
@@ -196,13 +222,16 @@ async fn run_tracked(
         commands,
         router,
         publish.clone(),
-        status_payload(&config.device.id, true),
+        status_payload(&config.device.id, true, public_key.as_ref()),
         Discovery {
             config_topic: config_topic.clone(),
             payload: discovery_rx,
             ha_status_topic: settings::ha_status_topic(config),
         },
+        retained.clone(),
     );
+    // Through the plain transport: the book notes its republishes itself.
+    tracker.spawn(retained.run_healer(transport, cancel.clone()));
     let mut mqtt_task = tracker.spawn(crate::mqtt::run_event_loop(
         eventloop,
         mqtt.clone(),
@@ -246,7 +275,10 @@ async fn run_tracked(
     // 1. Every session says bye and closes (bounded inside the registry owner).
     let _ = signaling_task.await;
     // 2. `offline`, then a clean DISCONNECT; the connection task ends once it is written.
-    mqtt.say_goodbye(topics.status(), status_payload(&config.device.id, false));
+    mqtt.say_goodbye(
+        topics.status(),
+        status_payload(&config.device.id, false, public_key.as_ref()),
+    );
     if tokio::time::timeout(GOODBYE_TIMEOUT, &mut mqtt_task)
         .await
         .is_err()

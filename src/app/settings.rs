@@ -6,14 +6,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::config::{CaptureConfig, Config, SourceKind, read_secret};
+use crate::config::{CaptureConfig, Config, EMBEDDED_BROKER_MAX_PAYLOAD, SourceKind, read_secret};
 use crate::homeassistant;
 use crate::media::encoder::EncoderSettings;
 use crate::media::pipeline::PipelineConfig;
 use crate::media::source::{CaptureParams, FrameSource, SourceOpener};
 use crate::media::test_pattern::TestPattern;
-use crate::media::v4l2::Camera;
-use crate::mqtt::MqttSettings;
+use crate::media::v4l2::{Camera, CodedSettings};
+use crate::mqtt::{MqttSettings, PACKET_HEADROOM};
+use crate::protocol::auth::keys::PublicKey;
+use crate::protocol::auth::{ReplayCache, Verifier};
+use crate::protocol::limits::MAX_SIGNED_COMMAND_BYTES;
 use crate::protocol::signal::status_payload;
 use crate::protocol::topics::Topics;
 use crate::protocol::turn::{IceServerSet, RestTurn, Secret, StaticTurn};
@@ -21,6 +24,11 @@ use crate::protocol::turn::{IceServerSet, RestTurn, Secret, StaticTurn};
 /// Opens the configured source each time capture starts (never falls back to another).
 pub(crate) fn source_opener(config: &Config) -> SourceOpener {
     let base = config.capture.clone();
+    // A camera's own H.264 starts at these; set-bitrate changes it later.
+    let coded = CodedSettings {
+        bitrate: config.encoder.bitrate,
+        gop: config.encoder.keyframe_interval,
+    };
     // The test pattern's controls outlive each open, like a camera driver's do.
     let brightness = Arc::new(AtomicI64::new(0));
     Box::new(move |p: CaptureParams| {
@@ -36,7 +44,7 @@ pub(crate) fn source_opener(config: &Config) -> SourceOpener {
                     .with_brightness(brightness.clone())
                     .with_noise(c.test_pattern_noise),
             ) as Box<dyn FrameSource>,
-            SourceKind::V4l2 => Box::new(Camera::open(&c)?),
+            SourceKind::V4l2 => Box::new(Camera::open(&c, &coded)?),
         })
     })
 }
@@ -48,6 +56,7 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
             bitrate: config.encoder.bitrate,
             fps: config.capture.fps,
             keyframe_interval: config.encoder.keyframe_interval,
+            temporal_layers: config.encoder.temporal_layers as u8,
         },
         capture: CaptureParams {
             width: config.capture.width,
@@ -57,9 +66,13 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
         // A camera that went away is looked for again every second: it resumes within about
         // a second of coming back.
         reopen_delay: Duration::from_millis(1000),
+        rate_policy: config.webrtc.adaptation,
+        min_bitrate: config.encoder.min_bitrate,
         hardware: Some(crate::media::video_encoder::v4l2_opener(
             config.encoder.backend,
         )),
+        camera_h264: config.capture.may_pass_h264_through(),
+        gop_cache_bytes: config.capture.gop_cache_bytes as usize,
     }
 }
 
@@ -84,10 +97,7 @@ pub(crate) fn ice_servers(config: &Config) -> Result<IceServerSet> {
     } else {
         Some(RestTurn {
             urls: r.urls.clone(),
-            secret: Secret::new(read_secret(
-                "webrtc.turn_rest.secret_file",
-                &r.secret_file,
-            )?),
+            secret: Secret::new(read_secret("webrtc.turn_rest.secret_file", &r.secret_file)?),
             ttl_s: r.ttl_s,
         })
     };
@@ -111,8 +121,32 @@ pub(crate) fn ha_status_topic(config: &Config) -> Option<String> {
         .then(|| homeassistant::status_topic(&ha.discovery_prefix))
 }
 
-/// MQTT connection settings; secrets and TLS files are read here.
-pub(crate) fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
+/// Signed mode's policy for inbound messages (docs/protocol.md §9.4), from `[auth]`.
+pub(crate) fn verifier(config: &Config) -> Verifier {
+    let a = &config.auth;
+    Verifier::new(
+        &config.device.id,
+        a.owner_public_keys(),
+        a.revoked.clone(),
+        a.control_namespaces.clone(),
+        a.max_clock_skew_ms,
+    )
+}
+
+/// A replay cache as `[auth]` sizes it; each owner of signed input has its own.
+pub(crate) fn replay_cache(config: &Config) -> ReplayCache {
+    ReplayCache::new(
+        config.auth.replay_cache_entries,
+        config.auth.max_clock_skew_ms,
+    )
+}
+
+/// MQTT connection settings; secrets and TLS files are read here. `device_key`: the device's
+/// public key in signed mode, for the status in the last will.
+pub(crate) fn mqtt_settings(
+    config: &Config,
+    device_key: Option<&PublicKey>,
+) -> Result<MqttSettings> {
     let m = &config.mqtt;
     let topics = topics(config);
     let password = if m.password_file.as_os_str().is_empty() {
@@ -143,7 +177,23 @@ pub(crate) fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
     };
     let mut subscriptions = topics.subscriptions();
     subscriptions.extend(ha_status_topic(config));
+    // The device's own retained topics, to notice when someone else overwrites them.
+    let ha = &config.homeassistant;
+    subscriptions.extend([
+        topics.status(),
+        topics.state(),
+        homeassistant::config_topic(&ha.discovery_prefix, &config.device.id),
+    ]);
+    // The broker drops anything larger for rtcam. Commands and signaling are refused above
+    // their own limits anyway; through the embedded broker nothing is larger than it accepts.
+    let mut max_incoming_packet =
+        m.max_payload_bytes.max(MAX_SIGNED_COMMAND_BYTES) + PACKET_HEADROOM;
+    if config.broker.enabled {
+        max_incoming_packet =
+            max_incoming_packet.max(EMBEDDED_BROKER_MAX_PAYLOAD + PACKET_HEADROOM);
+    }
     Ok(MqttSettings {
+        max_incoming_packet,
         host: m.host.clone(),
         port: m.port,
         client_id: format!("rtcam-{}", config.device.id),
@@ -153,7 +203,10 @@ pub(crate) fn mqtt_settings(config: &Config) -> Result<MqttSettings> {
         reconnect_min: Duration::from_millis(m.reconnect_min_ms),
         reconnect_max: Duration::from_millis(m.reconnect_max_ms),
         tls,
-        last_will: (topics.status(), status_payload(&config.device.id, false)),
+        last_will: (
+            topics.status(),
+            status_payload(&config.device.id, false, device_key),
+        ),
         subscriptions,
     })
 }

@@ -17,6 +17,7 @@ use crate::media::pipeline::{PipelineError, PipelineHandle};
 use crate::media::snapshot::encode_jpeg;
 use crate::media::source::CaptureChange;
 use crate::outbound::Publish;
+use crate::protocol::auth::permissions::Access;
 use crate::protocol::command::{Command, CommandError, CommandErrorCode, RequestId};
 use crate::protocol::topics::{SessionId, Topics};
 use crate::state::StateReader;
@@ -147,18 +148,47 @@ impl Controller {
         }
     }
 
-    /// Runs one validated command for `origin`.
+    /// True when commands of `namespace` are forwarded (`control.forward_namespaces`).
+    fn forwards(&self, namespace: &str) -> bool {
+        self.inner
+            .settings
+            .forward_namespaces
+            .iter()
+            .any(|n| n == namespace)
+    }
+
+    /// Runs one validated command for `origin`, if `access` (the sender's credential, or
+    /// open) allows it: otherwise `forbidden` (docs/protocol.md §9.7). A namespace that is
+    /// not forwarded at all is `not-allowed` for everyone, as in open mode.
     pub async fn run(
         &self,
         origin: &Origin,
+        access: &Access,
         id: &RequestId,
         command: Command,
     ) -> Result<CommandOutput, CommandError> {
+        let unforwarded =
+            matches!(&command, Command::Forward { namespace, .. } if !self.forwards(namespace));
+        if !unforwarded {
+            access
+                .allows(&command)
+                .map_err(|f| CommandError::new(CommandErrorCode::Forbidden, f.0))?;
+        }
         let pipeline = &self.inner.pipeline;
         let done = |v: Value| Ok(CommandOutput::Done(v));
         match command {
             Command::Ping { t } => done(json!({"pong": true, "t": t})),
             Command::Keyframe => {
+                // A camera or hardware encoder without the control: say so, do not pretend.
+                let unavailable_why = pipeline
+                    .status()
+                    .borrow()
+                    .encoder
+                    .as_ref()
+                    .and_then(|e| e.keyframes_unavailable.clone());
+                if let Some(why) = unavailable_why {
+                    return Err(unavailable(why));
+                }
                 pipeline.request_keyframe();
                 done(json!({}))
             }
@@ -196,7 +226,18 @@ impl Controller {
             }
             Command::ListControls => {
                 let list = self.controls().await?;
-                done(json!({"controls": list}))
+                let mut result = json!({"controls": list});
+                // Forcing a keyframe is not a control, but its absence is said here too.
+                if let Some(why) = pipeline
+                    .status()
+                    .borrow()
+                    .encoder
+                    .as_ref()
+                    .and_then(|e| e.keyframes_unavailable.clone())
+                {
+                    result["keyframes_unavailable"] = Value::String(why);
+                }
+                done(result)
             }
             Command::GetControl { name } => {
                 let c = self
@@ -284,12 +325,7 @@ impl Controller {
         args: serde_json::Map<String, Value>,
     ) -> Result<(), CommandError> {
         let inner = &self.inner;
-        if !inner
-            .settings
-            .forward_namespaces
-            .iter()
-            .any(|n| n == namespace)
-        {
+        if !self.forwards(namespace) {
             return Err(CommandError::new(
                 CommandErrorCode::NotAllowed,
                 format!("namespace `{namespace}` is not in control.forward_namespaces"),
@@ -351,6 +387,24 @@ pub(crate) mod testing {
     impl Rig {
         /// `rate`: per-source (per second, burst); the global limit is far above it.
         pub fn new(rate: (u32, u32), forward_namespaces: &[&str]) -> Self {
+            Self::with_source(
+                rate,
+                forward_namespaces,
+                Box::new(|p: CaptureParams| {
+                    Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))
+                        as Box<dyn FrameSource>)
+                }),
+                false,
+            )
+        }
+
+        /// With another source; `camera_h264`: it may send H.264 itself.
+        pub fn with_source(
+            rate: (u32, u32),
+            forward_namespaces: &[&str],
+            opener: crate::media::source::SourceOpener,
+            camera_h264: bool,
+        ) -> Self {
             let cancel = CancellationToken::new();
             let tracker = TaskTracker::new();
             let (handle, thread) = pipeline::spawn(
@@ -359,6 +413,7 @@ pub(crate) mod testing {
                         bitrate: 500_000,
                         fps: 30,
                         keyframe_interval: 30,
+                        temporal_layers: 1,
                     },
                     capture: CaptureParams {
                         width: 320,
@@ -366,12 +421,13 @@ pub(crate) mod testing {
                         fps: 30,
                     },
                     reopen_delay: std::time::Duration::from_millis(50),
+                    rate_policy: false,
+                    min_bitrate: 150_000,
                     hardware: None,
+                    camera_h264,
+                    gop_cache_bytes: 0,
                 },
-                Box::new(|p: CaptureParams| {
-                    Ok(Box::new(TestPattern::new(p.width, p.height, p.fps, true))
-                        as Box<dyn FrameSource>)
-                }),
+                opener,
                 cancel.clone(),
             )
             .expect("capture thread");
@@ -396,6 +452,7 @@ pub(crate) mod testing {
                 StateReader::new(
                     handle,
                     counts,
+                    &crate::state::LinkBoard::default(),
                     StateInfo {
                         max_viewers: 4,
                         source: "test-pattern".into(),
@@ -435,23 +492,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn keyframe_and_bitrate_are_unavailable_with_the_reason_for_a_camera_without_the_controls()
+     {
+        let units = std::sync::Arc::new(crate::media::h264::annexb::tests::encoded_stream(4, 60));
+        let rig = Rig::with_source(
+            (100, 100),
+            &[],
+            crate::media::passthrough::tests::H264Camera::opener(units),
+            true,
+        );
+        let c = &rig.controller;
+        let mqtt = Origin::Mqtt;
+        let id = json!(1);
+        // Listing the controls opens the camera: it passes H.264 through and says keyframes
+        // cannot be forced.
+        let Ok(CommandOutput::Done(listed)) = c
+            .run(&mqtt, &Access::Open, &id, Command::ListControls)
+            .await
+        else {
+            panic!("list-controls failed");
+        };
+        let why = listed["keyframes_unavailable"].as_str().unwrap().to_owned();
+        assert!(why.contains("FORCE_KEY_FRAME"), "{why}");
+        let e = c
+            .run(&mqtt, &Access::Open, &id, Command::Keyframe)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (CommandErrorCode::Unavailable, why.as_str())
+        );
+        let e = c
+            .run(
+                &mqtt,
+                &Access::Open,
+                &id,
+                Command::SetBitrate { bps: 500_000 },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, CommandErrorCode::Unavailable);
+        assert!(e.message.contains("BITRATE"), "{}", e.message);
+        let state = c.inner.state.current();
+        assert_eq!(state.encoder.unwrap().backend, "camera");
+        assert_eq!(state.profile_level_id.as_deref(), Some("42c00c"));
+        rig.stop().await;
+    }
+
+    #[tokio::test]
     async fn commands_run_and_errors_are_typed() {
         let rig = Rig::new((100, 100), &["ptz"]);
         let c = &rig.controller;
         let viewer = Origin::Viewer(sid("v1"));
         let id = json!(1);
         assert_eq!(
-            c.run(&viewer, &id, Command::Ping { t: json!(7) }).await,
+            c.run(&viewer, &Access::Open, &id, Command::Ping { t: json!(7) })
+                .await,
             Ok(CommandOutput::Done(json!({"pong": true, "t": 7})))
         );
         assert_eq!(
-            c.run(&viewer, &id, Command::SetBitrate { bps: 300_000 })
-                .await,
+            c.run(
+                &viewer,
+                &Access::Open,
+                &id,
+                Command::SetBitrate { bps: 300_000 }
+            )
+            .await,
             Ok(CommandOutput::Done(json!({"bps": 300_000})))
         );
         let e = c
             .run(
                 &viewer,
+                &Access::Open,
                 &id,
                 Command::SetControl {
                     name: "zoom".into(),
@@ -461,12 +573,19 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code, CommandErrorCode::BadArgs);
-        let Ok(CommandOutput::Done(state)) = c.run(&viewer, &id, Command::GetState).await else {
+        let Ok(CommandOutput::Done(state)) =
+            c.run(&viewer, &Access::Open, &id, Command::GetState).await
+        else {
             panic!()
         };
         assert_eq!(state["bitrate"], 300_000);
         let Ok(CommandOutput::Snapshot { jpeg, result }) = c
-            .run(&Origin::Mqtt, &id, Command::Snapshot { quality: 50 })
+            .run(
+                &Origin::Mqtt,
+                &Access::Open,
+                &id,
+                Command::Snapshot { quality: 50 },
+            )
             .await
         else {
             panic!()
@@ -480,7 +599,7 @@ mod tests {
             args: Default::default(),
         };
         assert_eq!(
-            c.run(&viewer, &id, fwd("ptz")).await,
+            c.run(&viewer, &Access::Open, &id, fwd("ptz")).await,
             Ok(CommandOutput::Forwarded)
         );
         assert_eq!(
@@ -488,11 +607,14 @@ mod tests {
             "v1"
         );
         assert_eq!(
-            c.run(&viewer, &id, fwd("light")).await.unwrap_err().code,
+            c.run(&viewer, &Access::Open, &id, fwd("light"))
+                .await
+                .unwrap_err()
+                .code,
             CommandErrorCode::NotAllowed
         );
         assert_eq!(
-            c.run(&Origin::Mqtt, &id, fwd("ptz"))
+            c.run(&Origin::Mqtt, &Access::Open, &id, fwd("ptz"))
                 .await
                 .unwrap_err()
                 .code,

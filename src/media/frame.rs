@@ -166,6 +166,13 @@ pub struct EncodedFrame {
     pub captured_at: std::time::Instant,
     /// Nominal frame duration, used for RTP timestamps.
     pub duration: std::time::Duration,
+    /// Temporal layer (0: keyframes and the base rate); see [`super::continuity`].
+    pub temporal_id: u8,
+    /// The encoder's target bitrate when it made this frame, bits per second.
+    pub target_bps: u32,
+    /// For a viewer's first frame only: the frames it needs before this one (the last IDR and
+    /// what followed, from the GOP cache), to be sent first, at once.
+    pub preroll: Option<std::sync::Arc<[EncodedFrame]>>,
 }
 
 #[cfg(test)]

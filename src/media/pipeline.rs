@@ -1,7 +1,7 @@
 //! The capture/encode thread and its handle: runs the source only while someone needs pictures, encodes once, fans out.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,20 +10,32 @@ use tokio_util::sync::CancellationToken;
 
 use super::controls::{ControlError, ControlInfo};
 use super::encoder::EncoderSettings;
-use super::fanout::{Fanout, SubscriberId};
+use super::fanout::{Delivery, Fanout, SubscriberId};
 use super::frame::{EncodedFrame, I420Buffer};
+use super::passthrough::{CameraStream, Outcome};
+use super::policy::encoder_target;
 use super::source::{
     CaptureChange, CaptureParams, CapturedFrame, FrameSource, SourceError, SourceOpener,
 };
 use super::status::{CounterSnapshot, PipelineCounters, PipelineStatus};
 use super::video_encoder::{EncodeOutcome, HardwareChoice, HardwareOpener, VideoEncoder};
 use crate::log_limit::LogLimiter;
+use crate::protocol::sdp::SentStream;
+
+/// What a viewer can take for video, bits per second, as its session last measured it (0: no
+/// estimate yet). The capture thread reads it for the encoder's target
+/// ([`super::policy::encoder_target`]).
+pub(crate) type UsableRate = Arc<AtomicU32>;
+
+/// The encoder target is reconsidered this often.
+const POLICY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Requests queued to the capture thread (bounded: see [`CONTROL_QUEUE`]).
 enum Request {
     Subscribe {
         id: SubscriberId,
         sink: mpsc::Sender<EncodedFrame>,
+        usable: Option<UsableRate>,
     },
     Unsubscribe {
         id: SubscriberId,
@@ -99,13 +111,15 @@ impl PipelineHandle {
         })
     }
 
-    /// Starts sending encoded frames to `sink`, from the next keyframe on.
+    /// Starts sending encoded frames to `sink`, from the next keyframe on. With the rate
+    /// policy on, `usable` is what this viewer can take (see [`UsableRate`]).
     pub fn subscribe(
         &self,
         id: SubscriberId,
         sink: mpsc::Sender<EncodedFrame>,
+        usable: Option<UsableRate>,
     ) -> Result<(), PipelineError> {
-        self.try_send(Request::Subscribe { id, sink })
+        self.try_send(Request::Subscribe { id, sink, usable })
     }
 
     /// Never blocks. Should the queue be full, the closed sink is noticed on the next frame.
@@ -160,6 +174,7 @@ impl PipelineHandle {
             .await
     }
 
+    /// Sets `encoder.bitrate`: the encoder's rate, or with the rate policy on its ceiling.
     pub async fn set_bitrate(&self, bps: u32) -> Result<Result<u32, String>, PipelineError> {
         self.request(|reply| Request::SetBitrate { bps, reply })
             .await
@@ -174,9 +189,32 @@ pub(crate) struct PipelineConfig {
     pub capture: CaptureParams,
     /// Wait between attempts to (re)open a failed camera while viewers watch.
     pub reopen_delay: Duration,
+    /// The encoder follows its viewers' usable rates ([`super::policy`]) between
+    /// `min_bitrate` and `encoder.bitrate`; false: it runs at `encoder.bitrate`.
+    pub rate_policy: bool,
+    pub min_bitrate: u32,
     /// Finds and opens a hardware encoder when capture starts (`encoder.backend`); `None`:
     /// openh264 only.
     pub hardware: Option<HardwareOpener>,
+    /// The camera may deliver H.264 itself (`capture.format = "H264"`, or `auto` with
+    /// `prefer_camera_h264`): the stream's profile is unknown until the camera was read.
+    pub camera_h264: bool,
+    /// Bound of the GOP cache new viewers of a camera's own H.264 start from (0: none).
+    pub gop_cache_bytes: usize,
+}
+
+/// What rtcam's encoders will send for this picture size, rate and bitrate: Constrained
+/// Baseline at the lowest H.264 level that allows it (what openh264 writes into its SPS).
+pub(crate) fn encoded_stream(width: u32, height: u32, fps: u32, bitrate: u32) -> SentStream {
+    let demand = super::h264::level::StreamDemand {
+        width,
+        height,
+        fps,
+        bitrate_bps: bitrate,
+    };
+    // Beyond every level: say 5.2, the highest the level table allows at these rates.
+    let idc = super::h264::level::select(demand).map_or(52, |l| l.idc);
+    SentStream::constrained_baseline(idc)
 }
 
 /// Starts the capture/encode thread. It ends when `cancel` fires or every handle is gone;
@@ -192,10 +230,15 @@ pub(crate) fn spawn(
         viewers: 0,
         params: config.capture,
         bitrate: config.encoder.bitrate,
+        encoder_bitrate: config.encoder.bitrate,
         source: None,
         controls: Default::default(),
         camera_error: None,
         encoder: None,
+        h264: (!config.camera_h264).then(|| {
+            let c = config.capture;
+            encoded_stream(c.width, c.height, c.fps, config.encoder.bitrate)
+        }),
     });
     let counters = Arc::new(PipelineCounters::default());
     let keyframe = Arc::new(AtomicBool::new(false));
@@ -227,12 +270,15 @@ pub(crate) fn spawn(
                 keyframe,
                 cancel,
                 fanout: Fanout::default(),
+                usable: Vec::new(),
+                next_policy: Instant::now(),
                 running: None,
                 snapshots: Vec::new(),
                 control_ops: Vec::new(),
                 open_failures: 0,
                 failure_log: LogLimiter::new(Duration::from_secs(60), 1),
                 hardware_failed: None,
+                camera_bitrate_unavailable: None,
             };
             worker.run();
         })?;
@@ -241,11 +287,29 @@ pub(crate) fn spawn(
 
 struct Running {
     source: Box<dyn FrameSource>,
-    encoder: VideoEncoder,
-    out: Vec<u8>,
+    coder: Coder,
     frame_duration: Duration,
     /// Encoder timestamps count from here.
     started: Instant,
+}
+
+/// What turns the source's output into H.264.
+enum Coder {
+    Encode {
+        encoder: VideoEncoder,
+        out: Vec<u8>,
+    },
+    /// The camera sends H.264 itself: passed through.
+    Camera(Box<CameraStream>),
+}
+
+impl Coder {
+    fn status(&self) -> &super::video_encoder::EncoderStatus {
+        match self {
+            Self::Encode { encoder, .. } => encoder.status(),
+            Self::Camera(c) => c.status(),
+        }
+    }
 }
 
 struct Worker {
@@ -257,6 +321,9 @@ struct Worker {
     keyframe: Arc<AtomicBool>,
     cancel: CancellationToken,
     fanout: Fanout<mpsc::Sender<EncodedFrame>>,
+    /// Subscribers' usable rates, for the rate policy.
+    usable: Vec<(SubscriberId, UsableRate)>,
+    next_policy: Instant,
     running: Option<Running>,
     /// Waiting for the next picture.
     snapshots: Vec<oneshot::Sender<Result<I420Buffer, String>>>,
@@ -269,6 +336,9 @@ struct Worker {
     /// Why the hardware encoder is not used (missing, or it failed): openh264 from then on,
     /// without looking again, until the service restarts.
     hardware_failed: Option<String>,
+    /// Why the bitrate cannot be changed: the last camera passed its own H.264 through and
+    /// has no bitrate control.
+    camera_bitrate_unavailable: Option<String>,
 }
 
 enum ControlOp {
@@ -327,6 +397,7 @@ impl Worker {
             if let Err(e) = self.capture_one() {
                 if let SourceError::BadFrame(_) = e {
                     tracing::debug!(error = %e, "skipping frame");
+                    self.counters.frame_corrupt();
                     continue;
                 }
                 self.counters.source_error();
@@ -392,18 +463,45 @@ impl Worker {
 
     fn handle(&mut self, request: Request) -> bool {
         match request {
-            Request::Subscribe { id, sink } => {
+            Request::Subscribe { id, sink, usable } => {
                 self.fanout.subscribe(id, sink);
+                self.usable.retain(|(i, _)| *i != id);
+                if let Some(u) = usable {
+                    self.usable.push((id, u));
+                }
                 self.viewers_changed();
             }
             Request::Unsubscribe { id } => {
                 self.fanout.unsubscribe(id);
+                self.usable.retain(|(i, _)| *i != id);
                 self.viewers_changed();
             }
             Request::SetBitrate { bps, reply } => {
                 let result = match self.running.as_mut() {
-                    Some(r) => r.encoder.set_bitrate(bps),
-                    None => Ok(()),
+                    Some(Running {
+                        coder: Coder::Encode { .. },
+                        ..
+                    }) if self.config.rate_policy => {
+                        // The ceiling: the target follows at once if it is above.
+                        self.config.encoder.bitrate = bps;
+                        self.apply_policy()
+                    }
+                    Some(Running {
+                        coder: Coder::Encode { .. },
+                        ..
+                    }) => self.set_encoder_bitrate(bps),
+                    Some(r) => match r.source.coded() {
+                        Some(camera) => camera.set_bitrate(bps).map(drop),
+                        None => Err("the source has no bitrate".into()),
+                    },
+                    None => match &self.camera_bitrate_unavailable {
+                        Some(why) => Err(why.clone()),
+                        None if self.config.rate_policy => {
+                            self.config.encoder.bitrate = bps;
+                            self.apply_policy()
+                        }
+                        None => self.set_encoder_bitrate(bps),
+                    },
                 };
                 self.encoder_changed();
                 if result.is_ok() {
@@ -498,40 +596,126 @@ impl Worker {
             .send_if_modified(|s| replace(&mut s.camera_error, error));
     }
 
-    fn viewers_changed(&self) {
+    fn viewers_changed(&mut self) {
         let n = self.fanout.len() as u32;
         self.status.send_if_modified(|s| replace(&mut s.viewers, n));
+        let fanout = &self.fanout;
+        self.usable.retain(|(id, _)| fanout.contains(*id));
+    }
+
+    /// Gives the running encoder (and the status) a new target.
+    fn set_encoder_bitrate(&mut self, bps: u32) -> Result<(), String> {
+        if let Some(Running {
+            coder: Coder::Encode { encoder, .. },
+            ..
+        }) = self.running.as_mut()
+        {
+            encoder.set_bitrate(bps).map_err(|e| e.to_string())?;
+        }
+        self.status
+            .send_if_modified(|s| replace(&mut s.encoder_bitrate, bps));
+        Ok(())
+    }
+
+    /// The rate policy's target now.
+    fn policy_target(&self) -> u32 {
+        let usable: Vec<Option<u32>> = self
+            .usable
+            .iter()
+            .map(|(_, u)| Some(u.load(Ordering::Relaxed)).filter(|&b| b > 0))
+            .chain(
+                // Viewers that report nothing count as able to take the ceiling.
+                std::iter::repeat_n(None, self.fanout.len().saturating_sub(self.usable.len())),
+            )
+            .collect();
+        encoder_target(
+            &usable,
+            self.config.min_bitrate,
+            self.config.encoder.bitrate,
+        )
+    }
+
+    /// Moves the encoder to the policy's target when it differs by more than 2 % (or sits
+    /// outside the bounds).
+    fn apply_policy(&mut self) -> Result<(), String> {
+        self.next_policy = Instant::now() + POLICY_INTERVAL;
+        if let Some(Running {
+            coder: Coder::Camera(_),
+            ..
+        }) = &self.running
+        {
+            return Ok(()); // a camera's own H.264: its bitrate is set-bitrate's alone
+        }
+        let target = self.policy_target();
+        let current = self.status.borrow().encoder_bitrate;
+        let ceiling = self.config.encoder.bitrate;
+        if current > ceiling || u64::from(target.abs_diff(current)) * 50 > u64::from(current) {
+            self.set_encoder_bitrate(target)?;
+        }
+        Ok(())
     }
 
     fn start_capture(&mut self) -> Result<(), SourceError> {
-        let source = (self.opener)(self.config.capture)?;
+        let mut source = (self.opener)(self.config.capture)?;
         let info = source.info();
         let mut settings = self.config.encoder;
         settings.fps = info.fps;
-        let encoder = self.make_encoder(settings, &info)?;
+        if self.config.rate_policy && source.coded().is_none() {
+            settings.bitrate = self.policy_target();
+        }
+        self.status
+            .send_if_modified(|s| replace(&mut s.encoder_bitrate, settings.bitrate));
+        let frame_duration = Duration::from_secs(1) / info.fps.max(1);
+        let coder = match source.coded() {
+            Some(camera) => {
+                // The bitrate set since the last open (set-bitrate), where the camera can.
+                self.camera_bitrate_unavailable = camera.set_bitrate(settings.bitrate).err();
+                Coder::Camera(Box::new(CameraStream::new(
+                    camera,
+                    self.config.gop_cache_bytes,
+                    frame_duration,
+                )))
+            }
+            None => {
+                self.camera_bitrate_unavailable = None;
+                Coder::Encode {
+                    encoder: self.make_encoder(settings, &info)?,
+                    out: Vec::new(),
+                }
+            }
+        };
         tracing::info!(width = info.width, height = info.height, fps = info.fps, format = %info.pixel_format, stride = info.stride, "camera opened");
         if self.open_failures > 0 {
             tracing::info!(attempts = self.open_failures, "camera available again");
             self.open_failures = 0;
         }
-        let frame_duration = Duration::from_secs(1) / info.fps.max(1);
         let params = CaptureParams {
             width: info.width,
             height: info.height,
             fps: info.fps,
         };
+        // The camera's SPS; for an encoder, until its first keyframe shows the SPS, what it
+        // is expected to make.
+        let expected = match &coder {
+            Coder::Camera(c) => c.stream(),
+            Coder::Encode { .. } => {
+                encoded_stream(info.width, info.height, info.fps, settings.bitrate)
+            }
+        };
         self.status.send_if_modified(|s| {
-            let changed =
-                s.params != params || s.source.as_ref() != Some(&info) || s.camera_error.is_some();
+            let changed = s.params != params
+                || s.source.as_ref() != Some(&info)
+                || s.camera_error.is_some()
+                || s.h264 != Some(expected);
             s.params = params;
             s.source = Some(info);
             s.camera_error = None;
+            s.h264 = Some(expected);
             changed
         });
         self.running = Some(Running {
             source,
-            encoder,
-            out: Vec::new(),
+            coder,
             frame_duration,
             started: Instant::now(),
         });
@@ -573,12 +757,17 @@ impl Worker {
         let Some(r) = self.running.as_ref() else {
             return;
         };
-        let status = r.encoder.status().clone();
+        let status = r.coder.status().clone();
         if status.fallback.is_some() && self.hardware_failed.is_none() {
             self.hardware_failed = status.fallback.clone();
         }
         self.status
             .send_if_modified(|s| replace(&mut s.encoder, Some(status)));
+    }
+
+    /// Publishes the stream's profile and level as a keyframe's SPS states them.
+    fn stream_seen(&self, access_unit: &[u8]) {
+        publish_stream(&self.status, access_unit);
     }
 
     fn stop_capture(&mut self) {
@@ -589,15 +778,25 @@ impl Worker {
     }
 
     fn capture_one(&mut self) -> Result<(), SourceError> {
+        if self.config.rate_policy
+            && Instant::now() >= self.next_policy
+            && let Err(e) = self.apply_policy()
+        {
+            tracing::debug!(error = %e, "encoder target not applied");
+        }
         // Invariant: called only after start_capture succeeded.
         let Some(r) = self.running.as_mut() else {
             return Ok(());
         };
+        let Coder::Encode { encoder, out } = &mut r.coder else {
+            return self.capture_coded();
+        };
         if self.fanout.wants_keyframe() | self.keyframe.swap(false, Ordering::Relaxed) {
-            r.encoder.request_keyframe();
+            encoder.request_keyframe();
         }
         let mut encoded: Option<Result<(EncodeOutcome, CapturedFrame), String>> = None;
-        let (encoder, out, started) = (&mut r.encoder, &mut r.out, r.started);
+        let started = r.started;
+        let target_bps = encoder.bitrate();
         let snapshots = &mut self.snapshots;
         r.source.next_frame(&mut |view, meta| {
             if !snapshots.is_empty() {
@@ -622,35 +821,117 @@ impl Worker {
             .encoder
             .as_ref()
             .map(|s| (s.backend, s.input));
-        let current = r.encoder.status();
+        let current = r.coder.status();
         if published != Some((current.backend, current.input)) {
             self.encoder_changed();
         }
-        let Some(r) = self.running.as_mut() else {
+        let Some(Running {
+            coder: Coder::Encode { out, .. },
+            frame_duration,
+            ..
+        }) = self.running.as_mut()
+        else {
             return Ok(());
         };
         let (outcome, meta) = result.map_err(|e| SourceError::BadFrame(format!("encode: {e}")))?;
         let keyframe = outcome.keyframe;
-        if r.out.is_empty() {
+        let temporal_id = outcome.temporal_id;
+        if out.is_empty() {
             return Ok(()); // the encoder skipped this picture
         }
         self.counters.frame_encoded(outcome.bytes_copied);
         // Hand the bitstream over without copying; the next frame gets a fresh Vec.
-        let capacity = r.out.capacity();
-        let data = Bytes::from(std::mem::replace(&mut r.out, Vec::with_capacity(capacity)));
+        let capacity = out.capacity();
+        let data = Bytes::from(std::mem::replace(out, Vec::with_capacity(capacity)));
         let frame = EncodedFrame {
             data,
             keyframe,
             seq: meta.seq,
             captured_at: meta.captured_at,
-            duration: r.frame_duration,
+            duration: *frame_duration,
+            temporal_id,
+            target_bps,
+            preroll: None,
         };
+        if keyframe {
+            self.stream_seen(&frame.data);
+        }
         let d = self.fanout.deliver(&frame);
+        self.delivered(d);
+        Ok(())
+    }
+
+    fn delivered(&mut self, d: Delivery) {
         self.counters.frames_dropped(d.dropped as u64);
         if d.closed > 0 {
             self.viewers_changed();
         }
+    }
+
+    /// One access unit of the camera's own H.264: checked, passed on (a new viewer gets the
+    /// cached GOP first), cached.
+    fn capture_coded(&mut self) -> Result<(), SourceError> {
+        for s in self.snapshots.drain(..) {
+            let _ = s.send(Err(
+                "snapshots are unavailable: the camera sends H.264, which rtcam passes through without decoding pictures".into(),
+            ));
+        }
+        let Some(Running {
+            source,
+            coder: Coder::Camera(stream),
+            ..
+        }) = self.running.as_mut()
+        else {
+            return Ok(());
+        };
+        let Some(camera) = source.coded() else {
+            return Err(SourceError::Unsupported(
+                "the camera stopped sending H.264".into(),
+            ));
+        };
+        let asked = self.keyframe.swap(false, Ordering::Relaxed);
+        // A new viewer with nothing cached to start from needs an IDR.
+        if asked || (self.fanout.wants_keyframe() && stream.start().is_empty()) {
+            stream.force_keyframe(camera, Instant::now());
+        }
+        let d = match stream.next(camera)? {
+            Outcome::Frame {
+                frame,
+                bytes_copied,
+            } => {
+                self.counters.frame_encoded(bytes_copied);
+                if frame.keyframe {
+                    publish_stream(&self.status, &frame.data);
+                }
+                let d = self.fanout.deliver_after(&frame, stream.start());
+                stream.sent(&frame);
+                d
+            }
+            Outcome::Kept => return Ok(()),
+            Outcome::Dropped { corrupt, reason } => {
+                if corrupt {
+                    self.counters.frame_corrupt();
+                }
+                tracing::debug!(corrupt, %reason, "camera access unit dropped");
+                return Ok(());
+            }
+        };
+        self.delivered(d);
         Ok(())
+    }
+}
+
+/// Publishes the stream's profile and level as an access unit's SPS states them.
+fn publish_stream(status: &watch::Sender<PipelineStatus>, access_unit: &[u8]) {
+    if let Some((profile_idc, constraints, level_idc)) =
+        super::h264::annexb::profile_level(access_unit)
+    {
+        let seen = Some(SentStream {
+            profile_idc,
+            constraints,
+            level_idc,
+        });
+        status.send_if_modified(|s| replace(&mut s.h264, seen));
     }
 }
 
@@ -691,6 +972,7 @@ mod tests {
                 bitrate: 500_000,
                 fps: 30,
                 keyframe_interval: 30,
+                temporal_layers: 1,
             },
             capture: CaptureParams {
                 width,
@@ -698,7 +980,11 @@ mod tests {
                 fps: 30,
             },
             reopen_delay,
+            rate_policy: false,
+            min_bitrate: 150_000,
             hardware: None,
+            camera_h264: false,
+            gop_cache_bytes: 0,
         }
     }
 
@@ -784,7 +1070,7 @@ mod tests {
         )
         .unwrap();
         let (tx, mut rx) = mpsc::channel(16);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         let mut frames = Vec::new();
         for _ in 0..6 {
             let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -829,12 +1115,23 @@ mod tests {
         );
 
         let (tx, mut rx) = mpsc::channel(8);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap()
             .unwrap();
         assert!(first.keyframe, "a new viewer starts at a keyframe");
+        // The stream's profile and level, as its SPS says (openh264: Constrained Baseline).
+        let sps = crate::media::h264::annexb::profile_level(&first.data).unwrap();
+        assert_eq!((sps.0, sps.1), (0x42, 0xc0));
+        wait_for("the SPS in the status", || {
+            status
+                .borrow()
+                .h264
+                .map(|h| (h.profile_idc, h.constraints, h.level_idc))
+                == Some(sps)
+        })
+        .await;
         let second = rx.recv().await.unwrap();
         assert!(second.seq > first.seq);
         assert!(status.borrow().capturing);
@@ -930,6 +1227,84 @@ mod tests {
         join(thread).await;
     }
 
+    #[tokio::test]
+    async fn a_cameras_h264_is_passed_through_and_a_late_viewer_starts_from_the_cached_gop() {
+        // IDRs every 8 access units (with SPS/PPS, as openh264 makes them).
+        let units = Arc::new(crate::media::h264::annexb::tests::encoded_stream(16, 8));
+        let cancel = CancellationToken::new();
+        let mut config = test_config(160, 96, Duration::from_millis(50));
+        config.camera_h264 = true;
+        config.gop_cache_bytes = 1 << 20;
+        let (handle, thread) = spawn(
+            config,
+            crate::media::passthrough::tests::H264Camera::opener(units.clone()),
+            cancel.clone(),
+        )
+        .unwrap();
+        let status = handle.status();
+        assert_eq!(
+            status.borrow().h264,
+            None,
+            "unknown until the camera was read"
+        );
+        let (tx, mut rx) = mpsc::channel(64);
+        handle.subscribe(1, tx, None).unwrap();
+        let mut early = Vec::new();
+        while early.len() < 11 {
+            let f = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(f.preroll.is_none());
+            early.push(f);
+        }
+        // Bit for bit what the camera sent; the flagged buffer (3) and the garbage (5) are
+        // dropped and counted.
+        let seqs: Vec<u64> = early.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [0, 1, 2, 4, 6, 7, 8, 9, 10, 11, 12]);
+        for f in &early {
+            assert_eq!(&f.data[..], &units[f.seq as usize % 16][..]);
+            assert_eq!(f.keyframe, f.seq % 8 == 0, "keyframe flag from the stream");
+        }
+        assert_eq!(handle.counters().frames_corrupt, 2);
+        let s = status.borrow().clone();
+        assert_eq!(
+            s.h264.map(|h| h.profile_level_id()).as_deref(),
+            Some("42c00c")
+        );
+        let encoder = s.encoder.unwrap();
+        assert_eq!((encoder.backend, encoder.input), ("camera", "passthrough"));
+        assert!(
+            encoder
+                .keyframes_unavailable
+                .unwrap()
+                .contains("FORCE_KEY_FRAME")
+        );
+        // A viewer joining mid-GOP starts at once: the last IDR (8) and what followed, then
+        // the live frames, with no gap.
+        let (tx2, mut rx2) = mpsc::channel(8);
+        handle.subscribe(2, tx2, None).unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx2.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let preroll = first.preroll.clone().expect("the cached GOP");
+        assert!(preroll[0].keyframe && preroll[0].seq % 8 == 0);
+        let mut joined: Vec<u64> = preroll.iter().map(|f| f.seq).collect();
+        joined.push(first.seq);
+        assert!(joined.windows(2).all(|w| w[1] == w[0] + 1), "{joined:?}");
+        assert!(!first.keyframe, "joined mid-GOP");
+        let next = rx2.recv().await.unwrap();
+        assert_eq!(next.seq, first.seq + 1);
+        // Bitrate and snapshots are unavailable, with the reason.
+        let e = handle.set_bitrate(500_000).await.unwrap().unwrap_err();
+        assert!(e.contains("BITRATE"), "{e}");
+        let e = handle.snapshot().await.unwrap().unwrap_err();
+        assert!(e.contains("passes through"), "{e}");
+        cancel.cancel();
+        join(thread).await;
+    }
+
     /// A camera whose driver call never returns (until released by the test).
     struct StuckSource {
         release: Arc<AtomicBool>,
@@ -978,7 +1353,7 @@ mod tests {
             "idle by design, long after the last progress"
         );
         let (tx, _rx) = mpsc::channel(8);
-        handle.subscribe(1, tx).unwrap();
+        handle.subscribe(1, tx, None).unwrap();
         wait_for("the capture to get stuck", || {
             !counters.is_idle() && !handle.capture_is_healthy(window)
         })
@@ -1013,7 +1388,7 @@ mod tests {
         .unwrap();
         let mut status = handle.status();
         let (tx, mut rx) = mpsc::channel(8);
-        handle.subscribe(7, tx).unwrap();
+        handle.subscribe(7, tx, None).unwrap();
         let error = status
             .wait_for(|s| s.camera_error.is_some())
             .await

@@ -72,6 +72,41 @@ pub(crate) trait FrameSource: Send {
         let _ = value;
         Err(ControlError::Unknown(info.name.clone()))
     }
+    /// A camera that delivers H.264 itself (`capture.format = "H264"`): read it through this
+    /// instead of `next_frame`.
+    fn coded(&mut self) -> Option<&mut dyn CodedSource> {
+        None
+    }
+}
+
+/// Per-access-unit facts from a camera that encodes H.264 itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CodedMeta {
+    pub seq: u64,
+    pub captured_at: Instant,
+    /// Frames the driver's sequence numbers say were lost just before this one: the pictures
+    /// after a loss may refer to a picture that never arrived.
+    pub lost_before: u32,
+}
+
+/// A camera's own H.264 (passthrough): access units, and the codec controls it has.
+pub(crate) trait CodedSource {
+    /// Blocks until the next buffer and hands its bytes (borrowed from the camera's buffer)
+    /// to `consume`. A buffer the driver flagged as an error is `Err(BadFrame)`.
+    fn next_access_unit(
+        &mut self,
+        consume: &mut dyn FnMut(&[u8], CodedMeta),
+    ) -> Result<(), SourceError>;
+    /// Asks the camera for an IDR now (V4L2_CID_MPEG_VIDEO_FORCE_KEY_FRAME).
+    fn force_keyframe(&mut self) -> Result<(), String>;
+    /// Why keyframes cannot be forced, if they cannot.
+    fn keyframes_unavailable(&self) -> Option<String>;
+    /// Changes the camera's bitrate (V4L2_CID_MPEG_VIDEO_BITRATE); the error says why not.
+    fn set_bitrate(&mut self, bps: u32) -> Result<u32, String>;
+    /// The stream's (profile_idc, constraint flags, level_idc) from the SPS read at open.
+    fn profile_level(&self) -> (u8, u8, u8);
+    /// What was set through the camera's controls at open, for the status.
+    fn applied(&self) -> String;
 }
 
 /// Picture geometry and rate asked of a source; the source reports what it really delivers.

@@ -18,8 +18,11 @@ pub(crate) struct PipelineStatus {
     pub viewers: u32,
     /// What capture is set to (or, once running, what the source delivers).
     pub params: CaptureParams,
-    /// Encoder target, bits per second.
+    /// `encoder.bitrate` (set by `set-bitrate`): the encoder's rate, or with the rate policy on
+    /// its ceiling, bits per second.
     pub bitrate: u32,
+    /// The encoder's target now, bits per second.
+    pub encoder_bitrate: u32,
     /// What the open (or last opened) source delivers: format, size, stride.
     pub source: Option<SourceInfo>,
     /// Last known control values.
@@ -28,6 +31,9 @@ pub(crate) struct PipelineStatus {
     pub camera_error: Option<String>,
     /// The H.264 encoder in use (once capture ran).
     pub encoder: Option<super::video_encoder::EncoderStatus>,
+    /// The H.264 stream viewers get (profile and level, from its SPS once it flowed; until
+    /// then what the encoder will make). None while the camera's own H.264 has not been read.
+    pub h264: Option<crate::protocol::sdp::SentStream>,
 }
 
 /// Counters the capture thread bumps every frame. Private atomics: readers take a
@@ -38,6 +44,7 @@ pub(crate) struct PipelineCounters {
     frames_dropped: AtomicU64,
     bytes_copied_last: AtomicU64,
     source_errors: AtomicU64,
+    frames_corrupt: AtomicU64,
     /// Milliseconds since `epoch` when the capture thread last made progress (a frame, or an
     /// attempt to open the camera). The watchdog reads it.
     last_progress_ms: AtomicU64,
@@ -57,6 +64,9 @@ pub(crate) struct CounterSnapshot {
     pub bytes_copied_per_frame: u64,
     /// Camera failures (open or capture) since the start.
     pub source_errors: u64,
+    /// Camera frames that could not be used: flagged as errors by the driver, corrupt or
+    /// truncated, or (passthrough) referring to a frame the driver lost.
+    pub frames_corrupt: u64,
 }
 
 impl PipelineCounters {
@@ -90,12 +100,17 @@ impl PipelineCounters {
         self.source_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(super) fn frame_corrupt(&self) {
+        self.frames_corrupt.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> CounterSnapshot {
         CounterSnapshot {
             frames_encoded: self.frames_encoded.load(Ordering::Relaxed),
             frames_dropped: self.frames_dropped.load(Ordering::Relaxed),
             bytes_copied_per_frame: self.bytes_copied_last.load(Ordering::Relaxed),
             source_errors: self.source_errors.load(Ordering::Relaxed),
+            frames_corrupt: self.frames_corrupt.load(Ordering::Relaxed),
         }
     }
 

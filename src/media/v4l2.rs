@@ -1,6 +1,6 @@
-//! V4L2 camera capture with MMAP buffers: format negotiation, zero-copy YU12, one-pass YUYV/NV12/RGB, MJPEG decode.
+//! V4L2 camera capture with MMAP buffers: format negotiation, zero-copy YU12, one-pass YUYV/NV12/RGB, MJPEG decode, and a camera's own H.264 with its codec controls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -9,18 +9,24 @@ use std::time::{Duration, Instant};
 use super::controls::{ControlError, ControlInfo, ControlKind, normalize_name};
 use super::convert::{ConvertError, Converter};
 use super::frame::I420View;
+use super::h264::annexb::{self, NalKind};
 use super::mjpeg::MjpegDecoder;
 use super::rgb::{RgbConverter, RgbOrder};
-use super::source::{CapturedFrame, DmaBufRef, FrameSource, SourceError, SourceInfo};
+use super::source::{
+    CapturedFrame, CodedMeta, CodedSource, DmaBufRef, FrameSource, SourceError, SourceInfo,
+};
 use super::vdev::{
-    BufType, ControlDesc, Device, FourCc, FrameSize, Mapping, Memory, PixFormat, QueueArgs,
+    BufType, ControlDesc, Dequeued, Device, FourCc, FrameSize, Mapping, Memory, PixFormat,
+    QueueArgs, consts,
 };
 use crate::config::{CaptureConfig, PixelFormatChoice};
 
 /// Pixel formats rtcam can encode, in order of preference for `format = "auto"` (least work
 /// per frame first; MJPEG needs a JPEG decode, but is what USB cameras give at 720p30+;
-/// packed RGB is what libcamera offers for cameras without a YUV-capable ISP, e.g. vimc).
-const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 7] = [
+/// packed RGB is what libcamera offers for cameras without a YUV-capable ISP, e.g. vimc),
+/// and the camera's own H.264 (passed through; `auto` takes it only with
+/// `capture.prefer_camera_h264`, then first).
+const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 8] = [
     (PixelFormatChoice::Yu12, b"YU12"),
     (PixelFormatChoice::Nv12, b"NV12"),
     (PixelFormatChoice::Yuyv, b"YUYV"),
@@ -28,6 +34,7 @@ const SUPPORTED: [(PixelFormatChoice, &[u8; 4]); 7] = [
     (PixelFormatChoice::Mjpg, b"JPEG"),
     (PixelFormatChoice::Bgr3, b"BGR3"),
     (PixelFormatChoice::Rgb3, b"RGB3"),
+    (PixelFormatChoice::H264, b"H264"),
 ];
 
 /// Whether rtcam can capture in this pixel format.
@@ -38,6 +45,22 @@ pub(crate) fn takes(fourcc: FourCc) -> bool {
 /// How long a dequeue may wait before the camera counts as stalled.
 const DEQUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long opening a camera's H.264 may wait for its first SPS and PPS (the stream's profile,
+/// which offers are checked against): a GOP or two of a camera that cannot be asked for an IDR.
+const PARAMETER_SETS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Access units kept while waiting for the PPS that follows an SPS; more is not H.264 as
+/// cameras send it.
+const MAX_PENDING_ACCESS_UNITS: usize = 64;
+
+/// What a camera's own H.264 is set to at open, through its controls where it has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CodedSettings {
+    pub bitrate: u32,
+    /// Frames between IDRs.
+    pub gop: u32,
+}
+
 const QUEUE: BufType = BufType::VideoCapture;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,9 +70,26 @@ enum Layout {
     Yuyv,
     Mjpeg,
     Rgb(RgbOrder),
+    /// The camera's own H.264, passed through.
+    H264,
 }
 
-/// An open, streaming V4L2 camera.
+/// A camera's own H.264: what was learned and set at open.
+#[derive(Debug)]
+struct Coded {
+    /// Access units read at open while waiting for the SPS and PPS, delivered first.
+    pending: VecDeque<(Vec<u8>, Instant)>,
+    /// (profile_idc, constraint flags, level_idc) from the SPS.
+    profile_level: (u8, u8, u8),
+    /// V4L2_CID_MPEG_VIDEO_FORCE_KEY_FRAME exists.
+    force_key_frame: bool,
+    /// V4L2_CID_MPEG_VIDEO_BITRATE exists (and is 64-bit).
+    bitrate: Option<bool>,
+    /// The controls set at open, for the status.
+    applied: String,
+    /// The driver's sequence number of the last buffer.
+    last_sequence: Option<u32>,
+}
 pub struct Camera {
     /// The mapped capture buffers, by index; unmapped (in Drop) before the buffers are freed.
     buffers: Vec<Mapping>,
@@ -66,6 +106,8 @@ pub struct Camera {
     seq: u64,
     /// Control name → (V4L2 id, 64-bit), from the last `controls()`.
     control_ids: HashMap<String, (u32, bool)>,
+    /// Set for `Layout::H264`.
+    coded: Option<Coded>,
 }
 
 fn io_err(what: &str, path: &Path, e: io::Error) -> SourceError {
@@ -78,8 +120,10 @@ fn unsupported(e: &io::Error) -> bool {
 }
 
 impl Camera {
-    /// Opens the device and negotiates format, size and frame rate with the driver.
-    pub fn open(req: &CaptureConfig) -> Result<Self, SourceError> {
+    /// Opens the device and negotiates format, size and frame rate with the driver. A camera's
+    /// own H.264 gets `coded` through its controls where it has them, and is read until its
+    /// first SPS and PPS (the stream's profile) before this returns.
+    pub fn open(req: &CaptureConfig, coded: &CodedSettings) -> Result<Self, SourceError> {
         let path = &req.device;
         let device = Device::open(path).map_err(|e| io_err("open", path, e))?;
         let fourcc = choose_format(&device, req)?.fourcc;
@@ -89,6 +133,7 @@ impl Camera {
             b"YUYV" => Layout::Yuyv,
             b"RGB3" => Layout::Rgb(RgbOrder::Rgb),
             b"BGR3" => Layout::Rgb(RgbOrder::Bgr),
+            b"H264" => Layout::H264,
             _ => Layout::Mjpeg,
         };
         // Bytes per pixel of the first plane (0: compressed).
@@ -96,7 +141,7 @@ impl Camera {
             Layout::Yu12 | Layout::Nv12 => 1,
             Layout::Yuyv => 2,
             Layout::Rgb(_) => 3,
-            Layout::Mjpeg => 0,
+            Layout::Mjpeg | Layout::H264 => 0,
         };
         let mut wanted_format = PixFormat {
             width: req.width,
@@ -179,6 +224,7 @@ impl Camera {
             mjpeg: MjpegDecoder::default(),
             seq: 0,
             control_ids: HashMap::new(),
+            coded: None,
         };
         // From here on Drop releases what was set up.
         for index in 0..count {
@@ -203,10 +249,16 @@ impl Camera {
                 }
             }
         }
+        if layout == Layout::H264 {
+            camera.coded = Some(camera.set_codec_controls(coded));
+        }
         camera
             .device
             .streamon(QUEUE)
             .map_err(|e| io_err("VIDIOC_STREAMON", path, e))?;
+        if layout == Layout::H264 {
+            camera.await_parameter_sets()?;
+        }
         tracing::info!(
             device = %path.display(),
             format = %camera.info.pixel_format,
@@ -242,7 +294,18 @@ pub(crate) fn choose_format(
         .map_err(|e| io_err("VIDIOC_ENUM_FMT", path, e))?;
     let offered_names: Vec<String> = offered.iter().map(|d| d.fourcc.to_string()).collect();
     let wanted: Vec<&[u8; 4]> = match req.format {
-        PixelFormatChoice::Auto => SUPPORTED.iter().map(|(_, f)| *f).collect(),
+        // The camera's own H.264 only when preferred, and then first.
+        PixelFormatChoice::Auto => req
+            .prefer_camera_h264
+            .then_some(b"H264")
+            .into_iter()
+            .chain(
+                SUPPORTED
+                    .iter()
+                    .filter(|(c, _)| *c != PixelFormatChoice::H264)
+                    .map(|(_, f)| *f),
+            )
+            .collect(),
         choice => SUPPORTED
             .iter()
             .filter(|(c, _)| *c == choice)
@@ -352,40 +415,25 @@ impl FrameSource for Camera {
             .map_err(|e| ControlError::Failed(format!("VIDIOC_S_EXT_CTRLS {}: {e}", info.name)))
     }
 
+    fn coded(&mut self) -> Option<&mut dyn CodedSource> {
+        if self.coded.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
     fn next_frame(
         &mut self,
         consume: &mut dyn FnMut(&I420View<'_>, CapturedFrame),
     ) -> Result<(), SourceError> {
+        if self.layout == Layout::H264 {
+            return Err(SourceError::Unsupported(
+                "the camera sends H.264, not pictures (read it as access units)".into(),
+            ));
+        }
         let path = self.device.path().to_owned();
-        let deadline = Instant::now() + DEQUEUE_TIMEOUT;
-        let dequeued = loop {
-            match self.device.dqbuf(QUEUE, Memory::Mmap) {
-                Ok(Some(d)) => break d,
-                Ok(None) => {}
-                Err(e) => return Err(io_err("VIDIOC_DQBUF", &path, e)),
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(SourceError::Stalled(DEQUEUE_TIMEOUT));
-            }
-            let ready = self
-                .device
-                .poll(left)
-                .map_err(|e| io_err("poll", &path, e))?;
-            if ready.error && !ready.readable {
-                // The device is gone or stopped streaming: DQBUF says which.
-                match self.device.dqbuf(QUEUE, Memory::Mmap) {
-                    Ok(Some(d)) => break d,
-                    Ok(None) => {
-                        return Err(SourceError::Device(format!(
-                            "{}: poll error",
-                            path.display()
-                        )));
-                    }
-                    Err(e) => return Err(io_err("VIDIOC_DQBUF", &path, e)),
-                }
-            }
-        };
+        let dequeued = self.dequeue()?;
         let captured_at = Instant::now();
         let index = dequeued.index as usize;
         let Some(buf) = self.buffers.get(index) else {
@@ -442,6 +490,7 @@ impl FrameSource for Camera {
                     .decode(data, w, h)
                     .map_err(|e| e.to_string())
                     .map(|(view, written)| consume(&view, frame(written))),
+                Layout::H264 => Err("H.264 is read as access units".to_owned()),
             }
         };
         self.seq += 1;
@@ -451,6 +500,277 @@ impl FrameSource for Camera {
             .map_err(|e| io_err("VIDIOC_QBUF", &path, e))?;
         // A short or corrupt buffer is one bad frame, not a dead camera.
         result.map_err(SourceError::BadFrame)
+    }
+}
+
+impl CodedSource for Camera {
+    fn next_access_unit(
+        &mut self,
+        consume: &mut dyn FnMut(&[u8], CodedMeta),
+    ) -> Result<(), SourceError> {
+        let seq = self.seq;
+        let Some(coded) = self.coded.as_mut() else {
+            return Err(SourceError::Unsupported(
+                "the camera does not send H.264".into(),
+            ));
+        };
+        if let Some((au, captured_at)) = coded.pending.pop_front() {
+            self.seq += 1;
+            consume(
+                &au,
+                CodedMeta {
+                    seq,
+                    captured_at,
+                    lost_before: 0,
+                },
+            );
+            return Ok(());
+        }
+        let dequeued = self.dequeue()?;
+        let captured_at = Instant::now();
+        let lost_before = self.sequence_gap(&dequeued);
+        self.seq += 1;
+        let path = self.device.path().to_owned();
+        let index = dequeued.index as usize;
+        let Some(buf) = self.buffers.get(index) else {
+            return Err(SourceError::Device(format!(
+                "{} returned buffer {index} of {}",
+                path.display(),
+                self.buffers.len()
+            )));
+        };
+        let flagged = dequeued.is_error();
+        if !flagged {
+            let used = (dequeued.bytesused as usize).min(buf.len());
+            consume(
+                &buf.as_slice()[..used],
+                CodedMeta {
+                    seq,
+                    captured_at,
+                    lost_before,
+                },
+            );
+        }
+        // The buffer goes back to the driver whatever became of it.
+        self.device
+            .qbuf(QUEUE, Memory::Mmap, dequeued.index, &QueueArgs::default())
+            .map_err(|e| io_err("VIDIOC_QBUF", &path, e))?;
+        if flagged {
+            return Err(SourceError::BadFrame(
+                "the driver flagged the buffer as corrupt (V4L2_BUF_FLAG_ERROR)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn force_keyframe(&mut self) -> Result<(), String> {
+        if let Some(why) = self.keyframes_unavailable() {
+            return Err(why);
+        }
+        self.device
+            .set_control(consts::CID_FORCE_KEY_FRAME, 1, false)
+            .map(drop)
+            .map_err(|e| format!("VIDIOC_S_EXT_CTRLS force_key_frame: {e}"))
+    }
+
+    fn keyframes_unavailable(&self) -> Option<String> {
+        match &self.coded {
+            Some(c) if c.force_key_frame => None,
+            _ => Some(format!(
+                "{} ({}) has no V4L2_CID_MPEG_VIDEO_FORCE_KEY_FRAME control: new viewers start from the cached GOP or the camera's next IDR",
+                self.device.path().display(),
+                self.info.pixel_format
+            )),
+        }
+    }
+
+    fn set_bitrate(&mut self, bps: u32) -> Result<u32, String> {
+        let Some(wide) = self.coded.as_ref().and_then(|c| c.bitrate) else {
+            return Err(format!(
+                "{} has no V4L2_CID_MPEG_VIDEO_BITRATE control: the camera's H.264 bitrate cannot be changed",
+                self.device.path().display()
+            ));
+        };
+        self.device
+            .set_control(consts::CID_BITRATE, i64::from(bps), wide)
+            .map(|v| u32::try_from(v).unwrap_or(bps))
+            .map_err(|e| format!("VIDIOC_S_EXT_CTRLS video_bitrate: {e}"))
+    }
+
+    fn profile_level(&self) -> (u8, u8, u8) {
+        self.coded.as_ref().map_or((0, 0, 0), |c| c.profile_level)
+    }
+
+    fn applied(&self) -> String {
+        self.coded
+            .as_ref()
+            .map_or_else(String::new, |c| c.applied.clone())
+    }
+}
+
+impl Camera {
+    /// Waits for the next filled buffer, at most [`DEQUEUE_TIMEOUT`].
+    fn dequeue(&mut self) -> Result<Dequeued, SourceError> {
+        let path = self.device.path().to_owned();
+        let deadline = Instant::now() + DEQUEUE_TIMEOUT;
+        loop {
+            match self.device.dqbuf(QUEUE, Memory::Mmap) {
+                Ok(Some(d)) => return Ok(d),
+                Ok(None) => {}
+                Err(e) => return Err(io_err("VIDIOC_DQBUF", &path, e)),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(SourceError::Stalled(DEQUEUE_TIMEOUT));
+            }
+            let ready = self
+                .device
+                .poll(left)
+                .map_err(|e| io_err("poll", &path, e))?;
+            if ready.error && !ready.readable {
+                // The device is gone or stopped streaming: DQBUF says which.
+                return match self.device.dqbuf(QUEUE, Memory::Mmap) {
+                    Ok(Some(d)) => Ok(d),
+                    Ok(None) => Err(SourceError::Device(format!(
+                        "{}: poll error",
+                        path.display()
+                    ))),
+                    Err(e) => Err(io_err("VIDIOC_DQBUF", &path, e)),
+                };
+            }
+        }
+    }
+
+    /// Frames lost before `d` by the driver's sequence numbers (0 for drivers that do not
+    /// count, or after a wrap).
+    fn sequence_gap(&mut self, d: &Dequeued) -> u32 {
+        let Some(coded) = self.coded.as_mut() else {
+            return 0;
+        };
+        let gap = match coded.last_sequence {
+            Some(last) if d.sequence > last => d.sequence - last - 1,
+            _ => 0,
+        };
+        coded.last_sequence = Some(d.sequence);
+        gap
+    }
+
+    /// Sets the camera's bitrate, GOP and repeated SPS/PPS where it has those controls, and
+    /// notes whether it can be asked for an IDR.
+    fn set_codec_controls(&self, wanted: &CodedSettings) -> Coded {
+        let path = self.device.path().display().to_string();
+        let controls = self.device.query_controls().unwrap_or_default();
+        let find = |id: u32| controls.iter().find(|c| c.id == id);
+        let mut applied = Vec::new();
+        for (name, id, value) in [
+            (
+                "video_bitrate",
+                consts::CID_BITRATE,
+                i64::from(wanted.bitrate),
+            ),
+            (
+                "video_gop_size",
+                consts::CID_GOP_SIZE,
+                i64::from(wanted.gop),
+            ),
+            (
+                "h264_i_frame_period",
+                consts::CID_H264_I_PERIOD,
+                i64::from(wanted.gop),
+            ),
+            // SPS/PPS with every IDR; rtcam puts them in front of IDRs that lack them anyway.
+            ("repeat_sequence_header", consts::CID_REPEAT_SEQ_HEADER, 1),
+        ] {
+            let Some(desc) = find(id) else { continue };
+            let value = value.clamp(desc.minimum, desc.maximum);
+            match self
+                .device
+                .set_control(id, value, desc.kind == ControlDesc::TYPE_INTEGER64)
+            {
+                Ok(v) => applied.push(format!("{name} {v}")),
+                Err(e) => {
+                    tracing::info!(device = %path, control = name, value, "the camera refused: {e}");
+                    applied.push(format!("{name} refused ({e})"));
+                }
+            }
+        }
+        let applied = if applied.is_empty() {
+            "the camera has no bitrate or GOP control".to_owned()
+        } else {
+            format!("set through the camera's controls: {}", applied.join(", "))
+        };
+        Coded {
+            pending: VecDeque::new(),
+            profile_level: (0, 0, 0),
+            force_key_frame: find(consts::CID_FORCE_KEY_FRAME).is_some(),
+            bitrate: find(consts::CID_BITRATE).map(|d| d.kind == ControlDesc::TYPE_INTEGER64),
+            applied,
+            last_sequence: None,
+        }
+    }
+
+    /// Reads the camera's H.264 until its first SPS and PPS, keeping the access units from
+    /// the SPS on (they are delivered first): the stream's profile must be known before any
+    /// viewer's offer can be answered. Asks for an IDR first where the camera can.
+    fn await_parameter_sets(&mut self) -> Result<(), SourceError> {
+        let path = self.device.path().to_owned();
+        if self.keyframes_unavailable().is_none()
+            && let Err(e) = self.force_keyframe()
+        {
+            tracing::debug!(device = %path.display(), "asking for an IDR at open: {e}");
+        }
+        let deadline = Instant::now() + PARAMETER_SETS_TIMEOUT;
+        let (mut sps, mut pps) = (None, false);
+        while sps.is_none() || !pps {
+            if Instant::now() >= deadline {
+                return Err(SourceError::Unsupported(format!(
+                    "{} sent no H.264 SPS and PPS within {PARAMETER_SETS_TIMEOUT:?} (is it Annex-B H.264 with parameter sets?)",
+                    path.display()
+                )));
+            }
+            let dequeued = self.dequeue()?;
+            let captured_at = Instant::now();
+            self.sequence_gap(&dequeued);
+            let data = self
+                .buffers
+                .get(dequeued.index as usize)
+                .filter(|_| !dequeued.is_error())
+                .map(|b| b.as_slice()[..(dequeued.bytesused as usize).min(b.len())].to_vec());
+            self.device
+                .qbuf(QUEUE, Memory::Mmap, dequeued.index, &QueueArgs::default())
+                .map_err(|e| io_err("VIDIOC_QBUF", &path, e))?;
+            let Some(data) = data else { continue };
+            let Ok(au) = annexb::parse_access_unit(&data) else {
+                continue; // corrupt: the pipeline counts what it refuses later, not this
+            };
+            if sps.is_none() {
+                sps = annexb::profile_level(&data);
+                if sps.is_none() {
+                    continue; // before the first SPS: nothing a viewer could start from
+                }
+            }
+            pps |= au.has(NalKind::Pps);
+            let Some(coded) = self.coded.as_mut() else {
+                break;
+            };
+            if coded.pending.len() >= MAX_PENDING_ACCESS_UNITS {
+                return Err(SourceError::Unsupported(format!(
+                    "{} sent an SPS but no PPS in {MAX_PENDING_ACCESS_UNITS} access units",
+                    path.display()
+                )));
+            }
+            coded.pending.push_back((data, captured_at));
+            if let Some(pl) = sps {
+                coded.profile_level = pl;
+            }
+        }
+        let (profile_idc, constraints, level_idc) = self.profile_level();
+        tracing::info!(
+            device = %path.display(),
+            profile_level_id = %format!("{profile_idc:02x}{constraints:02x}{level_idc:02x}"),
+            "the camera's H.264 stream"
+        );
+        Ok(())
     }
 }
 

@@ -180,6 +180,8 @@ pub(crate) struct Dequeued {
     pub flags: u32,
     /// The buffer's timestamp (OUTPUT timestamps are copied to the CAPTURE buffer they produce).
     pub timestamp_us: i64,
+    /// The driver's frame counter: a jump means frames were lost before this one.
+    pub sequence: u32,
 }
 
 impl Dequeued {
@@ -625,6 +627,7 @@ impl Device {
                 },
                 flags: b.flags,
                 timestamp_us: timestamp_us(&b.timestamp),
+                sequence: b.sequence,
             })),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),

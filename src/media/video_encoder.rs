@@ -44,6 +44,9 @@ pub(crate) struct EncoderStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct EncodeOutcome {
     pub keyframe: bool,
+    /// Temporal layer (openh264's `encoder.temporal_layers`; a hardware encoder makes one
+    /// layer, 0).
+    pub temporal_id: u8,
     /// Pixel bytes copied for this picture: the source's conversion plus any copy into the
     /// encoder's buffers (0: the encoder read the camera's buffer).
     pub bytes_copied: u64,
@@ -366,6 +369,11 @@ impl VideoEncoder {
         self.force_keyframe = true;
     }
 
+    /// The target bitrate, bits per second.
+    pub fn bitrate(&self) -> u32 {
+        self.settings.bitrate
+    }
+
     pub fn set_bitrate(&mut self, bps: u32) -> Result<(), String> {
         match &mut self.inner {
             Inner::Software(e) => e.set_bitrate(bps).map_err(|e| e.to_string())?,
@@ -415,6 +423,7 @@ impl VideoEncoder {
                     self.status.input = e.input;
                     return Ok(EncodeOutcome {
                         keyframe: e.keyframe,
+                        temporal_id: 0,
                         bytes_copied: frame.bytes_copied as u64 + e.bytes_copied,
                     });
                 }
@@ -432,6 +441,7 @@ impl VideoEncoder {
             .map_err(|e| e.to_string())?;
         Ok(EncodeOutcome {
             keyframe: e.keyframe,
+            temporal_id: e.temporal_id,
             bytes_copied: frame.bytes_copied as u64,
         })
     }
@@ -548,6 +558,7 @@ mod tests {
             bitrate: 500_000,
             fps: 30,
             keyframe_interval: 30,
+            temporal_layers: 1,
         }
     }
 

@@ -71,6 +71,11 @@ pub enum CommandErrorCode {
     Timeout,
     /// The device is overloaded (a queue is full): retry later.
     Busy,
+    /// Signed mode: the command is outside the sender's permissions (docs/protocol.md §9.7),
+    /// or plain commands are off on the MQTT topic (`control.mqtt_commands = false`).
+    Forbidden,
+    /// Signed mode: a signed command whose envelope or credential was refused (§9.8).
+    Unauthorized,
 }
 
 /// A failed command: code and message for the reply.

@@ -17,6 +17,10 @@ pub const BITRATE: RangeInclusive<u32> = 100_000..=20_000_000;
 pub const BITRATE_STEP: u32 = 100_000;
 /// Frames between forced keyframes (`encoder.keyframe_interval`).
 pub const KEYFRAME_INTERVAL: RangeInclusive<u32> = 1..=3600;
+/// Temporal layers of the stream (`encoder.temporal_layers`; openh264 does up to 4).
+pub const TEMPORAL_LAYERS: RangeInclusive<u32> = 1..=4;
+/// Bytes of the camera's H.264 kept for new viewers (`capture.gop_cache_bytes`; 0: none).
+pub const GOP_CACHE_BYTES: RangeInclusive<u32> = 0..=64 << 20;
 /// `snapshot` JPEG quality, and its default.
 pub const JPEG_QUALITY: RangeInclusive<u32> = 1..=100;
 pub const DEFAULT_JPEG_QUALITY: u8 = 85;
@@ -25,6 +29,9 @@ pub const DEFAULT_JPEG_QUALITY: u8 = 85;
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
 /// Largest binary data-channel message (snapshot chunks), bytes.
 pub const CHUNK_BYTES: usize = 16 * 1024;
+/// Largest signed command envelope on the MQTT command topic (docs/protocol.md §9.8): room
+/// for a command whose JSON text is escaped inside `msg`, and a credential.
+pub const MAX_SIGNED_COMMAND_BYTES: usize = 2 * MAX_COMMAND_BYTES + MAX_CREDENTIAL_BYTES;
 /// Longest `reply_to` topic, bytes.
 pub const MAX_REPLY_TOPIC: usize = 256;
 /// Longest control name.
@@ -37,6 +44,21 @@ pub const MAX_RELAY_BYTES: usize = 16 * 1024;
 /// Candidates (including the end-of-candidates `null`) a viewer may send in one session;
 /// more get `too-many-candidates`.
 pub const MAX_CANDIDATES_PER_SESSION: u32 = 64;
+
+/// Signed mode (docs/protocol.md §9): largest credential (JWT), bytes.
+pub const MAX_CREDENTIAL_BYTES: usize = 4096;
+/// Device ids one credential's `aud` may list.
+pub const MAX_AUDIENCE: usize = 16;
+/// Forwarded namespaces one credential's `ns` may list.
+pub const MAX_CREDENTIAL_NAMESPACES: usize = 32;
+/// Largest envelope `ts` (2^53 - 1, the largest integer every JSON parser keeps exact).
+pub const MAX_TS_MS: u64 = (1 << 53) - 1;
+/// `auth.max_clock_skew_ms`: the freshness window a device may be configured with.
+pub const CLOCK_SKEW_MS: RangeInclusive<u64> = 1000..=600_000;
+/// `auth.replay_cache_entries`: the replay cache's bound.
+pub const REPLAY_CACHE_ENTRIES: RangeInclusive<usize> = 64..=1 << 20;
+/// Longest credential lifetime `rtcam token issue --expires` accepts, seconds.
+pub const MAX_CREDENTIAL_LIFETIME_S: u64 = 3650 * 86_400;
 
 /// Namespaces that cannot be forwarded because their topic is taken:
 /// `<prefix>/<device>/forward/reply` is where services answer.

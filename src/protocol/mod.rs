@@ -1,5 +1,7 @@
 //! Pure wire-protocol logic (topics, signaling messages, offer rules, commands, limits): no I/O, no clocks.
 
+/// Public for `benches/auth.rs`.
+pub mod auth;
 pub(crate) mod command;
 pub(crate) mod limits;
 pub(crate) mod sdp;

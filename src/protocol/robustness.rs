@@ -123,3 +123,61 @@ fn mutated_messages_are_answered_never_panicked_on() {
         "{accepted} accepted, {refused} refused"
     );
 }
+
+#[test]
+fn mutated_signed_envelopes_and_credentials_are_refused_never_panicked_on() {
+    use super::auth::credential::{Claims, issue};
+    use super::auth::envelope::seal;
+    use super::auth::keys::SigningKey;
+    use super::auth::permissions::Permission;
+    use super::auth::{ReplayCache, Verifier};
+    use super::topics::{filter_matches, is_valid_filter};
+
+    const NOW_MS: u64 = 1_767_225_600_000;
+    let owner = SigningKey::from_seed(&[1; 32]);
+    let viewer = SigningKey::from_seed(&[2; 32]);
+    let claims = Claims {
+        audience: vec!["cam1".into()],
+        viewer_key: viewer.public_key(),
+        permission: Permission::Control,
+        namespaces: vec!["ptz".into()],
+        issued_at_s: NOW_MS / 1000,
+        expires_at_s: NOW_MS / 1000 + 3600,
+        not_before_s: None,
+        id: "c1".into(),
+        subject: Some("alice".into()),
+    };
+    let cred = issue(&owner, &claims).unwrap();
+    let topic = "rtcam/cam1/session/0123456789abcdef/in";
+    let verifier = Verifier::new("cam1", [owner.public_key()], [], vec![], 60_000);
+    let seeds: Vec<Vec<u8>> = SEEDS[..4]
+        .iter()
+        .map(|m| {
+            seal(&viewer, topic, NOW_MS, m, Some(&cred))
+                .unwrap()
+                .into_bytes()
+        })
+        .collect();
+    let mut rng = Rng(0x00A1_17E5_5EED);
+    let (mut accepted, mut refused) = (0usize, 0usize);
+    for round in 0..5_000 {
+        // A fresh cache each round: replays are not what this test is about.
+        let mut replay = ReplayCache::new(64, 60_000);
+        let msg = mutate(&mut rng, &seeds[round % seeds.len()]);
+        match verifier.open_inbound(&msg, topic, None, NOW_MS, &mut replay) {
+            Ok(opened) => {
+                accepted += 1;
+                // Whatever passed was signed by the viewer: its text is one of the seeds'.
+                assert!(SEEDS.contains(&opened.msg.as_str()), "{:?}", opened.msg);
+            }
+            Err(refusal) => {
+                refused += 1;
+                assert!(!refusal.error.to_string().is_empty());
+            }
+        }
+        let text = String::from_utf8_lossy(&msg[..msg.len().min(80)]).into_owned();
+        let _ = is_valid_filter(&text) && filter_matches(&text, topic);
+    }
+    // Mutations that only re-encode the envelope (e.g. JSON whitespace) still verify.
+    assert!(refused > 4_000, "{accepted} accepted, {refused} refused");
+}

@@ -1,9 +1,151 @@
-//! Offer SDP rules (docs/protocol.md §4.1): what rtcam can answer honestly, and the offer narrowed to exactly that.
+//! Offer SDP rules (docs/protocol.md §4.1): what rtcam can answer honestly for the H.264 stream it sends, and the offer narrowed to exactly that.
 
 use super::signal::{ErrorCode, Rejection};
 
-/// What rtcam sends: H.264 Constrained Baseline with packetization-mode=1 (STAP-A, FU-A).
+/// What rtcam's encoders send: H.264 Constrained Baseline with packetization-mode=1 (STAP-A,
+/// FU-A). The codec rtcam registers with webrtc-rs carries it; the answer itself repeats the
+/// offered payload type's parameters (see [`check_offer`]).
 pub const SENT_PROFILE_LEVEL_ID: &str = "42e01f";
+
+/// The H.264 stream rtcam sends, as SDP names it: `profile_idc`, the constraint_set flags and
+/// `level_idc`, the three bytes after an SPS's header and of a `profile-level-id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentStream {
+    pub profile_idc: u8,
+    pub constraints: u8,
+    pub level_idc: u8,
+}
+
+/// constraint_set0..5 flags in the `profile-iop` byte.
+const SET0: u8 = 0x80;
+const SET1: u8 = 0x40;
+const SET3: u8 = 0x10;
+const SET4: u8 = 0x08;
+const SET5: u8 = 0x04;
+
+impl SentStream {
+    /// What rtcam's encoders produce: Constrained Baseline (openh264 writes `42c0..`:
+    /// constraint_set0 and constraint_set1) at `level_idc`.
+    pub const fn constrained_baseline(level_idc: u8) -> Self {
+        Self {
+            profile_idc: 0x42,
+            constraints: SET0 | SET1,
+            level_idc,
+        }
+    }
+
+    /// As an SDP `profile-level-id`, e.g. `640028`.
+    pub fn profile_level_id(&self) -> String {
+        format!(
+            "{:02x}{:02x}{:02x}",
+            self.profile_idc, self.constraints, self.level_idc
+        )
+    }
+
+    pub fn profile(&self) -> Profile {
+        Profile::classify(self.profile_idc, self.constraints)
+    }
+
+    /// The level's name, e.g. `3.1`, `4`, `1b`.
+    pub fn level_name(&self) -> String {
+        level_name(self.profile_idc, self.constraints, self.level_idc)
+    }
+}
+
+/// An H.264 profile as RFC 6184 Table 5 tells them apart by `profile_idc` and the
+/// constraint_set flags (constraint_set4/5, which Table 5 predates, are tolerated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    ConstrainedBaseline,
+    Baseline,
+    Main,
+    Extended,
+    High,
+    ConstrainedHigh,
+    /// Any other `profile_idc` (High 10, 4:2:2, 4:4:4, intra and scalable profiles...).
+    Other(u8),
+}
+
+impl Profile {
+    pub fn classify(profile_idc: u8, iop: u8) -> Self {
+        match profile_idc {
+            0x42 if iop & SET1 != 0 => Self::ConstrainedBaseline,
+            0x42 => Self::Baseline,
+            0x4d if iop & SET0 != 0 => Self::ConstrainedBaseline,
+            0x4d => Self::Main,
+            0x58 if iop & (SET0 | SET1) == SET0 | SET1 => Self::ConstrainedBaseline,
+            0x58 if iop & SET0 != 0 => Self::Baseline,
+            0x58 => Self::Extended,
+            0x64 if iop & (SET4 | SET5) == SET4 | SET5 => Self::ConstrainedHigh,
+            0x64 => Self::High,
+            other => Self::Other(other),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Self::ConstrainedBaseline => "Constrained Baseline".into(),
+            Self::Baseline => "Baseline".into(),
+            Self::Main => "Main".into(),
+            Self::Extended => "Extended".into(),
+            Self::High => "High".into(),
+            Self::ConstrainedHigh => "Constrained High".into(),
+            Self::Other(0x6e) => "High 10".into(),
+            Self::Other(0x7a) => "High 4:2:2".into(),
+            Self::Other(0xf4) => "High 4:4:4 Predictive".into(),
+            Self::Other(idc) => format!("profile_idc {idc}"),
+        }
+    }
+}
+
+/// Orders levels: `level_idc` times ten, with level 1b (signalled as `level_idc` 11 plus
+/// constraint_set3 in the Baseline, Main and Extended profiles, or as 9) between 1 and 1.1.
+fn level_rank(profile_idc: u8, iop: u8, level_idc: u8) -> u16 {
+    let is_1b = level_idc == 9
+        || (level_idc == 11 && iop & SET3 != 0 && matches!(profile_idc, 0x42 | 0x4d | 0x58));
+    if is_1b {
+        105
+    } else {
+        u16::from(level_idc) * 10
+    }
+}
+
+fn level_name(profile_idc: u8, iop: u8, level_idc: u8) -> String {
+    match level_rank(profile_idc, iop, level_idc) {
+        105 => "1b".into(),
+        _ if level_idc.is_multiple_of(10) => format!("{}", level_idc / 10),
+        _ => format!("{}.{}", level_idc / 10, level_idc % 10),
+    }
+}
+
+/// An offered `profile-level-id`: (profile_idc, profile-iop, level_idc).
+fn parse_profile_level_id(s: &str) -> Option<(u8, u8, u8)> {
+    if s.len() != 6 || !s.is_ascii() {
+        return None;
+    }
+    let byte = |i: usize| u8::from_str_radix(&s[i..i + 2], 16).ok();
+    Some((byte(0)?, byte(2)?, byte(4)?))
+}
+
+/// Whether a receiver that offered `profile_level_id` takes `stream`. A Constrained
+/// Baseline stream (rtcam's encoders, or a camera sending it) follows the rules of
+/// docs/protocol.md §4; any other profile (a camera's own Main or High) needs a payload type
+/// of that same profile (RFC 6184 §8.2.2: the profile is used symmetrically; a Constrained
+/// High stream may also go to a High payload type), never one that only promises
+/// Constrained Baseline.
+fn offer_takes(profile_level_id: &str, stream: &SentStream) -> bool {
+    let Some((idc, iop, _)) = parse_profile_level_id(profile_level_id) else {
+        return false;
+    };
+    match stream.profile() {
+        Profile::ConstrainedBaseline => accepts_constrained_baseline(profile_level_id),
+        Profile::Other(s) => idc == s,
+        sent => {
+            let offered = Profile::classify(idc, iop);
+            offered == sent || (sent == Profile::ConstrainedHigh && offered == Profile::High)
+        }
+    }
+}
 
 /// An offer rtcam can answer, narrowed to what it will really send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +157,9 @@ pub struct CheckedOffer {
     pub payload_types: Vec<u8>,
     /// `a=mid` of the video section.
     pub video_mid: String,
+    /// Set when the stream's level is above every level the viewer declared it can receive
+    /// (browsers declare 3.1 and decode more): the session goes ahead and says so.
+    pub level_note: Option<String>,
 }
 
 /// A media section: its `m=` line split up, and its attribute lines.
@@ -95,16 +240,9 @@ fn parse(sdp: &str) -> Result<(Vec<&str>, Vec<Section<'_>>), Rejection> {
 /// (0x42, any flags) and the Main/Extended declarations with constraint_set1 (which promise
 /// Constrained Baseline compatibility).
 fn accepts_constrained_baseline(profile_level_id: &str) -> bool {
-    if profile_level_id.len() != 6 || !profile_level_id.is_ascii() {
-        return false;
-    }
-    let Ok(profile_idc) = u8::from_str_radix(&profile_level_id[0..2], 16) else {
+    let Some((profile_idc, iop, _)) = parse_profile_level_id(profile_level_id) else {
         return false;
     };
-    let Ok(iop) = u8::from_str_radix(&profile_level_id[2..4], 16) else {
-        return false;
-    };
-    const SET1: u8 = 0x40;
     match profile_idc {
         0x42 => true,
         0x4d | 0x58 => iop & SET1 != 0,
@@ -118,6 +256,12 @@ fn fmtp_param<'a>(params: &'a str, key: &str) -> Option<&'a str> {
         let (k, v) = p.trim().split_once('=')?;
         k.trim().eq_ignore_ascii_case(key).then(|| v.trim())
     })
+}
+
+/// An offered payload type's `profile-level-id`; RFC 6184: none means 42000a (Baseline,
+/// level 1).
+fn plid<'a>(o: &Offered<'a>) -> &'a str {
+    fmtp_param(o.fmtp, "profile-level-id").unwrap_or("42000a")
 }
 
 /// One offered video payload type, as far as rtcam cares.
@@ -148,10 +292,18 @@ fn offered_formats<'a>(video: &'a Section<'a>) -> Vec<Offered<'a>> {
         .collect()
 }
 
-/// Checks that rtcam can answer `sdp` honestly (docs/protocol.md §4.1) and returns it with
-/// only the payload types rtcam will use; otherwise a `bad-sdp` rejection naming what is
-/// missing.
-pub fn check_offer(sdp: &str) -> Result<CheckedOffer, Rejection> {
+/// Checks that rtcam can answer `sdp` honestly for `stream` (docs/protocol.md §4) and returns
+/// it with only the payload types rtcam will use; otherwise a `bad-sdp` rejection naming
+/// what is missing.
+///
+/// Levels: the answer repeats the chosen payload type's parameters (webrtc-rs does), so with
+/// `level-asymmetry-allowed=1` its level is what rtcam could receive, which means nothing
+/// for a device that receives no video, and without it the offered level (the answer's
+/// level must not exceed it). Either way the level that bounds what rtcam sends is the
+/// offer's: payload types that declare at least the stream's level are preferred; when none
+/// does, the offer is still answered (browsers declare 3.1 and decode 4.x) and
+/// [`CheckedOffer::level_note`] says so.
+pub fn check_offer(sdp: &str, stream: &SentStream) -> Result<CheckedOffer, Rejection> {
     let (session, sections) = parse(sdp)?;
     if sections.is_empty() {
         return Err(bad(
@@ -236,24 +388,44 @@ pub fn check_offer(sdp: &str) -> Result<CheckedOffer, Rejection> {
             "no H.264 payload type with packetization-mode=1; rtcam sends FU-A and STAP-A packets, which packetization-mode=0 forbids",
         ));
     }
-    let accepted: Vec<&str> = mode1
+    let taking: Vec<&&Offered<'_>> = mode1
         .iter()
-        .filter(|o| {
-            // RFC 6184: no profile-level-id means 42000a (Baseline, level 1).
-            accepts_constrained_baseline(fmtp_param(o.fmtp, "profile-level-id").unwrap_or("42000a"))
-        })
-        .map(|o| o.pt)
+        .copied()
+        .filter(|o| offer_takes(plid(o), stream))
         .collect();
-    if accepted.is_empty() {
-        let profiles: Vec<&str> = mode1
-            .iter()
-            .map(|o| fmtp_param(o.fmtp, "profile-level-id").unwrap_or("42000a"))
-            .collect();
+    if taking.is_empty() {
+        let profiles: Vec<&str> = mode1.iter().map(|o| plid(o)).collect();
+        let sent = stream.profile().name();
         return Err(bad(format!(
-            "no H.264 payload type with packetization-mode=1 accepts Constrained Baseline (offered profile-level-id {}); rtcam sends Constrained Baseline ({SENT_PROFILE_LEVEL_ID})",
-            profiles.join(", ")
+            "no H.264 payload type with packetization-mode=1 accepts {sent} (offered profile-level-id {}); rtcam sends {sent} ({})",
+            profiles.join(", "),
+            stream.profile_level_id()
         )));
     }
+    let stream_rank = level_rank(stream.profile_idc, stream.constraints, stream.level_idc);
+    let declared = |o: &Offered<'_>| {
+        parse_profile_level_id(plid(o)).map_or(0, |(idc, iop, level)| level_rank(idc, iop, level))
+    };
+    let enough: Vec<&&Offered<'_>> = taking
+        .iter()
+        .copied()
+        .filter(|o| declared(o) >= stream_rank)
+        .collect();
+    let level_note = if enough.is_empty() {
+        let highest = taking
+            .iter()
+            .filter_map(|o| parse_profile_level_id(plid(o)))
+            .max_by_key(|&(idc, iop, level)| level_rank(idc, iop, level))
+            .map_or("1".into(), |(idc, iop, level)| level_name(idc, iop, level));
+        Some(format!(
+            "the stream is H.264 level {}, above level {highest}, the highest the viewer declared it receives",
+            stream.level_name()
+        ))
+    } else {
+        None
+    };
+    let chosen = if enough.is_empty() { taking } else { enough };
+    let accepted: Vec<&str> = chosen.iter().map(|o| o.pt).collect();
     // Retransmission payload types that repair an accepted one stay too.
     let rtx: Vec<&str> = offered
         .iter()
@@ -267,6 +439,7 @@ pub fn check_offer(sdp: &str) -> Result<CheckedOffer, Rejection> {
         sdp: rewrite(&session, &sections, video_mid, &keep),
         payload_types,
         video_mid: video_mid.to_owned(),
+        level_note,
     })
 }
 
@@ -353,6 +526,161 @@ pub fn check_answer(answer: &str, offer: &CheckedOffer) -> Result<u8, Rejection>
 mod tests {
     use super::*;
 
+    /// What openh264 sends at 720p30: Constrained Baseline, level 3.1.
+    const CB31: SentStream = SentStream::constrained_baseline(0x1f);
+
+    fn cb_offer(sdp: &str) -> Result<CheckedOffer, Rejection> {
+        check_offer(sdp, &CB31)
+    }
+
+    fn stream(plid: &str) -> SentStream {
+        let (profile_idc, constraints, level_idc) = parse_profile_level_id(plid).unwrap();
+        SentStream {
+            profile_idc,
+            constraints,
+            level_idc,
+        }
+    }
+
+    /// One video section offering each (payload type, profile-level-id) in mode 1.
+    fn offering(pts: &[(u8, &str)]) -> String {
+        let list: Vec<String> = pts.iter().map(|(pt, _)| pt.to_string()).collect();
+        let fmtps: String = pts
+            .iter()
+            .map(|(pt, plid)| {
+                format!(
+                    "a=rtpmap:{pt} H264/90000\r\na=fmtp:{pt} level-asymmetry-allowed=1;packetization-mode=1;profile-level-id={plid}\r\n"
+                )
+            })
+            .collect();
+        offer(&list.join(" "), &fmtps, "")
+    }
+
+    #[test]
+    fn profiles_and_levels_are_named_as_rfc_6184_table_5_does() {
+        for (plid, profile) in [
+            ("42e01f", Profile::ConstrainedBaseline),
+            ("42c01e", Profile::ConstrainedBaseline),
+            ("42001f", Profile::Baseline),
+            ("4de01f", Profile::ConstrainedBaseline),
+            ("4d001f", Profile::Main),
+            ("4d0028", Profile::Main),
+            ("58c01f", Profile::ConstrainedBaseline),
+            ("58801f", Profile::Baseline),
+            ("58001f", Profile::Extended),
+            ("640028", Profile::High),
+            ("640c1f", Profile::ConstrainedHigh),
+            ("6e0028", Profile::Other(0x6e)),
+        ] {
+            assert_eq!(stream(plid).profile(), profile, "{plid}");
+        }
+        assert_eq!(stream("640028").profile_level_id(), "640028");
+        assert_eq!(CB31.profile_level_id(), "42c01f");
+        assert_eq!(stream("42e01f").level_name(), "3.1");
+        assert_eq!(stream("640028").level_name(), "4");
+        assert_eq!(
+            stream("42f00b").level_name(),
+            "1b",
+            "11 with constraint_set3"
+        );
+        assert_eq!(
+            stream("64000b").level_name(),
+            "1.1",
+            "no 1b in High by set3"
+        );
+        assert!(level_rank(0x42, 0xf0, 11) < level_rank(0x42, 0xe0, 11));
+        assert_eq!(Profile::Other(0x6e).name(), "High 10");
+    }
+
+    #[test]
+    fn a_camera_stream_needs_a_payload_type_of_its_own_profile() {
+        // Chrome-like: Baseline, Constrained Baseline, Main, Constrained High and High.
+        let chrome = offering(&[
+            (102, "42001f"),
+            (106, "42e01f"),
+            (39, "4d001f"),
+            (112, "640c1f"),
+            (123, "64001f"),
+        ]);
+        // A High camera: only the High payload type, never one that promises Constrained
+        // Baseline.
+        assert_eq!(
+            check_offer(&chrome, &stream("640028"))
+                .unwrap()
+                .payload_types,
+            vec![123]
+        );
+        assert_eq!(
+            check_offer(&chrome, &stream("4d0028"))
+                .unwrap()
+                .payload_types,
+            vec![39]
+        );
+        // Constrained High goes to Constrained High or High payload types.
+        assert_eq!(
+            check_offer(&chrome, &stream("640c28"))
+                .unwrap()
+                .payload_types,
+            vec![112, 123]
+        );
+        // A camera set to Constrained Baseline follows rtcam's own rules.
+        assert_eq!(
+            check_offer(&chrome, &stream("42e01f"))
+                .unwrap()
+                .payload_types,
+            vec![102, 106]
+        );
+        // Firefox-like: Constrained Baseline and Baseline only. A High camera is refused,
+        // naming both profiles.
+        let firefox = offering(&[(126, "42e01f"), (97, "42001f")]);
+        let r = reason(check_offer(&firefox, &stream("640028")));
+        assert!(
+            r.contains("accepts High") && r.contains("640028") && r.contains("42e01f"),
+            "{r}"
+        );
+        let r = reason(check_offer(&firefox, &stream("4d0028")));
+        assert!(r.contains("Main"), "{r}");
+        // A profile the table does not name must match exactly.
+        assert!(check_offer(&offering(&[(96, "6e0028")]), &stream("6e0028")).is_ok());
+        assert!(check_offer(&chrome, &stream("6e0028")).is_err());
+    }
+
+    #[test]
+    fn payload_types_that_declare_the_stream_level_are_preferred_else_it_is_noted() {
+        let both = offering(&[(100, "42e01f"), (101, "42e02a")]);
+        // 1080p30 from openh264 is level 4: the payload type declaring 4.2 is taken.
+        let c = check_offer(&both, &SentStream::constrained_baseline(0x28)).unwrap();
+        assert_eq!((c.payload_types, c.level_note), (vec![101], None));
+        // At level 3.1 both declare enough.
+        let c = check_offer(&both, &CB31).unwrap();
+        assert_eq!(c.payload_types, vec![100, 101]);
+        // Browsers declare 3.1 only: answered, and the note says why it is worth saying.
+        let c = check_offer(
+            &offering(&[(100, "42e01f")]),
+            &SentStream::constrained_baseline(0x28),
+        )
+        .unwrap();
+        assert_eq!(c.payload_types, vec![100]);
+        let note = c.level_note.unwrap();
+        assert!(
+            note.contains("level 4,") && note.contains("level 3.1"),
+            "{note}"
+        );
+        // No profile-level-id: level 1 is declared.
+        let bare = offer(
+            "100",
+            "a=rtpmap:100 H264/90000\r\na=fmtp:100 packetization-mode=1\r\n",
+            "",
+        );
+        assert!(
+            cb_offer(&bare)
+                .unwrap()
+                .level_note
+                .unwrap()
+                .contains("level 1,")
+        );
+    }
+
     /// A browser-like offer: video with several H.264 variants and VP8, plus a data channel.
     fn offer(video_formats: &str, fmtps: &str, extra: &str) -> String {
         format!(
@@ -384,7 +712,7 @@ mod tests {
 
     #[test]
     fn browser_offer_is_narrowed_to_mode_1_baseline_and_its_rtx() {
-        let c = check_offer(&chrome_like()).unwrap();
+        let c = cb_offer(&chrome_like()).unwrap();
         assert_eq!(c.payload_types, vec![102]);
         assert_eq!(c.video_mid, "0");
         assert!(
@@ -405,7 +733,7 @@ mod tests {
             assert!(c.sdp.contains(kept), "{kept} missing in {}", c.sdp);
         }
         // The narrowed offer is itself acceptable and stays the same.
-        assert_eq!(check_offer(&c.sdp).unwrap().sdp, c.sdp);
+        assert_eq!(cb_offer(&c.sdp).unwrap().sdp, c.sdp);
     }
 
     #[test]
@@ -415,14 +743,14 @@ mod tests {
             "a=rtpmap:127 H264/90000\r\na=fmtp:127 packetization-mode=0;profile-level-id=42e01f\r\n",
             "",
         );
-        assert!(reason(check_offer(&o)).contains("packetization-mode=1"));
+        assert!(reason(cb_offer(&o)).contains("packetization-mode=1"));
         // No packetization-mode at all means mode 0.
         let o = offer(
             "127",
             "a=rtpmap:127 H264/90000\r\na=fmtp:127 profile-level-id=42e01f\r\n",
             "",
         );
-        assert!(reason(check_offer(&o)).contains("packetization-mode=1"));
+        assert!(reason(cb_offer(&o)).contains("packetization-mode=1"));
     }
 
     #[test]
@@ -432,7 +760,7 @@ mod tests {
             "a=rtpmap:121 H264/90000\r\na=fmtp:121 packetization-mode=1;profile-level-id=640c1f\r\n",
             "",
         );
-        let r = reason(check_offer(&o));
+        let r = reason(cb_offer(&o));
         assert!(
             r.contains("640c1f") && r.contains("Constrained Baseline"),
             "{r}"
@@ -443,7 +771,7 @@ mod tests {
             "a=rtpmap:100 H264/90000\r\na=fmtp:100 packetization-mode=1;profile-level-id=4d001f\r\n",
             "",
         );
-        assert!(reason(check_offer(&o)).contains("4d001f"));
+        assert!(reason(cb_offer(&o)).contains("4d001f"));
     }
 
     #[test]
@@ -456,7 +784,7 @@ mod tests {
                 ),
                 "",
             );
-            assert_eq!(check_offer(&o).unwrap().payload_types, vec![100], "{plid}");
+            assert_eq!(cb_offer(&o).unwrap().payload_types, vec![100], "{plid}");
         }
         // Missing profile-level-id: 42000a, Baseline.
         let o = offer(
@@ -464,55 +792,55 @@ mod tests {
             "a=rtpmap:100 H264/90000\r\na=fmtp:100 packetization-mode=1\r\n",
             "",
         );
-        assert!(check_offer(&o).is_ok());
+        assert!(cb_offer(&o).is_ok());
         assert!(!accepts_constrained_baseline("zz0000") && !accepts_constrained_baseline("42"));
     }
 
     #[test]
     fn no_h264_and_no_video_are_refused() {
         let o = offer("96", "a=rtpmap:96 VP8/90000\r\n", "");
-        assert!(reason(check_offer(&o)).contains("no H.264"));
+        assert!(reason(cb_offer(&o)).contains("no H.264"));
         let o = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\n";
-        assert!(reason(check_offer(o)).contains("no video section"));
-        assert!(reason(check_offer("v=0\r\ns=-\r\n")).contains("no media section"));
-        assert!(reason(check_offer("hello")).contains("v=0"));
+        assert!(reason(cb_offer(o)).contains("no video section"));
+        assert!(reason(cb_offer("v=0\r\ns=-\r\n")).contains("no media section"));
+        assert!(reason(cb_offer("hello")).contains("v=0"));
     }
 
     #[test]
     fn extra_media_sections_are_refused() {
         let audio = chrome_like().replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0 1 2")
             + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:2\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n";
-        assert!(reason(check_offer(&audio)).contains("m=audio"));
+        assert!(reason(cb_offer(&audio)).contains("m=audio"));
         let two_videos =
             chrome_like() + "m=video 9 UDP/TLS/RTP/SAVPF 102\r\na=mid:2\r\na=recvonly\r\n";
-        assert!(reason(check_offer(&two_videos)).contains("2 video sections"));
+        assert!(reason(cb_offer(&two_videos)).contains("2 video sections"));
     }
 
     #[test]
     fn unbundled_offers_are_refused_naming_bundle() {
         let o = chrome_like().replace("a=group:BUNDLE 0 1\r\n", "");
-        let r = reason(check_offer(&o));
+        let r = reason(cb_offer(&o));
         assert!(r.contains("BUNDLE") && r.contains("max-bundle"), "{r}");
         let o = chrome_like().replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0");
-        assert!(reason(check_offer(&o)).contains("\"1\""));
+        assert!(reason(cb_offer(&o)).contains("\"1\""));
         // A lone video section needs no group.
         let lone = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 100\r\na=mid:v\r\na=recvonly\r\na=rtpmap:100 H264/90000\r\na=fmtp:100 packetization-mode=1\r\n";
-        assert_eq!(check_offer(lone).unwrap().video_mid, "v");
+        assert_eq!(cb_offer(lone).unwrap().video_mid, "v");
     }
 
     #[test]
     fn send_only_or_rejected_video_is_refused() {
         let o = chrome_like().replace("a=recvonly", "a=sendonly");
-        assert!(reason(check_offer(&o)).contains("sendonly"));
+        assert!(reason(cb_offer(&o)).contains("sendonly"));
         let o = chrome_like().replace("m=video 9", "m=video 0");
-        assert!(reason(check_offer(&o)).contains("port 0"));
+        assert!(reason(cb_offer(&o)).contains("port 0"));
         let o = chrome_like().replace("a=mid:0\r\n", "");
-        assert!(reason(check_offer(&o)).contains("a=mid"));
+        assert!(reason(cb_offer(&o)).contains("a=mid"));
     }
 
     #[test]
     fn answers_must_use_an_accepted_payload_type() {
-        let c = check_offer(&chrome_like()).unwrap();
+        let c = cb_offer(&chrome_like()).unwrap();
         let answer = |pt: &str, dir: &str| {
             format!(
                 "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF {pt}\r\na=mid:0\r\na={dir}\r\n"
@@ -532,7 +860,7 @@ mod tests {
     #[test]
     fn lf_only_and_garbage_never_panic() {
         let lf = chrome_like().replace("\r\n", "\n");
-        assert_eq!(check_offer(&lf).unwrap().payload_types, vec![102]);
+        assert_eq!(cb_offer(&lf).unwrap().payload_types, vec![102]);
         for s in [
             "",
             "v=0",
@@ -542,7 +870,7 @@ mod tests {
             "v=0\nm=video 9 X 1 2\na=fmtp:",
             "\u{0}\r\n\r\n",
         ] {
-            let _ = check_offer(s);
+            let _ = cb_offer(s);
         }
     }
 }

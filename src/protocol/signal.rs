@@ -4,6 +4,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 use super::PROTOCOL_VERSION;
+use super::auth::keys::PublicKey;
+use super::auth::{Refusal, RefusalCode};
 use super::turn::{IceServer, ViewerIceServers};
 
 /// Error codes of `{"type":"error"}` replies; the strings are part of the protocol.
@@ -23,6 +25,12 @@ pub(crate) enum ErrorCode {
     TooManyCandidates,
     Busy,
     Internal,
+    /// Signed mode: not signed, no or a bad credential, or not the session's key (§9.9).
+    Unauthorized,
+    /// Signed mode: the timestamp is outside the device's freshness window.
+    Stale,
+    /// Signed mode: this signed message was already accepted.
+    Replayed,
 }
 
 impl ErrorCode {
@@ -41,6 +49,9 @@ impl ErrorCode {
             Self::TooManyCandidates => "too-many-candidates",
             Self::Busy => "busy",
             Self::Internal => "internal",
+            Self::Unauthorized => "unauthorized",
+            Self::Stale => "stale",
+            Self::Replayed => "replayed",
         }
     }
 }
@@ -57,6 +68,40 @@ impl fmt::Display for ErrorCode {
 pub(crate) struct Rejection {
     pub code: ErrorCode,
     pub reason: String,
+    /// What the error is about: the reply's `ref` (signed mode).
+    pub reference: Ref,
+}
+
+/// The `ref` of an error (docs/protocol.md §9.6): what it is about.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum Ref {
+    /// The session itself (no `ref`), e.g. `max-viewers` after the answer; always in open mode.
+    #[default]
+    Session,
+    /// A refused message without a usable signature (`"ref": null`): not the viewer's own.
+    Unsigned,
+    /// The envelope with this `sig`.
+    Sig(String),
+}
+
+impl Ref {
+    /// The `ref` of an error about an inbound envelope whose `sig` may be unknown.
+    pub(crate) fn message(sig: Option<String>) -> Self {
+        sig.map_or(Self::Unsigned, Self::Sig)
+    }
+
+    fn is_session(&self) -> bool {
+        *self == Self::Session
+    }
+}
+
+impl Serialize for Ref {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Session | Self::Unsigned => s.serialize_none(),
+            Self::Sig(sig) => s.serialize_str(sig),
+        }
+    }
 }
 
 impl Rejection {
@@ -64,7 +109,30 @@ impl Rejection {
         Self {
             code,
             reason: reason.into(),
+            reference: Ref::Session,
         }
+    }
+
+    /// The same rejection, about `reference`.
+    pub(crate) fn about(mut self, reference: Ref) -> Self {
+        self.reference = reference;
+        self
+    }
+}
+
+impl From<Refusal> for Rejection {
+    /// A signed message the device refused (docs/protocol.md §9.4), as its error reply.
+    fn from(r: Refusal) -> Self {
+        let code = match r.code() {
+            RefusalCode::BadJson => ErrorCode::BadJson,
+            RefusalCode::BadSchema => ErrorCode::BadSchema,
+            RefusalCode::UnsupportedVersion => ErrorCode::UnsupportedVersion,
+            RefusalCode::Unauthorized => ErrorCode::Unauthorized,
+            RefusalCode::Stale => ErrorCode::Stale,
+            RefusalCode::Replayed => ErrorCode::Replayed,
+            RefusalCode::Busy => ErrorCode::Busy,
+        };
+        Rejection::new(code, r.error.to_string()).about(Ref::message(r.reference))
     }
 }
 
@@ -215,6 +283,8 @@ pub(crate) enum ByeReason {
     Timeout,
     IceFailed,
     Closed,
+    /// Signed mode: the session's credential expired.
+    Expired,
 }
 
 /// A message the device sends on `.../session/<id>/out`.
@@ -233,6 +303,10 @@ pub(crate) enum DeviceMessage {
         v: u32,
         code: ErrorCode,
         reason: String,
+        /// Signed mode: the `sig` of the refused envelope, or null when it had none
+        /// (docs/protocol.md §9.6); absent for errors about the session itself.
+        #[serde(rename = "ref", skip_serializing_if = "Ref::is_session")]
+        reference: Ref,
     },
     Bye {
         v: u32,
@@ -268,6 +342,7 @@ impl DeviceMessage {
             v: PROTOCOL_VERSION,
             code: rejection.code,
             reason: rejection.reason.clone(),
+            reference: rejection.reference.clone(),
         }
     }
 
@@ -299,15 +374,29 @@ pub(crate) struct Status<'a> {
     pub status: &'a str,
     pub device: &'a str,
     pub protocol: u32,
+    /// Signed mode: `signed` (docs/protocol.md §9.6); absent in open mode, whose status is
+    /// exactly the unsigned protocol's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<&'a str>,
+    /// Signed mode: the device's public key (b64url), for viewers that pin it on first use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
-/// The retained status payload, `online` or `offline`.
-pub(crate) fn status_payload(device: &str, online: bool) -> Vec<u8> {
+/// The retained status payload, `online` or `offline`; `device_key` is the device's public
+/// key in signed mode, `None` in open mode.
+pub(crate) fn status_payload(
+    device: &str,
+    online: bool,
+    device_key: Option<&PublicKey>,
+) -> Vec<u8> {
     let status = Status {
         v: PROTOCOL_VERSION,
         status: if online { "online" } else { "offline" },
         device,
         protocol: PROTOCOL_VERSION,
+        auth: device_key.is_some().then_some("signed"),
+        key: device_key.map(PublicKey::to_b64url),
     };
     // Plain struct of strings and integers: serialization cannot fail.
     serde_json::to_vec(&status).expect("status serializes")
@@ -458,6 +547,22 @@ mod tests {
             json!({"v":1,"type":"error","code":"max-viewers","reason":"full"})
         );
         assert_eq!(
+            v(DeviceMessage::error(
+                &Rejection::new(ErrorCode::Unauthorized, "no").about(Ref::Sig("c2ln".into()))
+            )),
+            json!({"v":1,"type":"error","code":"unauthorized","reason":"no","ref":"c2ln"})
+        );
+        assert_eq!(
+            v(DeviceMessage::error(
+                &Rejection::new(ErrorCode::Unauthorized, "no").about(Ref::Unsigned)
+            )),
+            json!({"v":1,"type":"error","code":"unauthorized","reason":"no","ref":null})
+        );
+        assert_eq!(
+            v(DeviceMessage::bye(ByeReason::Expired)),
+            json!({"v":1,"type":"bye","reason":"expired"})
+        );
+        assert_eq!(
             v(DeviceMessage::bye(ByeReason::IceFailed)),
             json!({"v":1,"type":"bye","reason":"ice-failed"})
         );
@@ -517,6 +622,9 @@ mod tests {
             ErrorCode::TooManyCandidates,
             ErrorCode::Busy,
             ErrorCode::Internal,
+            ErrorCode::Unauthorized,
+            ErrorCode::Stale,
+            ErrorCode::Replayed,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
         }
@@ -524,13 +632,18 @@ mod tests {
 
     #[test]
     fn status_payloads() {
-        let on: serde_json::Value = serde_json::from_slice(&status_payload("cam1", true)).unwrap();
+        let on: serde_json::Value =
+            serde_json::from_slice(&status_payload("cam1", true, None)).unwrap();
         assert_eq!(
             on,
             json!({"v":1,"status":"online","device":"cam1","protocol":1})
         );
+        let key = crate::protocol::auth::keys::SigningKey::from_seed(&[7; 32]).public_key();
         let off: serde_json::Value =
-            serde_json::from_slice(&status_payload("cam1", false)).unwrap();
-        assert_eq!(off["status"], "offline");
+            serde_json::from_slice(&status_payload("cam1", false, Some(&key))).unwrap();
+        assert_eq!(
+            off,
+            json!({"v":1,"status":"offline","device":"cam1","protocol":1,"auth":"signed","key":key.to_b64url()})
+        );
     }
 }

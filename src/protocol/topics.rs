@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::limits::MAX_ID_LEN;
+use super::limits::{MAX_ID_LEN, MAX_REPLY_TOPIC};
 
 /// True when `id` is 1..=64 characters of `[A-Za-z0-9_-]`.
 pub fn is_valid_id(id: &str) -> bool {
@@ -11,6 +11,54 @@ pub fn is_valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// True for an MQTT topic filter rtcam accepts in its config: 1..=256 bytes, no NUL, no
+/// empty first level or leading `$`, `+` only as a whole level, `#` only as the whole last level.
+pub fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.len() > MAX_REPLY_TOPIC || filter.contains('\0') {
+        return false;
+    }
+    if filter.starts_with('$') || filter.starts_with('/') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "+" => true,
+        "#" => i == levels.len() - 1,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+/// MQTT topic matching: `+` matches one level, `#` the remaining levels including none (so
+/// `a/#` matches `a`); a wildcard in the first level never matches a topic starting with `$`.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        match (level, topic_levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (l, Some(t)) if l == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
+/// Home Assistant's discovery topic for `device`: `<discovery_prefix>/device/<device>/config`.
+pub fn ha_config_topic(discovery_prefix: &str, device: &str) -> String {
+    format!(
+        "{}/device/{device}/config",
+        discovery_prefix.trim_end_matches('/')
+    )
+}
+
+/// Home Assistant's birth topic: `online` there means "rediscover everything".
+pub fn ha_status_topic(discovery_prefix: &str) -> String {
+    format!("{}/status", discovery_prefix.trim_end_matches('/'))
 }
 
 /// A validated session id chosen by a viewer.
@@ -88,6 +136,18 @@ impl Topics {
         format!("{}/command/reply", self.base)
     }
 
+    /// True when a command's `reply_to` may be used: `<base>/command/reply` and any topic
+    /// below it, or a topic matching one of `allowed` (`control.reply_to_allowed`). Anything
+    /// else would make the device publish, under its own name, wherever a sender asks.
+    pub fn reply_topic_allowed(&self, topic: &str, allowed: &[String]) -> bool {
+        let own = self.command_reply();
+        topic == own
+            || topic
+                .strip_prefix(own.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+            || allowed.iter().any(|f| filter_matches(f, topic))
+    }
+
     /// Where commands of `namespace` are forwarded.
     pub fn forward(&self, namespace: &str) -> String {
         format!("{}/forward/{namespace}", self.base)
@@ -118,7 +178,6 @@ impl Topics {
         ]
     }
 
-    #[cfg(test)]
     pub fn session_in(&self, id: &SessionId) -> String {
         format!("{}/session/{}/in", self.base, id)
     }
@@ -238,5 +297,66 @@ mod tests {
         ] {
             assert_eq!(t.parse_inbound(other), InboundTopic::Other, "{other}");
         }
+    }
+
+    #[test]
+    fn filters_match_like_mqtt() {
+        for (filter, topic, want) in [
+            ("dash/+/replies", "dash/a/replies", true),
+            ("dash/+/replies", "dash/a/b/replies", false),
+            ("dash/+/replies", "dash//replies", true),
+            ("dash/#", "dash", true),
+            ("dash/#", "dash/a/b", true),
+            ("dash/#", "dashboard/a", false),
+            ("#", "anything/at/all", true),
+            ("#", "$SYS/broker", false),
+            ("+/x", "$SYS/x", false),
+            ("a/b", "a/b", true),
+            ("a/b", "a/b/c", false),
+            ("a/b/c", "a/b", false),
+        ] {
+            assert_eq!(filter_matches(filter, topic), want, "{filter} vs {topic}");
+        }
+        for good in ["dash/+/replies", "dash/#", "a", "+", "#", "a/+/#"] {
+            assert!(is_valid_filter(good), "{good}");
+        }
+        let long = "a".repeat(257);
+        for bad in [
+            "",
+            "a/#/b",
+            "a+/b",
+            "a/b#",
+            "$SYS/#",
+            "/a",
+            long.as_str(),
+            "a\0b",
+        ] {
+            assert!(!is_valid_filter(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn replies_go_under_the_reply_topic_or_an_allowed_filter() {
+        let t = topics();
+        let allowed = vec!["dash/+/replies".to_string()];
+        for ok in [
+            "rtcam/cam1/command/reply",
+            "rtcam/cam1/command/reply/ha",
+            "rtcam/cam1/command/reply/a/b",
+            "dash/kitchen/replies",
+        ] {
+            assert!(t.reply_topic_allowed(ok, &allowed), "{ok}");
+        }
+        for foreign in [
+            "rtcam/cam2/command",
+            "rtcam/cam1/command/replyx",
+            "rtcam/cam1/status",
+            "homeassistant/device/x/config",
+            "zigbee2mqtt/plug/set",
+            "dash/kitchen/replies/x",
+        ] {
+            assert!(!t.reply_topic_allowed(foreign, &allowed), "{foreign}");
+        }
+        assert!(!t.reply_topic_allowed("dash/kitchen/replies", &[]));
     }
 }

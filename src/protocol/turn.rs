@@ -26,10 +26,6 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl fmt::Debug for Secret {
@@ -140,11 +136,6 @@ pub fn device_can_use(url: &str) -> bool {
 }
 
 impl IceServerSet {
-    /// True when there is a TURN server rtcam mints credentials for.
-    pub fn mints(&self) -> bool {
-        self.rest.is_some()
-    }
-
     /// The servers the device's own peer connection uses at `now_s` (Unix seconds): every
     /// STUN server, and the TURN URLs it can allocate on, with a credential minted now.
     pub fn for_device(&self, now_s: u64) -> Vec<IceServer> {
@@ -337,7 +328,6 @@ mod tests {
                 expires_at_s: None
             }
         );
-        assert!(!set.mints());
     }
 
     #[test]

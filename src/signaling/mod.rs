@@ -22,7 +22,7 @@ use crate::protocol::signal::{DeviceMessage, ErrorCode, Rejection};
 use crate::protocol::topics::SessionId;
 use crate::state::SessionCounts;
 use crate::viewer::{EndRequest, Lifecycle, SessionDeps, SessionHandle, SessionKey, spawn_session};
-use registry::{Decision, Registry, SessionLimits};
+use registry::{Decision, Registry, SessionLimits, SignedInbound};
 
 /// Inbound signaling messages queued for the registry at most; more get `busy`.
 const INBOUND_QUEUE: usize = 256;
@@ -53,6 +53,8 @@ impl SignalingHandle {
 pub(crate) struct SignalingParts {
     pub limits: SessionLimits,
     pub parse_limits: crate::protocol::signal::Limits,
+    /// Signed mode's policy and replay cache; `None` in open mode.
+    pub signed: Option<SignedInbound>,
     pub signal: SignalOut,
     pub webrtc: WebrtcSettings,
     pub pipeline: PipelineHandle,
@@ -81,7 +83,7 @@ pub(crate) fn spawn(
         tracker: tracker.clone(),
     });
     let owner = Owner {
-        registry: Registry::new(parts.limits, parts.parse_limits),
+        registry: Registry::new(parts.limits, parts.parse_limits, parts.signed),
         sessions: HashMap::new(),
         deps,
         signal: parts.signal,
@@ -160,9 +162,19 @@ impl Owner {
     }
 
     fn on_message(&mut self, id: &SessionId, payload: &[u8]) {
-        match self.registry.on_message(id, payload, Instant::now()) {
+        let now_ms = crate::outbound::unix_ms();
+        let stream = self.deps.pipeline.status().borrow().h264;
+        match self
+            .registry
+            .on_message(id, payload, stream, Instant::now(), now_ms)
+        {
             Decision::Reject(r) => self.reject(id, &r),
-            Decision::Start { key, offer, evict } => {
+            Decision::Start {
+                key,
+                offer,
+                evict,
+                admission,
+            } => {
                 if let Some((old_id, old_key)) = evict {
                     tracing::debug!(session = %old_id, "oldest pending session evicted");
                     if let Some(h) = self.sessions.get(&old_key) {
@@ -174,6 +186,7 @@ impl Owner {
                     id.clone(),
                     key,
                     offer,
+                    admission,
                     self.cancel.child_token(),
                 );
                 self.sessions.insert(key, handle);

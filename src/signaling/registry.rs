@@ -3,14 +3,24 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use crate::protocol::auth::{Grant, ReplayCache, Verifier};
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
-use crate::protocol::sdp::{CheckedOffer, check_offer};
+use crate::protocol::sdp::{CheckedOffer, SentStream, check_offer};
 use crate::protocol::signal::{
-    ErrorCode, IceCandidate, Limits, Rejection, ViewerMessage, parse_viewer_message,
+    ErrorCode, IceCandidate, Limits, Ref, Rejection, ViewerMessage, parse_viewer_message,
 };
-use crate::protocol::topics::SessionId;
+use crate::protocol::topics::{SessionId, Topics};
 use crate::state::SessionCounts;
-use crate::viewer::SessionKey;
+use crate::viewer::{Admission, SessionKey};
+
+/// Signed mode (docs/protocol.md §9.4): the policy, the replay cache it owns and the topic
+/// names the signatures cover.
+#[derive(Debug)]
+pub(crate) struct SignedInbound {
+    pub verifier: Verifier,
+    pub replay: ReplayCache,
+    pub topics: Topics,
+}
 
 /// How many sessions of each kind may exist.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +43,7 @@ pub(crate) enum Decision {
         key: SessionKey,
         offer: CheckedOffer,
         evict: Option<(SessionId, SessionKey)>,
+        admission: Admission,
     },
     /// Give a remote candidate (None: end of candidates) to the live session.
     Candidate {
@@ -60,6 +71,8 @@ struct Entry {
     phase: Phase,
     /// Candidate messages received (end-of-candidates included).
     candidates: u32,
+    /// Signed mode: the offer's credential; every later message must be signed by its key.
+    grant: Option<Grant>,
 }
 
 /// Every session the device has, by id, until it reports closed.
@@ -68,15 +81,18 @@ pub(crate) struct Registry {
     sessions: HashMap<SessionId, Entry>,
     limits: SessionLimits,
     parse_limits: Limits,
+    /// `None`: open mode (docs/protocol.md §4 as is).
+    signed: Option<SignedInbound>,
     next_key: SessionKey,
 }
 
 impl Registry {
-    pub fn new(limits: SessionLimits, parse_limits: Limits) -> Self {
+    pub fn new(limits: SessionLimits, parse_limits: Limits, signed: Option<SignedInbound>) -> Self {
         Self {
             sessions: HashMap::new(),
             limits,
             parse_limits,
+            signed,
             next_key: 1,
         }
     }
@@ -98,14 +114,88 @@ impl Registry {
         self.sessions.len()
     }
 
-    /// Handles a payload that arrived on `<base>/session/<id>/in`.
-    pub fn on_message(&mut self, id: &SessionId, payload: &[u8], now: Instant) -> Decision {
-        let message = match parse_viewer_message(payload, self.parse_limits) {
-            Ok(m) => m,
+    /// Handles a payload that arrived on `<base>/session/<id>/in` at `now` (`now_ms`: the
+    /// wall clock, Unix milliseconds, for signed mode's freshness and expiry checks).
+    /// `stream`: the H.264 stream rtcam sends (offers are checked against it), `None` while
+    /// it is not known yet (the camera's own H.264 before rtcam has read its SPS).
+    pub fn on_message(
+        &mut self,
+        id: &SessionId,
+        payload: &[u8],
+        stream: Option<SentStream>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Decision {
+        let (message, grant, reference) = match self.open(id, payload, now_ms) {
+            Ok(opened) => opened,
             Err(r) => return Decision::Reject(r),
         };
+        match (
+            self.handle(id, message, grant, stream, now, now_ms),
+            reference,
+        ) {
+            // An error about a verified message names it, so its sender knows it is theirs.
+            (Decision::Reject(r), Some(sig)) => Decision::Reject(r.about(Ref::Sig(sig))),
+            (d, _) => d,
+        }
+    }
+
+    /// The viewer message in `payload`, the grant of the credential it carried (signed mode,
+    /// a message without a live session), and its envelope's `sig`. Open mode: the payload
+    /// is the message.
+    fn open(
+        &mut self,
+        id: &SessionId,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<(ViewerMessage, Option<Grant>, Option<String>), Rejection> {
+        let Some(signed) = self.signed.as_mut() else {
+            return parse_viewer_message(payload, self.parse_limits).map(|m| (m, None, None));
+        };
+        if payload.len() > self.parse_limits.max_payload_bytes {
+            // Refused unread, so its signature is unknown: not the session's own message.
+            return parse_viewer_message(payload, self.parse_limits)
+                .map_err(|r| r.about(Ref::Unsigned))
+                .map(|m| (m, None, None));
+        }
+        let entry = self.sessions.get(id);
+        let topic = signed.topics.session_in(id);
+        let verified = signed
+            .verifier
+            .verify_inbound(
+                payload,
+                &topic,
+                entry.and_then(|e| e.grant.as_ref()),
+                now_ms,
+                &signed.replay,
+            )
+            .map_err(Rejection::from)?;
+        let reference = verified.opened.reference.clone();
+        let message = parse_viewer_message(verified.opened.msg.as_bytes(), self.parse_limits)
+            .map_err(|r| r.about(Ref::Sig(reference.clone())))?;
+        // A candidate over the session's limit is refused whatever it is: it takes no room
+        // in the replay cache, so one session cannot fill it for everyone.
+        let over_limit = matches!(message, ViewerMessage::Candidate(_))
+            && entry.is_some_and(|e| e.candidates >= MAX_CANDIDATES_PER_SESSION);
+        if !over_limit {
+            verified
+                .remember(&mut signed.replay, now_ms)
+                .map_err(Rejection::from)?;
+        }
+        Ok((message, verified.opened.grant, Some(reference)))
+    }
+
+    fn handle(
+        &mut self,
+        id: &SessionId,
+        message: ViewerMessage,
+        grant: Option<Grant>,
+        stream: Option<SentStream>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Decision {
         match message {
-            ViewerMessage::Offer { sdp } => self.on_offer(id, sdp, now),
+            ViewerMessage::Offer { sdp } => self.on_offer(id, sdp, grant, stream, now, now_ms),
             ViewerMessage::Candidate(candidate) => {
                 let Some(entry) = self
                     .sessions
@@ -143,7 +233,15 @@ impl Registry {
         }
     }
 
-    fn on_offer(&mut self, id: &SessionId, sdp: String, now: Instant) -> Decision {
+    fn on_offer(
+        &mut self,
+        id: &SessionId,
+        sdp: String,
+        grant: Option<Grant>,
+        stream: Option<SentStream>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Decision {
         if let Some(e) = self.sessions.get(id) {
             let why = if e.phase == Phase::Closing {
                 format!("session {id} is still closing; pick a new session id for a new offer")
@@ -152,7 +250,13 @@ impl Registry {
             };
             return Decision::Reject(Rejection::new(ErrorCode::SessionExists, why));
         }
-        let offer = match check_offer(&sdp) {
+        let Some(stream) = stream else {
+            return Decision::Reject(Rejection::new(
+                ErrorCode::Busy,
+                "the camera's H.264 profile is not known yet (rtcam reads it from the camera's first SPS); retry in a moment",
+            ));
+        };
+        let offer = match check_offer(&sdp, &stream) {
             Ok(o) => o,
             Err(r) => return Decision::Reject(r),
         };
@@ -186,6 +290,12 @@ impl Registry {
                 evict = Some((sid, key));
             }
         }
+        let admission = match &grant {
+            Some(g) => Admission::granted(g, now, now_ms),
+            // Signed mode never gets here without a grant: an offer without a live session
+            // needs a credential.
+            None => Admission::open(),
+        };
         let key = self.next_key;
         self.next_key += 1;
         self.sessions.insert(
@@ -194,9 +304,15 @@ impl Registry {
                 key,
                 phase: Phase::Pending(now),
                 candidates: 0,
+                grant,
             },
         );
-        Decision::Start { key, offer, evict }
+        Decision::Start {
+            key,
+            offer,
+            evict,
+            admission,
+        }
     }
 
     /// The session's peer connection connected: it becomes a viewer if a slot is free, else
@@ -283,6 +399,7 @@ mod tests {
                 max_payload_bytes: 4096,
                 max_sdp_bytes: 1024,
             },
+            None,
         )
     }
 
@@ -298,6 +415,35 @@ mod tests {
 
     fn offer() -> Vec<u8> {
         msg(json!({"v":1,"type":"offer","sdp":SDP}))
+    }
+
+    /// What openh264 sends at 720p30.
+    const CB: Option<SentStream> = Some(SentStream::constrained_baseline(0x1f));
+
+    #[test]
+    fn offers_wait_until_the_stream_is_known_and_are_checked_against_it() {
+        let mut r = reg(4, 8);
+        let t = Instant::now();
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), None, t, 0)),
+            ErrorCode::Busy,
+            "the camera's own H.264 before its SPS was read"
+        );
+        assert_eq!(r.len(), 0);
+        // The offer names Constrained Baseline only: a High camera is refused with bad-sdp.
+        let high = Some(SentStream {
+            profile_idc: 0x64,
+            constraints: 0,
+            level_idc: 0x28,
+        });
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), high, t, 0)),
+            ErrorCode::BadSdp
+        );
+        assert!(matches!(
+            r.on_message(&sid("a"), &offer(), CB, t, 0),
+            Decision::Start { .. }
+        ));
     }
 
     fn cand() -> Vec<u8> {
@@ -320,7 +466,7 @@ mod tests {
         id: &str,
         now: Instant,
     ) -> (SessionKey, Option<(SessionId, SessionKey)>) {
-        match r.on_message(&sid(id), &offer(), now) {
+        match r.on_message(&sid(id), &offer(), CB, now, 0) {
             Decision::Start { key, evict, .. } => (key, evict),
             other => panic!("expected start, got {other:?}"),
         }
@@ -333,7 +479,7 @@ mod tests {
         let (key, evict) = start(&mut r, "a", t);
         assert_eq!(evict, None);
         assert_eq!(
-            r.on_message(&sid("a"), &cand(), t),
+            r.on_message(&sid("a"), &cand(), CB, t, 0),
             Decision::Candidate {
                 key,
                 candidate: None
@@ -355,12 +501,15 @@ mod tests {
         let mut r = reg(2, 2);
         let (key, _) = start(&mut r, "a", t);
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &offer(), t)),
+            rejected(r.on_message(&sid("a"), &offer(), CB, t, 0)),
             ErrorCode::SessionExists
         );
-        assert_eq!(r.on_message(&sid("a"), &bye(), t), Decision::End { key });
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &offer(), t)),
+            r.on_message(&sid("a"), &bye(), CB, t, 0),
+            Decision::End { key }
+        );
+        assert_eq!(
+            rejected(r.on_message(&sid("a"), &offer(), CB, t, 0)),
             ErrorCode::SessionExists
         );
         assert!(r.on_closed(&sid("a"), key));
@@ -373,14 +522,17 @@ mod tests {
         let mut r = reg(1, 4);
         let (a, _) = start(&mut r, "a", t);
         r.on_connected(&sid("a"), a).unwrap();
-        assert_eq!(r.on_message(&sid("a"), &bye(), t), Decision::End { key: a });
+        assert_eq!(
+            r.on_message(&sid("a"), &bye(), CB, t, 0),
+            Decision::End { key: a }
+        );
         // A second bye, or candidates, for a closing session: unknown.
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &bye(), t)),
+            rejected(r.on_message(&sid("a"), &bye(), CB, t, 0)),
             ErrorCode::UnknownSession
         );
         assert_eq!(
-            rejected(r.on_message(&sid("a"), &cand(), t)),
+            rejected(r.on_message(&sid("a"), &cand(), CB, t, 0)),
             ErrorCode::UnknownSession
         );
         // Another viewer may negotiate, but cannot become a viewer before "a" is closed...
@@ -400,7 +552,7 @@ mod tests {
         let (b, _) = start(&mut r, "b", t);
         assert_eq!(r.on_connected(&sid("a"), a), Ok(()));
         assert_eq!(
-            rejected(r.on_message(&sid("c"), &offer(), t)),
+            rejected(r.on_message(&sid("c"), &offer(), CB, t, 0)),
             ErrorCode::MaxViewers
         );
         // "b" negotiated in parallel and connects second: refused, closing.
@@ -450,17 +602,20 @@ mod tests {
         let (key, _) = start(&mut r, "a", t);
         for _ in 0..MAX_CANDIDATES_PER_SESSION {
             assert!(matches!(
-                r.on_message(&sid("a"), &cand(), t),
+                r.on_message(&sid("a"), &cand(), CB, t, 0),
                 Decision::Candidate { .. }
             ));
         }
         for _ in 0..1000 {
             assert_eq!(
-                rejected(r.on_message(&sid("a"), &cand(), t)),
+                rejected(r.on_message(&sid("a"), &cand(), CB, t, 0)),
                 ErrorCode::TooManyCandidates
             );
         }
-        assert_eq!(r.on_message(&sid("a"), &bye(), t), Decision::End { key });
+        assert_eq!(
+            r.on_message(&sid("a"), &bye(), CB, t, 0),
+            Decision::End { key }
+        );
     }
 
     #[test]
@@ -468,12 +623,21 @@ mod tests {
         let t = Instant::now();
         let mut r = reg(1, 1);
         let ask = msg(json!({"v":1,"type":"ice-servers"}));
-        assert_eq!(r.on_message(&sid("x"), &ask, t), Decision::IceServers);
+        assert_eq!(
+            r.on_message(&sid("x"), &ask, CB, t, 0),
+            Decision::IceServers
+        );
         assert_eq!(r.len(), 0);
         let (key, _) = start(&mut r, "x", t);
         // A live session may ask again (e.g. before an ICE restart); it stays as it is.
-        assert_eq!(r.on_message(&sid("x"), &ask, t), Decision::IceServers);
-        assert_eq!(r.on_message(&sid("x"), &bye(), t), Decision::End { key });
+        assert_eq!(
+            r.on_message(&sid("x"), &ask, CB, t, 0),
+            Decision::IceServers
+        );
+        assert_eq!(
+            r.on_message(&sid("x"), &bye(), CB, t, 0),
+            Decision::End { key }
+        );
     }
 
     #[test]
@@ -481,11 +645,11 @@ mod tests {
         let t = Instant::now();
         let mut r = reg(1, 1);
         assert_eq!(
-            rejected(r.on_message(&sid("x"), &cand(), t)),
+            rejected(r.on_message(&sid("x"), &cand(), CB, t, 0)),
             ErrorCode::UnknownSession
         );
         assert_eq!(
-            rejected(r.on_message(&sid("x"), &bye(), t)),
+            rejected(r.on_message(&sid("x"), &bye(), CB, t, 0)),
             ErrorCode::UnknownSession
         );
     }
@@ -503,11 +667,11 @@ mod tests {
             msg(json!({"v":1,"type":"offer","sdp":"v=0\r\nm=audio 9 RTP/AVP 0\r\na=mid:0\r\n"})),
         ] {
             assert!(matches!(
-                r.on_message(&sid("a"), &bad, t),
+                r.on_message(&sid("a"), &bad, CB, t, 0),
                 Decision::Reject(_)
             ));
             assert!(matches!(
-                r.on_message(&sid("b"), &bad, t),
+                r.on_message(&sid("b"), &bad, CB, t, 0),
                 Decision::Reject(_)
             ));
         }
@@ -520,7 +684,7 @@ mod tests {
         let t = Instant::now();
         let mut r = reg(2, 2);
         let (old, _) = start(&mut r, "a", t);
-        r.on_message(&sid("a"), &bye(), t);
+        r.on_message(&sid("a"), &bye(), CB, t, 0);
         assert!(r.on_closed(&sid("a"), old));
         let (new, _) = start(&mut r, "a", t);
         assert_ne!(old, new);
@@ -530,5 +694,360 @@ mod tests {
         assert_eq!(r.counts().pending, 1);
         assert_eq!(r.close_all(), 1);
         assert_eq!(r.counts().closing, 1);
+    }
+
+    mod signed {
+        use super::*;
+        use crate::protocol::auth::credential::{Claims, issue};
+        use crate::protocol::auth::envelope::seal;
+        use crate::protocol::auth::keys::SigningKey;
+        use crate::protocol::auth::permissions::{Access, Permission, Rights};
+
+        const NOW_MS: u64 = 1_767_225_600_000;
+
+        fn owner() -> SigningKey {
+            SigningKey::from_seed(&[1; 32])
+        }
+        fn viewer() -> SigningKey {
+            SigningKey::from_seed(&[2; 32])
+        }
+        fn intruder() -> SigningKey {
+            SigningKey::from_seed(&[3; 32])
+        }
+
+        fn topics() -> Topics {
+            Topics::new("rtcam", "cam1")
+        }
+
+        fn reg() -> Registry {
+            Registry::new(
+                SessionLimits {
+                    max_viewers: 4,
+                    max_pending: 4,
+                },
+                Limits {
+                    max_payload_bytes: 16384,
+                    max_sdp_bytes: 4096,
+                },
+                Some(SignedInbound {
+                    verifier: Verifier::new("cam1", [owner().public_key()], [], vec![], 60_000),
+                    replay: ReplayCache::new(64, 60_000),
+                    topics: topics(),
+                }),
+            )
+        }
+
+        fn credential(key: &SigningKey, device: &str, expires_at_s: u64) -> String {
+            let claims = Claims {
+                audience: vec![device.into()],
+                viewer_key: key.public_key(),
+                permission: Permission::View,
+                namespaces: vec![],
+                issued_at_s: NOW_MS / 1000 - 10,
+                expires_at_s,
+                not_before_s: None,
+                id: "c1".into(),
+                subject: Some("alice".into()),
+            };
+            issue(&owner(), &claims).unwrap()
+        }
+
+        fn good_credential(key: &SigningKey) -> String {
+            credential(key, "cam1", NOW_MS / 1000 + 3600)
+        }
+
+        /// `msg` signed by `key` for session `id` at `ts`, with `cred` if given.
+        fn signed(key: &SigningKey, id: &str, ts: u64, msg: &[u8], cred: Option<&str>) -> Vec<u8> {
+            let topic = topics().session_in(&sid(id));
+            let msg = std::str::from_utf8(msg).unwrap();
+            seal(key, &topic, ts, msg, cred).unwrap().into_bytes()
+        }
+
+        fn signed_offer(key: &SigningKey, id: &str, ts: u64) -> Vec<u8> {
+            signed(key, id, ts, &offer(), Some(&good_credential(key)))
+        }
+
+        fn refused(d: Decision) -> Rejection {
+            match d {
+                Decision::Reject(r) => r,
+                other => panic!("expected rejection, got {other:?}"),
+            }
+        }
+
+        #[test]
+        fn an_offer_needs_a_signed_envelope_and_a_credential() {
+            let t = Instant::now();
+            let mut r = reg();
+            let plain = refused(r.on_message(&sid("a"), &offer(), CB, t, NOW_MS));
+            assert_eq!(plain.code, ErrorCode::Unauthorized);
+            assert_eq!(
+                plain.reference,
+                Ref::Unsigned,
+                "not the viewer's own message"
+            );
+            let no_cred = signed(&viewer(), "a", NOW_MS, &offer(), None);
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &no_cred, CB, t, NOW_MS)).code,
+                ErrorCode::Unauthorized
+            );
+            let expired = credential(&viewer(), "cam1", NOW_MS / 1000 - 1);
+            let m = signed(&viewer(), "a", NOW_MS, &offer(), Some(&expired));
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &m, CB, t, NOW_MS)).code,
+                ErrorCode::Unauthorized
+            );
+            let other_device = credential(&viewer(), "cam2", NOW_MS / 1000 + 3600);
+            let m = signed(&viewer(), "a", NOW_MS, &offer(), Some(&other_device));
+            let e = refused(r.on_message(&sid("a"), &m, CB, t, NOW_MS));
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+            assert!(
+                matches!(e.reference, Ref::Sig(_)),
+                "names the refused envelope"
+            );
+            // Someone else's credential, copied off the broker, signed with another key.
+            let m = signed(
+                &intruder(),
+                "a",
+                NOW_MS,
+                &offer(),
+                Some(&good_credential(&viewer())),
+            );
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &m, CB, t, NOW_MS)).code,
+                ErrorCode::Unauthorized
+            );
+            assert_eq!(r.len(), 0, "no session was created");
+        }
+
+        #[test]
+        fn ice_servers_go_only_to_holders_of_a_credential() {
+            let t = Instant::now();
+            let mut r = reg();
+            let ask = msg(json!({"v":1,"type":"ice-servers"}));
+            let plain = refused(r.on_message(&sid("a"), &ask, CB, t, NOW_MS));
+            assert_eq!(plain.code, ErrorCode::Unauthorized);
+            let no_cred = signed(&viewer(), "a", NOW_MS, &ask, None);
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &no_cred, CB, t, NOW_MS)).code,
+                ErrorCode::Unauthorized
+            );
+            let stolen = signed(
+                &intruder(),
+                "a",
+                NOW_MS,
+                &ask,
+                Some(&good_credential(&viewer())),
+            );
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &stolen, CB, t, NOW_MS)).code,
+                ErrorCode::Unauthorized
+            );
+            let good = signed(
+                &viewer(),
+                "a",
+                NOW_MS,
+                &ask,
+                Some(&good_credential(&viewer())),
+            );
+            assert_eq!(
+                r.on_message(&sid("a"), &good, CB, t, NOW_MS),
+                Decision::IceServers
+            );
+            assert_eq!(r.len(), 0, "the request opens no session");
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &good, CB, t, NOW_MS)).code,
+                ErrorCode::Replayed
+            );
+            // The offer that follows carries the credential again, as any first message does.
+            assert!(matches!(
+                r.on_message(
+                    &sid("a"),
+                    &signed_offer(&viewer(), "a", NOW_MS + 1),
+                    CB,
+                    t,
+                    NOW_MS + 1
+                ),
+                Decision::Start { .. }
+            ));
+        }
+
+        #[test]
+        fn an_accepted_offer_binds_the_credential_to_the_session() {
+            let t = Instant::now();
+            let mut r = reg();
+            let Decision::Start { admission, .. } = r.on_message(
+                &sid("a"),
+                &signed_offer(&viewer(), "a", NOW_MS),
+                CB,
+                t,
+                NOW_MS + 500,
+            ) else {
+                panic!("offer refused")
+            };
+            assert_eq!(
+                admission.access,
+                Access::Granted(Rights::new(Permission::View, &[], &[]))
+            );
+            assert_eq!(
+                admission.expires_at,
+                Some(t + Duration::from_millis(3_600_000 - 500))
+            );
+            assert_eq!(admission.viewer.as_deref(), Some("alice (c1)"));
+        }
+
+        #[test]
+        fn only_the_session_key_reaches_a_live_session() {
+            let t = Instant::now();
+            let mut r = reg();
+            let offer_msg = signed_offer(&viewer(), "a", NOW_MS);
+            let Decision::Start { key, .. } = r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS)
+            else {
+                panic!("offer refused")
+            };
+            // Injected bye, candidate and offer from another key: refused, with their ref.
+            let bye_x = signed(&intruder(), "a", NOW_MS + 1, &bye(), None);
+            let e = refused(r.on_message(&sid("a"), &bye_x, CB, t, NOW_MS + 2));
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+            assert_eq!(
+                e.reference,
+                Ref::message(crate::protocol::auth::envelope::sig_reference(&bye_x))
+            );
+            let cand_x = signed(&intruder(), "a", NOW_MS + 1, &cand(), None);
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &cand_x, CB, t, NOW_MS + 2)).code,
+                ErrorCode::Unauthorized
+            );
+            let offer_x = signed_offer(&intruder(), "a", NOW_MS + 1);
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &offer_x, CB, t, NOW_MS + 2)).code,
+                ErrorCode::Unauthorized
+            );
+            let plain_bye = refused(r.on_message(&sid("a"), &bye(), CB, t, NOW_MS + 2));
+            assert_eq!(plain_bye.code, ErrorCode::Unauthorized);
+            assert_eq!(r.counts().pending, 1, "the session is untouched");
+            // The copied offer itself, replayed: refused as a replay (not an error about the
+            // viewer's session, which its viewer would have to act on).
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS + 2)).code,
+                ErrorCode::Replayed
+            );
+            // The viewer's own messages go through.
+            let c = signed(&viewer(), "a", NOW_MS + 3, &cand(), None);
+            assert!(matches!(
+                r.on_message(&sid("a"), &c, CB, t, NOW_MS + 4),
+                Decision::Candidate { .. }
+            ));
+            // Its own second offer (no credential): an error naming it, as in open mode.
+            let again = signed(&viewer(), "a", NOW_MS + 5, &offer(), None);
+            let e = refused(r.on_message(&sid("a"), &again, CB, t, NOW_MS + 5));
+            assert_eq!(e.code, ErrorCode::SessionExists);
+            assert_eq!(
+                e.reference,
+                Ref::message(crate::protocol::auth::envelope::sig_reference(&again))
+            );
+            let b = signed(&viewer(), "a", NOW_MS + 6, &bye(), None);
+            assert_eq!(
+                r.on_message(&sid("a"), &b, CB, t, NOW_MS + 7),
+                Decision::End { key }
+            );
+            // Replaying the viewer's bye later: the same signed message again.
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &b, CB, t, NOW_MS + 8)).code,
+                ErrorCode::Replayed
+            );
+        }
+
+        #[test]
+        fn a_copied_offer_is_refused_after_the_session_and_elsewhere() {
+            let t = Instant::now();
+            let mut r = reg();
+            let offer_msg = signed_offer(&viewer(), "a", NOW_MS);
+            let Decision::Start { key, .. } = r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS)
+            else {
+                panic!("offer refused")
+            };
+            assert!(r.on_closed(&sid("a"), key));
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS + 1000)).code,
+                ErrorCode::Replayed
+            );
+            // On another session's topic the signature does not verify.
+            assert_eq!(
+                refused(r.on_message(&sid("b"), &offer_msg, CB, t, NOW_MS + 1000)).code,
+                ErrorCode::Unauthorized
+            );
+            // Much later (forgotten by the replay cache) it is stale.
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &offer_msg, CB, t, NOW_MS + 121_000)).code,
+                ErrorCode::Stale
+            );
+            assert_eq!(r.len(), 0);
+        }
+
+        #[test]
+        fn errors_about_a_verified_message_name_it() {
+            let t = Instant::now();
+            let mut r = reg();
+            let junk = signed(
+                &viewer(),
+                "a",
+                NOW_MS,
+                b"garbage",
+                Some(&good_credential(&viewer())),
+            );
+            let e = refused(r.on_message(&sid("a"), &junk, CB, t, NOW_MS));
+            assert_eq!(e.code, ErrorCode::BadJson);
+            assert_eq!(
+                e.reference,
+                Ref::message(crate::protocol::auth::envelope::sig_reference(&junk))
+            );
+            let stray = signed(
+                &viewer(),
+                "b",
+                NOW_MS,
+                &cand(),
+                Some(&good_credential(&viewer())),
+            );
+            let e = refused(r.on_message(&sid("b"), &stray, CB, t, NOW_MS));
+            assert_eq!(e.code, ErrorCode::UnknownSession);
+            assert!(matches!(e.reference, Ref::Sig(_)));
+            // Oversized: refused before anything is parsed.
+            let huge = vec![b' '; 16385];
+            let e = refused(r.on_message(&sid("a"), &huge, CB, t, NOW_MS));
+            assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+            assert_eq!(e.reference, Ref::Unsigned);
+        }
+
+        #[test]
+        fn candidates_over_the_limit_take_no_room_in_the_replay_cache() {
+            let t = Instant::now();
+            let mut r = reg();
+            r.signed.as_mut().unwrap().replay = ReplayCache::new(80, 60_000);
+            let Decision::Start { key, .. } = r.on_message(
+                &sid("a"),
+                &signed_offer(&viewer(), "a", NOW_MS),
+                CB,
+                t,
+                NOW_MS,
+            ) else {
+                panic!("offer refused")
+            };
+            for i in 0..u64::from(MAX_CANDIDATES_PER_SESSION) + 500 {
+                let c = signed(&viewer(), "a", NOW_MS + 1 + i, &cand(), None);
+                let d = r.on_message(&sid("a"), &c, CB, t, NOW_MS + 1 + i);
+                if i < u64::from(MAX_CANDIDATES_PER_SESSION) {
+                    assert!(matches!(d, Decision::Candidate { .. }), "{i}: {d:?}");
+                } else {
+                    assert_eq!(refused(d).code, ErrorCode::TooManyCandidates, "{i}");
+                }
+            }
+            let cached = r.signed.as_ref().unwrap().replay.len();
+            assert_eq!(cached, 1 + MAX_CANDIDATES_PER_SESSION as usize);
+            let b = signed(&viewer(), "a", NOW_MS + 1000, &bye(), None);
+            assert_eq!(
+                r.on_message(&sid("a"), &b, CB, t, NOW_MS + 1000),
+                Decision::End { key }
+            );
+        }
     }
 }

@@ -1,6 +1,11 @@
 //! One WebRTC viewer session: the async driver that moves inputs and actions between the pure `session` and webrtc-rs.
 
+pub(crate) mod bandwidth;
 pub(crate) mod datachannel;
+pub(crate) mod layers;
+pub(crate) mod link;
+#[cfg(test)]
+pub(crate) mod linksim;
 pub(crate) mod media;
 pub(crate) mod peer;
 pub(crate) mod session;
@@ -21,13 +26,51 @@ use webrtc::peer_connection::{
 use crate::control::Controller;
 use crate::media::pipeline::PipelineHandle;
 use crate::outbound::SignalOut;
+use crate::protocol::auth::Grant;
+use crate::protocol::auth::permissions::Access;
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
 use crate::protocol::sdp::{CheckedOffer, check_answer};
 use crate::protocol::signal::{ErrorCode, IceCandidate, Rejection};
 use crate::protocol::topics::SessionId;
-use media::VideoSender;
+use link::Link;
+use media::{Adaptive, VideoSender};
 use peer::{PcEvent, WebrtcSettings};
 use session::{Action, End, Input, PeerState, Session};
+
+/// What an accepted offer's credential grants the new session.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Admission {
+    /// What the session may do on its data channel.
+    pub access: Access,
+    /// When the credential expires: the session ends then (None in open mode).
+    pub expires_at: Option<Instant>,
+    /// Who, for logs: the credential's `sub` and `jti`.
+    pub viewer: Option<String>,
+}
+
+impl Admission {
+    /// Open mode: anyone, for as long as they like.
+    pub fn open() -> Self {
+        Self {
+            access: Access::Open,
+            expires_at: None,
+            viewer: None,
+        }
+    }
+
+    /// A verified credential's grant, received at `now` (`now_ms` on the wall clock).
+    pub fn granted(grant: &Grant, now: Instant, now_ms: u64) -> Self {
+        let left = grant.expires_at_ms().saturating_sub(now_ms);
+        Self {
+            access: Access::Granted(grant.rights.clone()),
+            expires_at: Some(now + Duration::from_millis(left)),
+            viewer: Some(match &grant.subject {
+                Some(sub) => format!("{sub} ({})", grant.credential_id),
+                None => grant.credential_id.clone(),
+            }),
+        }
+    }
+}
 
 /// Numeric identity of one session instance (a reused session id gets a new one).
 pub(crate) type SessionKey = u64;
@@ -97,11 +140,17 @@ pub(crate) fn spawn_session(
     id: SessionId,
     key: SessionKey,
     offer: CheckedOffer,
+    admission: Admission,
     cancel: CancellationToken,
 ) -> SessionHandle {
     let (candidates, candidates_rx) = mpsc::channel(MAX_CANDIDATES_PER_SESSION as usize + 1);
     let (end, end_rx) = watch::channel(None);
-    let span = tracing::info_span!("session", id = %id, key);
+    let span = match &admission.viewer {
+        Some(viewer) => {
+            tracing::info_span!("session", id = %id, key, viewer = %viewer.escape_debug())
+        }
+        None => tracing::info_span!("session", id = %id, key),
+    };
     let tracker = deps.tracker.clone();
     tracker.spawn(
         async move {
@@ -109,6 +158,7 @@ pub(crate) fn spawn_session(
                 id,
                 key,
                 offer,
+                admission,
                 deps,
                 cancel,
                 session_cancel: CancellationToken::new(),
@@ -126,6 +176,8 @@ struct Driver {
     id: SessionId,
     key: SessionKey,
     offer: CheckedOffer,
+    /// What the session's credential allows, and until when.
+    admission: Admission,
     deps: Arc<SessionDeps>,
     /// Shutdown of the whole device.
     cancel: CancellationToken,
@@ -147,6 +199,18 @@ fn peer_state(s: RTCPeerConnectionState) -> Option<PeerState> {
     }
 }
 
+/// The session id as the device state shows it: a hash keyed per run, stable while the device
+/// runs, that does not reveal the id (which names the session's topics).
+fn anonymized(id: &SessionId) -> String {
+    use std::hash::BuildHasher;
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let hash = KEY
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .hash_one(id.to_string());
+    format!("{:08x}", hash as u32)
+}
+
 fn internal(why: impl std::fmt::Display) -> Rejection {
     Rejection::new(ErrorCode::Internal, why.to_string())
 }
@@ -162,7 +226,11 @@ impl Driver {
         mut end: watch::Receiver<Option<EndRequest>>,
     ) {
         tracing::debug!("offer accepted");
-        let mut session = Session::new(self.offered_at, self.deps.settings.timeouts);
+        let mut session = Session::new(
+            self.offered_at,
+            self.deps.settings.timeouts,
+            self.admission.expires_at,
+        );
         let (ev_tx, mut events) = mpsc::channel(64);
         // The port lease lives as long as this task: dropped after the peer connection closed.
         let lease = self
@@ -170,8 +238,14 @@ impl Driver {
             .settings
             .ports
             .lease(&self.deps.settings.bind_addresses);
+        // With adaptation, the viewer's congestion state lives from here (its interceptors
+        // hold it) to the end of the session.
+        let link = self.deps.settings.adaptation.as_ref().map(|a| {
+            let ceiling = self.deps.pipeline.status().borrow().bitrate;
+            Link::new(a.min_bitrate, ceiling)
+        });
         let pc = match lease {
-            Ok(ref l) => peer::build(&self.deps.settings, l.port, &ev_tx)
+            Ok(ref l) => peer::build(&self.deps.settings, l.port, &ev_tx, link.as_ref())
                 .await
                 .map_err(|e| internal(format!("peer connection: {e}"))),
             Err(ref e) => Err(internal(e)),
@@ -239,6 +313,21 @@ impl Driver {
                             path = path.as_deref().unwrap_or("unknown"),
                             "viewer connected"
                         );
+                        let adaptive = self
+                            .deps
+                            .settings
+                            .adaptation
+                            .as_ref()
+                            .zip(link.clone())
+                            .map(|(a, link)| Adaptive {
+                                link,
+                                min_bitrate: a.min_bitrate,
+                                links: a.links.clone(),
+                                viewer: anonymized(&self.id),
+                            });
+                        if let Some(note) = &self.offer.level_note {
+                            tracing::info!(%note, "streaming above the viewer's declared H.264 level");
+                        }
                         let started = video
                             .as_ref()
                             .ok_or(())
@@ -249,6 +338,7 @@ impl Driver {
                                     self.key,
                                     payload_type,
                                     self.deps.settings.queue_frames,
+                                    adaptive,
                                     &self.deps.tracker,
                                     &self.session_cancel,
                                 )
@@ -336,6 +426,7 @@ impl Driver {
                         dc,
                         self.id.clone(),
                         self.deps.controller.clone(),
+                        self.admission.access.clone(),
                         self.session_cancel.clone(),
                     )
                     .in_current_span(),

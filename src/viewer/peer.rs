@@ -7,24 +7,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
+use rtc::interceptor::{
+    Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket, TwccSenderBuilder,
+};
 use rtc::peer_connection::configuration::media_engine::MIME_TYPE_H264;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
 };
 use rtc::sansio::Protocol;
 use tokio::sync::mpsc;
 use webrtc::data_channel::DataChannel;
-use webrtc::peer_connection::transport::{DtlsTransport, IceTransport};
-use webrtc::rtp_transceiver::RtpSender;
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCCertificate,
     RTCConfigurationBuilder, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionIceEvent,
     RTCPeerConnectionState, Registry, SettingEngineBuilder, register_default_interceptors,
 };
 
+use super::link::{FeedbackTap, Link, PacedSender, TwccHistory};
 use super::session::Timeouts;
 use crate::ports::PortPool;
 use crate::protocol::sdp::SENT_PROFILE_LEVEL_ID;
@@ -36,6 +38,7 @@ pub(crate) fn unix_now_s() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+use crate::state::LinkBoard;
 
 /// WebRTC settings shared by every session.
 pub(crate) struct WebrtcSettings {
@@ -52,6 +55,17 @@ pub(crate) struct WebrtcSettings {
     /// Set when the host cannot do multicast (probed at start, see [`multicast_available`])
     /// or a peer connection could not open its mDNS socket: sessions then skip mDNS.
     pub mdns_unavailable: AtomicBool,
+    /// Congestion control per viewer (`webrtc.adaptation`); `None`: every viewer gets every
+    /// frame, unpaced.
+    pub adaptation: Option<Adaptation>,
+}
+
+/// What adaptive sessions share.
+pub(crate) struct Adaptation {
+    /// `encoder.min_bitrate`: no viewer's estimate goes below it.
+    pub min_bitrate: u32,
+    /// Where each session shows its link in the device state.
+    pub links: LinkBoard,
 }
 
 /// Peer connection events, forwarded from webrtc-rs's handler into the session task.
@@ -87,7 +101,10 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
-/// The H.264 codec rtcam sends: Constrained Baseline, packetization-mode=1.
+/// The H.264 codec rtcam registers: Constrained Baseline, packetization-mode=1. webrtc-rs
+/// matches offered payload types against it (profile first, else by name) and its answer
+/// repeats the chosen payload type's own parameters; which payload types are left to choose
+/// from (those that take the stream's real profile) is decided by `protocol::sdp::check_offer`.
 pub fn h264_codec() -> RTCRtpCodec {
     let fb = |typ: &str, parameter: &str| RTCPFeedback {
         typ: typ.into(),
@@ -104,11 +121,50 @@ pub fn h264_codec() -> RTCRtpCodec {
     }
 }
 
+/// webrtc-rs's default chain (NACK, receiver/sender reports, TWCC feedback for what rtcam
+/// receives) plus rtcam's keyframe-request tap; with a `link`, also congestion control: TWCC
+/// numbering and its send history feeding the link's estimate, the feedback tap (REMB,
+/// receiver reports, absolute send time) and the pacer with the retransmission budget.
+fn interceptors(media_engine: &mut MediaEngine, link: Option<&Link>) -> Result<Registry, String> {
+    let registry = register_default_interceptors(Registry::new(), media_engine)
+        .map_err(|e| e.to_string())?
+        .with(Slot::from(14_000), KeyframeRequestInterceptor::default());
+    let Some(link) = link else {
+        return Ok(registry);
+    };
+    // register_default_interceptors negotiated transport-cc (feedback and header extension);
+    // REMB needs the absolute send time on every packet and goog-remb.
+    media_engine
+        .register_header_extension(
+            RTCRtpHeaderExtensionCapability {
+                uri: rtc::sdp::extmap::ABS_SEND_TIME_URI.to_owned(),
+            },
+            RtpCodecKind::Video,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    media_engine.register_feedback(
+        RTCPFeedback {
+            typ: "goog-remb".into(),
+            parameter: String::new(),
+        },
+        RtpCodecKind::Video,
+    );
+    Ok(registry
+        .with(Slot::CongestionControl, TwccHistory::new(link.clone()))
+        .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+        // Wire-ward of the pacer (the send time is the release instant), app-ward of the
+        // TWCC numbering.
+        .with(Slot::from(2_500), FeedbackTap::new(link.clone()))
+        .with(Slot::Pacer, PacedSender::new(link.clone())))
+}
+
 async fn build_with(
     settings: &WebrtcSettings,
     addrs: &[SocketAddr],
     events: &mpsc::Sender<PcEvent>,
     mdns: MulticastDnsMode,
+    link: Option<&Link>,
 ) -> Result<Arc<dyn PeerConnection>, String> {
     let mut media_engine = MediaEngine::default();
     media_engine
@@ -120,9 +176,7 @@ async fn build_with(
             RtpCodecKind::Video,
         )
         .map_err(|e| e.to_string())?;
-    let registry = register_default_interceptors(Registry::new(), &mut media_engine)
-        .map_err(|e| e.to_string())?
-        .with(Slot::from(14_000), KeyframeRequestInterceptor::default());
+    let registry = interceptors(&mut media_engine, link)?;
     let ice_servers = settings
         .ice_servers
         .for_device(unix_now_s())
@@ -134,7 +188,6 @@ async fn build_with(
                 .credential
                 .map(|c| c.expose().to_owned())
                 .unwrap_or_default(),
-            ..Default::default()
         })
         .collect();
     let config = RTCConfigurationBuilder::new()
@@ -166,6 +219,7 @@ pub(crate) async fn build(
     settings: &WebrtcSettings,
     port: u16,
     events: &mpsc::Sender<PcEvent>,
+    link: Option<&Link>,
 ) -> Result<Arc<dyn PeerConnection>, String> {
     let addrs: Vec<SocketAddr> = settings
         .bind_addresses
@@ -173,15 +227,15 @@ pub(crate) async fn build(
         .map(|ip| SocketAddr::new(*ip, port))
         .collect();
     if settings.mdns_unavailable.load(Ordering::Relaxed) {
-        return build_with(settings, &addrs, events, MulticastDnsMode::Disabled).await;
+        return build_with(settings, &addrs, events, MulticastDnsMode::Disabled, link).await;
     }
-    match build_with(settings, &addrs, events, MulticastDnsMode::QueryOnly).await {
+    match build_with(settings, &addrs, events, MulticastDnsMode::QueryOnly, link).await {
         Ok(pc) => Ok(pc),
         Err(e) => {
             if !settings.mdns_unavailable.swap(true, Ordering::Relaxed) {
                 tracing::info!(error = %e, "mDNS unavailable (no multicast route?): viewers' .local candidates will not resolve; streaming without mDNS");
             }
-            build_with(settings, &addrs, events, MulticastDnsMode::Disabled).await
+            build_with(settings, &addrs, events, MulticastDnsMode::Disabled, link).await
         }
     }
 }

@@ -101,6 +101,8 @@ pub(crate) struct Session {
     phase: Phase,
     timeouts: Timeouts,
     connect_deadline: Instant,
+    /// Signed mode: when the session's credential expires (the session ends then).
+    expires_at: Option<Instant>,
     /// Since when a connected session has been `disconnected`.
     disconnected_since: Option<Instant>,
     /// Viewer candidates that arrived before the offer was applied.
@@ -114,12 +116,14 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// A session for an offer received at `now`; its first action is `ApplyOffer`.
-    pub fn new(now: Instant, timeouts: Timeouts) -> Self {
+    /// A session for an offer received at `now`; its first action is `ApplyOffer`. It ends
+    /// with `bye` `expired` at `expires_at` (signed mode: its credential's expiry).
+    pub fn new(now: Instant, timeouts: Timeouts, expires_at: Option<Instant>) -> Self {
         Self {
             phase: Phase::Negotiating,
             timeouts,
             connect_deadline: now + timeouts.connect,
+            expires_at,
             disconnected_since: None,
             early_remote: Vec::new(),
             early_local: Vec::new(),
@@ -136,12 +140,16 @@ impl Session {
 
     /// When `handle_timeout` must run next (None once ended).
     pub fn next_deadline(&self) -> Option<Instant> {
-        match self.phase {
+        let phase = match self.phase {
             Phase::Negotiating | Phase::Connecting | Phase::Claiming => Some(self.connect_deadline),
             Phase::Streaming => self
                 .disconnected_since
                 .map(|s| s + self.timeouts.disconnect),
-            Phase::Ended => None,
+            Phase::Ended => return None,
+        };
+        match (phase, self.expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -179,8 +187,12 @@ impl Session {
         self.early_local.clear();
     }
 
-    /// Runs the timers: the connect deadline and the disconnect grace.
+    /// Runs the timers: the credential's expiry, the connect deadline and the disconnect grace.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.phase != Phase::Ended && self.expires_at.is_some_and(|at| now >= at) {
+            self.finish(End::Bye(ByeReason::Expired));
+            return;
+        }
         match self.phase {
             Phase::Negotiating | Phase::Connecting | Phase::Claiming
                 if now >= self.connect_deadline =>
@@ -326,7 +338,7 @@ mod tests {
 
     /// A session driven to Streaming at `t0` (+1 s to connect).
     fn streaming(t0: Instant) -> Session {
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         assert_eq!(drain(&mut s), vec![Action::ApplyOffer]);
         s.handle(Input::Answered("v=0".into()), t0);
         s.handle(
@@ -351,7 +363,7 @@ mod tests {
     #[test]
     fn happy_path_answer_then_candidates_then_media() {
         let t0 = Instant::now();
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         assert_eq!(s.next_deadline(), Some(t0 + TIMEOUTS.connect));
         assert_eq!(drain(&mut s), vec![Action::ApplyOffer]);
         // Device candidates found while the answer was made wait for it.
@@ -378,7 +390,7 @@ mod tests {
     #[test]
     fn candidates_before_the_answer_are_held_then_applied_in_order() {
         let t0 = Instant::now();
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         drain(&mut s);
         s.handle(Input::RemoteCandidate(Some(cand(1))), t0);
         s.handle(Input::RemoteCandidate(None), t0);
@@ -422,7 +434,7 @@ mod tests {
     #[test]
     fn bye_racing_the_offer_sends_no_answer() {
         let t0 = Instant::now();
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         drain(&mut s);
         s.handle(Input::ViewerBye, t0);
         s.handle(Input::Answered("late".into()), t0);
@@ -454,7 +466,7 @@ mod tests {
     #[test]
     fn connect_deadline_sends_bye_timeout() {
         let t0 = Instant::now();
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         drain(&mut s);
         s.handle(Input::Answered("a".into()), t0);
         drain(&mut s);
@@ -472,12 +484,12 @@ mod tests {
     #[test]
     fn connect_deadline_also_covers_a_stuck_negotiation_and_slot_claim() {
         let t0 = Instant::now();
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         drain(&mut s);
         s.handle_timeout(t0 + TIMEOUTS.connect);
         assert_eq!(ended_with(&mut s).1, End::Bye(ByeReason::Timeout));
 
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         s.handle(Input::Answered("a".into()), t0);
         s.handle(Input::Peer(PeerState::Connected), t0);
         drain(&mut s);
@@ -524,7 +536,7 @@ mod tests {
             let (a, _) = ended_with(&mut s);
             assert_eq!(sent(&a)[0]["reason"], reason);
             // Failing before connecting is the same.
-            let mut s = Session::new(t0, TIMEOUTS);
+            let mut s = Session::new(t0, TIMEOUTS, None);
             s.handle(Input::Answered("a".into()), t0);
             drain(&mut s);
             s.handle(Input::Peer(state), t0);
@@ -535,8 +547,8 @@ mod tests {
     #[test]
     fn shutdown_sends_bye_shutdown_in_every_phase() {
         let t0 = Instant::now();
-        let mut phases = vec![Session::new(t0, TIMEOUTS), streaming(t0)];
-        let mut connecting = Session::new(t0, TIMEOUTS);
+        let mut phases = vec![Session::new(t0, TIMEOUTS, None), streaming(t0)];
+        let mut connecting = Session::new(t0, TIMEOUTS, None);
         connecting.handle(Input::Answered("a".into()), t0);
         phases.push(connecting);
         for mut s in phases {
@@ -554,7 +566,7 @@ mod tests {
     #[test]
     fn negotiation_failure_slot_refusal_eviction_and_media_failure_send_errors() {
         let t0 = Instant::now();
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         drain(&mut s);
         s.handle(
             Input::NegotiationFailed(Rejection::new(ErrorCode::BadSdp, "no H.264")),
@@ -562,7 +574,7 @@ mod tests {
         );
         assert_eq!(sent(&ended_with(&mut s).0)[0]["code"], "bad-sdp");
 
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         s.handle(Input::Answered("a".into()), t0);
         s.handle(Input::Peer(PeerState::Connected), t0);
         drain(&mut s);
@@ -572,7 +584,7 @@ mod tests {
         );
         assert_eq!(sent(&ended_with(&mut s).0)[0]["code"], "max-viewers");
 
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         drain(&mut s);
         s.handle(Input::Evicted, t0);
         assert_eq!(sent(&ended_with(&mut s).0)[0]["code"], "busy");
@@ -606,7 +618,7 @@ mod tests {
     #[test]
     fn out_of_order_inputs_are_ignored() {
         let t0 = Instant::now();
-        let mut s = Session::new(t0, TIMEOUTS);
+        let mut s = Session::new(t0, TIMEOUTS, None);
         drain(&mut s);
         // Connected or a slot before the answer: not acted on.
         s.handle(Input::Peer(PeerState::Connected), t0);
@@ -615,5 +627,53 @@ mod tests {
         s.handle(Input::Answered("a".into()), t0);
         s.handle(Input::Answered("twice".into()), t0);
         assert_eq!(sent(&drain(&mut s)).len(), 1);
+    }
+
+    #[test]
+    fn the_credential_expiry_ends_the_session_with_bye_expired() {
+        let t0 = Instant::now();
+        let expiry = t0 + Duration::from_secs(60);
+        let mut s = Session::new(t0, TIMEOUTS, Some(expiry));
+        s.handle(Input::Answered("a".into()), t0);
+        s.handle(Input::Peer(PeerState::Connected), t0);
+        s.handle(Input::SlotGranted, t0);
+        drain(&mut s);
+        assert_eq!(
+            s.next_deadline(),
+            Some(expiry),
+            "streaming: only the expiry is left"
+        );
+        s.handle_timeout(expiry - Duration::from_millis(1));
+        assert!(drain(&mut s).is_empty());
+        // A disconnect grace that would end later does not postpone it.
+        s.handle(
+            Input::Peer(PeerState::Disconnected),
+            expiry - Duration::from_secs(1),
+        );
+        assert_eq!(s.next_deadline(), Some(expiry));
+        s.handle_timeout(expiry);
+        let (a, end) = ended_with(&mut s);
+        assert_eq!(
+            sent(&a),
+            vec![serde_json::json!({"v":1,"type":"bye","reason":"expired"})]
+        );
+        assert_eq!(end, End::Bye(ByeReason::Expired));
+    }
+
+    #[test]
+    fn an_expiry_before_the_connect_deadline_wins_and_inputs_after_it_do_not_count() {
+        let t0 = Instant::now();
+        let expiry = t0 + Duration::from_secs(2);
+        let mut s = Session::new(t0, TIMEOUTS, Some(expiry));
+        assert_eq!(s.next_deadline(), Some(expiry));
+        drain(&mut s);
+        s.handle(Input::Answered("a".into()), expiry);
+        let (a, end) = ended_with(&mut s);
+        assert_eq!(
+            sent(&a)[0]["reason"],
+            "expired",
+            "no answer after the expiry"
+        );
+        assert_eq!(end, End::Bye(ByeReason::Expired));
     }
 }

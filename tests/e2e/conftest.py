@@ -2,6 +2,11 @@
 
 Everything listens on 127.0.0.1 only. tests/run.sh runs pytest inside `unshare -n`, so the
 ports chosen here cannot collide with anything on the host.
+
+Signed mode (docs/protocol.md §9) is on, as by default: the run has one owner key
+(OWNER), every rtcam instance trusts it, and every test viewer signs with a fresh viewer key
+and a credential minted here (rtcam_auth.py: PyJWT + cryptography), pinning the device key
+from the instance's status. `mint()` and `viewer_auth()` make other credentials.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import viewer as viewer_module  # noqa: E402
+from rtcam_auth import AuthError, issue_credential, open_device_message, public_b64  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "rtcam"
@@ -31,6 +39,74 @@ HOST = "127.0.0.1"
 
 # Collected by tests, printed at the end of the run (see pytest_terminal_summary).
 METRICS: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------------------
+# Signed mode: the run's owner key, credentials, the devices' pinned keys
+# --------------------------------------------------------------------------------------
+
+OWNER = Ed25519PrivateKey.generate()
+OWNER_PUBLIC = public_b64(OWNER)
+# device id -> its public key, from its retained status (pinned by the test viewers)
+DEVICE_KEYS: dict[str, str] = {}
+# What the default test viewer may do: everything, as the tests before signed mode did.
+DEFAULT_SCOPE = "view control admin"
+
+
+def mint(
+    viewer_public: str,
+    device: str | list[str],
+    scope: str = DEFAULT_SCOPE,
+    lifetime_s: int = 3600,
+    *,
+    owner: Ed25519PrivateKey | None = None,
+    ns: list[str] | None = None,
+    jti: str | None = None,
+    iat: int | None = None,
+    exp: int | None = None,
+) -> str:
+    """A credential from the run's owner key (or `owner`) for `device` (or a list, or "*")."""
+    now = int(time.time())
+    return issue_credential(
+        owner or OWNER,
+        audience=device if isinstance(device, list) else [device],
+        viewer_public=viewer_public,
+        scope=scope,
+        iat=now if iat is None else iat,
+        exp=(now + lifetime_s) if exp is None else exp,
+        jti=jti or f"e2e-{os.urandom(6).hex()}",
+        ns=ns,
+        sub="e2e-viewer",
+    )
+
+
+def viewer_auth(device: str, scope: str = DEFAULT_SCOPE, **mint_args: Any) -> viewer_module.ViewerAuth:
+    """A fresh viewer key with a credential for `device`, pinning the device's key."""
+    key = Ed25519PrivateKey.generate()
+    cred = mint(public_b64(key), device, scope, **mint_args)
+    return viewer_module.ViewerAuth(key, cred, DEVICE_KEYS.get(device))
+
+
+viewer_module.default_auth = viewer_auth
+
+
+def device_message(topic: str, payload: bytes) -> Any:
+    """A message rtcam published on a session's `out` topic, opened with the device's pinned
+    key (signed mode) or read as it is (open mode). Anything not signed by the device comes
+    back as {"_rejected": code, "_raw": ...}; non-JSON as {"_raw": ...}."""
+    parts = topic.split("/")
+    key = DEVICE_KEYS.get(parts[-4]) if len(parts) >= 4 else None
+    text: bytes | str = payload
+    if key is not None:
+        try:
+            text = open_device_message(payload, topic, key, int(time.time() * 1000))
+        except AuthError as e:
+            return {"_rejected": e.code, "_raw": payload[:200]}
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        return {"_raw": payload[:200]}
+    return msg if isinstance(msg, dict) else {"_raw": msg}
 
 
 def record_metric(name: str, value: Any) -> None:
@@ -198,6 +274,9 @@ class Rtcam(Proc):
             },
             "mqtt": {"host": HOST, "port": broker_port},
             "log": {"target": "stderr", "level": "info"},
+            "auth": {"owner_keys": [OWNER_PUBLIC]},
+            # The tests' dashboards reply on dash/<name> (control.reply_to_allowed).
+            "control": {"reply_to_allowed": ["dash/+"]},
         }
         for key, value in overrides.items():  # e.g. webrtc__max_viewers=1
             section, name = key.split("__", 1)
@@ -236,14 +315,20 @@ class Rtcam(Proc):
                 pytrace=False,
             )
         t0 = time.monotonic()
+        self.monitor.forget(self.topic_status)  # a new identity key each start: wait for it
         self.spawn([str(exe), "--config", str(self.config_path)])
         try:
-            self.monitor.wait_for(
+            status = self.monitor.wait_for(
                 self.topic_status,
                 lambda m: m.get("status") == "online",
                 timeout,
                 alive=self.alive,
             )
+            self.device_key = status.get("key")
+            if self.device_key:
+                DEVICE_KEYS[self.device] = self.device_key
+            else:
+                DEVICE_KEYS.pop(self.device, None)
             self.monitor.wait_for(self.topic_state, lambda m: True, timeout, alive=self.alive)
         except AssertionError as e:
             rc = self.popen.poll()
@@ -279,13 +364,15 @@ class Rtcam(Proc):
 class Monitor:
     """Background paho client recording every status/state message."""
 
-    def __init__(self, port: int, host: str = HOST):
+    def __init__(self, port: int, login: tuple[str, str] | None = None, host: str = HOST):
         self.cond = threading.Condition()
         self.history: list[tuple[float, str, Any]] = []
         self._latest: dict[str, Any] = {}
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-monitor-{os.getpid()}"
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"e2e-monitor-{os.getpid()}-{port}"
         )
+        if login is not None:
+            self.client.username_pw_set(*login)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self._subscribed = threading.Event()

@@ -13,7 +13,7 @@ import time
 import pytest
 from aiortc import RTCPeerConnection
 
-from conftest import HOST, PREFIX, record_metric
+from conftest import HOST, PREFIX, device_message, record_metric
 from viewer import (
     MqttLink,
     Viewer,
@@ -111,7 +111,16 @@ def assert_stream(frames, seconds: float, min_ratio: float, who: str) -> dict:
 
 def test_status_and_idle_state(cam, monitor):
     status = monitor.latest(cam.topic_status)
-    assert status == {"v": 1, "status": "online", "device": cam.device, "protocol": 1}, status
+    # Signed mode (the default): the status names the mode and carries the device key.
+    assert status == {
+        "v": 1,
+        "status": "online",
+        "device": cam.device,
+        "protocol": 1,
+        "auth": "signed",
+        "key": cam.device_key,
+    }, status
+    assert isinstance(cam.device_key, str) and len(cam.device_key) == 43, status
     state = cam.state()
     want = {
         "v": 1,
@@ -363,14 +372,6 @@ def test_two_concurrent_viewers(cam):
     )
 
 
-def json_or_raw(payload: bytes) -> dict:
-    try:
-        msg = json.loads(payload)
-    except ValueError:
-        return {"_raw": payload[:200]}
-    return msg if isinstance(msg, dict) else {"_raw": msg}
-
-
 def _offer_sdp_stub() -> str:
     return (
         "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
@@ -409,22 +410,36 @@ def test_malformed_signaling_is_rejected_and_isolated(cam):
         ("sdp-too-large", {"v": 1, "type": "offer", "sdp": big_sdp}, "sdp-too-large"),
         (
             "payload-too-large",
-            json.dumps({"v": 1, "type": "offer", "sdp": "x" * 70000}).encode(),
+            # Over mqtt.max_payload_bytes (65536) once signed, under the MQTT 5 Maximum Packet
+            # Size rtcam announces (max_payload_bytes + 4 KiB): larger ones the broker drops.
+            json.dumps({"v": 1, "type": "offer", "sdp": "x" * 65600}).encode(),
             "payload-too-large",
         ),
         ("garbage-sdp", {"v": 1, "type": "offer", "sdp": "this is not SDP"}, "bad-sdp"),
         ("candidate-unknown", {"v": 1, "type": "candidate", "candidate": cand}, "unknown-session"),
         ("bye-unknown", {"v": 1, "type": "bye"}, "unknown-session"),
     ]
+    # Signed mode: each payload above is sent as the `msg` of an envelope signed by a viewer
+    # with a valid credential, so the device's message checks (§4.5) are what answer it. These
+    # are sent as they are, unsigned (§9.4):
+    unsigned = [
+        ("unsigned-offer", {"v": 1, "type": "offer", "sdp": _offer_sdp_stub()}, "unauthorized"),
+        ("unsigned-junk", b"this is { not json", "bad-json"),
+        ("unsigned-v2", {"v": 2, "type": "signed"}, "unsupported-version"),
+        ("unsigned-bye", {"v": 1, "type": "bye"}, "unauthorized"),
+    ]
+    all_cases = cases + unsigned
 
     async def body():
         v = Viewer(HOST, cam.broker_port, cam.device)
+        signer = Viewer(HOST, cam.broker_port, cam.device)  # another viewer's key and credential
         loop = asyncio.get_running_loop()
         probe = MqttLink(HOST, cam.broker_port, f"e2e-probe-{v.session}", loop)
         replies: dict[str, list] = {}
+        sigs: dict[str, str] = {}
 
         def on_out(topic, payload):
-            replies.setdefault(topic.split("/")[-2], []).append(json_or_raw(payload))
+            replies.setdefault(topic.split("/")[-2], []).append(device_message(topic, payload))
 
         try:
             await v.start(timeout=20)
@@ -434,11 +449,15 @@ def test_malformed_signaling_is_rejected_and_isolated(cam):
             n_before = len(v.frames)
             t_begin = now_ms()
             sids = {}
-            for name, payload, _code in cases:
+            for name, payload, _code in all_cases:
                 sid = f"bad-{name}-{v.session[:6]}"
                 sids[name] = sid
+                topic = f"{PREFIX}/{cam.device}/session/{sid}/in"
                 body_ = payload if isinstance(payload, bytes) else json.dumps(payload)
-                await probe.publish(f"{PREFIX}/{cam.device}/session/{sid}/in", body_)
+                if not name.startswith("unsigned-"):
+                    body_ = signer.seal(body_, topic, cred=True)
+                    sigs[name] = json.loads(body_)["sig"]
+                await probe.publish(topic, body_)
             # On the live session of the first viewer: a second offer, a broken candidate.
             await v.send({"v": 1, "type": "offer", "sdp": v.offer_sdp})
             await v.send(
@@ -458,23 +477,24 @@ def test_malformed_signaling_is_rejected_and_isolated(cam):
                     break
                 await asyncio.sleep(0.1)
             # bad-sdp removes the session: a candidate for it is now unknown.
+            topic = f"{PREFIX}/{cam.device}/session/{sids['garbage-sdp']}/in"
             await probe.publish(
-                f"{PREFIX}/{cam.device}/session/{sids['garbage-sdp']}/in",
-                json.dumps({"v": 1, "type": "candidate", "candidate": cand}),
+                topic,
+                signer.seal({"v": 1, "type": "candidate", "candidate": cand}, topic, cred=True),
             )
             await asyncio.sleep(1.0)
             t_end = now_ms()
             n_during = len(v.frames) - n_before
             await v.wait_frames(2 * FPS, 5)  # and it keeps flowing afterwards
             state = cam.state()
-            return v, replies, sids, t_begin, t_end, n_during, state
+            return v, replies, sids, sigs, t_begin, t_end, n_during, state
         finally:
             probe.close()
             await stop(v)
 
-    v, replies, sids, t_begin, t_end, n_during, state = run(body(), 60)
+    v, replies, sids, sigs, t_begin, t_end, n_during, state = run(body(), 60)
     problems = []
-    for name, _payload, code in cases:
+    for name, _payload, code in all_cases:
         got = replies.get(sids[name], [])
         if name == "garbage-sdp":
             want = [code, "unknown-session"]
@@ -496,6 +516,11 @@ def test_malformed_signaling_is_rejected_and_isolated(cam):
             problems.append(
                 f"{name}: expected {{v:1,type:error,code:{code!r},reason:str}}, got {m}"
             )
+        # Signed mode: an error names the envelope it is about (`ref`, §9.6): its sig, or
+        # null for one without a signature; payload-too-large is refused unread.
+        want_ref = sigs.get(name) if name != "payload-too-large" else None
+        if m.get("ref", "absent") != want_ref:
+            problems.append(f"{name}: expected ref {want_ref!r}, got {m}")
     live = [e.get("code") for e in v.errors]
     if live != ["session-exists", "bad-candidate"]:
         problems.append(
@@ -553,7 +578,7 @@ def test_killed_viewer_is_freed(cam, monitor):
         await probe.connect()
         await probe.subscribe(
             f"{PREFIX}/{cam.device}/session/{vp.session}/out",
-            lambda t, p: device_msgs.append(json_or_raw(p)),
+            lambda t, p: device_msgs.append(device_message(t, p)),
         )
         try:
             await vp.start()
@@ -597,15 +622,16 @@ def test_bye_frees_session_promptly(cam, monitor):
             await v.start(timeout=20)
             await v.wait_frames(10, 10)
             await athread(cam.wait_state, lambda s: s["viewers"] == 1, 5, "viewers == 1")
-            await probe.subscribe(v.topic_out, lambda t, p: after_bye.append(json_or_raw(p)))
+            await probe.subscribe(v.topic_out, lambda t, p: after_bye.append(device_message(t, p)))
             t_bye = time.monotonic()
             await v.send({"v": 1, "type": "bye"})
             await athread(cam.wait_idle, 5)
             freed_s = time.monotonic() - t_bye
             await v.close()
-            # The session is gone: a candidate for it is an unknown session now.
+            # The session is gone: a candidate for it is an unknown session now (signed by
+            # the viewer, with its credential: without a session its key is not bound).
             await probe.publish(
-                v.topic_in, json.dumps({"v": 1, "type": "candidate", "candidate": None})
+                v.topic_in, v.seal({"v": 1, "type": "candidate", "candidate": None}, cred=True)
             )
             await asyncio.sleep(1.5)
             return freed_s, after_bye
@@ -644,7 +670,14 @@ def test_shutdown_sends_bye_and_offline(make_rtcam, monitor):
     assert rc == 0, f"rtcam exit code after SIGTERM: {rc} (None = had to SIGKILL after 10 s)"
     record_metric("shutdown.stop_s", round(stop_s, 2))
     status = monitor.latest(cam2.topic_status)
-    assert status == {"v": 1, "status": "offline", "device": cam2.device, "protocol": 1}, status
+    assert status == {
+        "v": 1,
+        "status": "offline",
+        "device": cam2.device,
+        "protocol": 1,
+        "auth": "signed",
+        "key": cam2.device_key,
+    }, status
     assert [b.get("reason") for b in v.byes] == ["shutdown"], f"viewer got byes {v.byes}"
 
 
@@ -667,12 +700,13 @@ def test_unconnected_session_times_out(make_rtcam, monitor):
         try:
             await probe.subscribe(
                 f"{PREFIX}/{cam3.device}/session/{sid}/out",
-                lambda t, p: got.append((time.monotonic(), json_or_raw(p))),
+                lambda t, p: got.append((time.monotonic(), device_message(t, p))),
             )
             t0 = time.monotonic()
+            topic = f"{PREFIX}/{cam3.device}/session/{sid}/in"
+            signer = Viewer(HOST, cam3.broker_port, cam3.device)
             await probe.publish(
-                f"{PREFIX}/{cam3.device}/session/{sid}/in",
-                json.dumps({"v": 1, "type": "offer", "sdp": sdp}),
+                topic, signer.seal({"v": 1, "type": "offer", "sdp": sdp}, topic, cred=True)
             )
             deadline = t0 + 15
             while time.monotonic() < deadline and not any(m.get("type") == "bye" for _, m in got):
@@ -700,4 +734,11 @@ def test_last_will_offline(make_rtcam, monitor):
     status = monitor.wait_for(
         cam4.topic_status, lambda m: m.get("status") == "offline", 10, "offline (last will)"
     )
-    assert status == {"v": 1, "status": "offline", "device": cam4.device, "protocol": 1}, status
+    assert status == {
+        "v": 1,
+        "status": "offline",
+        "device": cam4.device,
+        "protocol": 1,
+        "auth": "signed",
+        "key": cam4.device_key,
+    }, status

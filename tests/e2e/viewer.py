@@ -10,7 +10,14 @@ Library use (inside an asyncio loop)::
 
 CLI (one JSON object per line on stdout)::
 
-    python viewer.py --port 1883 --device testcam --duration 10 [--no-bye] [--die-after S]
+    python viewer.py --port 1883 --device testcam --duration 10 [--no-bye] [--die-after S] \
+        [--auth auth.json]
+
+Signed mode (docs/protocol.md §9): with a `ViewerAuth` (viewer key, credential, the device
+key to pin) the viewer signs every message it publishes (rtcam_auth.py, Python
+`cryptography` + PyJWT, not rtcam's code), opens only device messages signed by the pinned
+key, and ignores errors whose `ref` names an envelope it did not send. The tests' conftest
+sets `default_auth`, so every Viewer signs unless told otherwise (`auth=None`: open mode).
 
 Only loopback is ever used: aioice's host-address discovery is patched to return
 127.0.0.1 (aioice skips 127.0.0.1 otherwise, so nothing would connect inside a
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -28,13 +36,16 @@ import os
 import secrets
 import signal
 import statistics
+import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aioice.ice
+import aiortc.codecs
 import paho.mqtt.client as mqtt
 from aiortc import (
     RTCConfiguration,
@@ -43,11 +54,23 @@ from aiortc import (
     RTCRtpReceiver,
     RTCSessionDescription,
 )
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpHeaderExtensionParameters
 from aiortc.sdp import candidate_from_sdp
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pattern import decode_frame
+from rtcam_auth import (
+    AuthError,
+    ViewerSigner,
+    load_private_key_pem,
+    open_device_message,
+    public_b64,
+)
 
 log = logging.getLogger("viewer")
 
@@ -57,9 +80,13 @@ log = logging.getLogger("viewer")
 
 _ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
 
+# The one address ICE gathers: loopback, or the viewer's interface in a network emulation
+# test (`--ice-address`, see tests/e2e/netem.py).
+ICE_ADDRESS = "127.0.0.1"
+
 
 def _loopback_host_addresses(use_ipv4: bool = True, use_ipv6: bool = False) -> list[str]:
-    return ["127.0.0.1"] if use_ipv4 else []
+    return [ICE_ADDRESS] if use_ipv4 else []
 
 
 def patch_aioice_loopback() -> None:
@@ -89,11 +116,15 @@ _ORIGINAL_HANDLE_RTP = RTCRtpReceiver._handle_rtp_packet
 
 async def _counting_handle_rtp(self, packet, arrival_time_ms):
     self.rtcam_payload_bytes = getattr(self, "rtcam_payload_bytes", 0) + len(packet.payload)
+    twcc = getattr(self, "rtcam_twcc", None)
+    if twcc is not None and packet.extensions.transport_sequence_number is not None:
+        twcc.on_packet(packet.ssrc, packet.extensions.transport_sequence_number, arrival_time_ms)
     return await _ORIGINAL_HANDLE_RTP(self, packet, arrival_time_ms)
 
 
 def patch_rtp_byte_counter() -> None:
-    """Count every RTP payload byte each receiver is handed, for bitrate measurements."""
+    """Count every RTP payload byte each receiver is handed, for bitrate measurements, and
+    record transport-wide sequence numbers for the TWCC feedback (see TwccFeedback)."""
     params = list(inspect.signature(_ORIGINAL_HANDLE_RTP).parameters)
     if params != ["self", "packet", "arrival_time_ms"]:
         raise RuntimeError(
@@ -106,9 +137,214 @@ def patch_rtp_byte_counter() -> None:
 patch_rtp_byte_counter()
 
 
-def use_real_host_addresses() -> None:
-    """Undo the loopback patch: gather on the namespace's own interfaces (the NAT lab)."""
-    aioice.ice.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
+# --------------------------------------------------------------------------------------
+# Congestion feedback: what the viewer offers and sends back
+# --------------------------------------------------------------------------------------
+
+TWCC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+FEEDBACK_MODES = ("remb", "twcc", "none")
+
+
+@contextlib.contextmanager
+def offered_feedback(mode: str):
+    """aiortc's video codecs and header extensions as a viewer of this `mode` offers them.
+
+    "remb": aiortc as it is (abs-send-time, goog-remb: aiortc's receive-side estimator sends
+    REMB). "twcc": like a browser (transport-wide-cc extension and feedback, which TwccFeedback
+    sends; no REMB). "none": neither (the device has only receiver reports). aiortc reads these
+    module globals in createOffer and setRemoteDescription, so both run inside this block.
+    """
+    if mode not in FEEDBACK_MODES:
+        raise ValueError(f"feedback mode {mode!r} is not one of {FEEDBACK_MODES}")
+    exts = aiortc.codecs.HEADER_EXTENSIONS["video"]
+    codecs = aiortc.codecs.CODECS["video"]
+    saved = (exts[:], [c.rtcpFeedback[:] for c in codecs])
+    try:
+        if mode != "remb":
+            exts[:] = [e for e in exts if e.uri != ABS_SEND_TIME_URI]
+            for c in codecs:
+                c.rtcpFeedback = [f for f in c.rtcpFeedback if f.type != "goog-remb"]
+        if mode == "twcc":
+            exts.append(RTCRtpHeaderExtensionParameters(id=5, uri=TWCC_URI))
+            for c in codecs:
+                if not c.mimeType.endswith("/rtx"):
+                    c.rtcpFeedback.append(RTCRtcpFeedback(type="transport-cc"))
+        yield
+    finally:
+        exts[:] = saved[0]
+        for c, fb in zip(codecs, saved[1]):
+            c.rtcpFeedback = fb
+
+
+class TwccPacket:
+    """A transport-wide congestion control feedback packet (RTPFB FMT 15), as bytes."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __bytes__(self) -> bytes:
+        return self.data
+
+    def __repr__(self) -> str:
+        return f"TwccPacket({len(self.data)} bytes)"
+
+
+class TwccFeedback:
+    """Records arrivals by transport-wide sequence number and builds the feedback a browser
+    sends (draft-holmer-rmcat-transport-wide-cc-extensions-01): every packet from the one after
+    the last reported to the newest arrival, received or not, with arrival deltas in 250 us
+    units against a reference time in 64 ms units."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[int, float] = {}  # unwrapped sequence number -> arrival ms
+        self.last_seq: int | None = None  # newest, unwrapped
+        self.next_seq: int | None = None  # first not yet reported
+        self.media_ssrc = 0
+        self.count = 0
+        self.sent = 0
+
+    def on_packet(self, ssrc: int, seq: int, arrival_ms: float) -> None:
+        self.media_ssrc = ssrc
+        if self.last_seq is None:
+            unwrapped = seq
+        else:
+            delta = (seq - self.last_seq) & 0xFFFF
+            unwrapped = self.last_seq + (delta if delta < 0x8000 else delta - 0x10000)
+        self.last_seq = unwrapped if self.last_seq is None else max(self.last_seq, unwrapped)
+        if self.next_seq is not None and unwrapped < self.next_seq:
+            return  # already reported as lost
+        self.arrivals.setdefault(unwrapped, arrival_ms)
+
+    def build(self, sender_ssrc: int) -> bytes | None:
+        if not self.arrivals:
+            return None
+        start = self.next_seq if self.next_seq is not None else min(self.arrivals)
+        end = min(max(self.arrivals), start + 0xFFFF - 1)
+        seqs = range(start, end + 1)
+        arrivals = [self.arrivals.pop(s, None) for s in seqs]
+        self.next_seq = end + 1
+        first = next(a for a in arrivals if a is not None)
+        reference = int(first // 64)  # 64 ms units
+        previous = reference * 64.0
+        symbols, deltas = [], b""
+        for a in arrivals:
+            if a is None:
+                symbols.append(0)
+                continue
+            ticks = round((a - previous) * 4)  # 250 us units
+            previous += ticks / 4
+            if 0 <= ticks <= 255:
+                symbols.append(1)
+                deltas += struct.pack("!B", ticks)
+            else:
+                ticks = max(-32768, min(32767, ticks))
+                symbols.append(2)
+                deltas += struct.pack("!h", ticks)
+        chunks = b""
+        i = 0
+        while i < len(symbols):  # run-length chunks: 0 | symbol (2 bits) | run (13 bits)
+            run = 1
+            while i + run < len(symbols) and symbols[i + run] == symbols[i] and run < 0x1FFF:
+                run += 1
+            chunks += struct.pack("!H", (symbols[i] << 13) | run)
+            i += run
+        body = struct.pack(
+            "!IIHHI",
+            sender_ssrc,
+            self.media_ssrc,
+            start & 0xFFFF,
+            len(seqs),
+            ((reference & 0xFFFFFF) << 8) | (self.count & 0xFF),
+        )
+        body += chunks + deltas
+        body += b"\0" * (-len(body) % 4)
+        self.count += 1
+        self.sent += 1
+        header = struct.pack("!BBH", 0x80 | 15, 205, len(body) // 4)
+        return header + body
+
+
+# A missing packet is waited for this long, then given up.
+HOLE_GIVE_UP_MS = 400
+
+
+def starts_keyframe(payload: bytes) -> bool:
+    """True for an H.264 RTP payload (RFC 6184) that begins a keyframe: SPS, an IDR slice, or
+    an aggregate or first fragment holding one (rtcam sends SPS and PPS before every IDR)."""
+    if not payload:
+        return False
+    nal = payload[0] & 0x1F
+    if nal in (5, 7):
+        return True
+    if nal == 24:  # STAP-A: 2-byte sizes, then NAL units
+        i = 1
+        while i + 2 < len(payload):
+            size = int.from_bytes(payload[i : i + 2], "big")
+            if payload[i + 2] & 0x1F in (5, 7):
+                return True
+            i += 2 + size
+        return False
+    if nal == 28 and len(payload) > 1:  # FU-A: start bit and the fragmented NAL's type
+        return bool(payload[1] & 0x80) and payload[1] & 0x1F == 5
+    return False
+
+
+class BrowserLikeJitterBuffer(JitterBuffer):
+    """aiortc's video jitter buffer, giving up on a missing packet as a browser does.
+
+    aiortc's own waits for a missing packet until 512 packets queue behind it and then keeps
+    that backlog: one packet a path loses for good costs seconds of latency for the rest of
+    the session (and the decoder, fed what follows the hole, falls further behind). Browsers
+    wait a few hundred milliseconds for a retransmission, then stop decoding, ask for a
+    keyframe and resume with it. This does the same: after HOLE_GIVE_UP_MS it empties the
+    buffer, asks for a keyframe (PLI, and again every second) and takes packets again from the
+    first one that starts a keyframe; the picture is frozen in between. On a path that loses
+    nothing (loopback) it behaves exactly like aiortc's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(capacity=512, is_video=True)
+        self._hole_since: float | None = None
+        self._waiting_since: float | None = None
+        self._last_pli = 0.0
+        self.holes_skipped = 0
+
+    def _after_hole(self) -> int | None:
+        """Offset of the first packet after the first missing one, if any waits there."""
+        cap = self._capacity
+        slots = [self._packets[(self._origin + i) % cap] is not None for i in range(cap)]
+        if False not in slots:
+            return None
+        hole = slots.index(False)
+        return next((i for i in range(hole, cap) if slots[i]), None)
+
+    def add(self, packet):
+        now = time.monotonic()
+        if self._waiting_since is not None:
+            if not starts_keyframe(packet.payload):
+                pli = now - self._last_pli > 1.0
+                if pli:
+                    self._last_pli = now
+                return pli, None
+            self._waiting_since = None
+            self._origin = None  # start over at this packet
+        pli, frame = super().add(packet)
+        after = None if frame is not None or self._origin is None else self._after_hole()
+        if after is None:
+            self._hole_since = None
+            return pli, frame
+        if self._hole_since is None:
+            self._hole_since = now
+        if (now - self._hole_since) * 1000 < HOLE_GIVE_UP_MS:
+            return pli, frame
+        self.remove(self._capacity)
+        self._origin = None
+        self._hole_since = None
+        self._waiting_since = now
+        self._last_pli = now
+        self.holes_skipped += 1
+        return True, None
 
 
 def rtc_configuration(ice_servers: list[dict] | None = None) -> RTCConfiguration:
@@ -162,11 +398,20 @@ def selected_pair(pc: RTCPeerConnection) -> dict | None:
 class MqttLink:
     """A paho client whose acks and messages are delivered to an asyncio loop."""
 
-    def __init__(self, host: str, port: int, client_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        loop: asyncio.AbstractEventLoop,
+        login: tuple[str, str] | None = None,
+    ):
         self.host, self.port, self.loop = host, port, loop
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311
         )
+        if login is not None:
+            self.client.username_pw_set(*login)
         self._lock = threading.Lock()
         self._acks: dict[tuple[str, int], asyncio.Future] = {}
         self._early: set[tuple[str, int]] = set()
@@ -251,6 +496,48 @@ class MqttLink:
 # --------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------
+# Signed mode
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ViewerAuth:
+    """What a viewer signs with: its own key, an owner's credential bound to that key, and
+    the device key it pins (None: learn it from the retained status, trust on first use)."""
+
+    key: Ed25519PrivateKey
+    credential: str
+    device_key: str | None = None
+
+    def to_json(self) -> str:
+        pem = self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        return json.dumps(
+            {"key_pem": pem, "credential": self.credential, "device_key": self.device_key}
+        )
+
+    @staticmethod
+    def from_json(text: str) -> ViewerAuth:
+        d = json.loads(text)
+        return ViewerAuth(
+            load_private_key_pem(d["key_pem"].encode()), d["credential"], d.get("device_key")
+        )
+
+    @property
+    def public(self) -> str:
+        return public_b64(self.key)
+
+
+# Set by the tests' conftest: device id -> the auth a Viewer uses when given none.
+default_auth: Callable[[str], ViewerAuth | None] | None = None
+# The broker login viewers use ((username, password), None: anonymous), for ACL tests.
+broker_login: tuple[str, str] | None = None
+
+
 class ViewerError(Exception):
     def __init__(self, message: str, code: str | None = None, reply: dict | None = None):
         super().__init__(message)
@@ -317,13 +604,33 @@ class Viewer:
         session: str | None = None,
         decode: bool = True,
         keep_problems: int = 20,
+        feedback: str = "remb",
+        auth: ViewerAuth | None | str = "default",
     ):
+        """auth: "default" takes `default_auth(device)`; None is open mode (unsigned)."""
+        if feedback not in FEEDBACK_MODES:
+            raise ValueError(f"feedback {feedback!r} is not one of {FEEDBACK_MODES}")
+        self.feedback = feedback
+        self.twcc: TwccFeedback | None = None
+        self.jitter_buffer: BrowserLikeJitterBuffer | None = None
         self.host, self.port, self.device, self.prefix = host, port, device, prefix
+        if auth == "default":
+            auth = default_auth(device) if default_auth is not None else None
+        self.auth: ViewerAuth | None = auth
         self.session = session or new_session_id()
         self.decode = decode
         self.keep_problems = keep_problems
         base = f"{prefix}/{device}/session/{self.session}"
         self.topic_in, self.topic_out = f"{base}/in", f"{base}/out"
+        self.topic_status = f"{prefix}/{device}/status"
+        self.signer = (
+            ViewerSigner(self.auth.key, self.auth.credential, self.topic_in) if self.auth else None
+        )
+        self.device_key: str | None = self.auth.device_key if self.auth else None
+        # Signed mode: device messages that failed the check (code, raw payload), and errors
+        # whose `ref` names someone else's envelope (ignored, as docs/protocol.md §9.6 says).
+        self.rejected: list[tuple[str, bytes]] = []
+        self.foreign_errors: list[dict] = []
         self.frames: list[FrameRecord] = []
         self.decode_failures = 0
         self.messages: list[tuple[float, dict | None, bytes]] = []  # everything on `out`
@@ -356,8 +663,17 @@ class Viewer:
     # ---- signaling ------------------------------------------------------------------
 
     def _on_out(self, topic: str, payload: bytes) -> None:
+        text: bytes | str = payload
+        if self.auth is not None:
+            try:
+                text = open_device_message(payload, topic, self.device_key, int(now_ms()))
+            except AuthError as e:
+                # Not from the device (a forged answer, someone else's junk): dropped.
+                self.rejected.append((e.code, payload[:300]))
+                log.info("%s: device message rejected: %s", self.session, e)
+                return
         try:
-            msg = json.loads(payload)
+            msg = json.loads(text)
         except ValueError:
             msg = None
         self.messages.append((now_ms(), msg, payload))
@@ -366,6 +682,18 @@ class Viewer:
             log.warning("%s: non-JSON message on out: %r", self.session, payload[:200])
             return
         kind = msg.get("type")
+        if (
+            kind == "error"
+            and self.signer is not None
+            and "ref" in msg
+            and (msg["ref"] not in self.signer.sent_sigs or msg.get("code") == "replayed")
+        ):
+            # An error about someone else's message on our topic (another envelope's sig, or
+            # null for an unsigned one), or about a copy of one of ours that went through
+            # already (`replayed`): not a problem of this session, carry on (§9.6). No
+            # `ref`: about the session itself.
+            self.foreign_errors.append(msg)
+            return
         if kind == "answer":
             self.t_answer_ms = now_ms()
             self.answer_sdp = msg.get("sdp")
@@ -406,9 +734,38 @@ class Viewer:
         c.sdpMLineIndex = cand.get("sdpMLineIndex")
         await self.pc.addIceCandidate(c)
 
-    async def send(self, msg: dict | str | bytes, topic: str | None = None) -> None:
-        payload = msg if isinstance(msg, (str, bytes)) else json.dumps(msg)
+    def seal(self, msg: dict | str | bytes, topic: str | None = None, cred: bool | None = None) -> str:
+        """The signed envelope of `msg` (any text) for `topic` (default: this session's `in`)."""
+        text = msg.decode() if isinstance(msg, bytes) else msg
+        return self.signer.seal(text, topic=topic or self.topic_in, cred=cred)
+
+    async def send(
+        self, msg: dict | str | bytes, topic: str | None = None, signed: bool | None = None
+    ) -> None:
+        """Publish `msg` on `topic` (default: `in`); signed when the viewer has auth (the
+        first offer carries the credential), unless `signed=False`."""
+        if signed is None:
+            signed = self.signer is not None
+        if signed:
+            payload: str | bytes = self.seal(msg, topic)
+        else:
+            payload = msg if isinstance(msg, (str, bytes)) else json.dumps(msg)
         await self.mqtt.publish(topic or self.topic_in, payload)
+
+    async def _learn_device_key(self, timeout: float) -> None:
+        """Trust on first use: the key in the device's retained status (docs/protocol.md §9.6)."""
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_status(topic, payload):
+            try:
+                status = json.loads(payload)
+            except ValueError:
+                return
+            if isinstance(status, dict) and status.get("key") and not got.done():
+                got.set_result(status["key"])
+
+        await self.mqtt.subscribe(self.topic_status, on_status)
+        self.device_key = await asyncio.wait_for(got, timeout)
 
     async def wait_message(self, predicate, timeout: float) -> dict:
         """Wait for a message on `out` (already received or future) matching predicate."""
@@ -450,14 +807,21 @@ class Viewer:
         self._dc_open = asyncio.Event()
         self._frame_event = asyncio.Event()
         self._msg_event = asyncio.Event()
-        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop)
+        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop, broker_login)
         await self.mqtt.connect()
+        if self.auth is not None and self.device_key is None:
+            await self._learn_device_key(timeout)
         # Protocol 2: subscribe to `out` before publishing the offer.
         await self.mqtt.subscribe(self.topic_out, self._on_out)
 
         if ask_ice_servers:
             t0 = now_ms()
-            await self.send({"v": 1, "type": "ice-servers"})
+            ask = {"v": 1, "type": "ice-servers"}
+            if self.signer is not None:
+                # No session yet: like the offer, the request carries the credential (§9.4).
+                await self.mqtt.publish(self.topic_in, self.seal(ask, cred=True))
+            else:
+                await self.send(ask)
             try:
                 reply = await self.wait_message(
                     lambda m: m.get("type") in ("ice-servers", "error"), timeout
@@ -469,14 +833,21 @@ class Viewer:
             self.t_ice_servers_ms = now_ms() - t0
             self.ice_servers = reply["ice_servers"]
         self.pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
-        self.pc.addTransceiver("video", direction="recvonly")
+        transceiver = self.pc.addTransceiver("video", direction="recvonly")
+        self.jitter_buffer = BrowserLikeJitterBuffer()
+        transceiver.receiver._RTCRtpReceiver__jitter_buffer = self.jitter_buffer
+        if self.feedback == "twcc":
+            self.twcc = TwccFeedback()
+            transceiver.receiver.rtcam_twcc = self.twcc
+            self._tasks.append(asyncio.ensure_future(self._send_twcc(transceiver.receiver)))
         self.dc = self.pc.createDataChannel("control")
         self.dc.on("open", self._dc_open.set)
         self.dc.on("message", self._on_dc_message)
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
 
-        offer = await self.pc.createOffer()
+        with offered_feedback(self.feedback):
+            offer = await self.pc.createOffer()
         await self.pc.setLocalDescription(offer)  # aiortc: gathering completes here
         self.offer_sdp = self.pc.localDescription.sdp
         local_candidates: list[dict] = []
@@ -490,13 +861,25 @@ class Viewer:
             await self.send({"v": 1, "type": "candidate", "candidate": None})
 
         answer = await asyncio.wait_for(self._answer, timeout)
-        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        with offered_feedback(self.feedback):
+            await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         pending, self._pending_candidates = self._pending_candidates, []
         for cand in pending:
             await self._add_candidate(cand)
         if wait_connected:
             left = max(1.0, timeout - (now_ms() - self.t_offer_ms) / 1000)
             await self.wait_connected(left)
+
+    async def _send_twcc(self, receiver) -> None:
+        """Transport-wide feedback every 100 ms, as browsers send it."""
+        while True:
+            await asyncio.sleep(0.1)
+            ssrc = getattr(receiver, "_RTCRtpReceiver__rtcp_ssrc", None)
+            if ssrc is None or self.twcc is None:
+                continue
+            data = self.twcc.build(ssrc)
+            if data is not None:
+                await receiver._send_rtcp(TwccPacket(data))
 
     def _on_state(self) -> None:
         state = self.pc.connectionState
@@ -713,8 +1096,26 @@ def summarize(frames: list[FrameRecord]) -> dict:
 class ViewerProcess:
     """Runs this file as a CLI viewer in a child process; lines of JSON events on stdout."""
 
-    def __init__(self, host: str, port: int, device: str, *extra: str, prefix: str = "rtcam"):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        device: str,
+        *extra: str,
+        prefix: str = "rtcam",
+        auth: ViewerAuth | None | str = "default",
+    ):
         self.session = new_session_id()
+        if auth == "default":
+            auth = default_auth(device) if default_auth is not None else None
+        auth_args: list[str] = []
+        if auth is not None:
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                f.write(auth.to_json())
+            os.chmod(f.name, 0o600)
+            auth_args = ["--auth", f.name]
         self.args = [
             sys.executable,
             os.path.abspath(__file__),
@@ -728,6 +1129,7 @@ class ViewerProcess:
             prefix,
             "--session",
             self.session,
+            *auth_args,
             *extra,
         ]
         self.proc: asyncio.subprocess.Process | None = None
@@ -779,10 +1181,53 @@ def _emit(event: str, **data: Any) -> None:
     print(json.dumps({"event": event, **data}), flush=True)
 
 
+def _record(v: Viewer, path: str, byte_samples: list) -> None:
+    """Writes what a network test measures from: every frame's stamp and arrival, and the
+    received payload bytes over time."""
+    data = {
+        "session": v.session,
+        "t_offer_ms": v.t_offer_ms,
+        "t_first_frame_ms": v.t_first_frame_ms,
+        # When recording stopped: the end of every measuring window (frames after it are not
+        # recorded, so a window reaching past it would count a freeze that never happened).
+        "t_end_ms": now_ms(),
+        "frames": [[f.seq, f.ts, round(f.arrival_ms, 1), f.crc_ok] for f in v.frames],
+        "bytes": byte_samples,
+        "decode_failures": v.decode_failures,
+        "holes_skipped": v.jitter_buffer.holes_skipped if v.jitter_buffer else 0,
+        "twcc_feedback_sent": v.twcc.sent if v.twcc else 0,
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
 async def _cli(a: argparse.Namespace) -> int:
-    if a.real_interfaces:
-        use_real_host_addresses()
-    v = Viewer(a.host, a.port, a.device, prefix=a.prefix, session=a.session)
+    global ICE_ADDRESS
+    if a.ice_address:
+        ICE_ADDRESS = a.ice_address
+    auth = None
+    if a.auth:
+        with open(a.auth) as f:
+            auth = ViewerAuth.from_json(f.read())
+    v = Viewer(
+        a.host,
+        a.port,
+        a.device,
+        prefix=a.prefix,
+        session=a.session,
+        feedback=a.feedback,
+        auth=auth,
+    )
+    byte_samples: list[list[float]] = []
+
+    async def sample_bytes() -> None:
+        while True:
+            byte_samples.append([round(now_ms(), 1), v.video_payload_bytes()])
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.ensure_future(sample_bytes()) if a.record else None
     try:
         await v.start(timeout=a.timeout, ask_ice_servers=a.ask_ice_servers)
     except (ViewerError, TimeoutError) as e:
@@ -812,13 +1257,15 @@ async def _cli(a: argparse.Namespace) -> int:
         ms_from_offer=round(v.t_connected_ms - v.t_offer_ms, 1),
         pair=selected_pair(v.pc),
     )
-    await v.wait_frames(1, a.timeout)
-    _emit(
-        "first-frame",
-        session=v.session,
-        ms_from_offer=round(v.t_first_frame_ms - v.t_offer_ms, 1),
-        frame=asdict(v.frames[0]),
-    )
+    if not a.video_optional:
+        await v.wait_frames(1, a.timeout)
+    if v.frames:
+        _emit(
+            "first-frame",
+            session=v.session,
+            ms_from_offer=round(v.t_first_frame_ms - v.t_offer_ms, 1),
+            frame=asdict(v.frames[0]),
+        )
     if a.ping:
         reply, rtt = await v.ping(t="cli")
         _emit("ping", reply=reply, rtt_ms=round(rtt, 2))
@@ -829,7 +1276,11 @@ async def _cli(a: argparse.Namespace) -> int:
         if die_at is not None and time.monotonic() >= die_at:
             _emit("dying", frames=len(v.frames))
             v.die()
-        _emit("stats", **v.stats())
+        if not a.quiet:
+            _emit("stats", **v.stats())
+    if sampler is not None:
+        sampler.cancel()
+        _record(v, a.record, byte_samples)
     if a.no_bye:
         _emit("done", bye=False, **v.stats())
         v.die()
@@ -845,15 +1296,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="rtcam")
     p.add_argument("--prefix", default="rtcam")
     p.add_argument("--session", default=None)
+    p.add_argument("--auth", default=None, help="signed mode: JSON file from ViewerAuth.to_json")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of video to receive")
     p.add_argument("--timeout", type=float, default=20.0, help="connect/first frame timeout")
     p.add_argument("--ping", action="store_true", help="ping over the data channel once")
     p.add_argument("--no-bye", action="store_true", help="at the end, die instead of bye")
     p.add_argument("--die-after", type=float, default=None, help="SIGKILL self after S seconds")
     p.add_argument(
-        "--real-interfaces",
+        "--feedback",
+        choices=FEEDBACK_MODES,
+        default="remb",
+        help="congestion feedback offered and sent: remb (aiortc's own), twcc (like a "
+        "browser), none (receiver reports only)",
+    )
+    p.add_argument("--ice-address", default=None, help="the one local address ICE uses")
+    p.add_argument("--record", default=None, help="write frames and received bytes (JSON) here")
+    p.add_argument("--quiet", action="store_true", help="no per-second stats lines")
+    p.add_argument(
+        "--video-optional",
         action="store_true",
-        help="gather on the namespace's interfaces instead of 127.0.0.1 only (NAT lab)",
+        help="once connected, receive for --duration seconds even if no frame arrives "
+        "(a network test measuring a path that may carry no picture at all)",
     )
     p.add_argument(
         "--ask-ice-servers",

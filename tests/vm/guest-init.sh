@@ -1,9 +1,11 @@
 #!/bin/busybox sh
 # The VM tests' /init: loads vivid and the other test drivers, runs every case in /cases,
 # writes the results as a tar stream onto the raw virtio disk, and powers off.
-# Case lines: NAME|ENV ASSIGNMENTS|COMMAND|KIND (plain, fault, or mplane: plain after
-# reloading vicodec with multiplanar=1); a case's standard output
-# goes to /out/NAME.json, its standard error to /out/NAME.log, its exit code to /out/NAME.rc.
+# Case lines: NAME|ENV ASSIGNMENTS|COMMAND|KIND (plain, fault, mplane: plain after
+# reloading vicodec with multiplanar=1, or "feed FEEDER COMMAND": plain while the feeder runs
+# in the background, started first, its output in /out/NAME.feed.json and .feed.log); a
+# case's standard output goes to /out/NAME.json, its standard error to /out/NAME.log, its exit
+# code to /out/NAME.rc.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /out /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s /bin
 export PATH=/bin LD_LIBRARY_PATH=/lib
@@ -77,6 +79,19 @@ run_fault() { # name command...: run while vivid is unbound for 2 s, then bound 
 while IFS='|' read -r name envs command kind; do
     [ -n "$name" ] || continue
     start=$(now_ms)
+    feeder=
+    case "$kind" in feed\ *) feeder=${kind#feed }; kind=plain ;; esac
+    if [ -n "$feeder" ]; then
+        # shellcheck disable=SC2086
+        $feeder >"/out/$name.feed.json" 2>"/out/$name.feed.log" &
+        fpid=$!
+        i=0
+        while [ ! -s "/out/$name.feed.json" ] && kill -0 $fpid 2>/dev/null && [ $i -lt 100 ]; do
+            sleep 0.1; i=$((i + 1))
+        done
+        # rtcam starts mid-stream, between the clip's IDRs.
+        sleep 1.2
+    fi
     if [ "$kind" = mplane ]; then
         # vicodec again, in its multi-planar mode (the API bcm2835-codec uses).
         rmmod vicodec && insmod /modules/vicodec.ko multiplanar=1 \
@@ -93,6 +108,10 @@ while IFS='|' read -r name envs command kind; do
         # shellcheck disable=SC2086
         env $envs $command >"/out/$name.json" 2>"/out/$name.log"
         echo $? >"/out/$name.rc"
+    fi
+    if [ -n "$feeder" ]; then
+        kill "$fpid" 2>/dev/null
+        wait "$fpid"
     fi
     say "$name: exit $(cat "/out/$name.rc") in $(($(now_ms) - start)) ms"
 done </cases

@@ -100,6 +100,23 @@ GUEST_MODULES = [
     ("virtio_pci", ""),
     ("virtio_blk", ""),
 ]
+# H.264 passthrough (v4l2loopback): clips made on the host with libx264 (PyAV), fed into the
+# loopback device one access unit per buffer by the hidden `rtcam feed-h264` in the guest, and
+# read by `rtcam record` with capture.format = "H264". Per clip: frames, IDR interval, profile,
+# SPS/PPS with every IDR (x264's default) or only in the first access unit (rtcam must put
+# them in front of the later IDRs), and every how many access units the feeder adds a garbage
+# buffer.
+CLIP_SIZE = (640, 360)
+# Fed at 15 fps: v4l2loopback (0.12) hands a reader that falls more than two buffers behind
+# only the newest, so a stall of rtcam's capture thread under TCG longer than ~130 ms (at 30
+# fps: ~70 ms) would lose frames. rtcam handles that (the checks below allow it where it is
+# explained by a gap), but the test should not depend on it.
+FEED_FPS = 15
+CLIPS = {
+    "high-gop30": dict(frames=90, keyint=30, profile="high", every_idr=True, garbage_every=25),
+    "main-sps-once": dict(frames=60, keyint=20, profile="main", every_idr=False, garbage_every=0),
+}
+LOOPBACK = "/dev/by-name/rtcam-loopback"
 # What each test driver must create in the guest: V4L2 node names (/sys/class/video4linux/*/
 # name: video nodes and sub-devices) and media-controller models (/sys/bus/media/devices/*/model).
 EXPECTED_NODES = {
@@ -129,6 +146,15 @@ class Case:
     extra_env: dict[str, str] = field(default_factory=dict)
     # M2M cases: reload vicodec with multiplanar=1 first.
     mplane: bool = False
+    # Loopback cases: the clip fed (CLIPS) and after how many frames a second subscriber joins.
+    clip: str = ""
+    join_at: int = 0
+
+    def feeder(self) -> str:
+        """The guest's background feeder for a loopback case."""
+        c = CLIPS[self.clip]
+        return (f"/rtcam feed-h264 --device {LOOPBACK} --clip /clips/{self.clip}.h264 "
+                f"--size {CLIP_SIZE[0]}x{CLIP_SIZE[1]} --fps {FEED_FPS} --garbage-every {c['garbage_every']} --seconds 90")
 
     def env(self) -> str:
         if self.kind == "m2m":
@@ -157,6 +183,8 @@ class Case:
                     f"--input {self.fmt} --output-dir /out/{self.name}")
         timeout = 240 if self.kind == "fault" else 120
         a = f"{self.wrapper} /rtcam record --frames {self.frames} --output /out/{self.name}.h264 --timeout {timeout}"
+        if self.join_at:
+            a += f" --join-at {self.join_at} --join-output /out/{self.name}.join.h264"
         # vivid draws status text over the top of the picture (several 16-line rows, most of a
         # 180-line frame); its "OSD Text Mode" menu control, set through rtcam's control path
         # like any other, switches that off so the colour bars are all there is.
@@ -191,6 +219,15 @@ def cases(arch: Arch, libcamera: bool) -> list[Case]:
     # copied into MMAP buffers where it does not (640x360: vicodec wants 368-line buffers);
     # then again with vicodec reloaded in its multi-planar mode (the API bcm2835-codec uses).
     # vicodec's FWHT encoder takes ~0.2 s per 640x480 frame under TCG: 20 frames per size.
+    # H.264 passthrough: v4l2loopback fed a libx264 clip by `rtcam feed-h264` (started first,
+    # so rtcam joins mid-stream); a second subscriber joins mid-GOP and must start at once
+    # from the cached IDR. High profile with SPS/PPS on every IDR and a garbage buffer every
+    # 25 access units; Main with SPS/PPS only in the clip's first access unit.
+    w, h = CLIP_SIZE
+    out.append(Case("h264-loopback", "H264", w, h, 60, kind="loopback", device=LOOPBACK, vivid=False,
+                    clip="high-gop30", join_at=40))
+    out.append(Case("h264-loopback-sps-once", "H264", w, h, 50, kind="loopback", device=LOOPBACK, vivid=False,
+                    clip="main-sps-once", join_at=30))
     out.append(Case("m2m-dmabuf", "dmabuf", 0, 0, M2M_FRAMES, kind="m2m"))
     out.append(Case("m2m-mplane-dmabuf", "dmabuf", 0, 0, M2M_FRAMES, kind="m2m", mplane=True))
     if libcamera:
@@ -447,7 +484,12 @@ def build_initramfs(
         lib_dirs = [libcamera / f"usr/lib/{arch.name}-linux-gnu", libcamera / f"lib/{arch.name}-linux-gnu"]
     libs = add_libraries(arch, cpio, binaries, lib_dirs)
     def guest_kind(c: Case) -> str:
+        if c.kind == "loopback":
+            return f"feed {c.feeder()}"
         return "fault" if c.kind == "fault" else "mplane" if c.mplane else "plain"
+
+    for name in sorted({c.clip for c in case_list if c.kind == "loopback"}):
+        cpio.file(f"/clips/{name}.h264", b"".join(clip_units(name)))
 
     lines = [f"{c.name}|{c.env()}|{c.command()}|{guest_kind(c)}" for c in case_list]
     cpio.file("/cases", ("\n".join(lines) + "\n").encode())
@@ -510,6 +552,108 @@ def boot(arch: Arch, vmlinuz: Path, initramfs: Path, work: Path, timeout_s: int)
     except tarfile.TarError as e:
         die(f"{arch.name}: no results on the disk ({e}); console log: {console}")
     return results
+
+
+# --- H.264 clips ----------------------------------------------------------------------------
+
+_CLIP_CACHE: dict[str, list[bytes]] = {}
+
+
+def nal_units(data: bytes) -> list[tuple[int, int, int]]:
+    """(start code start, NAL start, NAL end) of each NAL unit in Annex-B data; trailing zero
+    bytes are not part of a NAL unit."""
+    starts = []
+    i = data.find(b"\x00\x00\x01")
+    while i != -1:
+        starts.append(i)
+        i = data.find(b"\x00\x00\x01", i + 3)
+    out = []
+    for k, st in enumerate(starts):
+        code = st - 1 if st > 0 and data[st - 1] == 0 else st
+        end = starts[k + 1] if k + 1 < len(starts) else len(data)
+        end = len(data[st + 3:end].rstrip(b"\x00")) + st + 3
+        out.append((code, st + 3, end))
+    return out
+
+
+def clip_units(name: str) -> list[bytes]:
+    """The clip's access units as libx264 made them (one packet each); for a clip with SPS/PPS
+    only at the start, those are taken out of every access unit but the first."""
+    if name in _CLIP_CACHE:
+        return _CLIP_CACHE[name]
+    import av  # from target/e2e-venv (tests/e2e/requirements.txt)
+    import fractions
+    import numpy as np
+
+    c, (w, h) = CLIPS[name], CLIP_SIZE
+    enc = av.CodecContext.create("libx264", "w")
+    enc.width, enc.height, enc.pix_fmt = w, h, "yuv420p"
+    enc.time_base, enc.framerate = fractions.Fraction(1, 30), fractions.Fraction(30, 1)
+    enc.options = {
+        "profile": c["profile"], "preset": "veryfast", "tune": "zerolatency", "threads": "1",
+        "x264-params": f"keyint={c['keyint']}:min-keyint={c['keyint']}:scenecut=0:bframes=0:aud=1:threads=1",
+    }
+    units: list[bytes] = []
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(c["frames"]):
+        y = ((xx * 255 // w + i * 4) % 256).astype(np.uint8)
+        x0 = (i * 7) % (w - 60)
+        y[h // 3 : h // 3 + 60, x0 : x0 + 60] = 235
+        # A band of fresh noise: P pictures of a realistic size.
+        y[2 * h // 3 : 2 * h // 3 + 48, :] = np.random.default_rng(i).integers(60, 200, (48, w), dtype=np.uint8)
+        frame = av.VideoFrame(w, h, "yuv420p")
+        frame.planes[0].update(np.ascontiguousarray(y))
+        frame.planes[1].update(np.full((h // 2, w // 2), 128 + i % 32, np.uint8))
+        frame.planes[2].update(np.full((h // 2, w // 2), 100, np.uint8))
+        frame.pts = i
+        units += [bytes(p) for p in enc.encode(frame)]
+    units += [bytes(p) for p in enc.encode(None)]
+    if len(units) != c["frames"]:
+        die(f"libx264 made {len(units)} access units for {c['frames']} frames")
+    if not c["every_idr"]:
+        units = [units[0]] + [
+            b"".join(u[a:e] for a, n, e in nal_units(u) if u[n] & 0x1F not in (7, 8)) for u in units[1:]
+        ]
+    _CLIP_CACHE[name] = units
+    return units
+
+
+def nal_types(au: bytes) -> list[int]:
+    return [au[n] & 0x1F for _, n, _ in nal_units(au)]
+
+
+def as_passed_through(units: list[bytes]) -> list[bytes]:
+    """Each access unit as rtcam sends it: IDRs without SPS/PPS get the last ones before them
+    (4-byte start codes) after the leading delimiter; everything else unchanged."""
+    out, sps, pps = [], None, None
+    for u in units:
+        nals = nal_units(u)
+        types = [u[n] & 0x1F for _, n, _ in nals]
+        for (a, n, e), t in zip(nals, types):
+            if t == 7:
+                sps = u[n:e]
+            if t == 8:
+                pps = u[n:e]
+        if 5 in types and not (7 in types and 8 in types) and sps and pps:
+            cut = nals[1][0] if types[0] == 9 else 0
+            u = u[:cut] + b"\x00\x00\x00\x01" + sps + b"\x00\x00\x00\x01" + pps + u[cut:]
+        out.append(u)
+    return out
+
+
+def walk(data: bytes, forms: list[bytes]) -> tuple[list[int], int | None]:
+    """Which of the clip's access units (as passed through) `data` is made of, in order: the
+    successor of the previous one first, any other after a gap. (indices, byte offset where
+    nothing matches or None)."""
+    out, at, n = [], 0, len(forms)
+    while at < len(data):
+        order = ([(out[-1] + 1) % n] if out else []) + list(range(n))
+        hit = next((i for i in order if data.startswith(forms[i], at)), None)
+        if hit is None:
+            return out, at
+        out.append(hit)
+        at += len(forms[hit])
+    return out, None
 
 
 # --- checks --------------------------------------------------------------------------------
@@ -689,10 +833,116 @@ class Checker:
         if rc != 0 or missing:
             self.fail(case, f"rtcam probe (exit {rc}) lacks {missing}; stderr: {log[-500:]}")
 
+    def check_loopback(self, case: Case) -> dict | None:
+        """H.264 passthrough: bit-exact recording of the fed clip from an IDR, the late
+        subscriber's start from the GOP cache, parameter sets put in front, garbage counted."""
+        rc, s, log = self.load(case)
+        if rc is None:
+            return None
+        feed_log = (self.results / f"{case.name}.feed.log").read_text(errors="replace")
+        plan_lines = [l for l in (self.results / f"{case.name}.feed.json").read_text().splitlines() if l.startswith("{")]
+        if rc != 0 or s is None or not plan_lines:
+            self.fail(case, f"rtcam record exited {rc}; feeder: {feed_log[-400:]!r}; log tail:\n{log[-1500:]}")
+            return None
+        plan = json.loads(plan_lines[-1])
+        units = clip_units(case.clip)
+        forms = as_passed_through(units)
+        idr = [i for i, u in enumerate(units) if 5 in nal_types(u)]
+        if plan["access_units"] != len(units) or plan["idr"] != idr:
+            self.fail(case, f"rtcam feed-h264 split the clip into {plan['access_units']} access units (IDRs "
+                      f"{plan['idr']}); libx264 made {len(units)} (IDRs {idr})")
+        rec = (self.results / f"{case.name}.h264").read_bytes()
+        seq, bad_at = walk(rec, forms)
+        frames = decode(self.results / f"{case.name}.h264")
+        w, h = s["width"], s["height"]
+        row = {
+            "arch": self.arch.name, "case": case.name, "format": s["pixel_format"], "size": f"{w}x{h}",
+            "stride": s["stride"], "captured": s["frames"], "decoded": len(frames),
+            "copied/frame": s["bytes_copied_per_frame"], "encoder": (s.get("encoder") or {}).get("backend", "?"),
+            "cpu ms/frame": f"{s['cpu_ms_per_frame']:.3f}", "bars": "-",
+        }
+        self.rows.append(row)
+        if bad_at is not None:
+            self.fail(case, f"the recording is not the clip: no access unit of it matches at byte {bad_at} "
+                      f"(after {len(seq)} that did)")
+            return row
+        gaps = [k for k in range(1, len(seq)) if seq[k] != (seq[k - 1] + 1) % len(units)]
+        prepended = sum(1 for i in seq if forms[i] != units[i])
+        sps = next(u[n + 1 : n + 4].hex() for u in units for _, n, _ in nal_units(u) if u[n] & 0x1F == 7)
+        enc = s.get("encoder") or {}
+        problems = []
+        if len(seq) != s["frames"] or s["frames"] != case.frames or len(frames) != len(seq):
+            problems.append(f"{s['frames']} frames recorded, {len(seq)} access units found, {len(frames)} decoded; "
+                            f"asked {case.frames}")
+        if not seq or seq[0] not in idr:
+            problems.append(f"the recording starts at access unit {seq[:1]}, not an IDR ({idr})")
+        for k in gaps:
+            # A frame the driver lost: rtcam must drop what follows until an IDR.
+            if seq[k] not in idr:
+                problems.append(f"after a gap the recording goes on at access unit {seq[k]}, not an IDR")
+        if (s["pixel_format"], w, h) != ("H264", *CLIP_SIZE):
+            problems.append(f"summary says {s['pixel_format']} {w}x{h}")
+        if (enc.get("backend"), enc.get("input")) != ("camera", "passthrough"):
+            problems.append(f"encoder {enc}, expected the camera's own H.264 passed through")
+        if "FORCE_KEY_FRAME" not in (enc.get("keyframes_unavailable") or ""):
+            problems.append(f"v4l2loopback has no force-keyframe control, yet: {enc}")
+        if s.get("profile_level_id") != sps:
+            problems.append(f"profile_level_id {s.get('profile_level_id')}, the clip's SPS says {sps}")
+        if s["bytes_copied_per_frame"] <= 0:
+            problems.append("no bytes copied out of the camera's buffer?")
+        garbage = CLIPS[case.clip]["garbage_every"]
+        if garbage and s["frames_corrupt"] < 1:
+            problems.append(f"the feeder wrote a garbage buffer every {garbage} access units; frames_corrupt is 0")
+        # Without garbage only frames the driver lost make corrupt ones: those after each loss
+        # until an IDR (a gap in the recording; one more loss may fall before it started).
+        keyint = CLIPS[case.clip]["keyint"]
+        if not garbage and s["frames_corrupt"] > (len(gaps) + 1) * keyint:
+            problems.append(f"frames_corrupt {s['frames_corrupt']} without garbage, with {len(gaps)} gaps")
+        if not CLIPS[case.clip]["every_idr"] and prepended < 1:
+            problems.append("no IDR needed SPS/PPS put in front: the case does not test that")
+        # The second subscriber: its first frame is an IDR from the cache, from before it
+        # joined, and what it got is the main recording from that IDR on.
+        j = s.get("join") or {}
+        jrec = (self.results / f"{case.name}.join.h264").read_bytes() if j else b""
+        jseq, jbad = walk(jrec, forms)
+        jframes = decode(self.results / f"{case.name}.join.h264") if jrec else []
+        if not j or jbad is not None or not jseq:
+            problems.append(f"the second subscriber's recording is not the clip ({j}, no match at {jbad})")
+        else:
+            starts = [k for k in range(len(seq)) if seq[k : k + len(jseq)] == jseq[: len(seq) - k] and len(seq) - k > j["preroll_frames"]]
+            if jseq[0] not in idr or not j["first_keyframe"]:
+                problems.append(f"the second subscriber starts at access unit {jseq[0]}, not an IDR")
+            # Only a loss just before the join (the cache is reset, and what follows waits for
+            # an IDR) leaves nothing cached: then the recording has a gap between the join
+            # and where the second subscriber starts, at an IDR.
+            k0 = starts[0] if starts else -1
+            reset_by_loss = any(case.join_at <= g <= k0 for g in gaps) and seq[k0] in idr
+            if reset_by_loss and j["preroll_frames"] == 0:
+                print(f"vmtest: {self.arch.name} {case.name}: the driver lost frames just before the "
+                      f"second subscriber joined (gaps at {gaps}): it started live at the next IDR")
+            elif j["preroll_frames"] < 1 or j["first_seq"] > j["joined_after_seq"]:
+                problems.append(f"the second subscriber did not start from the cached GOP: {j}")
+            if not starts:
+                problems.append(f"the second subscriber's frames {jseq[:5]}... are not the main recording's")
+            if len(jframes) != len(jseq):
+                problems.append(f"second subscriber: {len(jseq)} access units, {len(jframes)} decoded")
+            row["bars"] = (f"bit-exact, {len(gaps) + 1} run(s), {prepended} IDR(s) given SPS/PPS, "
+                           f"{s['frames_corrupt']} corrupt dropped; join: IDR {jseq[0]} + {max(j['preroll_frames'] - 1, 0)} "
+                           f"cached{' (none: a loss reset the cache)' if not j['preroll_frames'] else ''}, then live "
+                           f"({len(jseq)} frames)")
+        print(f"vmtest: {self.arch.name} {case.name}: clip {case.clip} ({len(units)} access units, IDRs {idr}, "
+              f"SPS {sps}); recorded {seq[:3]}..{seq[-1:]} ({len(seq)}), gaps at {gaps}; join {j}; "
+              f"encoder {enc}; {s['cpu_ms_per_frame']:.3f} ms CPU per frame")
+        for p in problems:
+            self.fail(case, p)
+        return row
+
     def check(self, case: Case) -> dict | None:
         if case.kind == "probe":
             self.check_probe(case)
             return None
+        if case.kind == "loopback":
+            return self.check_loopback(case)
         if case.kind == "m2m":
             self.check_m2m(case)
             return None
@@ -715,7 +965,7 @@ class Checker:
             "arch": self.arch.name, "case": case.name, "format": s["pixel_format"],
             "size": f"{w}x{h}", "stride": s["stride"], "captured": s["frames"],
             "decoded": len(frames), "copied/frame": s["bytes_copied_per_frame"], "bars": "-",
-            "s": s, "frames": frames,
+            "s": s, "frames": frames, "cpu ms/frame": f"{s.get('cpu_ms_per_frame', 0):.3f}",
         }
         if s["frames"] != case.frames or len(frames) != case.frames:
             self.fail(case, f"asked {case.frames} frames: rtcam wrote {s['frames']}, decoded {len(frames)}")
@@ -898,12 +1148,13 @@ def check_fault(checker: Checker, case_list: list[Case], rows: dict) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["arch", "case", "format", "size", "stride", "captured", "decoded", "copied/frame", "encoder", "bars"]
-    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in cols}
+    cols = ["arch", "case", "format", "size", "stride", "captured", "decoded", "copied/frame", "encoder",
+            "cpu ms/frame", "bars"]
+    widths = {c: max([len(c)] + [len(str(r.get(c, "-"))) for r in rows]) for c in cols}
     print()
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        print("  ".join(str(r.get(c, "-")).ljust(widths[c]) for c in cols))
     print()
 
 

@@ -9,6 +9,10 @@
 //                                   non-loopback interface in the namespace (tests/run.sh adds
 //                                   a veth pair that leads nowhere).
 //
+// Signed mode (docs/protocol.md §9) is on, as by default: the test makes an owner key with
+// `rtcam token keygen`, and the page is enrolled the way a person would do it: it shows its own
+// viewer key, the owner issues a credential for it with `rtcam token issue`, and it is pasted.
+//
 // Writes target/web-screenshot.png (video playing), target/web-snapshot.jpg (the downloaded
 // snapshot) and, on failure, target/web-failure.png plus the tails of every process log.
 import assert from "node:assert/strict";
@@ -89,11 +93,11 @@ function waitTcp(port, timeoutMs) {
 }
 
 class Proc {
-  constructor(name, argv) {
+  constructor(name, argv, env = {}) {
     this.name = name;
     this.log = join(WORK, `${name}.log`);
     const fd = openSync(this.log, "a");
-    this.child = spawn(argv[0], argv.slice(1), { cwd: REPO, stdio: ["ignore", fd, fd], env: { ...process.env, NO_COLOR: "1" } });
+    this.child = spawn(argv[0], argv.slice(1), { cwd: REPO, stdio: ["ignore", fd, fd], env: { ...process.env, NO_COLOR: "1", ...env } });
     this.exited = new Promise((r) => this.child.once("exit", (code, sig) => r(code ?? sig)));
     procs.push(this);
   }
@@ -159,6 +163,24 @@ async function startMosquitto() {
   return { proc: p, tcp, ws, conf };
 }
 
+/** Runs `rtcam <args>` and returns its stdout (a key, a credential); fails loudly. */
+function rtcamCli(args) {
+  const r = spawnSync(RTCAM_BIN, args, { cwd: WORK, encoding: "utf8" });
+  assert.equal(r.status, 0, `rtcam ${args.join(" ")}: ${r.stderr}`);
+  return r.stdout.trim();
+}
+
+// The owner of the test devices: its public key is in every test rtcam's auth.owner_keys.
+const OWNER_KEY = join(WORK, "owner.key");
+const OWNER_PUBLIC = rtcamCli(["token", "keygen", "--out", OWNER_KEY]);
+
+/** A credential from `owner` for `viewerKey` (a public key), as its owner would issue it. */
+function issue(viewerKey, devices, allow = "view,control", owner = OWNER_KEY) {
+  const args = ["token", "issue", "--key", owner, "--viewer-key", viewerKey, "--allow", allow, "--expires", "1d", "--name", "browser-test"];
+  for (const d of devices) args.push("--device", d);
+  return rtcamCli(args);
+}
+
 function rtcamConfig({ device, mqttPort, webPort, broker }) {
   const lines = [
     "[device]",
@@ -185,6 +207,10 @@ function rtcamConfig({ device, mqttPort, webPort, broker }) {
     "[log]",
     `target = "stderr"`,
     `level = "info,rtcam=info,rumqttd=warn,rtc=warn,webrtc=warn"`,
+    // A stable identity across the restarts below: the page pinned its key.
+    "[auth]",
+    `owner_keys = ["${OWNER_PUBLIC}"]`,
+    `identity_key_path = ${JSON.stringify(join(WORK, `identity-${device}.pem`))}`,
   ];
   if (broker) {
     lines.push("[broker]", "enabled = true", `listen = "${HOST}:${mqttPort}"`, `ws_listen = "${HOST}:${broker.ws}"`);
@@ -314,6 +340,7 @@ async function step(name, fn) {
 let browser;
 let page;
 const consoleLines = [];
+const httpRequests = [];
 
 async function main() {
   const broker = await startMosquitto();
@@ -346,6 +373,7 @@ async function main() {
   page = await context.newPage();
   page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
+  page.on("request", (r) => httpRequests.push(r.url()));
 
   const url = `http://${HOST}:${webPort}/?broker=ws://${HOST}:${broker.ws}&device=${device}&username=${VIEWER_USER}`;
   await step(`page from rtcam's web server logs in to mosquitto's WebSocket listener (${url})`, async () => {
@@ -360,6 +388,48 @@ async function main() {
     await page.click("#connect");
     await page.waitForSelector('#conn-status[data-state="ok"]', { timeout: 15000 });
     await page.waitForSelector(`#devices li[data-device="${device}"][data-status="online"]`, { timeout: 15000 });
+  });
+
+  let viewerKey;
+  await step("without a credential the page says what it needs, and shows its own viewer key", async () => {
+    await page.waitForSelector('#auth-status[data-state="error"]', { timeout: 15000 });
+    const text = await page.textContent("#auth-status");
+    viewerKey = (await page.textContent("#viewer-key")).trim();
+    assert.match(viewerKey, /^[A-Za-z0-9_-]{43}$/, "the page's viewer key");
+    assert.match(text, /needs a credential/, text);
+    assert.ok(text.includes(viewerKey), `the error names the viewer key to send the owner: ${text}`);
+    assert.equal(await page.evaluate(() => window.rtcam.session), null, "no session was attempted");
+  });
+
+  await step("a wrong credential shows an error: bound to another key, or from an owner the device does not trust", async () => {
+    const otherViewer = rtcamCli(["token", "keygen", "--out", join(WORK, "other-viewer.key")]);
+    await page.fill("#credential", issue(otherViewer, [device]));
+    await page.click("#connect");
+    await page.waitForFunction(() => /another viewer key/.test(document.getElementById("auth-status").textContent), null, { timeout: 15000 });
+    assert.equal(await page.getAttribute("#auth-status", "data-state"), "error");
+    // Right key, but an owner the device does not know: the device itself refuses the offer.
+    const stranger = join(WORK, "stranger-owner.key");
+    rtcamCli(["token", "keygen", "--out", stranger]);
+    await page.fill("#credential", issue(viewerKey, [device], "view,control", stranger));
+    await page.click("#connect");
+    await page.waitForFunction(
+      () => /not authorized: unauthorized: credential refused/.test(document.getElementById("auth-status").textContent),
+      null,
+      { timeout: 20000 },
+    );
+    const shown = await page.textContent("#auth-status");
+    console.log(`\n    shown: ${shown}`);
+    assert.match(await page.textContent("#session-status"), /not authorized/);
+    assert.equal(await page.evaluate(() => document.getElementById("video").videoWidth), 0, "no video");
+  });
+
+  await step("the right credential, pasted: the page pins the device key and video plays", async () => {
+    await page.fill("#credential", issue(viewerKey, [device, "demo"]));
+    await page.click("#connect");
+    await page.waitForSelector('#auth-status[data-state="ok"]', { timeout: 20000 });
+    const status = await page.evaluate((d) => window.rtcam.link.devices.get(d), device);
+    assert.equal(status.auth, "signed");
+    assert.equal((await page.textContent("#device-key")).trim(), status.key, "the announced device key is pinned");
   });
 
   await step("video plays at the stream's size, framesDecoded rising, stats shown", async () => {
@@ -483,6 +553,35 @@ async function main() {
     assert.ok(r.url.includes(`username=${VIEWER_USER}`), r.url);
   });
 
+  await step("the viewer key is non-extractable in IndexedDB; the credential never went to a web server", async () => {
+    const r = await page.evaluate(async () => {
+      const db = await new Promise((res, rej) => {
+        const q = indexedDB.open("rtcam-viewer");
+        q.onsuccess = () => res(q.result);
+        q.onerror = () => rej(q.error);
+      });
+      const key = await new Promise((res) => {
+        const q = db.transaction("auth").objectStore("auth").get("viewer-key");
+        q.onsuccess = () => res(q.result);
+      });
+      db.close();
+      let exported = "refused";
+      try {
+        await crypto.subtle.exportKey("pkcs8", key.privateKey);
+        exported = "exported";
+      } catch {
+        /* non-extractable: as intended */
+      }
+      return { type: key.privateKey.type, extractable: key.privateKey.extractable, exported, url: location.href };
+    });
+    assert.deepEqual([r.type, r.extractable, r.exported], ["private", false, "refused"]);
+    const cred = await page.inputValue("#credential");
+    assert.ok(!r.url.includes(cred.slice(0, 40)), "the credential is not in the URL");
+    const leaked = httpRequests.filter((u) => u.includes(cred.slice(0, 40)) || u.includes(cred.slice(-40)));
+    assert.deepEqual(leaked, [], "an HTTP request carried the credential");
+    assert.ok(httpRequests.length > 0, "requests were recorded");
+  });
+
   await step("rtcam restarts (SIGTERM, start again): the page recovers video without a reload", async () => {
     await page.evaluate(() => (window.__noReload = true));
     const before = await videoInfo(page);
@@ -534,10 +633,16 @@ async function main() {
     const port = await freePort();
     const demoConfig = rtcamConfig({ device: "demo", mqttPort, webPort: port, broker: { ws } });
     const demo = await startRtcam("rtcam-demo", demoConfig, port);
-    // No device in the URL: the user picks it from the list.
+    // No device in the URL: the user picks it from the list. Another origin: another
+    // IndexedDB, so another viewer key, enrolled like the first.
     await page.goto(`http://${HOST}:${port}/?broker=ws://${HOST}:${ws}`);
     await page.waitForSelector('#conn-status[data-state="ok"]', { timeout: 15000 });
     await page.click('#devices li[data-device="demo"][data-status="online"] button', { timeout: 15000 });
+    await page.waitForFunction(() => /needs a credential/.test(document.getElementById("auth-status").textContent), null, { timeout: 15000 });
+    const key = (await page.textContent("#viewer-key")).trim();
+    await page.fill("#credential", issue(key, ["demo"], "view"));
+    await page.click("#connect");
+    await page.click('#devices li[data-device="demo"][data-status="online"] button', { timeout: 15000 }).catch(() => {});
     await expectVideoPlaying(page, "embedded broker");
     assert.match(page.url(), /[?&]device=demo(&|$)/, "the chosen device is in the URL");
     assert.equal(await demo.stop("SIGTERM"), 0, demo.tail());
@@ -549,9 +654,16 @@ async function demoMain() {
   const script = readFileSync(join(REPO, "scripts/demo.sh"), "utf8");
   const m = script.match(/^url="(http:[^"]+)"$/m);
   assert.ok(m, "scripts/demo.sh has no url=\"http://...\" line");
-  const url = m[1];
+  // The demo's keys and credential fragment, as scripts/demo.sh makes them.
+  const keys = spawnSync(join(REPO, "scripts/demo-keys.sh"), [], { cwd: REPO, encoding: "utf8", env: { ...process.env, RTCAM_BIN } });
+  assert.equal(keys.status, 0, `scripts/demo-keys.sh: ${keys.stderr}`);
+  const [owner, fragment] = keys.stdout.trim().split("\n");
+  assert.match(fragment, /^cred=[^&]+&vk=[^&]+&dk=[A-Za-z0-9_-]{43}$/, "demo-keys.sh fragment");
+  assert.match(script, /RTCAM__AUTH__OWNER_KEYS="\$owner"/, "demo.sh passes the demo owner key");
+  assert.match(script, /"\$url#\$fragment"/, "demo.sh prints the URL with the credential fragment");
+  const url = `${m[1]}#${fragment}`;
   const webPort = Number(new URL(url).port);
-  const p = new Proc("rtcam-demo-toml", [RTCAM_BIN, "--config", join(REPO, "config/demo.toml")]);
+  const p = new Proc("rtcam-demo-toml", [RTCAM_BIN, "--config", join(REPO, "config/demo.toml")], { RTCAM__AUTH__OWNER_KEYS: owner });
   // Proc starts it in the repository, where demo.toml's web.root = "web/dist" points.
   await waitTcp(webPort, 20000);
   browser = await chromium.launch({
@@ -562,9 +674,11 @@ async function demoMain() {
   });
   page = await browser.newPage();
   page.on("console", (msg) => consoleLines.push(`${msg.type()}: ${msg.text()}`));
-  await step(`an ordinary browser opens the demo URL ${url} and plays video`, async () => {
+  await step(`an ordinary browser opens the demo URL ${m[1]}#cred=… and plays video`, async () => {
     await page.goto(url);
     await expectVideoPlaying(page, "demo");
+    assert.ok(!page.url().includes("#"), "the fragment with the credential is cleared from the address bar");
+    assert.equal(await page.getAttribute("#auth-status", "data-state"), "ok");
     await page.screenshot({ path: join(TARGET, "web-demo-screenshot.png"), fullPage: true });
   });
   await step("the demo stops cleanly", async () => {

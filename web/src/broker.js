@@ -91,8 +91,14 @@ export class BrokerLink {
   updateDevice(topic, key, msg) {
     if (!msg || msg.v !== 1) return;
     const id = topic.slice(this.prefix.length + 1).split("/")[0];
-    const entry = this.devices.get(id) || { status: null, state: null };
+    const entry = this.devices.get(id) || { status: null, state: null, auth: null, key: null };
     entry[key] = key === "status" ? msg.status : msg;
+    if (key === "status") {
+      // Signed mode (docs/protocol.md §9.6): the mode and the device key, for pinning; a
+      // device in open mode announces neither.
+      entry.auth = msg.auth || "open";
+      entry.key = typeof msg.key === "string" ? msg.key : null;
+    }
     this.devices.set(id, entry);
     this.onDevices(this.devices, id, key);
   }

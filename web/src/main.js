@@ -1,5 +1,7 @@
 // The viewer page's controller: settings from the URL/form, device list, one session per chosen
-// device with automatic recovery (broker or device restarts), stats, and the control panel.
+// device with automatic recovery (broker or device restarts), stats, the control panel, and
+// signed mode (docs/protocol.md §9): the viewer key, the credential, the pinned device keys.
+import { credentialClaims, describeCredential, importPublicKey, importViewerKey, store, viewerKey } from "./auth.js";
 import { BrokerLink } from "./broker.js";
 import { Session } from "./session.js";
 import { StatsSampler, formatBitrate } from "./stats.js";
@@ -19,6 +21,12 @@ const app = {
   sampler: new StatsSampler(),
   snapshotUrl: null,
   stats: {},
+  // Signed mode: this browser's key {privateKey (non-extractable), publicB64}, the credential
+  // (pasted or from the URL fragment; kept in this browser only), and an authorization
+  // problem that stops retries until the user changes something.
+  viewer: null,
+  credential: "",
+  authProblem: null,
 };
 // For debugging from the console (and the browser tests); holds no secret.
 window.rtcam = app;
@@ -43,6 +51,85 @@ function defaultBroker() {
   return `${location.protocol === "https:" ? "wss" : "ws"}://${host.includes(":") ? `[${host}]` : host}:8083`;
 }
 
+/**
+ * Signed mode's start: the viewer key from IndexedDB (made on first use), the credential, and
+ * what the URL fragment hands over: `#cred=<credential>`, optionally `&dk=<device key to pin>`
+ * and, for the demo only, `&vk=<the viewer key the credential is for, PKCS#8 base64url>`. A
+ * fragment never reaches a server; it is removed from the address bar once read.
+ */
+async function initAuth() {
+  const frag = new URLSearchParams(location.hash.slice(1));
+  const q = new URLSearchParams(location.search);
+  try {
+    if (frag.get("vk") && frag.get("cred")) {
+      const x = credentialClaims(frag.get("cred")).cnf?.jwk?.x;
+      app.viewer = await importViewerKey(frag.get("vk"), x);
+      await store.put("viewer-key", app.viewer);
+    } else {
+      app.viewer = await viewerKey();
+    }
+    if (frag.get("cred")) await store.put("credential", frag.get("cred").trim());
+    if (frag.get("dk") && q.get("device")) await store.put(`pin:${q.get("device")}`, frag.get("dk"));
+    app.credential = (await store.get("credential")) || "";
+  } catch (e) {
+    authStatus("error", `signed mode unavailable: ${e.message}`);
+  }
+  if (location.hash) history.replaceState(null, "", `${location.pathname}${location.search}`);
+  $("credential").value = app.credential;
+  $("viewer-key").textContent = app.viewer?.publicB64 || "–";
+}
+
+function authStatus(state, text) {
+  badge("auth-status", state, text);
+  if (state === "error") log(text);
+}
+
+/** Takes the credential from the form (a new one clears an authorization problem). */
+async function readCredential() {
+  const cred = $("credential").value.trim();
+  app.authProblem = null;
+  if (cred === app.credential) return;
+  app.credential = cred;
+  if (cred) await store.put("credential", cred);
+  else await store.delete("credential");
+}
+
+/**
+ * What a session with `device` signs with, or null for a device in open mode. Pins the
+ * device key on first use (or at enrolment, from the URL); a changed key is refused.
+ * Throws with the reason when this browser cannot be authorized.
+ */
+async function sessionAuth(device, entry) {
+  if (entry.auth !== "signed") {
+    authStatus("idle", `${device} runs without signatures (auth.mode = "open")`);
+    return null;
+  }
+  if (!app.viewer) throw new Error("signed mode needs WebCrypto Ed25519 (a current browser)");
+  if (!app.credential) {
+    throw new Error(`${device} needs a credential: ask its owner for one for your viewer key ${app.viewer.publicB64} and paste it above`);
+  }
+  let described;
+  try {
+    described = describeCredential(app.credential, app.viewer.publicB64, device);
+  } catch (e) {
+    throw new Error(`the credential is unreadable: ${e.message}`);
+  }
+  if (described.problem) throw new Error(`this credential cannot work: ${described.problem}`);
+  let pinned = await store.get(`pin:${device}`);
+  if (!pinned && entry.key) {
+    pinned = entry.key;
+    await store.put(`pin:${device}`, pinned);
+    log(`${device}: device key ${pinned} pinned on first use`);
+  }
+  if (!pinned) throw new Error(`${device} announces no device key`);
+  if (entry.key && entry.key !== pinned) {
+    throw new Error(`${device} now announces device key ${entry.key}, but ${pinned} is pinned: not connecting. If the device was really replaced, use "Forget pinned key"`);
+  }
+  $("device-key").textContent = pinned;
+  authStatus("ok", `signed: ${described.text}`);
+  return { privateKey: app.viewer.privateKey, credential: app.credential, deviceKey: await importPublicKey(pinned) };
+}
+
 /** Fills the form from the URL (?broker=&device=&username=&prefix=). Never a password. */
 function readUrl() {
   const q = new URLSearchParams(location.search);
@@ -64,7 +151,8 @@ function writeUrl() {
 
 // ---- broker and devices --------------------------------------------------------------------
 
-function connect() {
+async function connect() {
+  await readCredential();
   disconnect();
   const url = $("broker").value.trim();
   if (!/^wss?:\/\//.test(url)) {
@@ -152,6 +240,7 @@ function renderDevices() {
 function selectDevice(id) {
   if (id === app.device) return;
   endSession("switched device");
+  app.authProblem = null;
   app.device = id;
   $("device").value = id;
   writeUrl();
@@ -177,7 +266,7 @@ function updateSessionBadge(text) {
 
 /** Starts a session when the broker is up, the device online and none is live or pending. */
 function reconcile() {
-  if (!app.link || !app.device || app.session || app.retryTimer) return;
+  if (!app.link || !app.device || app.session || app.retryTimer || app.authProblem) return;
   if (!app.link.connected) {
     updateSessionBadge("waiting for the broker");
     return;
@@ -191,17 +280,31 @@ function reconcile() {
 }
 
 async function startSession() {
+  const entry = app.link.devices.get(app.device);
+  // Claimed synchronously, so reconcile() does not start a second one meanwhile.
+  const claim = { closed: false, ready: false, pending: true };
+  app.session = claim;
+  let auth;
+  try {
+    auth = await sessionAuth(app.device, entry);
+  } catch (e) {
+    if (app.session === claim) app.session = null;
+    blockOnAuth(e.message);
+    return;
+  }
+  if (app.session !== claim) return; // ended meanwhile
   const s = new Session({
     link: app.link,
     prefix: app.prefix,
     device: app.device,
+    auth,
     log,
     onTrack: (stream) => {
       const v = $("video");
       v.srcObject = stream;
       v.play().catch(() => {});
     },
-    onClose: (reason) => onSessionClosed(s, reason),
+    onClose: (reason, code) => onSessionClosed(s, reason, code),
     onEvent: (value) => log(`event: ${JSON.stringify(value)}`),
   });
   app.session = s;
@@ -213,7 +316,7 @@ async function startSession() {
     await s.start();
   } catch (e) {
     log(`session ${s.id}: ${e.message}`);
-    return; // onClose schedules the retry
+    return; // onClose schedules the retry, or says why not
   }
   if (app.session !== s) return;
   s.ready = true;
@@ -224,12 +327,24 @@ async function startSession() {
   s.command("get-state").then((r) => r.ok && showDeviceState(r.result), () => {});
 }
 
-function onSessionClosed(s, reason) {
+/** Refusals a new offer with the same credential would get again: no retry. */
+const AUTH_REFUSALS = ["unauthorized", "stale"];
+
+function onSessionClosed(s, reason, code) {
   if (app.session !== s) return;
   app.session = null;
   setPanelEnabled(false);
+  if (AUTH_REFUSALS.includes(code)) blockOnAuth(reason.replace(/^device refused: /, ""));
+  if (app.authProblem) return; // no retry until the credential or the pin changes
   updateSessionBadge(`${reason}; retrying`);
   scheduleRetry();
+}
+
+/** Not authorized: says why, and why not retrying, until the user changes something. */
+function blockOnAuth(reason) {
+  app.authProblem = reason;
+  authStatus("error", `not authorized: ${reason}`);
+  badge("session-status", "error", `not authorized to watch ${app.device}`);
 }
 
 function scheduleRetry() {
@@ -248,7 +363,7 @@ function endSession(reason) {
   app.retryTimer = null;
   const s = app.session;
   app.session = null;
-  s?.close(reason, true);
+  if (s && !s.pending) s.close(reason, true);
   setPanelEnabled(false);
   updateSessionBadge(reason);
 }
@@ -437,6 +552,14 @@ $("connect-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   connect();
 });
+$("forget-pin").onclick = async () => {
+  if (!app.device) return;
+  await store.delete(`pin:${app.device}`);
+  log(`${app.device}: pinned device key forgotten; the next session pins the key the device announces`);
+  $("device-key").textContent = "–";
+  app.authProblem = null;
+  reconcile();
+};
 $("disconnect").onclick = disconnect;
 $("snapshot").onclick = snapshot;
 $("keyframe").onclick = async () => {
@@ -462,5 +585,8 @@ $("resolution-apply").onclick = async () => {
 $("command-form").addEventListener("submit", freeForm);
 setPanelEnabled(false);
 setInterval(refreshStats, 1000);
-if (readUrl()) connect();
-else updateSessionBadge();
+const fromUrl = readUrl();
+initAuth().then(() => {
+  if (fromUrl) connect();
+  else updateSessionBadge();
+});

@@ -1,5 +1,8 @@
 // One viewer session with a device (docs/protocol.md §4–§6): MQTT signaling as the offerer,
 // the recvonly H.264 video, and commands over the `control` data channel (snapshot chunks too).
+// In signed mode (§9) every message it publishes is signed with the viewer's key, the offer
+// carries the credential, and only messages signed by the pinned device key are acted on.
+import { openDeviceMessage, seal } from "./auth.js";
 import { randomHex } from "./broker.js";
 
 const START_TIMEOUT_MS = 20000;
@@ -15,10 +18,11 @@ export class SessionError extends Error {
 
 /**
  * Callbacks: onTrack(MediaStream), onClose(reason), onEvent(value) for `{"event": ...}`
- * messages, log(text).
+ * messages, log(text). `auth`: null for a device in open mode, else {privateKey, credential,
+ * deviceKey} (the viewer's signing key, its credential, the pinned device key).
  */
 export class Session {
-  constructor({ link, prefix, device, iceServers = [], onTrack, onClose, onEvent, log }) {
+  constructor({ link, prefix, device, iceServers = [], auth = null, onTrack, onClose, onEvent, log }) {
     this.link = link;
     this.device = device;
     this.id = randomHex(8);
@@ -37,6 +41,30 @@ export class Session {
     this.remoteCandidates = [];
     this.offerSent = false;
     this.localCandidates = [];
+    this.auth = auth;
+    this.sentSigs = new Set(); // signatures of what this session sent, to recognise its errors
+    this.credentialSent = false;
+    this.rejected = 0; // device messages dropped because the pinned key did not sign them
+    // Signing and verifying are asynchronous: queues keep messages in order both ways.
+    this.outQueue = Promise.resolve();
+    this.inQueue = Promise.resolve();
+  }
+
+  /** Publishes a signaling message on `in`, signed in signed mode, in order. */
+  send(msg) {
+    const text = JSON.stringify(msg);
+    const sent = this.outQueue.then(async () => {
+      let payload = text;
+      if (this.auth) {
+        const withCred = msg.type === "offer" && !this.credentialSent;
+        this.credentialSent ||= withCred;
+        payload = await seal(this.auth.privateKey, this.topicIn, Date.now(), text, withCred ? this.auth.credential : undefined);
+        this.sentSigs.add(JSON.parse(payload).sig);
+      }
+      await this.link.publish(this.topicIn, payload);
+    });
+    this.outQueue = sent.catch(() => {});
+    return sent;
   }
 
   /** Signals, then resolves when the peer connection is connected and the channel open. */
@@ -50,7 +78,9 @@ export class Session {
     );
     try {
       // §2: subscribe to `out` before publishing the offer.
-      await this.link.subscribe(this.topicOut, (_t, payload) => this.onSignal(payload));
+      await this.link.subscribe(this.topicOut, (_t, payload) => {
+        this.inQueue = this.inQueue.then(() => this.onSignal(payload)).catch(() => {});
+      });
       const pc = new RTCPeerConnection({ iceServers: this.iceServers });
       this.pc = pc;
       pc.addTransceiver("video", { direction: "recvonly" });
@@ -85,7 +115,7 @@ export class Session {
       };
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
-      await this.link.publish(this.topicIn, { v: 1, type: "offer", sdp: pc.localDescription.sdp });
+      await this.send({ v: 1, type: "offer", sdp: pc.localDescription.sdp });
       this.offerSent = true;
       // §4.2: candidates only after the offer; flush those gathered meanwhile.
       for (const c of this.localCandidates.splice(0)) this.publishCandidate(c);
@@ -116,18 +146,35 @@ export class Session {
             sdpMLineIndex: c.sdpMLineIndex ?? null,
             ...(c.usernameFragment ? { usernameFragment: c.usernameFragment } : {}),
           };
-    this.link.publish(this.topicIn, { v: 1, type: "candidate", candidate }).catch(() => {});
+    this.send({ v: 1, type: "candidate", candidate }).catch(() => {});
   }
 
   async onSignal(payload) {
+    let text = new TextDecoder().decode(payload);
+    if (this.auth) {
+      try {
+        text = await openDeviceMessage(this.auth.deviceKey, this.topicOut, text);
+      } catch (e) {
+        // A forged answer, someone else's junk: never acted on (§9.6).
+        this.rejected++;
+        this.log(`session ${this.id}: dropped a message the device did not sign: ${e.message}`);
+        return;
+      }
+    }
     let msg;
     try {
-      msg = JSON.parse(new TextDecoder().decode(payload));
+      msg = JSON.parse(text);
     } catch {
       this.log(`session ${this.id}: non-JSON signaling message ignored`);
       return;
     }
     if (this.closed || !msg || msg.v !== 1) return;
+    if (msg.type === "error" && this.auth && "ref" in msg && (!this.sentSigs.has(msg.ref) || msg.code === "replayed")) {
+      // About someone else's message on this topic, or a copy of one of ours that already
+      // went through: not this session's problem (§9.6).
+      this.log(`session ${this.id}: ignored an error about another message: ${msg.code}: ${msg.reason}`);
+      return;
+    }
     try {
       switch (msg.type) {
         case "answer":
@@ -145,7 +192,7 @@ export class Session {
           if (msg.code !== "bad-candidate") {
             const e = new SessionError(`device refused: ${msg.code}: ${msg.reason}`, msg.code);
             this.failStart?.(e);
-            this.close(e.message, false);
+            this.close(e.message, false, msg.code);
           }
           break;
         case "bye":
@@ -224,14 +271,15 @@ export class Session {
     return this.pc ? this.pc.getStats() : Promise.resolve(new Map());
   }
 
-  /** Ends the session; `sendBye` tells the device (§4.3). Calls onClose once. */
-  close(reason, sendBye = true) {
+  /** Ends the session; `sendBye` tells the device (§4.3). Calls onClose(reason, code) once;
+   * `code` is the device's error code when it refused the session. */
+  close(reason, sendBye = true, code = null) {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.graceTimer);
     this.failStart?.(new SessionError(`session closed: ${reason}`, "closed"));
     if (sendBye && this.offerSent) {
-      this.link.publish(this.topicIn, { v: 1, type: "bye" }).catch(() => {});
+      this.send({ v: 1, type: "bye" }).catch(() => {});
     }
     this.link.unsubscribe(this.topicOut);
     for (const p of this.pending.values()) {
@@ -250,6 +298,6 @@ export class Session {
       /* already closed */
     }
     this.log(`session ${this.id} closed: ${reason}`);
-    this.onClose?.(reason);
+    this.onClose?.(reason, code);
   }
 }

@@ -134,6 +134,42 @@ pub fn split(data: &[u8]) -> Result<Vec<(usize, &[u8])>, AnnexBError> {
     }
 }
 
+/// Splits an Annex-B stream (a `.h264` file) into access units, each with its start codes:
+/// a new one begins at an access unit delimiter, at an SPS, PPS, SEI or other non-VCL unit
+/// that follows a slice, and at a slice that starts a picture (`first_mb_in_slice` 0) after
+/// one (H.264 7.4.1.2.3, for streams without redundant pictures). Leading zero bytes go with
+/// the first unit.
+pub fn access_units(stream: &[u8]) -> Result<Vec<&[u8]>, AnnexBError> {
+    let mut starts = Vec::new();
+    let mut had_slice = false;
+    for (offset, nal) in split(stream)? {
+        let nal_type = nal[0] & 0x1F;
+        let slice = matches!(nal_type, 1 | 5);
+        let begins = match nal_type {
+            9 => true,
+            6..=8 | 10..=18 => had_slice,
+            1 | 5 => had_slice && slice_header(nal, offset)?.first_mb == 0,
+            _ => false,
+        };
+        if begins || starts.is_empty() {
+            // Back over the start code (with a leading zero byte, if any).
+            let code = if offset >= 4 && stream[offset - 4] == 0 {
+                4
+            } else {
+                3
+            };
+            starts.push(if starts.is_empty() { 0 } else { offset - code });
+            had_slice = false;
+        }
+        had_slice |= slice;
+    }
+    Ok(starts
+        .iter()
+        .zip(starts.iter().skip(1).chain([&stream.len()]))
+        .map(|(&a, &b)| &stream[a..b])
+        .collect())
+}
+
 /// Index of the next `00 00 01` at or after `from`.
 fn find_start_code(data: &[u8], from: usize) -> Option<usize> {
     data.get(from..)?
@@ -258,6 +294,16 @@ pub fn sps_id(nal: &[u8], offset: usize) -> Result<u32, AnnexBError> {
     Ok(id)
 }
 
+/// (`profile_idc`, constraint_set flags, `level_idc`) of the first SPS in an Annex-B access
+/// unit: what an SDP `profile-level-id` says about the stream. None without a (readable) SPS.
+pub fn profile_level(access_unit: &[u8]) -> Option<(u8, u8, u8)> {
+    let nals = split(access_unit).ok()?;
+    let (offset, sps) = nals.into_iter().find(|(_, n)| n[0] & 0x1F == 7)?;
+    let mut r = RbspReader::new(&sps[1..], offset, "SPS");
+    let mut byte = || r.bits(8).ok().map(|b| b as u8);
+    Some((byte()?, byte()?, byte()?))
+}
+
 /// (`pic_parameter_set_id`, `seq_parameter_set_id`) of a PPS NAL unit.
 pub fn pps_ids(nal: &[u8], offset: usize) -> Result<(u32, u32), AnnexBError> {
     let what = "PPS";
@@ -365,6 +411,7 @@ pub(crate) mod tests {
             bitrate: 300_000,
             fps: 30,
             keyframe_interval,
+            temporal_layers: 1,
         })
         .expect("encoder");
         let pattern = PatternGenerator::new(w, h);
@@ -482,6 +529,41 @@ pub(crate) mod tests {
             parse_access_unit(&middle),
             Err(AnnexBError::MissingFirstSlice { first_mb: 5, .. })
         ));
+    }
+
+    #[test]
+    fn a_stream_splits_back_into_its_access_units() {
+        let stream = encoded_stream(12, 5);
+        let joined: Vec<u8> = stream.concat();
+        let units = access_units(&joined).unwrap();
+        assert_eq!(units.len(), stream.len());
+        for (got, want) in units.iter().zip(&stream) {
+            assert_eq!(got, &want.as_slice());
+        }
+        // Delimiters start units too, and leading zeros stay with the first.
+        let mut with_aud = vec![0, 0];
+        for u in &stream[..3] {
+            with_aud.extend_from_slice(&[0, 0, 0, 1, 0x09, 0x10]);
+            with_aud.extend_from_slice(u);
+        }
+        let units = access_units(&with_aud).unwrap();
+        assert_eq!(units.len(), 3);
+        assert!(units[0].starts_with(&[0, 0, 0, 0, 0, 1, 0x09]));
+        assert!(units[1].starts_with(&[0, 0, 0, 1, 0x09]));
+        for u in units {
+            assert!(parse_access_unit(u).unwrap().picture.is_some());
+        }
+        assert!(access_units(b"no start code").is_err());
+    }
+
+    #[test]
+    fn profile_and_level_come_from_the_sps() {
+        let stream = encoded_stream(2, 60);
+        // openh264: Constrained Baseline (constraint_set0 and 1), level 1.2 at 160x96.
+        assert_eq!(profile_level(&stream[0]), Some((0x42, 0xc0, 12)));
+        assert_eq!(profile_level(&stream[1]), None, "a P picture has no SPS");
+        assert_eq!(profile_level(&[0, 0, 1, 0x67, 0x64]), None, "truncated");
+        assert_eq!(profile_level(b"garbage"), None);
     }
 
     #[test]

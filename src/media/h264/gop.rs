@@ -114,6 +114,12 @@ impl Passthrough {
         }
     }
 
+    /// Frames were lost before the next one: what follows may refer to a missing picture,
+    /// so non-IDR pictures are refused again until the next IDR (the parameter sets stay).
+    pub fn discontinuity(&mut self) {
+        self.seen_idr = false;
+    }
+
     /// `access_unit` with every cached SPS and PPS in front (after a leading delimiter,
     /// which must stay first).
     fn with_parameter_sets(&self, access_unit: &[u8]) -> Bytes {
@@ -193,8 +199,14 @@ impl GopCache {
         &self.frames
     }
 
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Forgets the GOP (frames were lost): empty until the next IDR.
+    pub fn reset(&mut self) {
+        self.clear();
     }
 
     fn clear(&mut self) {
@@ -219,6 +231,9 @@ mod tests {
             seq,
             captured_at: Instant::now(),
             duration: Duration::from_millis(33),
+            temporal_id: 0,
+            target_bps: 1_000_000,
+            preroll: None,
         }
     }
 
@@ -289,6 +304,13 @@ mod tests {
         );
         assert!(p.accept(frame(stream[0].clone(), 2)).unwrap().is_some());
         assert!(p.accept(frame(stream[1].clone(), 3)).unwrap().is_some());
+        // After lost frames, pictures wait for the next IDR again.
+        p.discontinuity();
+        assert_eq!(
+            p.accept(frame(stream[1].clone(), 4)).unwrap_err(),
+            PassthroughError::BeforeFirstIdr
+        );
+        assert!(p.accept(frame(stream[0].clone(), 5)).unwrap().is_some());
     }
 
     #[test]

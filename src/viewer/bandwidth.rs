@@ -1,0 +1,864 @@
+//! One viewer's bandwidth estimate as a pure state machine: transport-wide feedback (delay trend, loss), REMB and receiver-report loss in, bits per second out.
+//!
+//! GCC-style (draft-ietf-rmcat-gcc, libwebrtc's send-side estimator), no clock inside:
+//! * **Delay.** Packets reported by transport-wide congestion control (TWCC) are grouped by
+//!   send time (5 ms); the growth of one-way delay between groups is smoothed and fitted
+//!   over the last 20 groups (trendline), and an adaptive threshold turns the slope into
+//!   overuse, underuse or normal.
+//! * **Rate control (AIMD).** Overuse: down to 85 % of what the viewer acknowledged receiving.
+//!   Normal: up, additively near the last link capacity seen (for [`CAPACITY_MEMORY`] after an
+//!   overuse), else multiplicatively at 8 % a second, doubling every half second without
+//!   congestion up to 50 % a second (libwebrtc probes with padding instead; rtcam has no
+//!   padding, so it ramps faster to come back within seconds after a dip; without TWCC it
+//!   stays at 8 %). Underuse: hold while the queue drains.
+//! * **Loss.** More than 10 % lost (TWCC, or a receiver report's fraction lost when there is no
+//!   TWCC) cuts the rate by half the loss; 2-10 % holds it (5-10 % with TWCC, whose delay
+//!   trend shows congestion before loss does: random loss alone does not stop a climb).
+//! * **REMB** from a viewer that sends it caps the estimate.
+//!
+//! Bounds: never below the floor, never above the ceiling divided by [`VIDEO_SHARE`] (more
+//! could never be used). Unlike libwebrtc, the climb is not held to 1.5 times what the viewer
+//! acknowledged: rtcam's viewers are often sent less than their estimate allows (an encoder
+//! short of content, a viewer on fewer temporal layers), and a viewer on one layer must be
+//! able to estimate enough for the next one; the bound above keeps it finite, and overuse
+//! after a layer switch brings it back down, and the layer with it (the cost: a viewer on a
+//! path too slow for the next layer tries it now and then, see the README's figures).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// One sent packet, as transport-wide feedback reported it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PacketResult {
+    /// When it left the device (after pacing).
+    pub departure: Instant,
+    /// When it arrived, on the viewer's clock (any origin); `None`: lost.
+    pub arrival: Option<Duration>,
+    /// Bytes on the wire.
+    pub size: usize,
+}
+
+/// Where the delay trend says the path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Usage {
+    Normal,
+    /// The queue at the bottleneck grows: sending faster than the path carries.
+    Over,
+    /// The queue drains.
+    Under,
+}
+
+/// The rate controller's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Hold,
+    Increase,
+    Decrease,
+}
+
+/// What the estimate is made of, for the device state and logs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct EstimateStats {
+    /// The estimate, bits per second.
+    pub estimate_bps: u32,
+    /// The viewer's own maximum (REMB), if it sends one.
+    pub remb_bps: Option<u32>,
+    /// What the viewer acknowledged receiving over the last half second (TWCC).
+    pub acked_bps: Option<u32>,
+    /// Fraction of packets lost lately (TWCC, else receiver reports), 0..=1.
+    pub loss: Option<f64>,
+    pub rtt: Option<Duration>,
+    /// Transport-wide feedback arrived lately.
+    pub twcc: bool,
+    pub usage: Usage,
+}
+
+/// The share of a viewer's estimate its video may fill; the rest is headroom for
+/// retransmissions, RTCP, packet headers and the encoder's rate control overshooting.
+pub(crate) const VIDEO_SHARE: f64 = 0.85;
+/// Where a new viewer's estimate starts, bits per second.
+pub(crate) const START_BITRATE: f64 = 1_000_000.0;
+/// Send-time span of one packet group.
+const GROUP_SPAN: Duration = Duration::from_millis(5);
+/// Groups the trend is fitted over.
+const TREND_WINDOW: usize = 20;
+const TREND_SMOOTHING: f64 = 0.9;
+const TREND_GAIN: f64 = 4.0;
+/// The trend counts fully once this many deltas were seen.
+const TREND_MIN_DELTAS: usize = 60;
+const THRESHOLD_INITIAL_MS: f64 = 12.5;
+const THRESHOLD_UP: f64 = 0.0087;
+const THRESHOLD_DOWN: f64 = 0.039;
+/// Above threshold this long (and twice in a row) is overuse.
+const OVERUSE_TIME_MS: f64 = 10.0;
+/// Overuse takes the rate to this fraction of the acknowledged rate.
+const DECREASE_FACTOR: f64 = 0.85;
+/// Multiplicative increase per second, at first and at most.
+const INCREASE_MIN: f64 = 0.08;
+const INCREASE_MAX: f64 = 0.5;
+/// After an overuse, the rate grows additively near the capacity it showed for this long.
+const CAPACITY_MEMORY: Duration = Duration::from_secs(2);
+/// Throughput window for the acknowledged rate.
+const ACKED_WINDOW: Duration = Duration::from_millis(500);
+/// Loss above this cuts the rate; between this and the low mark it holds.
+const LOSS_HIGH: f64 = 0.10;
+/// The low mark with receiver reports only (GCC's); with TWCC the delay trend shows
+/// congestion before loss does, so random loss up to the higher mark does not stop a climb.
+const LOSS_LOW: f64 = 0.02;
+const LOSS_LOW_WITH_DELAY: f64 = 0.05;
+/// TWCC loss is measured over this long, and needs this many packets to count.
+const LOSS_WINDOW: Duration = Duration::from_secs(1);
+const LOSS_MIN_PACKETS: u32 = 20;
+/// Without transport-wide feedback this long (after it once came), the estimate decays.
+const FEEDBACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// A receiver report's loss counts this long.
+const RR_LOSS_VALID: Duration = Duration::from_secs(3);
+/// Round trip assumed until one is measured.
+const DEFAULT_RTT: Duration = Duration::from_millis(100);
+
+/// Arrival-time groups of packets sent within [`GROUP_SPAN`] of each other.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    first_departure: Instant,
+    last_departure: Instant,
+    first_arrival: Duration,
+    last_arrival: Duration,
+}
+
+/// The delay between consecutive groups, fitted over the last [`TREND_WINDOW`] groups.
+#[derive(Debug, Default)]
+struct Trendline {
+    current: Option<Group>,
+    previous: Option<Group>,
+    first_arrival_ms: Option<f64>,
+    accumulated_ms: f64,
+    smoothed_ms: f64,
+    deltas: usize,
+    history: VecDeque<(f64, f64)>,
+    trend: f64,
+    previous_trend: f64,
+    threshold_ms: f64,
+    threshold_updated_ms: Option<f64>,
+    over_ms: Option<f64>,
+    over_count: u32,
+    usage: Option<Usage>,
+}
+
+impl Trendline {
+    fn new() -> Self {
+        Self {
+            threshold_ms: THRESHOLD_INITIAL_MS,
+            ..Self::default()
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        self.usage.unwrap_or(Usage::Normal)
+    }
+
+    /// A packet that arrived; returns the usage when a group completed.
+    fn packet(&mut self, departure: Instant, arrival: Duration) -> Option<Usage> {
+        let Some(current) = self.current.as_mut() else {
+            self.current = Some(Group {
+                first_departure: departure,
+                last_departure: departure,
+                first_arrival: arrival,
+                last_arrival: arrival,
+            });
+            return None;
+        };
+        if departure < current.first_departure {
+            return None; // reordered into an older group: ignored
+        }
+        let in_group = departure.duration_since(current.first_departure) <= GROUP_SPAN;
+        // A burst: arrived back to back with the group although sent later (the path
+        // delivered a queue at once); it belongs to the group.
+        let burst = {
+            let arrival_delta = arrival.saturating_sub(current.last_arrival);
+            let send_delta = departure.duration_since(current.last_departure);
+            arrival >= current.last_arrival
+                && arrival_delta < send_delta
+                && arrival_delta <= GROUP_SPAN
+                && arrival.saturating_sub(current.first_arrival) < Duration::from_millis(100)
+        };
+        if in_group || burst {
+            current.last_departure = current.last_departure.max(departure);
+            current.last_arrival = current.last_arrival.max(arrival);
+            return None;
+        }
+        let done = *current;
+        self.current = Some(Group {
+            first_departure: departure,
+            last_departure: departure,
+            first_arrival: arrival,
+            last_arrival: arrival,
+        });
+        let previous = self.previous.replace(done)?;
+        if done.last_arrival < previous.last_arrival {
+            return None; // reordered: no delta from this pair
+        }
+        let send_ms = done
+            .last_departure
+            .duration_since(previous.last_departure)
+            .as_secs_f64()
+            * 1e3;
+        let arrival_ms = (done.last_arrival - previous.last_arrival).as_secs_f64() * 1e3;
+        Some(self.delta(arrival_ms - send_ms, send_ms, done.last_arrival))
+    }
+
+    fn delta(&mut self, delta_ms: f64, send_delta_ms: f64, arrival: Duration) -> Usage {
+        let arrival_ms = arrival.as_secs_f64() * 1e3;
+        self.deltas = (self.deltas + 1).min(1000);
+        let first = *self.first_arrival_ms.get_or_insert(arrival_ms);
+        self.accumulated_ms += delta_ms;
+        self.smoothed_ms =
+            TREND_SMOOTHING * self.smoothed_ms + (1.0 - TREND_SMOOTHING) * self.accumulated_ms;
+        self.history
+            .push_back((arrival_ms - first, self.smoothed_ms));
+        if self.history.len() > TREND_WINDOW {
+            self.history.pop_front();
+        }
+        if self.history.len() == TREND_WINDOW
+            && let Some(slope) = fit_slope(&self.history)
+        {
+            self.trend = slope;
+        }
+        self.detect(send_delta_ms, arrival_ms)
+    }
+
+    fn detect(&mut self, send_delta_ms: f64, now_ms: f64) -> Usage {
+        if self.deltas < 2 {
+            self.usage = Some(Usage::Normal);
+            return Usage::Normal;
+        }
+        let modified = self.deltas.min(TREND_MIN_DELTAS) as f64 * self.trend * TREND_GAIN;
+        if modified > self.threshold_ms {
+            let over = match self.over_ms {
+                None => send_delta_ms / 2.0,
+                Some(t) => t + send_delta_ms,
+            };
+            self.over_ms = Some(over);
+            self.over_count += 1;
+            if over > OVERUSE_TIME_MS && self.over_count > 1 && self.trend >= self.previous_trend {
+                self.over_ms = Some(0.0);
+                self.over_count = 0;
+                self.usage = Some(Usage::Over);
+            }
+        } else if modified < -self.threshold_ms {
+            self.over_ms = None;
+            self.over_count = 0;
+            self.usage = Some(Usage::Under);
+        } else {
+            self.over_ms = None;
+            self.over_count = 0;
+            self.usage = Some(Usage::Normal);
+        }
+        self.previous_trend = self.trend;
+        self.adapt_threshold(modified, now_ms);
+        self.usage()
+    }
+
+    /// The threshold follows the trend's magnitude, slowly upwards and faster downwards, so
+    /// a path with jittery delay does not read as congested and competing flows do not
+    /// starve this one (draft-ietf-rmcat-gcc §5.4).
+    fn adapt_threshold(&mut self, modified: f64, now_ms: f64) {
+        let last = *self.threshold_updated_ms.get_or_insert(now_ms);
+        if modified.abs() > self.threshold_ms + 15.0 {
+            self.threshold_updated_ms = Some(now_ms);
+            return;
+        }
+        let k = if modified.abs() < self.threshold_ms {
+            THRESHOLD_DOWN
+        } else {
+            THRESHOLD_UP
+        };
+        let dt = (now_ms - last).clamp(0.0, 100.0);
+        self.threshold_ms =
+            (self.threshold_ms + k * (modified.abs() - self.threshold_ms) * dt).clamp(6.0, 600.0);
+        self.threshold_updated_ms = Some(now_ms);
+    }
+}
+
+/// Least-squares slope of (x, y) points.
+fn fit_slope(points: &VecDeque<(f64, f64)>) -> Option<f64> {
+    let n = points.len() as f64;
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (num, den) = points.iter().fold((0.0, 0.0), |(num, den), (x, y)| {
+        (num + (x - mx) * (y - my), den + (x - mx) * (x - mx))
+    });
+    (den != 0.0).then(|| num / den)
+}
+
+/// A viewer's bandwidth estimate (see the module documentation).
+#[derive(Debug)]
+pub(crate) struct BandwidthEstimator {
+    floor: f64,
+    ceiling: f64,
+    rate: f64,
+    control: Control,
+    trend: Trendline,
+    /// Arrivals (viewer clock) and sizes within [`ACKED_WINDOW`] of the newest.
+    acked: VecDeque<(Duration, usize)>,
+    /// Link capacity seen at overuse.
+    capacity: Option<LinkCapacity>,
+    last_decrease: Option<Instant>,
+    last_loss_decrease: Option<Instant>,
+    /// Last time the rate was raised (or could have been).
+    last_increase: Option<Instant>,
+    /// Since when the rate has been climbing multiplicatively without congestion.
+    climbing_since: Option<Instant>,
+    /// TWCC (time of feedback, lost, total) within [`LOSS_WINDOW`].
+    twcc_loss: VecDeque<(Instant, u32, u32)>,
+    rr_loss: Option<(Instant, f64)>,
+    remb: Option<f64>,
+    rtt: Option<Duration>,
+    last_feedback: Option<Instant>,
+    last_timeout_decrease: Option<Instant>,
+}
+
+impl BandwidthEstimator {
+    /// Starts at [`START_BITRATE`] (or the most the ceiling can use, if less): a new viewer
+    /// on a slow path is not flooded before the first feedback, and one on a fast path climbs
+    /// to the ceiling within seconds.
+    pub fn new(floor: u32, ceiling: u32) -> Self {
+        let floor = f64::from(floor.min(ceiling));
+        let ceiling = f64::from(ceiling);
+        Self {
+            floor,
+            ceiling,
+            rate: START_BITRATE.min(ceiling / VIDEO_SHARE).max(floor),
+            control: Control::Increase,
+            trend: Trendline::new(),
+            acked: VecDeque::new(),
+            capacity: None,
+            last_decrease: None,
+            last_loss_decrease: None,
+            last_increase: None,
+            climbing_since: None,
+            twcc_loss: VecDeque::new(),
+            rr_loss: None,
+            remb: None,
+            rtt: None,
+            last_feedback: None,
+            last_timeout_decrease: None,
+        }
+    }
+
+    /// New floor and ceiling (the ceiling is `encoder.bitrate`, changed by `set-bitrate`).
+    pub fn set_bounds(&mut self, floor: u32, ceiling: u32) {
+        self.floor = f64::from(floor.min(ceiling));
+        self.ceiling = f64::from(ceiling);
+        self.rate = self.rate.clamp(self.floor, self.max_rate());
+    }
+
+    fn max_rate(&self) -> f64 {
+        self.ceiling / VIDEO_SHARE
+    }
+
+    /// The estimate, bits per second.
+    pub fn estimate(&self) -> u32 {
+        let capped = self.remb.map_or(self.rate, |r| self.rate.min(r));
+        capped.clamp(self.floor, self.max_rate()) as u32
+    }
+
+    pub fn stats(&self, now: Instant) -> EstimateStats {
+        EstimateStats {
+            estimate_bps: self.estimate(),
+            remb_bps: self.remb.map(|r| r as u32),
+            acked_bps: self.acked_rate().map(|r| r as u32),
+            loss: self.loss(now),
+            rtt: self.rtt,
+            twcc: self.twcc_active(now),
+            usage: self.trend.usage(),
+        }
+    }
+
+    fn rtt(&self) -> Duration {
+        self.rtt.unwrap_or(DEFAULT_RTT)
+    }
+
+    fn twcc_active(&self, now: Instant) -> bool {
+        self.last_feedback
+            .is_some_and(|t| now.saturating_duration_since(t) < 2 * FEEDBACK_TIMEOUT)
+    }
+
+    /// Bits per second the viewer received over the last [`ACKED_WINDOW`] (by its clock).
+    fn acked_rate(&self) -> Option<f64> {
+        let (first, last) = (self.acked.front()?.0, self.acked.back()?.0);
+        let span = last.saturating_sub(first);
+        if span < ACKED_WINDOW / 2 {
+            return None;
+        }
+        let bytes: usize = self.acked.iter().map(|(_, s)| s).sum();
+        Some(bytes as f64 * 8.0 / span.as_secs_f64())
+    }
+
+    /// Recent loss: TWCC's when it reports enough packets, else the last receiver report's.
+    fn loss(&self, now: Instant) -> Option<f64> {
+        let (lost, total) = self
+            .twcc_loss
+            .iter()
+            .filter(|(t, _, _)| now.saturating_duration_since(*t) <= LOSS_WINDOW)
+            .fold((0, 0), |(l, n), (_, lost, total)| (l + lost, n + total));
+        if total >= LOSS_MIN_PACKETS {
+            return Some(f64::from(lost) / f64::from(total));
+        }
+        if self.twcc_active(now) {
+            return None;
+        }
+        self.rr_loss
+            .filter(|(t, _)| now.saturating_duration_since(*t) <= RR_LOSS_VALID)
+            .map(|(_, l)| l)
+    }
+
+    /// Transport-wide feedback: the packets it reported, in send order.
+    pub fn on_transport_feedback(&mut self, now: Instant, packets: &[PacketResult]) {
+        if packets.is_empty() {
+            return;
+        }
+        self.last_feedback = Some(now);
+        let mut lost = 0;
+        let mut usage = None;
+        for p in packets {
+            match p.arrival {
+                Some(arrival) => {
+                    self.acked.push_back((arrival, p.size));
+                    if let Some(u) = self.trend.packet(p.departure, arrival) {
+                        usage = Some(u);
+                    }
+                }
+                None => lost += 1,
+            }
+        }
+        if let Some(&(newest, _)) = self.acked.back() {
+            while self
+                .acked
+                .front()
+                .is_some_and(|(t, _)| newest.saturating_sub(*t) > ACKED_WINDOW)
+            {
+                self.acked.pop_front();
+            }
+        }
+        self.twcc_loss.push_back((now, lost, packets.len() as u32));
+        while self
+            .twcc_loss
+            .front()
+            .is_some_and(|(t, _, _)| now.saturating_duration_since(*t) > LOSS_WINDOW)
+        {
+            self.twcc_loss.pop_front();
+        }
+        self.update(now, usage.unwrap_or(self.trend.usage()));
+    }
+
+    /// A receiver report block for the stream: loss since the last report (`fraction_lost`
+    /// out of 256) and the round trip it implies, if any.
+    pub fn on_receiver_report(&mut self, now: Instant, fraction_lost: u8, rtt: Option<Duration>) {
+        if let Some(rtt) = rtt {
+            self.rtt = Some(match self.rtt {
+                Some(old) => (old * 7 + rtt) / 8,
+                None => rtt,
+            });
+        }
+        self.rr_loss = Some((now, f64::from(fraction_lost) / 256.0));
+        if !self.twcc_active(now) {
+            // No delay signal: loss (and REMB) alone steer the rate.
+            self.update(now, Usage::Normal);
+        }
+    }
+
+    /// The viewer's own maximum (REMB).
+    pub fn on_remb(&mut self, bps: u64) {
+        self.remb = Some(bps as f64);
+    }
+
+    /// When [`Self::handle_timeout`] must run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let last = self.last_feedback?;
+        let due = last + FEEDBACK_TIMEOUT;
+        Some(match self.last_timeout_decrease {
+            Some(t) if t >= due => t + FEEDBACK_TIMEOUT / 2,
+            _ => due,
+        })
+    }
+
+    /// Transport-wide feedback that stops (a path so congested nothing gets through, or a
+    /// viewer gone quiet) decays the estimate by a fifth every half second.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(last) = self.last_feedback else {
+            return;
+        };
+        if now.saturating_duration_since(last) < FEEDBACK_TIMEOUT
+            || self
+                .last_timeout_decrease
+                .is_some_and(|t| now.saturating_duration_since(t) < FEEDBACK_TIMEOUT / 2)
+        {
+            return;
+        }
+        self.last_timeout_decrease = Some(now);
+        self.rate = (self.rate * 0.8).max(self.floor);
+        self.climbing_since = None;
+        self.last_increase = Some(now);
+        self.control = Control::Hold;
+    }
+
+    fn update(&mut self, now: Instant, usage: Usage) {
+        self.control = match (self.control, usage) {
+            (_, Usage::Over) => Control::Decrease,
+            (_, Usage::Under) => Control::Hold,
+            (Control::Decrease, Usage::Normal) => Control::Hold,
+            (_, Usage::Normal) => Control::Increase,
+        };
+        let loss = self.loss(now);
+        let rtt = self.rtt();
+        match self.control {
+            Control::Decrease => {
+                let since = self.last_decrease.map(|t| now.saturating_duration_since(t));
+                if since.is_none_or(|s| s >= rtt.max(Duration::from_millis(100))) {
+                    let acked = self.acked_rate();
+                    let target = DECREASE_FACTOR * acked.unwrap_or(self.rate);
+                    if target < self.rate {
+                        self.rate = target;
+                    }
+                    if let Some(a) = acked {
+                        self.capacity_seen(a);
+                    }
+                    self.last_decrease = Some(now);
+                    self.climbing_since = None;
+                }
+                self.control = Control::Hold;
+                self.last_increase = Some(now);
+            }
+            Control::Hold => {
+                self.climbing_since = None;
+                self.last_increase = Some(now);
+            }
+            Control::Increase => {
+                let low = if self.twcc_active(now) {
+                    LOSS_LOW_WITH_DELAY
+                } else {
+                    LOSS_LOW
+                };
+                if loss.is_some_and(|l| l >= low) {
+                    // Some loss: not the moment to ask for more.
+                    self.last_increase = Some(now);
+                    self.climbing_since = None;
+                } else {
+                    self.increase(now, rtt);
+                }
+            }
+        }
+        if let Some(l) = loss
+            && l > LOSS_HIGH
+            && self.last_loss_decrease.is_none_or(|t| {
+                now.saturating_duration_since(t) >= Duration::from_millis(300) + rtt
+            })
+        {
+            self.rate *= 1.0 - 0.5 * l;
+            self.last_loss_decrease = Some(now);
+            self.climbing_since = None;
+        }
+        self.rate = self.rate.clamp(self.floor, self.max_rate());
+    }
+
+    fn increase(&mut self, now: Instant, rtt: Duration) {
+        let dt = self
+            .last_increase
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+            .min(Duration::from_millis(500))
+            .as_secs_f64();
+        self.last_increase = Some(now);
+        if dt == 0.0 {
+            return;
+        }
+        if self
+            .last_decrease
+            .is_some_and(|t| now.saturating_duration_since(t) > CAPACITY_MEMORY)
+        {
+            // No overuse for a while near the old capacity: it may have grown (a path that
+            // recovered from a dip); climb multiplicatively again until told otherwise.
+            self.capacity = None;
+        }
+        if self.capacity.is_some() {
+            // About one packet more per response time (libwebrtc's additive increase).
+            let response = rtt.as_secs_f64() + 0.1;
+            let packet_bits = 1200.0 * 8.0;
+            self.rate += (packet_bits / response).max(4000.0) * dt;
+            self.climbing_since = None;
+        } else if self.twcc_active(now) {
+            // Overuse shows within a round trip or two: climb faster the longer it does not.
+            let since = *self.climbing_since.get_or_insert(now);
+            let climbed = now.saturating_duration_since(since).as_secs_f64();
+            let per_second = (INCREASE_MIN * 4f64.powf(climbed)).min(INCREASE_MAX);
+            self.rate *= (1.0 + per_second).powf(dt);
+        } else {
+            // Receiver reports come once a second: no acceleration on so slow a signal.
+            self.rate *= (1.0 + INCREASE_MIN).powf(dt);
+        }
+        if let Some(capacity) = self.capacity
+            && self.acked_rate().unwrap_or(self.rate) > capacity.upper()
+        {
+            // The path carries more than it did at the last overuse: that capacity is gone.
+            self.capacity = None;
+        }
+    }
+
+    /// Learns the link capacity from the acknowledged rate at an overuse; a rate far below
+    /// it means the path changed, and the old capacity is forgotten.
+    fn capacity_seen(&mut self, acked: f64) {
+        if self.capacity.is_some_and(|c| acked < c.lower()) {
+            self.capacity = None;
+        }
+        self.capacity
+            .get_or_insert_with(|| LinkCapacity::new(acked))
+            .update(acked);
+    }
+}
+
+/// The rate the path carried at overuse, with its spread (libwebrtc's `LinkCapacityEstimator`):
+/// near it the rate grows additively, past its upper bound the estimate is dropped.
+#[derive(Debug, Clone, Copy)]
+struct LinkCapacity {
+    kbps: f64,
+    /// Variance normalized by the estimate, kbit/s.
+    deviation: f64,
+}
+
+impl LinkCapacity {
+    fn new(bps: f64) -> Self {
+        Self {
+            kbps: bps / 1e3,
+            deviation: 0.4,
+        }
+    }
+
+    fn update(&mut self, bps: f64) {
+        const ALPHA: f64 = 0.05;
+        let sample = bps / 1e3;
+        self.kbps = (1.0 - ALPHA) * self.kbps + ALPHA * sample;
+        let error = self.kbps - sample;
+        self.deviation = ((1.0 - ALPHA) * self.deviation
+            + ALPHA * error * error / self.kbps.max(1.0))
+        .clamp(0.4, 2.5);
+    }
+
+    /// Mean plus three standard deviations, bits per second.
+    fn upper(&self) -> f64 {
+        (self.kbps + 3.0 * (self.deviation * self.kbps).sqrt()) * 1e3
+    }
+
+    /// Mean minus three standard deviations, bits per second.
+    fn lower(&self) -> f64 {
+        (self.kbps - 3.0 * (self.deviation * self.kbps).sqrt()).max(0.0) * 1e3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::viewer::linksim::{self, Feedback, PathState, Second};
+
+    const CEILING: u32 = 2_000_000;
+    const FLOOR: u32 = 150_000;
+
+    fn path(capacity_bps: f64) -> PathState {
+        PathState {
+            capacity_bps,
+            buffer_ms: 150.0,
+            one_way: Duration::from_millis(20),
+            loss: 0.0,
+        }
+    }
+
+    fn show(name: &str, run: &[Second]) {
+        for (i, s) in run.iter().enumerate() {
+            eprintln!(
+                "{name} t={i:2} est={:7.0}k target={:7.0}k delivered={:7.0}k lost={}/{} queue={:4.0}ms",
+                s.estimate_bps / 1e3,
+                s.target_bps / 1e3,
+                s.delivered_bps / 1e3,
+                s.lost,
+                s.sent,
+                s.max_queue_ms
+            );
+        }
+    }
+
+    fn estimator() -> BandwidthEstimator {
+        BandwidthEstimator::new(FLOOR, CEILING)
+    }
+
+    fn run_twcc(seconds: u64, path: impl Fn(f64) -> PathState) -> Vec<Second> {
+        linksim::run(
+            &mut estimator(),
+            f64::from(CEILING),
+            Feedback::Twcc,
+            seconds,
+            path,
+        )
+    }
+
+    /// Runs `check` on every second from `from` on; prints the whole run if it fails.
+    fn check_from(name: &str, run: &[Second], from: usize, check: impl Fn(&Second) -> bool) {
+        if let Some(i) = run
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, s)| !check(s))
+            .map(|(i, _)| i)
+        {
+            show(name, run);
+            panic!("{name}: second {i} fails the check (run printed above)");
+        }
+    }
+
+    #[test]
+    fn converges_below_a_600k_bottleneck_without_standing_queue_or_loss() {
+        let run = run_twcc(25, |_| path(600e3));
+        check_from("600k", &run, 8, |s| {
+            (350e3..=650e3).contains(&s.estimate_bps)
+                && s.target_bps <= 600e3
+                && s.max_queue_ms < 100.0
+                && s.lost == 0
+        });
+        let mean: f64 = run[5..].iter().map(|s| s.delivered_bps).sum::<f64>() / 20.0;
+        assert!(mean > 0.6 * 600e3, "link used: {mean:.0} bit/s");
+    }
+
+    #[test]
+    fn climbs_from_the_start_rate_to_the_ceiling_on_a_fast_path_within_3_s() {
+        let run = run_twcc(15, |_| path(50e6));
+        check_from("fast", &run, 3, |s| {
+            s.estimate_bps >= f64::from(CEILING) && s.target_bps >= 0.999 * f64::from(CEILING)
+        });
+    }
+
+    #[test]
+    fn a_dip_to_500k_is_followed_down_and_left_within_5_s() {
+        let run = run_twcc(45, |t| {
+            path(if (10.0..30.0).contains(&t) {
+                500e3
+            } else {
+                3e6
+            })
+        });
+        check_from("before", &run[..10], 4, |s| {
+            s.target_bps >= 0.9 * f64::from(CEILING)
+        });
+        check_from("dip", &run[..30], 12, |s| {
+            s.estimate_bps <= 600e3 && s.max_queue_ms < 100.0 && s.lost == 0
+        });
+        check_from("after", &run, 35, |s| {
+            s.target_bps >= 0.9 * f64::from(CEILING)
+        });
+    }
+
+    #[test]
+    fn two_percent_random_loss_costs_no_rate() {
+        let run = run_twcc(20, |_| PathState {
+            loss: 0.02,
+            ..path(5e6)
+        });
+        check_from("2% loss", &run, 4, |s| {
+            s.target_bps >= 0.9 * f64::from(CEILING)
+        });
+    }
+
+    #[test]
+    fn heavy_random_loss_backs_off() {
+        let run = run_twcc(10, |_| PathState {
+            loss: 0.25,
+            ..path(5e6)
+        });
+        check_from("25% loss", &run, 4, |s| {
+            s.estimate_bps < 0.5 * f64::from(CEILING)
+        });
+    }
+
+    #[test]
+    fn receiver_reports_alone_keep_loss_bounded() {
+        let mut e = estimator();
+        let run = linksim::run(
+            &mut e,
+            f64::from(CEILING),
+            Feedback::ReceiverReports,
+            30,
+            |_| path(600e3),
+        );
+        let (lost, sent) = run[5..]
+            .iter()
+            .fold((0, 0), |(l, n), s| (l + s.lost, n + s.sent));
+        if f64::from(lost) > 0.1 * f64::from(sent) {
+            show("rr", &run);
+            panic!("{lost} of {sent} packets lost with receiver reports only");
+        }
+        check_from("rr", &run, 5, |s| s.estimate_bps < 1.2e6);
+    }
+
+    #[test]
+    fn remb_caps_the_estimate() {
+        let mut e = estimator();
+        let most = (f64::from(CEILING) / VIDEO_SHARE) as u32;
+        assert_eq!(e.estimate(), START_BITRATE as u32);
+        e.on_remb(400_000);
+        assert_eq!(e.estimate(), 400_000);
+        e.on_remb(50_000);
+        assert_eq!(e.estimate(), FLOOR, "never below the floor");
+        e.on_remb(10_000_000);
+        assert_eq!(e.estimate(), START_BITRATE as u32);
+        e.set_bounds(FLOOR, 700_000);
+        assert_eq!(e.estimate(), most.min((700_000.0 / VIDEO_SHARE) as u32));
+        assert_eq!(e.stats(Instant::now()).remb_bps, Some(10_000_000));
+    }
+
+    #[test]
+    fn feedback_that_stops_decays_the_estimate() {
+        let t0 = Instant::now();
+        let mut e = estimator();
+        assert_eq!(e.poll_timeout(), None, "no timer before any feedback");
+        let packets: Vec<_> = (0..10u64)
+            .map(|i| PacketResult {
+                departure: t0 + Duration::from_millis(i * 10),
+                arrival: Some(Duration::from_millis(500 + i * 10)),
+                size: 1200,
+            })
+            .collect();
+        e.on_transport_feedback(t0 + Duration::from_millis(120), &packets);
+        let before = e.estimate();
+        let due = e.poll_timeout().unwrap();
+        assert_eq!(due, t0 + Duration::from_millis(1120));
+        e.handle_timeout(due - Duration::from_millis(1));
+        assert_eq!(e.estimate(), before);
+        e.handle_timeout(due);
+        assert!(e.estimate() < before);
+        let next = e.poll_timeout().unwrap();
+        assert!(next > due, "the deadline advances");
+        for _ in 0..40 {
+            let t = e.poll_timeout().unwrap();
+            e.handle_timeout(t);
+        }
+        assert_eq!(e.estimate(), FLOOR);
+    }
+
+    #[test]
+    fn set_bitrate_moves_the_bounds() {
+        let mut e = estimator();
+        e.set_bounds(FLOOR, 500_000);
+        assert_eq!(e.estimate(), (500_000.0 / VIDEO_SHARE) as u32);
+        e.set_bounds(FLOOR, 5_000_000);
+        assert_eq!(
+            e.estimate(),
+            (500_000.0 / VIDEO_SHARE) as u32,
+            "a higher ceiling is climbed to, not jumped to"
+        );
+        e.set_bounds(FLOOR, 100_000);
+        e.on_remb(1);
+        assert_eq!(
+            e.estimate(),
+            100_000,
+            "a floor above the ceiling is the ceiling"
+        );
+    }
+}

@@ -1,0 +1,991 @@
+//! A viewer's congestion control inside webrtc-rs's interceptor chain: feedback into its bandwidth estimate, pacing and the retransmission budget out, shared with its writer through a `Link`.
+//!
+//! webrtc-rs 0.21 gives the pieces this is built on: the transport-wide sequence numbers
+//! (`TwccSenderInterceptor`), TWCC feedback decoding (`convert_twcc`), the NACK responder and
+//! the RTCP packet types. Its `CongestionControlInterceptor` + `Gcc` estimator are not used:
+//! `Gcc` hears only TWCC (no REMB, no receiver reports), starts at 300 kbit/s and climbs 8 % a
+//! second, its delay detector compares the raw per-group delay with the threshold (libwebrtc
+//! scales it by the number of deltas), its estimate reaches the application only through
+//! `get_stats`, and the send history counts packets a lost feedback packet did not cover as
+//! lost. What rtcam adds here:
+//! * [`TwccHistory`]: matches TWCC feedback to what was sent and hands it to rtcam's own
+//!   estimator ([`super::bandwidth`]).
+//! * [`FeedbackTap`]: reads REMB, receiver reports (loss; round trip from the sender reports it
+//!   saw leave) and stamps the absolute send time (for viewers that estimate with REMB) on each
+//!   packet as it leaves the pacer.
+//! * [`PacedSender`]: paces at [`PACING_FACTOR`] times the estimate, sends retransmissions
+//!   first but only within their budget and while still useful, and tells the writer how much
+//!   is queued (webrtc-rs's pacer follows only its own estimate and hides its queue).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket, convert_twcc};
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::rtp::extension::abs_send_time_extension::AbsSendTimeExtension;
+use rtc::rtp::extension::transport_cc_extension::TransportCcExtension;
+use rtc::sansio::Protocol;
+use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
+
+use super::bandwidth::{BandwidthEstimator, EstimateStats, PacketResult};
+
+/// Packets leave at this multiple of the estimate: a keyframe is spread over several frame
+/// intervals instead of bursting into the path's buffer, while the video (at most
+/// [`super::bandwidth::VIDEO_SHARE`] of the estimate) never waits long.
+pub(crate) const PACING_FACTOR: f64 = 1.1;
+/// Retransmissions may use this share of the estimate (part of the headroom the video leaves).
+const RETRANSMIT_SHARE: f64 = 0.1;
+/// A packet first sent longer ago than this is not sent again: the viewer has given up on it
+/// or asked for a keyframe, and sending it would only delay what is current.
+const RETRANSMIT_MAX_AGE: Duration = Duration::from_millis(500);
+/// The pacer refuses new media beyond this much queued (the writer keeps far below it).
+const MAX_BACKLOG: Duration = Duration::from_secs(2);
+/// Sent-time slots kept for retransmission age checks (by RTP sequence number).
+const SENT_SLOTS: usize = 4096;
+
+/// Counters a viewer's link keeps, for the device state and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LinkCounters {
+    pub nack_packets: u64,
+    pub retransmitted: u64,
+    /// Retransmissions not sent: too old or over budget.
+    pub retransmissions_dropped: u64,
+    /// Media packets refused by a full pacer.
+    pub pacer_dropped: u64,
+}
+
+#[derive(Debug)]
+struct LinkState {
+    estimator: BandwidthEstimator,
+    /// Bytes waiting in the pacer.
+    backlog_bytes: usize,
+    counters: LinkCounters,
+}
+
+/// One viewer's congestion state, shared by its interceptors and its writer.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    state: Arc<Mutex<LinkState>>,
+}
+
+/// A snapshot of a link.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LinkReport {
+    pub estimate: EstimateStats,
+    pub backlog: Duration,
+    pub counters: LinkCounters,
+}
+
+impl Link {
+    pub fn new(floor: u32, ceiling: u32) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(LinkState {
+                estimator: BandwidthEstimator::new(floor, ceiling),
+                backlog_bytes: 0,
+                counters: LinkCounters::default(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        // Plain numbers: a panic elsewhere cannot leave them unusable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bandwidth estimate, bits per second.
+    pub fn estimate(&self) -> u32 {
+        self.lock().estimator.estimate()
+    }
+
+    /// How long what waits in the pacer takes to leave.
+    pub fn backlog(&self) -> Duration {
+        let s = self.lock();
+        backlog_time(s.backlog_bytes, s.estimator.estimate())
+    }
+
+    /// New floor and ceiling for the estimate (`encoder.min_bitrate`, `encoder.bitrate`).
+    pub fn set_bounds(&self, floor: u32, ceiling: u32) {
+        self.lock().estimator.set_bounds(floor, ceiling);
+    }
+
+    pub fn report(&self, now: Instant) -> LinkReport {
+        let s = self.lock();
+        LinkReport {
+            estimate: s.estimator.stats(now),
+            backlog: backlog_time(s.backlog_bytes, s.estimator.estimate()),
+            counters: s.counters,
+        }
+    }
+}
+
+fn pacing_rate(estimate: u32) -> f64 {
+    PACING_FACTOR * f64::from(estimate)
+}
+
+fn backlog_time(bytes: usize, estimate: u32) -> Duration {
+    Duration::from_secs_f64(bytes as f64 * 8.0 / pacing_rate(estimate).max(1.0))
+}
+
+/// Sent-packet slots kept for matching TWCC feedback (by transport-wide sequence number).
+const TWCC_SLOTS: usize = 8192;
+
+/// The send history TWCC feedback is matched against: every RTP packet's transport-wide
+/// sequence number (written by webrtc-rs's `TwccSenderInterceptor` just before), release
+/// instant and size on the way out; the viewer's feedback (`TransportLayerCc`, decoded with
+/// webrtc-rs's `convert_twcc`) on the way in, handed to the link's estimate. Wire-most, so it
+/// sees every packet that leaves, retransmissions included.
+///
+/// Why not webrtc-rs's `CongestionControlInterceptor`: its history reports every packet that
+/// no feedback covered as lost, so one lost feedback packet (a tenth of a second of video)
+/// reads as a loss burst; here only what the viewer reported as missing counts.
+pub(crate) struct TwccHistory {
+    link: Link,
+    ext_ids: std::collections::HashMap<u32, u8>,
+    /// By sequence number modulo the slot count: (sequence number, departure, bytes).
+    sent: Vec<Option<(u16, Instant, usize)>>,
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl TwccHistory {
+    pub fn new(link: Link) -> Self {
+        Self {
+            link,
+            ext_ids: std::collections::HashMap::new(),
+            sent: vec![None; TWCC_SLOTS],
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+        }
+    }
+
+    fn feedback(&mut self, now: Instant, fb: &TransportLayerCc) {
+        let mut results: Vec<PacketResult> = convert_twcc(fb)
+            .into_iter()
+            .filter_map(|ack| {
+                let seq = ack.sequence_number;
+                let (_, departure, size) =
+                    self.sent[usize::from(seq) % TWCC_SLOTS].filter(|(s, _, _)| *s == seq)?;
+                Some(PacketResult {
+                    departure,
+                    arrival: if ack.arrived { ack.arrival } else { None },
+                    size,
+                })
+            })
+            .collect();
+        if results.is_empty() {
+            return;
+        }
+        results.sort_by_key(|r| r.departure);
+        self.link
+            .lock()
+            .estimator
+            .on_transport_feedback(now, &results);
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for TwccHistory {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            for fb in packets
+                .iter()
+                .filter_map(|p| p.as_any().downcast_ref::<TransportLayerCc>())
+            {
+                self.feedback(msg.now, fb);
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.reads.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtp(rtp) = &msg.message.packet
+            && let Some(&id) = self.ext_ids.get(&rtp.header.ssrc)
+            && let Some(mut raw) = rtp.header.get_extension(id)
+            && let Ok(ext) = TransportCcExtension::unmarshal(&mut raw)
+        {
+            let seq = ext.transport_sequence;
+            let size = rtp.header.marshal_size() + rtp.payload.len();
+            self.sent[usize::from(seq) % TWCC_SLOTS] = Some((seq, msg.now, size));
+        }
+        self.writes.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.writes.pop_front()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
+        self.link.lock().estimator.handle_timeout(now);
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        self.link.lock().estimator.poll_timeout()
+    }
+}
+
+impl Interceptor for TwccHistory {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        if let Some(ext) = info
+            .rtp_header_extensions
+            .iter()
+            .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+            && let Ok(id) = u8::try_from(ext.id)
+        {
+            self.ext_ids.insert(info.ssrc, id);
+        }
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.ext_ids.remove(&info.ssrc);
+    }
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// Reads REMB and receiver reports into the link's estimate, remembers the sender reports
+/// that leave (for the round trip), and stamps the absolute send time on RTP leaving the
+/// pacer. Wire-ward of the pacer, so the stamp is the release instant.
+pub(crate) struct FeedbackTap {
+    link: Link,
+    local_ssrcs: HashSet<u32>,
+    abs_send_time_id: Option<u8>,
+    /// Middle 32 bits of the NTP time of recent sender reports, and when they left.
+    sender_reports: VecDeque<(u32, Instant)>,
+    /// Origin of the absolute send time (any will do: the viewer uses differences).
+    epoch: Option<Instant>,
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl FeedbackTap {
+    pub fn new(link: Link) -> Self {
+        Self {
+            link,
+            local_ssrcs: HashSet::new(),
+            abs_send_time_id: None,
+            sender_reports: VecDeque::new(),
+            epoch: None,
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+        }
+    }
+
+    fn read_rtcp(&mut self, now: Instant, packet: &dyn rtc::rtcp::Packet) {
+        let any = packet.as_any();
+        if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+            for block in rr
+                .reports
+                .iter()
+                .filter(|b| self.local_ssrcs.contains(&b.ssrc))
+            {
+                let rtt = self.round_trip(now, block.last_sender_report, block.delay);
+                self.link
+                    .lock()
+                    .estimator
+                    .on_receiver_report(now, block.fraction_lost, rtt);
+            }
+        } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+            if remb.bitrate.is_finite() && remb.bitrate >= 0.0 {
+                self.link.lock().estimator.on_remb(remb.bitrate as u64);
+            }
+        } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>()
+            && self.local_ssrcs.contains(&nack.media_ssrc)
+        {
+            self.link.lock().counters.nack_packets += 1;
+        }
+    }
+
+    /// RFC 3550 §6.4.1: the report's "last SR" names a sender report seen leaving; the round
+    /// trip is the time since minus the delay the viewer held it (1/65536 s units).
+    fn round_trip(&self, now: Instant, last_sr: u32, delay: u32) -> Option<Duration> {
+        if last_sr == 0 {
+            return None;
+        }
+        let (_, sent) = self
+            .sender_reports
+            .iter()
+            .find(|(middle, _)| *middle == last_sr)?;
+        let held = Duration::from_secs_f64(f64::from(delay) / 65536.0);
+        now.saturating_duration_since(*sent).checked_sub(held)
+    }
+
+    fn stamp(&mut self, now: Instant, packet: &mut rtc::rtp::Packet) {
+        let Some(id) = self.abs_send_time_id else {
+            return;
+        };
+        let since = now.saturating_duration_since(*self.epoch.get_or_insert(now));
+        let ntp =
+            (since.as_secs() << 32) | ((u64::from(since.subsec_nanos()) << 32) / 1_000_000_000);
+        if let Ok(raw) = AbsSendTimeExtension::new(ntp).marshal() {
+            let _ = packet.header.set_extension(id, raw.freeze());
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for FeedbackTap {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            for p in packets {
+                self.read_rtcp(msg.now, p.as_ref());
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.reads.pop_front()
+    }
+
+    fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        match &mut msg.message.packet {
+            Packet::Rtp(rtp) if self.local_ssrcs.contains(&rtp.header.ssrc) => {
+                self.stamp(msg.now, rtp);
+            }
+            Packet::Rtcp(packets) => {
+                for sr in packets
+                    .iter()
+                    .filter_map(|p| p.as_any().downcast_ref::<SenderReport>())
+                {
+                    self.sender_reports
+                        .push_back(((sr.ntp_time >> 16) as u32, msg.now));
+                    if self.sender_reports.len() > 16 {
+                        self.sender_reports.pop_front();
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.writes.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.writes.pop_front()
+    }
+}
+
+impl Interceptor for FeedbackTap {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.local_ssrcs.insert(info.ssrc);
+        if let Some(ext) = info
+            .rtp_header_extensions
+            .iter()
+            .find(|e| e.uri == rtc::sdp::extmap::ABS_SEND_TIME_URI)
+        {
+            self.abs_send_time_id = u8::try_from(ext.id).ok().filter(|id| (1..=14).contains(id));
+        }
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.local_ssrcs.remove(&info.ssrc);
+    }
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// A token bucket in bits.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    bits: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn new() -> Self {
+        Self {
+            bits: 0.0,
+            last: None,
+        }
+    }
+
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
+        if let Some(last) = self.last {
+            self.bits += now.saturating_duration_since(last).as_secs_f64() * rate;
+        } else {
+            self.bits = burst;
+        }
+        self.bits = self.bits.min(burst);
+        self.last = Some(now);
+    }
+}
+
+/// The pacer's burst: two full packets or 5 ms at the rate, whichever is more.
+fn burst(rate: f64) -> f64 {
+    (2.0 * 1200.0 * 8.0f64).max(rate * 0.005)
+}
+
+/// Paces RTP at [`PACING_FACTOR`] times the link's estimate; retransmissions go first, within
+/// [`RETRANSMIT_SHARE`] of the estimate and only for packets sent within
+/// [`RETRANSMIT_MAX_AGE`]. RTCP passes straight through.
+pub(crate) struct PacedSender {
+    link: Link,
+    queue: VecDeque<TaggedPacket>,
+    queued_bytes: usize,
+    media: Bucket,
+    retransmit: Bucket,
+    /// When each RTP sequence number (by slot) was first released.
+    first_sent: Vec<Option<(u16, Instant)>>,
+    /// The RTX (RFC 4588) SSRCs of the bound streams: a retransmission on one of them has its
+    /// own sequence number and carries the original one in its first two payload bytes.
+    rtx_ssrcs: HashSet<u32>,
+    released: VecDeque<TaggedPacket>,
+    reads: VecDeque<TaggedPacket>,
+}
+
+impl PacedSender {
+    pub fn new(link: Link) -> Self {
+        Self {
+            link,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            media: Bucket::new(),
+            retransmit: Bucket::new(),
+            first_sent: vec![None; SENT_SLOTS],
+            rtx_ssrcs: HashSet::new(),
+            released: VecDeque::new(),
+            reads: VecDeque::new(),
+        }
+    }
+
+    /// The media sequence number a retransmission repeats: an RTX packet's original sequence
+    /// number (the first two bytes of its payload), else its own.
+    fn original_sequence_number(&self, rtp: &rtc::rtp::Packet) -> Option<u16> {
+        if self.rtx_ssrcs.contains(&rtp.header.ssrc) {
+            let osn = rtp.payload.get(..2)?;
+            Some(u16::from_be_bytes([osn[0], osn[1]]))
+        } else {
+            Some(rtp.header.sequence_number)
+        }
+    }
+
+    fn size(msg: &TaggedPacket) -> usize {
+        match &msg.message.packet {
+            Packet::Rtp(rtp) => rtp.header.marshal_size() + rtp.payload.len(),
+            _ => 0,
+        }
+    }
+
+    fn publish_backlog(&self) {
+        self.link.lock().backlog_bytes = self.queued_bytes;
+    }
+
+    /// Admits a retransmission, or says why not.
+    fn admit_retransmission(&mut self, now: Instant, seq: u16, bits: f64, estimate: u32) -> bool {
+        let sent = self.first_sent[usize::from(seq) % SENT_SLOTS]
+            .filter(|(s, _)| *s == seq)
+            .map(|(_, t)| t);
+        if sent.is_none_or(|t| now.saturating_duration_since(t) > RETRANSMIT_MAX_AGE) {
+            return false;
+        }
+        let rate = RETRANSMIT_SHARE * f64::from(estimate);
+        // Up to 100 ms of the share at once: a burst of losses is repaired promptly.
+        self.retransmit
+            .refill(now, rate, (rate * 0.1).max(1200.0 * 8.0));
+        if self.retransmit.bits < bits {
+            return false;
+        }
+        self.retransmit.bits -= bits;
+        true
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.reads.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.reads.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        let Packet::Rtp(rtp) = &msg.message.packet else {
+            // Feedback is only useful while it is fresh.
+            self.released.push_back(msg);
+            return Ok(());
+        };
+        let now = msg.now;
+        let size = Self::size(&msg);
+        let estimate = self.link.estimate();
+        if msg.message.has(&Attribute::Retransmission) {
+            let admitted = self.original_sequence_number(rtp).is_some_and(|seq| {
+                self.admit_retransmission(now, seq, size as f64 * 8.0, estimate)
+            });
+            let mut s = self.link.lock();
+            if admitted {
+                s.counters.retransmitted += 1;
+            } else {
+                s.counters.retransmissions_dropped += 1;
+                return Ok(());
+            }
+            drop(s);
+            self.queued_bytes += size;
+            self.queue.push_front(msg);
+        } else {
+            if backlog_time(self.queued_bytes + size, estimate) > MAX_BACKLOG {
+                self.link.lock().counters.pacer_dropped += 1;
+                return Ok(());
+            }
+            self.queued_bytes += size;
+            self.queue.push_back(msg);
+        }
+        self.handle_timeout(now)
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.released.pop_front()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
+        let rate = pacing_rate(self.link.estimate());
+        self.media.refill(now, rate, burst(rate));
+        while let Some(head) = self.queue.front() {
+            let size = Self::size(head);
+            if self.media.bits <= 0.0 {
+                break;
+            }
+            self.media.bits -= size as f64 * 8.0;
+            let Some(mut packet) = self.queue.pop_front() else {
+                break;
+            };
+            self.queued_bytes -= size;
+            // Departs now: the send history and the absolute send time see the release instant.
+            packet.now = now;
+            if let Packet::Rtp(rtp) = &packet.message.packet
+                && !packet.message.has(&Attribute::Retransmission)
+            {
+                let seq = rtp.header.sequence_number;
+                self.first_sent[usize::from(seq) % SENT_SLOTS] = Some((seq, now));
+            }
+            self.released.push_back(packet);
+        }
+        self.publish_backlog();
+        Ok(())
+    }
+
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        let last = self.media.last?;
+        let rate = pacing_rate(self.link.estimate());
+        // The budget turns positive again after the debt is paid back.
+        let wait = (-self.media.bits).max(0.0) / rate.max(1.0);
+        Some(last + Duration::from_secs_f64(wait).max(Duration::from_micros(500)))
+    }
+}
+
+impl Interceptor for PacedSender {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        if let Some(rtx) = info.ssrc_rtx {
+            self.rtx_ssrcs.insert(rtx);
+        }
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        if let Some(rtx) = info.ssrc_rtx {
+            self.rtx_ssrcs.remove(&rtx);
+        }
+    }
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use rtc::interceptor::{AttributedPacket, RTPHeaderExtension, Registry, Slot};
+    use rtc::rtcp::reception_report::ReceptionReport;
+    use rtc::shared::TransportContext;
+
+    const SSRC: u32 = 0x1234;
+    const RTX_SSRC: u32 = 0x5678;
+    const CEILING: u32 = 1_000_000;
+
+    fn rtp(seq: u16) -> rtc::rtp::Packet {
+        rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                ssrc: SSRC,
+                sequence_number: seq,
+                payload_type: 102,
+                ..Default::default()
+            },
+            payload: Bytes::from(vec![0u8; 1188]),
+        }
+    }
+
+    fn tagged(now: Instant, packet: Packet, retransmission: bool) -> TaggedPacket {
+        let mut message = AttributedPacket::new(packet);
+        if retransmission {
+            message.add(Attribute::Retransmission);
+        }
+        TaggedPacket {
+            now,
+            transport: TransportContext::default(),
+            message,
+        }
+    }
+
+    fn stream() -> StreamInfo {
+        StreamInfo {
+            ssrc: SSRC,
+            ssrc_rtx: Some(RTX_SSRC),
+            rtp_header_extensions: vec![RTPHeaderExtension {
+                uri: rtc::sdp::extmap::ABS_SEND_TIME_URI.into(),
+                id: 3,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// The chain rtcam builds, minus webrtc-rs's own interceptors.
+    fn chain(link: &Link) -> impl Interceptor {
+        let mut chain = Registry::new()
+            .with(Slot::from(2_500), FeedbackTap::new(link.clone()))
+            .with(Slot::Pacer, PacedSender::new(link.clone()))
+            .build();
+        chain.bind_local_stream(&stream());
+        chain
+    }
+
+    /// Runs the chain's timers until it has nothing queued; returns what left, when.
+    fn drain(chain: &mut impl Interceptor) -> Vec<(Instant, TaggedPacket)> {
+        let mut out = Vec::new();
+        loop {
+            while let Some(p) = chain.poll_write() {
+                out.push((p.now, p));
+            }
+            let Some(t) = chain.poll_timeout() else {
+                return out;
+            };
+            chain.handle_timeout(t).unwrap();
+        }
+    }
+
+    fn seq_of(p: &TaggedPacket) -> u16 {
+        match &p.message.packet {
+            Packet::Rtp(r) => r.header.sequence_number,
+            _ => panic!("not RTP"),
+        }
+    }
+
+    #[test]
+    fn a_burst_leaves_at_the_pacing_rate_and_the_backlog_is_published() {
+        let link = Link::new(150_000, CEILING);
+        let mut chain = chain(&link);
+        let t0 = Instant::now();
+        for seq in 0..20 {
+            chain
+                .handle_write(tagged(t0, Packet::Rtp(rtp(seq)), false))
+                .unwrap();
+        }
+        assert!(
+            link.backlog() > Duration::from_millis(100),
+            "{:?}",
+            link.backlog()
+        );
+        let out = drain(&mut chain);
+        assert_eq!(
+            out.iter().map(|(_, p)| seq_of(p)).collect::<Vec<_>>(),
+            (0..20).collect::<Vec<_>>()
+        );
+        let span = out.last().unwrap().0 - out[0].0;
+        let rate = f64::from(link.estimate()) * PACING_FACTOR;
+        let expected = 18.0 * 1200.0 * 8.0 / rate; // all but the first two-packet burst
+        assert!(
+            (span.as_secs_f64() - expected).abs() < 0.01,
+            "20 packets over {span:?}, expected about {expected:.3} s"
+        );
+        assert_eq!(link.backlog(), Duration::ZERO);
+    }
+
+    #[test]
+    fn retransmissions_go_first_within_their_age_and_budget() {
+        let link = Link::new(150_000, CEILING);
+        let mut chain = chain(&link);
+        let t0 = Instant::now();
+        chain
+            .handle_write(tagged(t0, Packet::Rtp(rtp(1)), false))
+            .unwrap();
+        drain(&mut chain);
+        // Media queued, then a retransmission of 1: it overtakes the media.
+        let t1 = t0 + Duration::from_millis(100);
+        for seq in 2..8 {
+            chain
+                .handle_write(tagged(t1, Packet::Rtp(rtp(seq)), false))
+                .unwrap();
+        }
+        chain
+            .handle_write(tagged(t1, Packet::Rtp(rtp(1)), true))
+            .unwrap();
+        let order: Vec<u16> = drain(&mut chain).iter().map(|(_, p)| seq_of(p)).collect();
+        let first_retransmission = order.iter().position(|s| *s == 1).unwrap();
+        assert!(first_retransmission <= 2, "{order:?}");
+        // Never sent, or sent too long ago: not sent again.
+        chain
+            .handle_write(tagged(t1, Packet::Rtp(rtp(999)), true))
+            .unwrap();
+        let late = t0 + RETRANSMIT_MAX_AGE + Duration::from_millis(1);
+        chain
+            .handle_write(tagged(late, Packet::Rtp(rtp(1)), true))
+            .unwrap();
+        assert!(drain(&mut chain).is_empty());
+        let c = link.report(late).counters;
+        assert_eq!((c.retransmitted, c.retransmissions_dropped), (1, 2));
+        // A storm of requests: only the budget's worth goes out.
+        let t2 = late + Duration::from_millis(10);
+        for seq in 100..300 {
+            chain
+                .handle_write(tagged(t2, Packet::Rtp(rtp(seq)), false))
+                .unwrap();
+        }
+        drain(&mut chain);
+        let t3 = t2 + Duration::from_millis(200);
+        for seq in 100..300 {
+            chain
+                .handle_write(tagged(t3, Packet::Rtp(rtp(seq)), true))
+                .unwrap();
+        }
+        let resent = drain(&mut chain).len() as f64;
+        let budget = RETRANSMIT_SHARE * f64::from(link.estimate()) * 0.1 / (1200.0 * 8.0);
+        assert!(
+            resent <= budget + 1.0,
+            "{resent} retransmitted, budget {budget:.1}"
+        );
+        assert!(resent >= 1.0);
+    }
+
+    #[test]
+    fn receiver_reports_and_remb_reach_the_estimate_and_packets_carry_their_send_time() {
+        let link = Link::new(150_000, CEILING);
+        let mut chain = chain(&link);
+        let t0 = Instant::now();
+        let sr = SenderReport {
+            ssrc: SSRC,
+            ntp_time: 0xAABB_CCDD_EEFF_0011,
+            ..Default::default()
+        };
+        chain
+            .handle_write(tagged(t0, Packet::Rtcp(vec![Box::new(sr)]), false))
+            .unwrap();
+        chain
+            .handle_write(tagged(t0, Packet::Rtp(rtp(7)), false))
+            .unwrap();
+        let out = drain(&mut chain);
+        let stamped = out
+            .iter()
+            .find_map(|(_, p)| match &p.message.packet {
+                Packet::Rtp(r) => r.header.get_extension(3),
+                _ => None,
+            })
+            .expect("absolute send time on the RTP packet");
+        assert_eq!(stamped.len(), 3);
+
+        // The viewer held the report 10 ms and answers 50 ms after it left: 40 ms round trip.
+        let rr = ReceiverReport {
+            ssrc: 1,
+            reports: vec![ReceptionReport {
+                ssrc: SSRC,
+                fraction_lost: 128,
+                last_sender_report: 0xCCDD_EEFF,
+                delay: 655, // 10 ms in 1/65536 s
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let remb = ReceiverEstimatedMaximumBitrate {
+            sender_ssrc: 1,
+            bitrate: 400_000.0,
+            ssrcs: vec![SSRC],
+        };
+        let t1 = t0 + Duration::from_millis(50);
+        chain
+            .handle_read(tagged(
+                t1,
+                Packet::Rtcp(vec![Box::new(rr), Box::new(remb)]),
+                false,
+            ))
+            .unwrap();
+        let report = link.report(t1);
+        let rtt = report.estimate.rtt.unwrap();
+        assert!(
+            rtt.abs_diff(Duration::from_millis(40)) < Duration::from_millis(1),
+            "{rtt:?}"
+        );
+        assert_eq!(report.estimate.loss, Some(0.5));
+        assert!(link.estimate() <= 400_000, "{}", link.estimate());
+    }
+
+    /// An RFC 4588 retransmission of `original`, with its own sequence number.
+    fn rtx(rtx_seq: u16, original: u16) -> rtc::rtp::Packet {
+        let mut payload = original.to_be_bytes().to_vec();
+        payload.extend_from_slice(&[0u8; 1188]);
+        rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                ssrc: RTX_SSRC,
+                sequence_number: rtx_seq,
+                payload_type: 103,
+                ..Default::default()
+            },
+            payload: Bytes::from(payload),
+        }
+    }
+
+    #[test]
+    fn an_rtx_retransmission_is_judged_by_the_packet_it_repeats() {
+        let link = Link::new(150_000, CEILING);
+        let mut chain = chain(&link);
+        let t0 = Instant::now();
+        chain
+            .handle_write(tagged(t0, Packet::Rtp(rtp(500)), false))
+            .unwrap();
+        drain(&mut chain);
+        // RTX sequence numbers are their own: 7 was never sent as media, 500 was.
+        let t1 = t0 + Duration::from_millis(100);
+        chain
+            .handle_write(tagged(t1, Packet::Rtp(rtx(7, 500)), true))
+            .unwrap();
+        let out = drain(&mut chain);
+        assert_eq!(out.len(), 1, "the repair of 500 is sent");
+        chain
+            .handle_write(tagged(t1, Packet::Rtp(rtx(500, 7)), true))
+            .unwrap();
+        assert!(drain(&mut chain).is_empty(), "7 was never sent");
+        let c = link.report(t1).counters;
+        assert_eq!((c.retransmitted, c.retransmissions_dropped), (1, 1));
+    }
+
+    /// A TWCC report from `base`: `statuses` (true: arrived); packet n arrives at (n + 1) × 10 ms.
+    fn twcc(base: u16, statuses: &[bool]) -> TransportLayerCc {
+        use rtc::rtcp::transport_feedbacks::transport_layer_cc::{
+            PacketStatusChunk, RecvDelta, RunLengthChunk, StatusChunkTypeTcc, SymbolTypeTcc,
+        };
+        let symbol = |arrived: bool| {
+            if arrived {
+                SymbolTypeTcc::PacketReceivedLargeDelta
+            } else {
+                SymbolTypeTcc::PacketNotReceived
+            }
+        };
+        let packet_chunks = statuses
+            .iter()
+            .map(|arrived| {
+                PacketStatusChunk::RunLengthChunk(RunLengthChunk {
+                    type_tcc: StatusChunkTypeTcc::RunLengthChunk,
+                    packet_status_symbol: symbol(*arrived),
+                    run_length: 1,
+                })
+            })
+            .collect();
+        let mut previous_us = 0;
+        let mut recv_deltas = Vec::new();
+        for (i, arrived) in statuses.iter().enumerate() {
+            if *arrived {
+                let at_us = (i64::from(base) + i as i64 + 1) * 10_000;
+                recv_deltas.push(RecvDelta {
+                    type_tcc_packet: symbol(true),
+                    delta: at_us - previous_us,
+                });
+                previous_us = at_us;
+            }
+        }
+        TransportLayerCc {
+            sender_ssrc: 1,
+            media_ssrc: SSRC,
+            base_sequence_number: base,
+            packet_status_count: statuses.len() as u16,
+            reference_time: 0,
+            fb_pkt_count: 0,
+            packet_chunks,
+            recv_deltas,
+        }
+    }
+
+    #[test]
+    fn twcc_feedback_counts_as_lost_only_what_the_viewer_reported_missing() {
+        const TWCC_ID: u8 = 5;
+        let link = Link::new(150_000, CEILING);
+        let mut history = TwccHistory::new(link.clone());
+        history.bind_local_stream(&StreamInfo {
+            ssrc: SSRC,
+            rtp_header_extensions: vec![RTPHeaderExtension {
+                uri: rtc::sdp::extmap::TRANSPORT_CC_URI.into(),
+                id: TWCC_ID.into(),
+            }],
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        for seq in 0..100u16 {
+            let mut packet = rtp(seq);
+            let ext = TransportCcExtension {
+                transport_sequence: seq,
+            };
+            packet
+                .header
+                .set_extension(TWCC_ID, ext.marshal().unwrap().into())
+                .unwrap();
+            let at = t0 + Duration::from_millis(10 * u64::from(seq));
+            history
+                .handle_write(tagged(at, Packet::Rtp(packet), false))
+                .unwrap();
+            assert!(history.poll_write().is_some(), "packet {seq} passed on");
+        }
+        // Feedback for 0-19 with 5 missing; the one for 20-39 is lost on the way; 40-99 all
+        // arrived; and a report of packets never sent, which must count for nothing.
+        let mut first = [true; 20];
+        first[5] = false;
+        let reports = [
+            (0, first.to_vec()),
+            (40, vec![true; 60]),
+            (1_000, vec![false; 20]),
+        ];
+        let t1 = t0 + Duration::from_millis(1_050);
+        for (base, statuses) in reports {
+            history
+                .handle_read(tagged(
+                    t1,
+                    Packet::Rtcp(vec![Box::new(twcc(base, &statuses))]),
+                    false,
+                ))
+                .unwrap();
+            assert!(history.poll_read().is_some(), "feedback passed on");
+        }
+        let stats = link.report(t1).estimate;
+        assert!(stats.twcc);
+        assert_eq!(stats.loss, Some(1.0 / 80.0));
+        // 1200-byte packets 10 ms apart on the viewer's clock: about 1 Mbit/s received.
+        let acked = stats.acked_bps.expect("an acknowledged rate");
+        assert!((900_000..=1_050_000).contains(&acked), "{acked}");
+    }
+}
