@@ -212,8 +212,7 @@ impl Owner {
                 }
             }
             Decision::IceServers => {
-                let now_s = crate::viewer::peer::unix_now_s();
-                let servers = self.deps.settings.ice_servers.for_viewers(now_s);
+                let servers = self.deps.settings.ice_servers.for_viewers(now_ms / 1000);
                 tracing::debug!(session = %id, servers = servers.servers.len(), "ICE servers sent");
                 self.signal.send(id, &DeviceMessage::ice_servers(servers));
             }

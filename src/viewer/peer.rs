@@ -31,13 +31,6 @@ use super::session::Timeouts;
 use crate::ports::PortPool;
 use crate::protocol::sdp::SENT_PROFILE_LEVEL_ID;
 use crate::protocol::turn::IceServerSet;
-
-/// The wall clock as Unix seconds (0 before 1970): TURN credentials are minted against it.
-pub(crate) fn unix_now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 use crate::state::LinkBoard;
 
 /// WebRTC settings shared by every session.
@@ -179,7 +172,7 @@ async fn build_with(
     let registry = interceptors(&mut media_engine, link)?;
     let ice_servers = settings
         .ice_servers
-        .for_device(unix_now_s())
+        .for_device(crate::outbound::unix_ms() / 1000)
         .into_iter()
         .map(|s| RTCIceServer {
             urls: s.urls,
