@@ -1,38 +1,40 @@
 """A NAT lab from network namespaces: an "internet" with the broker and coturn, a device behind
 one NAT, viewers behind another NAT or on the device's LAN.
 
-    test ns (pytest) 198.51.100.254 ──┐
-                                      br0 in `pub`: 198.51.100.1 (mosquitto :1883, coturn :3478)
-    `rdev` wan 198.51.100.2 ──────────┤          `rview` wan 198.51.100.3 ──┘
-       │ NAT (nftables masquerade)                 │ NAT (cone or symmetric)
-    lan 10.0.1.1/24 (bridge)                     lan 10.0.2.1/24 (bridge)
-       ├── `dev`    10.0.1.2  rtcam                └── `view` 10.0.2.2  viewers
+    the tests' own namespace 198.51.100.254 ──┐
+                                              br0 in `pub`: 198.51.100.1 (mosquitto, coturn)
+    `rdev` wan 198.51.100.2 ──────────────────┤    `rview` wan 198.51.100.3 ──┘
+       │ NAT (nftables masquerade)                   │ NAT (cone or symmetric)
+    lan 10.0.1.1/24 (bridge)                       lan 10.0.2.1/24 (bridge)
+       ├── `dev`     10.0.1.2  rtcam                 └── `view` 10.0.2.2  a viewer
        └── `lanview` 10.0.1.3  a viewer on the device's LAN
 
-Every address lives inside these namespaces; 198.51.100.0/24 is TEST-NET-2 (RFC 5737) and
-10.0.0.0/8 private, and nothing routes anywhere else. The namespaces are made with
-`ip netns`, so the lab insists on running inside a private network and mount namespace
-(tests/run.sh runs pytest under `unshare -n -m`): it refuses to touch a network namespace that
-has interfaces other than `lo`.
+Every address lives inside these namespaces: 198.51.100.0/24 is TEST-NET-2 (RFC 5737), 10/8
+private, and nothing routes anywhere else. Each namespace is held by an `unshare -n sleep`
+process (netem.Netns) and reached with `nsenter -t <pid> -n`, so nothing is named globally
+(no `ip netns`, no /run/netns mounts): the lab works inside tests/run.sh's `unshare -n` and
+vanishes with its holder processes. The tests' namespace joins the internet through one veth
+(the test watches the broker from there); it must hold nothing but `lo` before.
 
-NAT behaviour (Linux conntrack + nftables):
+NAT behaviour (Linux conntrack + nftables, in each router):
 - "cone": `masquerade` keeps the source port where it can (endpoint-independent mapping) and
   lets in only replies to what went out (address- and port-dependent filtering): a
   port-restricted cone NAT. Server-reflexive candidates work across two of these by hole
   punching.
-- "symmetric": `masquerade fully-random` picks a new random port for every destination
-  (endpoint-dependent mapping), with the same filtering. The port a STUN server saw is useless
-  to anyone else, so host and server-reflexive candidates cannot work across it.
+- "symmetric": `masquerade fully-random` picks a random port for every new flow, i.e. for
+  every destination (endpoint-dependent mapping), with the same filtering. The port a STUN
+  server saw is useless to anyone else, so host and server-reflexive candidates cannot work
+  across it; a TURN relay can (its permissions are per IP address, RFC 8656 §9).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+
+from netem import Netns, run
 
 PUBLIC_NET = "198.51.100"
 BROKER_IP = f"{PUBLIC_NET}.1"
@@ -49,110 +51,107 @@ HOSTS = {
     "view": ("rview", 2),
 }
 NAT_KINDS = ("cone", "symmetric")
+TEST_LINK = "natlab0"
 
 
-def _require(tool: str, package: str) -> str:
-    path = shutil.which(tool) or next(
-        (p for p in (f"/usr/sbin/{tool}", f"/sbin/{tool}", f"/usr/bin/{tool}") if os.path.exists(p)),
-        None,
-    )
-    if path is None:
+def require_tools() -> None:
+    for tool, package in (
+        ("unshare", "util-linux"),
+        ("nsenter", "util-linux"),
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+    ):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing (apt-get install {package}): the NAT lab needs it")
+
+
+def check_private_namespace() -> None:
+    """The lab adds a veth to the tests' own namespace: refuse anything but a private one."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
+    if names != ["lo"]:
         pytest.fail(
-            f"{tool} is not installed (apt-get install {package}); the NAT lab needs it",
-            pytrace=False,
+            "the NAT lab must run in a private network namespace holding only lo "
+            f"(tests/run.sh runs pytest under `unshare -n`); this one has {names}"
         )
-    return path
 
 
 class NatLab:
-    def __init__(self, tag: str):
-        self.ip = _require("ip", "iproute2")
-        self.nft = _require("nft", "nftables")
-        self.tag = tag
-        self.names = {n: f"rtcam{tag}-{n}" for n in ["pub", *ROUTERS, *HOSTS]}
+    def __init__(self) -> None:
+        self.ns: dict[str, Netns] = {}
         self.nat: dict[str, str] = {}
-        self.created: list[str] = []
-        self.test_link: str | None = None
+        self._veths = 0
 
-    # ---- helpers -----------------------------------------------------------------------
+    def argv(self, where: str, *argv: str) -> list[str]:
+        """argv that runs a command in namespace `where` (nsenter execs it: same pid)."""
+        return self.ns[where].argv(*argv)
 
-    def ns(self, name: str) -> str:
-        return self.names[name]
-
-    def sh(self, *argv: str) -> None:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)}: exit {r.returncode}: {r.stderr.strip()}")
-
-    def in_ns(self, name: str, *argv: str) -> None:
-        self.sh(self.ip, "netns", "exec", self.ns(name), *argv)
-
-    def exec_prefix(self, name: str) -> list[str]:
-        """argv prefix that runs a command in namespace `name`."""
-        return [self.ip, "netns", "exec", self.ns(name)]
-
-    # ---- set-up ------------------------------------------------------------------------
-
-    @staticmethod
-    def check_private_namespace() -> None:
-        links = subprocess.run(
-            ["ip", "-o", "link", "show"], capture_output=True, text=True, timeout=10
-        ).stdout.splitlines()
-        names = [line.split(":")[1].strip().split("@")[0] for line in links if ":" in line]
-        if names != ["lo"]:
-            pytest.fail(
-                "the NAT lab creates interfaces and namespaces; run it inside a private network "
-                "and mount namespace (`unshare -n -m`, as tests/run.sh does), not where "
-                f"these interfaces exist: {names}",
-                pytrace=False,
-            )
+    def run_in(self, where: str, *argv: str) -> None:
+        self.ns[where].run(*argv)
 
     def up(self) -> None:
-        self.check_private_namespace()
-        for name in self.names:
-            self.sh(self.ip, "netns", "add", self.ns(name))
-            self.created.append(name)
-            self.in_ns(name, "ip", "link", "set", "lo", "up")
-        # The "internet": a bridge in `pub` holding the servers' address.
-        self.in_ns("pub", "ip", "link", "add", "br0", "type", "bridge")
-        self.in_ns("pub", "ip", "addr", "add", f"{BROKER_IP}/24", "dev", "br0")
-        self.in_ns("pub", "ip", "link", "set", "br0", "up")
+        require_tools()
+        check_private_namespace()
+        for name in ["pub", *ROUTERS, *HOSTS]:
+            self.ns[name] = Netns()
+        self.run_in("pub", "ip", "link", "add", "br0", "type", "bridge")
+        self.run_in("pub", "ip", "addr", "add", f"{BROKER_IP}/24", "dev", "br0")
+        self.run_in("pub", "ip", "link", "set", "br0", "up")
+        # The rest of the internet: a default route out of a veth whose other end (in `pub`
+        # too, no address) drops what arrives, through a gateway with a fixed MAC address, so
+        # packets vanish without an error. Without it coturn's relay gets ENETUNREACH sending
+        # to a private address a viewer offered (10.0.x), and then relays nothing more for that
+        # allocation.
+        self.run_in("pub", "ip", "link", "add", "elsewhere", "type", "veth", "peer", "name", "void")
+        for link in ("elsewhere", "void"):
+            self.run_in("pub", "ip", "link", "set", link, "up")
+        self.run_in(
+            "pub", "ip", "neigh", "add", "192.0.2.1", "lladdr", "02:00:00:00:00:01",
+            "dev", "elsewhere", "nud", "permanent",
+        )
+        self.run_in(
+            "pub", "ip", "route", "add", "default", "via", "192.0.2.1", "dev", "elsewhere", "onlink"
+        )
         for router, (wan, lan) in ROUTERS.items():
-            self._link("pub", f"to-{router}", router, "wan", bridge_a="br0")
-            self.in_ns(router, "ip", "addr", "add", f"{wan}/24", "dev", "wan")
-            self.in_ns(router, "ip", "link", "set", "wan", "up")
-            self.in_ns(router, "ip", "link", "add", "lan", "type", "bridge")
-            self.in_ns(router, "ip", "addr", "add", f"{lan}.1/24", "dev", "lan")
-            self.in_ns(router, "ip", "link", "set", "lan", "up")
-            self.in_ns(router, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+            self._veth("pub", f"to-{router}", router, "wan", bridge="br0")
+            self.run_in(router, "ip", "addr", "add", f"{wan}/24", "dev", "wan")
+            self.run_in(router, "ip", "link", "set", "wan", "up")
+            self.run_in(router, "ip", "route", "add", "default", "via", BROKER_IP)
+            self.run_in(router, "ip", "link", "add", "lan", "type", "bridge")
+            self.run_in(router, "ip", "addr", "add", f"{lan}.1/24", "dev", "lan")
+            self.run_in(router, "ip", "link", "set", "lan", "up")
+            self.run_in(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             self.set_nat(router, "cone")
         for host, (router, octet) in HOSTS.items():
             lan = ROUTERS[router][1]
-            self._link(router, f"to-{host}", host, "eth0", bridge_a="lan")
-            self.in_ns(host, "ip", "addr", "add", f"{lan}.{octet}/24", "dev", "eth0")
-            self.in_ns(host, "ip", "link", "set", "eth0", "up")
-            self.in_ns(host, "ip", "route", "add", "default", "via", f"{lan}.1")
-        # The test process itself joins the internet (it watches the broker and can act as a
-        # viewer without NAT).
-        self.test_link = f"rtcam{self.tag}-t"
-        self.sh(self.ip, "link", "add", self.test_link, "type", "veth", "peer", "name", "to-test")
-        self.sh(self.ip, "link", "set", "to-test", "netns", self.ns("pub"))
-        self.in_ns("pub", "ip", "link", "set", "to-test", "master", "br0")
-        self.in_ns("pub", "ip", "link", "set", "to-test", "up")
-        self.sh(self.ip, "addr", "add", f"{TEST_IP}/24", "dev", self.test_link)
-        self.sh(self.ip, "link", "set", self.test_link, "up")
+            self._veth(router, f"to-{host}", host, "eth0", bridge="lan")
+            self.run_in(host, "ip", "addr", "add", f"{lan}.{octet}/24", "dev", "eth0")
+            self.run_in(host, "ip", "link", "set", "eth0", "up")
+            self.run_in(host, "ip", "route", "add", "default", "via", f"{lan}.1")
+        # The tests' own namespace joins the internet (no route beyond it: it reaches the
+        # broker and coturn, never a host behind a NAT).
+        run("ip", "link", "add", TEST_LINK, "type", "veth", "peer", "name", "natlab-pub")
+        run("ip", "link", "set", "natlab-pub", "netns", str(self.ns["pub"].pid))
+        self.run_in("pub", "ip", "link", "set", "natlab-pub", "master", "br0")
+        self.run_in("pub", "ip", "link", "set", "natlab-pub", "up")
+        run("ip", "addr", "add", f"{TEST_IP}/24", "dev", TEST_LINK)
+        run("ip", "link", "set", TEST_LINK, "up")
 
-    def _link(self, a: str, a_if: str, b: str, b_if: str, bridge_a: str) -> None:
-        tmp = f"rtcam{self.tag}-x"
-        self.in_ns(a, "ip", "link", "add", a_if, "type", "veth", "peer", "name", tmp)
-        self.in_ns(a, "ip", "link", "set", tmp, "netns", self.ns(b))
-        self.in_ns(b, "ip", "link", "set", tmp, "name", b_if)
-        self.in_ns(a, "ip", "link", "set", a_if, "master", bridge_a)
-        self.in_ns(a, "ip", "link", "set", a_if, "up")
+    def _veth(self, a: str, a_if: str, b: str, b_if: str, bridge: str) -> None:
+        """A veth from `a` (enslaved to `bridge` there) to `b`; made here, then moved."""
+        self._veths += 1
+        x, y = f"nl{self._veths}a", f"nl{self._veths}b"
+        run("ip", "link", "add", x, "type", "veth", "peer", "name", y)
+        run("ip", "link", "set", x, "netns", str(self.ns[a].pid))
+        run("ip", "link", "set", y, "netns", str(self.ns[b].pid))
+        self.run_in(a, "ip", "link", "set", x, "name", a_if)
+        self.run_in(b, "ip", "link", "set", y, "name", b_if)
+        self.run_in(a, "ip", "link", "set", a_if, "master", bridge)
+        self.run_in(a, "ip", "link", "set", a_if, "up")
 
     def set_nat(self, router: str, kind: str) -> None:
-        """Replace `router`'s NAT with a cone or a symmetric one (new flows only: existing
-        conntrack entries keep their mapping)."""
+        """Make `router` a cone or a symmetric NAT. Flows it already tracks keep their
+        mapping; every viewer run binds new local ports, so its flows are new ones."""
         if kind not in NAT_KINDS:
             raise ValueError(kind)
         flags = " fully-random" if kind == "symmetric" else ""
@@ -177,19 +176,14 @@ table inet filter {{
 }}
 """
         r = subprocess.run(
-            [*self.exec_prefix(router), self.nft, "-f", "-"],
-            input=rules,
-            capture_output=True,
-            text=True,
-            timeout=30,
+            self.argv(router, "nft", "-f", "-"), input=rules, capture_output=True, text=True
         )
         if r.returncode != 0:
             raise RuntimeError(f"nft in {router}: {r.stderr.strip()}")
         self.nat[router] = kind
 
     def down(self) -> None:
-        if self.test_link:
-            subprocess.run([self.ip, "link", "del", self.test_link], capture_output=True)
-        for name in reversed(self.created):
-            subprocess.run([self.ip, "netns", "del", self.ns(name)], capture_output=True)
-        self.created.clear()
+        subprocess.run(["ip", "link", "del", TEST_LINK], capture_output=True)
+        for ns in self.ns.values():
+            ns.close()
+        self.ns.clear()

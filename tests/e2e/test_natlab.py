@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,16 +26,16 @@ from conftest import (
     Rtcam,
     record_metric,
     tail,
-    wait_tcp,
+    viewer_auth,
 )
-from natlab import BROKER_IP, NatLab
+from natlab import BROKER_IP, HOSTS, ROUTERS, NatLab
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VIEWER = str(Path(__file__).resolve().parent / "viewer.py")
 TURN_PORT = 3478
 BROKER_PORT = 1883
 FPS = 30
+NO_PATH_CONNECT_TIMEOUT_MS = 6000
 
 
 # --------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ class LabMosquitto(Proc):
             f"listener {BROKER_PORT} {BROKER_IP}\nallow_anonymous true\npersistence false\n"
             "user root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
         )
-        self.spawn([*self.lab.exec_prefix("pub"), exe, "-c", str(conf)])
+        self.spawn(self.lab.argv("pub", exe, "-c", str(conf)))
         if not wait_tcp_at(BROKER_IP, BROKER_PORT, 10):
             pytest.fail(f"lab mosquitto did not listen:\n{tail(self.log_path)}", pytrace=False)
 
@@ -93,7 +94,7 @@ class Coturn(Proc):
             f"pidfile={self.workdir / 'turnserver.pid'}\n"
             "log-file=stdout\nsimple-log\nverbose\n"
         )
-        self.spawn([*self.lab.exec_prefix("pub"), exe, "-c", str(conf)])
+        self.spawn(self.lab.argv("pub", exe, "-c", str(conf)))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if not self.alive():
@@ -134,10 +135,10 @@ class LabRtcam(Rtcam):
         super().__init__(workdir, device, BROKER_PORT, monitor, **overrides)
         self.lab = lab
         self.settings["mqtt"]["host"] = BROKER_IP
-        self.settings["webrtc"]["bind_addresses"] = ["0.0.0.0"]
+        self.settings["webrtc"]["bind_addresses"] = [host_ip("dev")]
 
     def spawn(self, argv: list[str]) -> None:
-        super().spawn([*self.lab.exec_prefix("dev"), *argv])
+        super().spawn(self.lab.argv("dev", *argv))
 
 
 def cpu_ticks(pid: int) -> int:
@@ -156,7 +157,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 @pytest.fixture(scope="module")
 def lab():
-    nat = NatLab(tag=str(os.getpid() % 100000))
+    nat = NatLab()
     try:
         nat.up()
     except Exception:
@@ -209,12 +210,14 @@ def cam_turn(workdir, lab, lab_monitor, coturn):
         "secret_file": str(coturn.secret_file),
         "ttl_s": 600,
     }
+    if os.environ.get("NATLAB_VERBOSE"):
+        r.settings["log"]["level"] = os.environ["NATLAB_VERBOSE"]
     r.start()
     yield r
     r.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cam_stun(workdir, lab, lab_monitor):
     """A device with STUN only: no relay for anyone."""
     r = LabRtcam(
@@ -223,26 +226,30 @@ def cam_stun(workdir, lab, lab_monitor):
         "natcam-stun",
         lab_monitor,
         webrtc__stun_servers=[STUN],
-        webrtc__connect_timeout_ms=6000,
+        webrtc__connect_timeout_ms=NO_PATH_CONNECT_TIMEOUT_MS,
     )
     r.start()
     yield r
     r.stop()
 
 
-# --------------------------------------------------------------------------------------
 # A viewer process in a namespace
 # --------------------------------------------------------------------------------------
 
 
-def run_viewer(
-    lab: NatLab, where: str, device: str, *extra: str, timeout: float = 60.0
-) -> list[dict]:
-    """Runs viewer.py in namespace `where` to the end; returns its JSON events."""
-    import subprocess
+def host_ip(host: str) -> str:
+    router, octet = HOSTS[host]
+    return f"{ROUTERS[router][1]}.{octet}"
 
-    argv = [
-        *lab.exec_prefix(where),
+
+def viewer_argv(lab: NatLab, workdir: Path, where: str, device: str, *extra: str) -> list[str]:
+    """viewer.py in namespace `where`, gathering on its one address, signed with a fresh
+    credential for `device` (the device's default mode, auth.mode = "signed")."""
+    auth_file = workdir / f"natlab-auth-{secrets.token_hex(4)}.json"
+    auth_file.write_text(viewer_auth(device).to_json())
+    auth_file.chmod(0o600)
+    return lab.argv(
+        where,
         sys.executable,
         VIEWER,
         "--host",
@@ -251,25 +258,43 @@ def run_viewer(
         str(BROKER_PORT),
         "--device",
         device,
-        "--real-interfaces",
+        "--ice-address",
+        host_ip(where),
+        "--auth",
+        str(auth_file),
+        "--quiet",
+        *(["-v"] if os.environ.get("NATLAB_VERBOSE") else []),
         *extra,
-    ]
+    )
+
+
+def parse_events(text: str) -> list[dict]:
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+    return events
+
+
+def run_viewer(
+    lab: NatLab, workdir: Path, where: str, device: str, *extra: str, timeout: float = 90.0
+) -> list[dict]:
+    """Runs viewer.py in namespace `where` to the end; returns its JSON events."""
     r = subprocess.run(
-        argv,
+        viewer_argv(lab, workdir, where, device, *extra),
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
-    events = []
-    for line in r.stdout.splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            pass
+    events = parse_events(r.stdout)
     if not events:
-        raise AssertionError(f"viewer in {where} printed nothing (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    events[-1].setdefault("_stderr", r.stderr[-3000:])
+        raise AssertionError(
+            f"viewer in {where} printed nothing (exit {r.returncode}):\n{r.stderr[-3000:]}"
+        )
+    events.append({"event": "_exit", "code": r.returncode, "stderr": r.stderr[-3000:]})
     return events
 
 
@@ -279,23 +304,35 @@ def event(events: list[dict], name: str) -> dict:
             return e
     raise AssertionError(
         f"no {name!r} event; got {[e.get('event') for e in events]}: "
-        f"{json.dumps(events)[-2000:]}"
+        f"{json.dumps(events)[-3000:]}"
     )
 
 
 def path_line(cam: Rtcam, since: int) -> str:
     """The device's `viewer connected` log line written since byte `since`."""
-    text = cam.log_path.read_bytes()[since:].decode(errors="replace")
-    lines = [line for line in text.splitlines() if "viewer connected" in line]
-    assert lines, f"no 'viewer connected' line in the device log:\n{text[-3000:]}"
-    return lines[-1]
+    deadline = time.monotonic() + 10
+    while True:
+        text = cam.log_path.read_bytes()[since:].decode(errors="replace")
+        lines = [line for line in text.splitlines() if "viewer connected" in line]
+        if lines:
+            return lines[-1]
+        assert time.monotonic() < deadline, (
+            f"no 'viewer connected' line in the device log:\n{text[-3000:]}"
+        )
+        time.sleep(0.1)
 
 
-def assert_video(events: list[dict], seconds: float, who: str) -> dict:
+def assert_video(events: list[dict], who: str) -> dict:
+    """Frames counted and intact: more than one second's worth (no rate asserted: the two
+    cores are shared), each one the test pattern it should be."""
     done = event(events, "done")
-    assert done["crc_ok"] >= FPS * seconds * 0.7, f"{who}: too few frames: {done}"
-    assert done["pattern_ok"] >= 0.95 * done["frames"], f"{who}: damaged frames: {done}"
+    assert done["frames"] >= FPS, f"{who}: too few frames: {done}"
+    assert done["crc_ok"] >= 0.95 * done["frames"], f"{who}: damaged frames: {done}"
     return done
+
+
+def is_relay(pair: dict) -> bool:
+    return "relay" in (pair["local"], pair["remote"])
 
 
 # --------------------------------------------------------------------------------------
@@ -303,149 +340,148 @@ def assert_video(events: list[dict], seconds: float, who: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def test_relay_when_the_viewer_is_behind_a_symmetric_nat(lab, cam_turn, coturn):
-    """Symmetric NAT on the viewer's side, a cone NAT on the device's: host and srflx pairs
-    fail; the session connects through coturn, video flows and commands round-trip."""
+def test_relay_when_the_viewer_is_behind_a_symmetric_nat(lab, workdir, cam_turn):
+    """Symmetric NAT on the viewer's side, a cone NAT on the device's: no host or srflx pair
+    can work; the session connects through coturn with the credentials the device minted,
+    video flows and a command round-trips over the data channel."""
     lab.set_nat("rview", "symmetric")
     mark = cam_turn.log_path.stat().st_size
     events = run_viewer(
-        lab, "view", cam_turn.device, "--ask-ice-servers", "--ping", "--duration", "4"
+        lab, workdir, "view", cam_turn.device, "--ask-ice-servers", "--ping", "--duration", "4"
     )
     servers = event(events, "ice-servers")["servers"]
     urls = [u for s in servers for u in s["urls"]]
-    assert f"stun:{BROKER_IP}:{TURN_PORT}" in urls and f"turn:{BROKER_IP}:{TURN_PORT}" in urls, servers
-    turn = next(s for s in servers if any(u.startswith("turn:") for u in s["urls"]))
+    assert STUN in urls and TURN_URLS[0] in urls, servers
+    turn = next(s for s in servers if TURN_URLS[0] in s["urls"])
     expiry, name = turn["username"].split(":", 1)
-    assert name == f"{cam_turn.device}-viewer" and int(expiry) > time.time(), turn
-    connected = event(events, "connected")
-    pair = connected["pair"]
-    assert "relay" in (pair["local"], pair["remote"]), f"not relayed: {pair}"
-    succeeded = [c for c in pair["checks"] if c["state"] == "succeeded"]
-    assert succeeded and all("relay" in (c["local"], c["remote"]) for c in succeeded), (
+    assert name == f"{cam_turn.device}-viewer", turn
+    assert 0 < int(expiry) - time.time() <= 600, f"not the configured ttl_s = 600: {turn}"
+    pair = event(events, "connected")["pair"]
+    assert is_relay(pair), f"not relayed: {pair}"
+    worked = [c for c in pair["checks"] if c["state"] == "succeeded"]
+    assert worked and all(is_relay(c) for c in worked), (
         f"a pair without a relay worked through a symmetric NAT: {pair['checks']}"
     )
     ping = event(events, "ping")
-    assert ping["reply"].get("ok") is True, ping
-    assert_video(events, 4, "relayed viewer")
+    assert ping["reply"].get("ok") is True and ping["reply"]["result"] == {"pong": True, "t": "cli"}, ping
+    assert_video(events, "relayed viewer")
     line = path_line(cam_turn, mark)
     assert "relay" in line, f"the device does not report the relayed path: {line}"
-    record_metric("natlab.relay.offer_to_first_frame_ms", event(events, "first-frame")["ms_from_offer"])
+    record_metric(
+        "natlab.relay.offer_to_first_frame_ms", event(events, "first-frame")["ms_from_offer"]
+    )
     record_metric("natlab.relay.pair", f"{pair['local']}->{pair['remote']}")
-    record_metric("natlab.relay.ice_servers_ms", event(events, "ice-servers")["ms"])
 
 
-def test_srflx_when_both_nats_are_cones(lab, cam_turn):
-    """Two port-restricted cone NATs: hole punching works, so the session goes direct through
-    both NATs (server-reflexive or peer-reflexive), not through the relay."""
+def test_srflx_when_both_nats_are_cones(lab, workdir, cam_turn):
+    """Two port-restricted cone NATs: hole punching works, so the session goes through both
+    NATs on reflexive addresses (srflx or prflx), not through the relay it also has."""
     lab.set_nat("rview", "cone")
     mark = cam_turn.log_path.stat().st_size
-    events = run_viewer(lab, "view", cam_turn.device, "--ask-ice-servers", "--duration", "3")
+    events = run_viewer(
+        lab, workdir, "view", cam_turn.device, "--ask-ice-servers", "--duration", "3"
+    )
     pair = event(events, "connected")["pair"]
-    assert "relay" not in (pair["local"], pair["remote"]), f"relayed although punchable: {pair}"
+    assert not is_relay(pair), f"relayed although the NATs can be punched: {pair}"
     assert pair["remote"] in ("srflx", "prflx"), pair
-    assert not pair["remote_address"].startswith("10."), pair
-    assert_video(events, 3, "srflx viewer")
+    assert pair["remote_address"].startswith(ROUTERS["rdev"][0] + ":"), (
+        f"not the device's NAT address: {pair}"
+    )
+    assert_video(events, "srflx viewer")
     line = path_line(cam_turn, mark)
     assert "relay" not in line, line
-    record_metric("natlab.srflx.offer_to_first_frame_ms", event(events, "first-frame")["ms_from_offer"])
+    record_metric(
+        "natlab.srflx.offer_to_first_frame_ms", event(events, "first-frame")["ms_from_offer"]
+    )
     record_metric("natlab.srflx.pair", f"{pair['local']}->{pair['remote']}")
 
 
-def test_direct_on_the_devices_lan(lab, cam_turn):
-    """A viewer on the device's own LAN, with no ICE servers: host candidates meet."""
-    events = run_viewer(lab, "lanview", cam_turn.device, "--duration", "3")
+def test_direct_on_the_devices_lan(lab, workdir, cam_turn):
+    """A viewer on the device's own LAN, without ICE servers: host candidates meet."""
+    events = run_viewer(lab, workdir, "lanview", cam_turn.device, "--duration", "3")
     pair = event(events, "connected")["pair"]
     assert (pair["local"], pair["remote"]) == ("host", "host"), pair
-    assert pair["remote_address"].startswith("10.0.1."), pair
-    assert_video(events, 3, "LAN viewer")
-    record_metric("natlab.direct.offer_to_first_frame_ms", event(events, "first-frame")["ms_from_offer"])
-
-
-def test_no_path_ends_with_a_clear_bye(lab, cam_stun, lab_monitor):
-    """A device without a relay and a viewer behind a symmetric NAT: nothing connects; the
-    device ends the session with a bye (ice-failed or timeout) and frees its slot."""
-    lab.set_nat("rview", "symmetric")
-    t0 = time.monotonic()
-    events = run_viewer(
-        lab,
-        "view",
-        cam_stun.device,
-        "--ask-ice-servers",
-        "--timeout",
-        "12",
-        "--wait-device-end",
-        "10",
+    assert pair["remote_address"] == f"{host_ip('dev')}:" + pair["remote_address"].split(":")[1]
+    assert_video(events, "LAN viewer")
+    record_metric(
+        "natlab.direct.offer_to_first_frame_ms", event(events, "first-frame")["ms_from_offer"]
     )
-    err = event(events, "error")
-    ended = event(events, "device-ended")["message"]
-    assert ended.get("type") == "bye" and ended.get("reason") in ("ice-failed", "timeout"), (
-        f"device ended the session with {ended}; viewer error {err}"
-    )
-    servers = event(events, "ice-servers")["servers"]
-    assert all(not u.startswith("turn") for s in servers for u in s["urls"]), servers
-    cam_stun.wait_state(
-        lambda s: s.get("viewers") == 0 and s.get("connecting") == 0, 15, "no session left"
-    )
-    record_metric("natlab.no_path.bye_reason", ended.get("reason"))
-    record_metric("natlab.no_path.seconds_to_bye", round(time.monotonic() - t0, 1))
 
 
-def test_cpu_of_a_relayed_viewer(lab, cam_turn, coturn):
-    """What one relayed viewer costs the device and the relay, next to one direct viewer
-    (figures, printed; the assertions only check the sessions were what they claim)."""
-    seconds = 10
+def test_cpu_of_a_relayed_viewer(lab, workdir, cam_turn, coturn):
+    """What one relayed viewer costs the device (and coturn), next to one direct viewer:
+    figures from /proc/<pid>/stat over a steady window; the assertions only check that the
+    sessions took the paths they are named after."""
+    seconds = 8
 
     def measure(where: str, *extra: str) -> tuple[dict, float, float]:
-        import subprocess
-
         cam_turn.wait_idle(25)
-        argv = [
-            *lab.exec_prefix(where),
-            sys.executable,
-            VIEWER,
-            "--host",
-            BROKER_IP,
-            "--port",
-            str(BROKER_PORT),
-            "--device",
-            cam_turn.device,
-            "--real-interfaces",
-            "--duration",
-            str(seconds + 4),
-            *extra,
-        ]
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # Skip the set-up: measure a steady window of `seconds` after the first frame.
-        first = None
+        p = subprocess.Popen(
+            viewer_argv(lab, workdir, where, cam_turn.device, "--duration", str(seconds + 3), *extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         lines = []
-        while first is None:
+        while not any('"first-frame"' in x for x in lines):
             line = p.stdout.readline()
             if not line:
                 break
             lines.append(line)
-            if '"first-frame"' in line:
-                first = time.monotonic()
-        assert first is not None, f"no first frame from {where}: {lines} {p.stderr.read()[-2000:]}"
-        time.sleep(1.0)
-        c0, t0 = cpu_ticks(cam_turn.popen.pid), cpu_ticks(coturn.popen.pid)
-        w0 = time.monotonic()
+        if not any('"first-frame"' in x for x in lines):
+            p.wait(30)
+            raise AssertionError(f"no first frame from {where}: {lines} {p.stderr.read()[-2000:]}")
+        time.sleep(1.0)  # past the set-up: a steady window
+        c0, t0, w0 = cpu_ticks(cam_turn.popen.pid), cpu_ticks(coturn.popen.pid), time.monotonic()
         time.sleep(seconds)
         c1, t1 = cpu_ticks(cam_turn.popen.pid), cpu_ticks(coturn.popen.pid)
         wall = time.monotonic() - w0
-        out, err = p.communicate(timeout=30)
-        events = [json.loads(x) for x in (lines + out.splitlines()) if x.strip().startswith("{")]
-        device_pct = 100.0 * (c1 - c0) / TICKS / wall
-        relay_pct = 100.0 * (t1 - t0) / TICKS / wall
-        return event(events, "connected")["pair"], round(device_pct, 1), round(relay_pct, 1)
+        out, _ = p.communicate(timeout=60)
+        events = parse_events("".join(lines) + out)
+        assert_video(events, where)
+        pct = lambda ticks: round(100.0 * ticks / TICKS / wall, 1)  # noqa: E731
+        return event(events, "connected")["pair"], pct(c1 - c0), pct(t1 - t0)
 
     lab.set_nat("rview", "symmetric")
     relay_pair, relay_dev, relay_turn = measure("view", "--ask-ice-servers")
     direct_pair, direct_dev, direct_turn = measure("lanview")
-    assert "relay" in (relay_pair["local"], relay_pair["remote"]), relay_pair
+    assert is_relay(relay_pair), relay_pair
     assert (direct_pair["local"], direct_pair["remote"]) == ("host", "host"), direct_pair
-    record_metric("natlab.cpu.device_pct.relayed_viewer", relay_dev)
-    record_metric("natlab.cpu.device_pct.direct_viewer", direct_dev)
+    record_metric("natlab.cpu.rtcam_pct.relayed_viewer", relay_dev)
+    record_metric("natlab.cpu.rtcam_pct.direct_viewer", direct_dev)
     record_metric("natlab.cpu.coturn_pct.relayed_viewer", relay_turn)
     record_metric("natlab.cpu.coturn_pct.direct_viewer", direct_turn)
-    # The relay carries the video only for the relayed viewer.
-    assert relay_turn > direct_turn, (relay_turn, direct_turn)
+
+
+def test_no_path_ends_with_a_bye_within_connect_timeout(lab, workdir, cam_stun):
+    """A device without a relay, a viewer behind a symmetric NAT: nothing can connect. The
+    device ends the session with `bye` (`timeout` or `ice-failed`, docs/protocol.md §4.3)
+    within webrtc.connect_timeout_ms of the offer, and frees its slot."""
+    lab.set_nat("rview", "symmetric")
+    events = run_viewer(
+        lab,
+        workdir,
+        "view",
+        cam_stun.device,
+        "--ask-ice-servers",
+        "--timeout",
+        str(NO_PATH_CONNECT_TIMEOUT_MS / 1000 + 6),
+        "--wait-device-end",
+        "10",
+    )
+    servers = event(events, "ice-servers")["servers"]
+    assert all(not u.startswith("turn") for s in servers for u in s["urls"]), servers
+    err = event(events, "error")
+    ended = event(events, "device-ended")
+    msg = ended["message"]
+    assert msg.get("type") == "bye" and msg.get("reason") in ("ice-failed", "timeout"), (
+        f"the device ended the session with {msg}; the viewer's error: {err}"
+    )
+    # Within connect_timeout of the offer (measured from the viewer's offer to the bye's
+    # arrival; the margin is the signaling's way back, not a timing assertion).
+    assert ended["ms_from_offer"] <= NO_PATH_CONNECT_TIMEOUT_MS + 3000, ended
+    cam_stun.wait_state(
+        lambda s: s.get("viewers") == 0 and s.get("connecting") == 0, 15, "no session left"
+    )
+    record_metric("natlab.no_path.bye_reason", msg.get("reason"))
+    record_metric("natlab.no_path.offer_to_bye_ms", ended["ms_from_offer"])

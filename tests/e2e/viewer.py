@@ -1228,9 +1228,19 @@ async def _cli(a: argparse.Namespace) -> int:
             await asyncio.sleep(0.25)
 
     sampler = asyncio.ensure_future(sample_bytes()) if a.record else None
+    def emit_ice_servers() -> None:
+        if v.ice_servers is not None:
+            # URLs and user names only: the credentials stay out of logs.
+            _emit(
+                "ice-servers",
+                ms=round(v.t_ice_servers_ms, 1),
+                servers=[{"urls": s["urls"], "username": s.get("username")} for s in v.ice_servers],
+            )
+
     try:
         await v.start(timeout=a.timeout, ask_ice_servers=a.ask_ice_servers)
     except (ViewerError, TimeoutError) as e:
+        emit_ice_servers()
         kind = "timeout: " if isinstance(e, TimeoutError) else ""
         _emit("error", message=f"{kind}{e}", code=getattr(e, "code", None))
         if a.wait_device_end > 0:
@@ -1239,18 +1249,18 @@ async def _cli(a: argparse.Namespace) -> int:
                 msg = await v.wait_message(
                     lambda m: m.get("type") in ("bye", "error"), a.wait_device_end
                 )
-                since = now_ms() - (v.t_offer_ms or now_ms())
-                _emit("device-ended", message=msg, ms_from_offer=round(since, 1))
+                # When it arrived (it may have come while start() still waited).
+                at = next(t for t, m, _ in v.messages if m is msg)
+                since = at - v.t_offer_ms if v.t_offer_ms is not None else None
+                _emit(
+                    "device-ended",
+                    message=msg,
+                    ms_from_offer=None if since is None else round(since, 1),
+                )
             except TimeoutError:
                 _emit("device-silent", seconds=a.wait_device_end)
         return 2
-    if v.ice_servers is not None:
-        # URLs and user names only: the credentials stay out of logs.
-        _emit(
-            "ice-servers",
-            ms=round(v.t_ice_servers_ms, 1),
-            servers=[{"urls": s["urls"], "username": s.get("username")} for s in v.ice_servers],
-        )
+    emit_ice_servers()
     _emit(
         "connected",
         session=v.session,
