@@ -373,6 +373,36 @@ def test_relay_when_the_viewer_is_behind_a_symmetric_nat(lab, workdir, cam_turn)
     record_metric("natlab.relay.pair", f"{pair['local']}->{pair['remote']}")
 
 
+def test_the_devices_own_relay_when_the_viewer_has_none(lab, workdir, cam_turn):
+    """The same symmetric NAT, a viewer that uses only the STUN server of the reply: the
+    device's own relay (credentials it minted for itself) carries the session."""
+    lab.set_nat("rview", "symmetric")
+    mark = cam_turn.log_path.stat().st_size
+    events = run_viewer(
+        lab,
+        workdir,
+        "view",
+        cam_turn.device,
+        "--ask-ice-servers",
+        "--without-turn",
+        "--ping",
+        "--duration",
+        "3",
+    )
+    pair = event(events, "connected")["pair"]
+    assert pair["remote"] == "relay" and pair["local"] != "relay", pair
+    assert pair["remote_address"].startswith(BROKER_IP + ":"), pair
+    assert event(events, "ping")["reply"].get("ok") is True, events
+    assert_video(events, "viewer through the device's relay")
+    line = path_line(cam_turn, mark)
+    assert "relay ->" in line, f"the device does not report its own relay: {line}"
+    record_metric(
+        "natlab.device_relay.offer_to_first_frame_ms",
+        event(events, "first-frame")["ms_from_offer"],
+    )
+    record_metric("natlab.device_relay.pair", f"{pair['local']}->{pair['remote']}")
+
+
 def test_srflx_when_both_nats_are_cones(lab, workdir, cam_turn):
     """Two port-restricted cone NATs: hole punching works, so the session goes through both
     NATs on reflexive addresses (srflx or prflx), not through the relay it also has."""
@@ -443,13 +473,14 @@ def test_cpu_of_a_relayed_viewer(lab, workdir, cam_turn, coturn):
         return event(events, "connected")["pair"], pct(c1 - c0), pct(t1 - t0)
 
     lab.set_nat("rview", "symmetric")
-    relay_pair, relay_dev, relay_turn = measure("view", "--ask-ice-servers")
+    # Through the device's own relay: rtcam wraps every packet for coturn (ChannelData).
+    relay_pair, relay_dev, relay_turn = measure("view", "--ask-ice-servers", "--without-turn")
     direct_pair, direct_dev, direct_turn = measure("lanview")
-    assert is_relay(relay_pair), relay_pair
+    assert relay_pair["remote"] == "relay", relay_pair
     assert (direct_pair["local"], direct_pair["remote"]) == ("host", "host"), direct_pair
-    record_metric("natlab.cpu.rtcam_pct.relayed_viewer", relay_dev)
+    record_metric("natlab.cpu.rtcam_pct.viewer_via_device_relay", relay_dev)
     record_metric("natlab.cpu.rtcam_pct.direct_viewer", direct_dev)
-    record_metric("natlab.cpu.coturn_pct.relayed_viewer", relay_turn)
+    record_metric("natlab.cpu.coturn_pct.viewer_via_device_relay", relay_turn)
     record_metric("natlab.cpu.coturn_pct.direct_viewer", direct_turn)
 
 

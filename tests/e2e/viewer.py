@@ -793,6 +793,7 @@ class Viewer:
         wait_connected: bool = True,
         trickle: bool = False,
         ask_ice_servers: bool = False,
+        without_turn: bool = False,
     ) -> None:
         """Offer, apply the answer, wait for ICE/DTLS and the data channel.
 
@@ -801,6 +802,8 @@ class Viewer:
         `null`, sent right after the offer (before the answer arrives).
         ask_ice_servers=True: first ask the device for its ICE servers (docs/protocol.md
         §4.9) and gather with them; otherwise gather host candidates only.
+        without_turn=True: gather with the reply's STUN servers only (a viewer that cannot
+        use TURN: only the device's own relay can help it).
         """
         loop = asyncio.get_running_loop()
         self._answer = loop.create_future()
@@ -832,6 +835,10 @@ class Viewer:
                 raise ViewerError(f"ice-servers refused: {reply}", reply.get("code"), reply)
             self.t_ice_servers_ms = now_ms() - t0
             self.ice_servers = reply["ice_servers"]
+            if without_turn:
+                self.ice_servers = [
+                    s for s in self.ice_servers if not any(u.startswith("turn") for u in s["urls"])
+                ]
         self.pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
         transceiver = self.pc.addTransceiver("video", direction="recvonly")
         self.jitter_buffer = BrowserLikeJitterBuffer()
@@ -1238,7 +1245,9 @@ async def _cli(a: argparse.Namespace) -> int:
             )
 
     try:
-        await v.start(timeout=a.timeout, ask_ice_servers=a.ask_ice_servers)
+        await v.start(
+            timeout=a.timeout, ask_ice_servers=a.ask_ice_servers, without_turn=a.without_turn
+        )
     except (ViewerError, TimeoutError) as e:
         emit_ice_servers()
         kind = "timeout: " if isinstance(e, TimeoutError) else ""
@@ -1332,6 +1341,11 @@ def main(argv: list[str] | None = None) -> int:
         "--ask-ice-servers",
         action="store_true",
         help="ask the device for its ICE servers before offering (protocol §4.9)",
+    )
+    p.add_argument(
+        "--without-turn",
+        action="store_true",
+        help="with --ask-ice-servers: gather with the STUN servers only (no relay of its own)",
     )
     p.add_argument(
         "--wait-device-end",
