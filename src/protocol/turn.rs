@@ -175,9 +175,11 @@ impl IceServerSet {
         out
     }
 
-    /// The servers a viewer is given at `now_s`: every STUN server and every REST TURN URL
-    /// with a credential minted now. Static TURN credentials are never handed out: they do
-    /// not expire, so whoever saw one could use the relay for good.
+    /// The servers a new viewer session is given at `now_s` (Unix seconds): every STUN server
+    /// and every REST TURN URL with a credential minted now. The one source of viewers' ICE
+    /// servers: the `ice-servers` reply (docs/protocol.md §4.9), and any other way a session
+    /// is set up (e.g. WHEP's `Link` headers). Static TURN credentials are never handed out:
+    /// they do not expire, so whoever saw one could use the relay for good.
     pub fn for_viewers(&self, now_s: u64) -> ViewerIceServers {
         let mut servers = Vec::new();
         if !self.stun.is_empty() {
