@@ -36,6 +36,7 @@ from natlab import BROKER_IP, HOSTS, ROUTERS, NatLab
 
 VIEWER = str(Path(__file__).resolve().parent / "viewer.py")
 TURN_PORT = 3478
+STATIC_TURN_PORT = 3479
 BROKER_PORT = 1883
 FPS = 30
 NO_PATH_CONNECT_TIMEOUT_MS = 6000
@@ -68,15 +69,22 @@ class LabMosquitto(Proc):
 
 
 class Coturn(Proc):
-    """Debian's coturn in `pub`, with the REST scheme (use-auth-secret)."""
+    """Debian's coturn in `pub`: with the REST scheme (use-auth-secret), or, given a static
+    user, with long-term credentials (lt-cred-mech) for rtcam's `[[webrtc.turn_servers]]`."""
 
-    name = "coturn"
-
-    def __init__(self, workdir: Path, lab: NatLab):
+    def __init__(
+        self,
+        workdir: Path,
+        lab: NatLab,
+        port: int = TURN_PORT,
+        relay_ports: tuple[int, int] = (49160, 49599),
+        static_user: tuple[str, str] | None = None,
+    ):
+        self.name = f"coturn-{port}"
         super().__init__(workdir)
-        self.lab = lab
+        self.lab, self.port, self.relay_ports, self.static_user = lab, port, relay_ports, static_user
         self.secret = secrets.token_hex(24)
-        self.secret_file = workdir / "turn-secret"
+        self.secret_file = workdir / f"turn-secret-{port}"
 
     def start(self) -> None:
         exe = shutil.which("turnserver") or "/usr/bin/turnserver"
@@ -85,16 +93,23 @@ class Coturn(Proc):
                 "coturn is not installed (apt-get install coturn): the NAT lab's relay",
                 pytrace=False,
             )
-        self.secret_file.write_text(self.secret + "\n")
+        if self.static_user is None:
+            self.secret_file.write_text(self.secret + "\n")
+            auth = f"use-auth-secret\nstatic-auth-secret={self.secret}\n"
+        else:
+            self.secret_file.write_text(self.static_user[1] + "\n")
+            auth = f"lt-cred-mech\nuser={self.static_user[0]}:{self.static_user[1]}\n"
         self.secret_file.chmod(0o600)
-        conf = self.workdir / "turnserver.conf"
-        # The documented starting point (docs/turn.md), narrowed to the lab's one address.
+        conf = self.workdir / f"turnserver-{self.port}.conf"
+        # The documented starting point (docs/turn.md), narrowed to the lab's one address, with
+        # a database of its own (not /var/lib/turn's).
         conf.write_text(
-            f"listening-ip={BROKER_IP}\nrelay-ip={BROKER_IP}\nlistening-port={TURN_PORT}\n"
-            "min-port=49160\nmax-port=49999\nfingerprint\nuse-auth-secret\n"
-            f"static-auth-secret={self.secret}\nrealm=rtcam.test\nno-cli\nno-tls\nno-dtls\n"
+            f"listening-ip={BROKER_IP}\nrelay-ip={BROKER_IP}\nlistening-port={self.port}\n"
+            f"min-port={self.relay_ports[0]}\nmax-port={self.relay_ports[1]}\nfingerprint\n"
+            f"{auth}realm=rtcam.test\nno-cli\nno-tls\nno-dtls\nno-tcp-relay\n"
             "no-multicast-peers\nno-software-attribute\n"
-            f"pidfile={self.workdir / 'turnserver.pid'}\n"
+            f"userdb={self.workdir / f'turndb-{self.port}'}\n"
+            f"pidfile={self.workdir / f'turnserver-{self.port}.pid'}\n"
             "log-file=stdout\nsimple-log\nverbose\n"
         )
         self.spawn(self.lab.argv("pub", exe, "-c", str(conf)))
@@ -103,7 +118,7 @@ class Coturn(Proc):
             if not self.alive():
                 break
             if b"Total General servers" in self.log_path.read_bytes() or _udp_bound(
-                self.popen.pid, TURN_PORT
+                self.popen.pid, self.port
             ):
                 return
             time.sleep(0.1)
@@ -139,6 +154,14 @@ class LabRtcam(Rtcam):
         self.lab = lab
         self.settings["mqtt"]["host"] = BROKER_IP
         self.settings["webrtc"]["bind_addresses"] = [host_ip("dev")]
+
+    extra_toml = ""  # appended to the config as it is (e.g. [[webrtc.turn_servers]] tables)
+
+    def write_config(self) -> None:
+        super().write_config()
+        if self.extra_toml:
+            with open(self.config_path, "a") as f:
+                f.write("\n" + self.extra_toml)
 
     def spawn(self, argv: list[str]) -> None:
         super().spawn(self.lab.argv("dev", *argv))
@@ -221,7 +244,33 @@ def cam_turn(workdir, lab, lab_monitor, coturn):
 
 
 @pytest.fixture
-def cam_stun(workdir, lab, lab_monitor):
+def cam_static_turn(workdir, lab, lab_monitor, coturn):
+    """A device whose only relay is a TURN server with a static user (no REST secret); the
+    REST coturn (`coturn`) is only the STUN server here."""
+    turn = Coturn(workdir, lab, port=STATIC_TURN_PORT, relay_ports=(49600, 49999),
+                  static_user=("rtcam-static", secrets.token_hex(12)))
+    turn.start()
+    r = LabRtcam(
+        workdir,
+        lab,
+        "natcam-static",
+        lab_monitor,
+        webrtc__stun_servers=[STUN],
+    )
+    r.extra_toml = (
+        "[[webrtc.turn_servers]]\n"
+        f'url = "turn:{BROKER_IP}:{STATIC_TURN_PORT}"\n'
+        'username = "rtcam-static"\n'
+        f"credential_file = {json.dumps(str(turn.secret_file))}\n"
+    )
+    r.start()
+    yield r
+    r.stop()
+    turn.stop()
+
+
+@pytest.fixture
+def cam_stun(workdir, lab, lab_monitor, coturn):
     """A device with STUN only: no relay for anyone."""
     r = LabRtcam(
         workdir,
@@ -404,6 +453,20 @@ def test_the_devices_own_relay_when_the_viewer_has_none(lab, workdir, cam_turn):
         event(events, "first-frame")["ms_from_offer"],
     )
     record_metric("natlab.device_relay.pair", f"{pair['local']}->{pair['remote']}")
+
+
+def test_static_turn_credentials_still_work(lab, workdir, cam_static_turn):
+    """`[[webrtc.turn_servers]]` with a static user: the device's relay carries a viewer
+    behind a symmetric NAT, and the `ice-servers` reply does not hand the password out."""
+    lab.set_nat("rview", "symmetric")
+    events = run_viewer(
+        lab, workdir, "view", cam_static_turn.device, "--ask-ice-servers", "--duration", "2"
+    )
+    servers = event(events, "ice-servers")["servers"]
+    assert servers == [{"urls": [STUN], "username": None}], servers
+    pair = event(events, "connected")["pair"]
+    assert pair["remote"] == "relay" and pair["remote_address"].startswith(BROKER_IP + ":"), pair
+    assert_video(events, "viewer through the device's static-credential relay")
 
 
 def test_srflx_when_both_nats_are_cones(lab, workdir, cam_turn):
