@@ -12,6 +12,9 @@ connect_timeout plus 3 s for the bye to arrive.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -392,7 +395,7 @@ def is_relay(pair: dict) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def test_relay_when_the_viewer_is_behind_a_symmetric_nat(lab, workdir, cam_turn):
+def test_relay_when_the_viewer_is_behind_a_symmetric_nat(lab, workdir, cam_turn, coturn):
     """Symmetric NAT on the viewer's side, a cone NAT on the device's: no host or srflx pair
     can work; the session connects through coturn with the credentials the device minted,
     video flows and a command round-trips over the data channel."""
@@ -419,6 +422,13 @@ def test_relay_when_the_viewer_is_behind_a_symmetric_nat(lab, workdir, cam_turn)
     assert_video(events, "relayed viewer")
     line = path_line(cam_turn, mark)
     assert "relay" in line, f"the device does not report the relayed path: {line}"
+    # Neither the shared secret nor the password minted for this viewer is in rtcam's log.
+    minted = base64.b64encode(
+        hmac.new(coturn.secret.encode(), turn["username"].encode(), hashlib.sha1).digest()
+    ).decode()
+    if not os.environ.get("NATLAB_VERBOSE"):  # webrtc-rs's own trace logs are not rtcam's
+        text = cam_turn.log_path.read_text(errors="replace")
+        assert coturn.secret not in text and minted not in text, "a TURN secret was logged"
     record_metric(
         "natlab.relay.offer_to_first_frame_ms", event(events, "first-frame")["ms_from_offer"]
     )
