@@ -21,16 +21,20 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import paho.mqtt.client as mqtt
 from conftest import (
+    PREFIX,
     Monitor,
     Proc,
     Rtcam,
     record_metric,
+    device_message,
     tail,
     viewer_auth,
 )
@@ -477,6 +481,36 @@ def test_static_turn_credentials_still_work(lab, workdir, cam_static_turn):
     pair = event(events, "connected")["pair"]
     assert pair["remote"] == "relay" and pair["remote_address"].startswith(BROKER_IP + ":"), pair
     assert_video(events, "viewer through the device's static-credential relay")
+
+
+def test_ice_servers_need_a_credential(cam_turn):
+    """Signed mode: an `ice-servers` request without a credential gets `unauthorized` and no
+    TURN credential (docs/protocol.md §4.9)."""
+    session = secrets.token_hex(8)
+    base = f"{PREFIX}/{cam_turn.device}/session/{session}"
+    got: list[dict] = []
+    done = threading.Event()
+
+    def on_message(client, userdata, msg):
+        got.append(device_message(msg.topic, msg.payload))
+        done.set()
+
+    subscribed = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"natlab-{session}")
+    c.on_message = on_message
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.connect(BROKER_IP, BROKER_PORT)
+    c.loop_start()
+    try:
+        c.subscribe(f"{base}/out", qos=1)
+        assert subscribed.wait(10), "could not subscribe to the session's out topic"
+        c.publish(f"{base}/in", json.dumps({"v": 1, "type": "ice-servers"}), qos=1)
+        assert done.wait(15), "no reply to an unsigned ice-servers request"
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    assert got[0].get("type") == "error" and got[0].get("code") == "unauthorized", got
+    assert "ice_servers" not in json.dumps(got), got
 
 
 def test_srflx_when_both_nats_are_cones(lab, workdir, cam_turn):
