@@ -181,6 +181,20 @@ pub struct WebrtcConfig {
     /// Per-viewer bandwidth estimation, layer selection, pacing and the encoder target policy
     /// (docs/protocol.md §5.3); false: every viewer gets every frame at the configured rate.
     pub adaptation: bool,
+    pub turn_rest: TurnRestConfig,
+}
+
+/// `[webrtc.turn_rest]`: TURN servers sharing coturn's REST secret (`use-auth-secret`); rtcam
+/// mints time-limited credentials for itself and its viewers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnRestConfig {
+    /// `turn:`/`turns:` URLs; empty: off.
+    pub urls: Vec<String>,
+    /// File whose first line is coturn's `static-auth-secret` (kept out of the config and logs).
+    pub secret_file: PathBuf,
+    /// Lifetime of each minted credential, seconds.
+    pub ttl_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -371,6 +385,7 @@ impl Config {
                 .list_separator(",")
                 .with_list_parse_key("webrtc.bind_addresses")
                 .with_list_parse_key("webrtc.stun_servers")
+                .with_list_parse_key("webrtc.turn_rest.urls")
                 .with_list_parse_key("control.forward_namespaces")
                 .with_list_parse_key("control.reply_to_allowed")
                 .with_list_parse_key("auth.owner_keys")
@@ -480,6 +495,31 @@ impl Config {
                     format!("{:?} is not a turn: or turns: URL", t.url),
                 ));
             }
+        }
+        let r = &w.turn_rest;
+        for url in &r.urls {
+            if !(url.starts_with("turn:") || url.starts_with("turns:")) {
+                return Err(invalid(
+                    "webrtc.turn_rest.urls",
+                    format!("{url:?} is not a turn: or turns: URL"),
+                ));
+            }
+        }
+        if !r.urls.is_empty() && r.secret_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "webrtc.turn_rest.secret_file",
+                "the file holding coturn's static-auth-secret, required when webrtc.turn_rest.urls is set",
+            ));
+        }
+        if !crate::protocol::turn::REST_TTL_S.contains(&r.ttl_s) {
+            return Err(invalid(
+                "webrtc.turn_rest.ttl_s",
+                format!(
+                    "{} to {} seconds",
+                    crate::protocol::turn::REST_TTL_S.start(),
+                    crate::protocol::turn::REST_TTL_S.end()
+                ),
+            ));
         }
         if !(1024..=1 << 20).contains(&w.max_sdp_bytes) {
             return Err(invalid("webrtc.max_sdp_bytes", "1024 to 1048576"));
@@ -803,6 +843,33 @@ mod tests {
         );
         let c = load_with(None, &[("RTCAM__MQTT__TLS", "true")]).unwrap();
         assert!(c.mqtt.tls);
+        let e = err(
+            Some("[webrtc.turn_rest]\nurls = [\"turn:t.lan:3478\"]\n"),
+            &[],
+        );
+        assert!(e.contains("webrtc.turn_rest.secret_file"), "{e}");
+        let e = err(
+            Some("[webrtc.turn_rest]\nurls = [\"stun:t.lan\"]\nsecret_file = \"/s\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("webrtc.turn_rest.urls") && e.contains("stun:t.lan"),
+            "{e}"
+        );
+        let e = err(Some("[webrtc.turn_rest]\nttl_s = 5\n"), &[]);
+        assert!(
+            e.contains("webrtc.turn_rest.ttl_s") && e.contains("60"),
+            "{e}"
+        );
+        let c = load_with(
+            None,
+            &[
+                ("RTCAM__WEBRTC__TURN_REST__URLS", "turn:a:3478,turns:a:5349"),
+                ("RTCAM__WEBRTC__TURN_REST__SECRET_FILE", "/run/secret"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.webrtc.turn_rest.urls, ["turn:a:3478", "turns:a:5349"]);
         let e = err(Some("[capture]\ngop_cache_bytes = 100000000\n"), &[]);
         assert!(e.contains("capture.gop_cache_bytes"), "{e}");
     }

@@ -44,7 +44,7 @@ pub fn check_addresses(config: &Config) -> Result<(), ConfigError> {
 }
 
 /// The files `run` reads at start: the MQTT password, CA, client certificate and key (with
-/// TLS), each TURN credential, and the viewer's directory when `[web]` is enabled. Files are
+/// TLS), each TURN credential, coturn's REST secret, and the viewer's directory when `[web]` is enabled. Files are
 /// read as `run` reads them, so permissions count: run it as the service's user
 /// (`sudo -u rtcam rtcam check-config`). `webrtc.certificate_path` is not checked: a missing or
 /// unreadable cache is replaced at start (in the unit's StateDirectory=).
@@ -89,6 +89,20 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
                 format!("turn_servers[{i}] ({}): {}", turn.url, message(e)),
             )
         })?;
+    }
+    let rest = &config.webrtc.turn_rest;
+    if !rest.urls.is_empty() {
+        let key = "webrtc.turn_rest.secret_file";
+        let secret = crate::config::read_secret(key, &rest.secret_file)?;
+        if secret.is_empty() {
+            return Err(invalid(
+                key,
+                format!(
+                    "{}: the first line is empty; it must hold coturn's static-auth-secret",
+                    rest.secret_file.display()
+                ),
+            ));
+        }
     }
     if config.web.enabled {
         crate::web::check_root(&config.web.root)
@@ -296,6 +310,37 @@ mod tests {
                 && e.contains("/nonexistent/turn"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn turn_rest_secret_must_be_readable_and_not_empty() {
+        let e = file_error(
+            "[webrtc.turn_rest]\nurls = [\"turn:turn.lan:3478\"]\nsecret_file = \"/nonexistent/turn-secret\"\n",
+        );
+        assert!(
+            e.contains("webrtc.turn_rest.secret_file") && e.contains("/nonexistent/turn-secret"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "\nsecond line\n").unwrap();
+        let toml = format!(
+            "[webrtc.turn_rest]\nurls = [\"turn:turn.lan:3478\"]\nsecret_file = {:?}\n",
+            path.display().to_string()
+        );
+        let e = file_error(&toml);
+        assert!(
+            e.contains("webrtc.turn_rest.secret_file") && e.contains("empty"),
+            "{e}"
+        );
+        std::fs::write(&path, "the-shared-secret\n").unwrap();
+        check(&config(&toml), Files::Check).unwrap();
+        // Not configured: the file is not looked at.
+        check(
+            &config("[webrtc.turn_rest]\nsecret_file = \"/nonexistent/turn-secret\"\n"),
+            Files::Check,
+        )
+        .unwrap();
     }
 
     #[test]

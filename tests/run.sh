@@ -50,7 +50,8 @@ step "checking system packages"
 # chromium: the browser tests (tests/web) drive Debian's /usr/bin/chromium; openssl makes the
 # certificates of the MQTT TLS tests; nasm assembles openh264's x86 SIMD code (without it
 # openh264-sys2 quietly builds the plain C encoder; scripts/check-openh264-asm.sh fails then).
-pkgs=(mosquitto libclang-dev iproute2 util-linux build-essential pkg-config cmake chromium openssl nasm)
+# coturn and nftables: the NAT lab (tests/e2e/natlab.py: a TURN relay, NAT routers).
+pkgs=(mosquitto libclang-dev iproute2 util-linux build-essential pkg-config cmake chromium openssl nasm coturn nftables)
 if ! command -v python3 >/dev/null; then
     pkgs+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
@@ -65,6 +66,8 @@ ensure_packages "${pkgs[@]}"
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || die "mosquitto not found"
 command -v unshare >/dev/null || die "unshare (util-linux) not found"
 command -v ip >/dev/null || die "ip (iproute2) not found"
+command -v turnserver >/dev/null || die "turnserver (coturn) not found"
+command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || die "nft (nftables) not found"
 command -v nasm >/dev/null || die "nasm not found (apt-get install nasm): openh264 would lose its SIMD code"
 [[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium not found (apt-get install chromium)"
 command -v node >/dev/null || die "node not found (apt-get install nodejs)"

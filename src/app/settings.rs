@@ -5,7 +5,6 @@ use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use webrtc::peer_connection::RTCIceServer;
 
 use crate::config::{CaptureConfig, Config, EMBEDDED_BROKER_MAX_PAYLOAD, SourceKind, read_secret};
 use crate::homeassistant;
@@ -20,6 +19,7 @@ use crate::protocol::auth::{ReplayCache, Verifier};
 use crate::protocol::limits::MAX_SIGNED_COMMAND_BYTES;
 use crate::protocol::signal::status_payload;
 use crate::protocol::topics::Topics;
+use crate::protocol::turn::{IceServerSet, RestTurn, Secret, StaticTurn};
 
 /// Opens the configured source each time capture starts (never falls back to another).
 pub(crate) fn source_opener(config: &Config) -> SourceOpener {
@@ -76,23 +76,37 @@ pub(crate) fn pipeline_config(config: &Config) -> PipelineConfig {
     }
 }
 
-/// STUN and TURN servers for every peer connection (TURN credentials read from their files).
-pub(crate) fn ice_servers(config: &Config) -> Result<Vec<RTCIceServer>> {
-    let mut servers = Vec::new();
-    if !config.webrtc.stun_servers.is_empty() {
-        servers.push(RTCIceServer {
-            urls: config.webrtc.stun_servers.clone(),
-            ..Default::default()
-        });
-    }
-    for turn in &config.webrtc.turn_servers {
-        servers.push(RTCIceServer {
-            urls: vec![turn.url.clone()],
+/// STUN and TURN servers for the device and its viewers (TURN credentials and coturn's REST
+/// secret read from their files).
+pub(crate) fn ice_servers(config: &Config) -> Result<IceServerSet> {
+    let w = &config.webrtc;
+    let mut static_turn = Vec::new();
+    for turn in &w.turn_servers {
+        static_turn.push(StaticTurn {
+            url: turn.url.clone(),
             username: turn.username.clone(),
-            credential: read_secret("webrtc.turn_servers.credential_file", &turn.credential_file)?,
+            credential: Secret::new(read_secret(
+                "webrtc.turn_servers.credential_file",
+                &turn.credential_file,
+            )?),
         });
     }
-    Ok(servers)
+    let r = &w.turn_rest;
+    let rest = if r.urls.is_empty() {
+        None
+    } else {
+        Some(RestTurn {
+            urls: r.urls.clone(),
+            secret: Secret::new(read_secret("webrtc.turn_rest.secret_file", &r.secret_file)?),
+            ttl_s: r.ttl_s,
+        })
+    };
+    Ok(IceServerSet {
+        stun: w.stun_servers.clone(),
+        static_turn,
+        rest,
+        name: config.device.id.clone(),
+    })
 }
 
 /// The device's topics.

@@ -7,6 +7,7 @@ pub(crate) mod limits;
 pub(crate) mod sdp;
 pub(crate) mod signal;
 pub(crate) mod topics;
+pub(crate) mod turn;
 
 #[cfg(test)]
 mod robustness;

@@ -6,6 +6,7 @@ use std::fmt;
 use super::PROTOCOL_VERSION;
 use super::auth::keys::PublicKey;
 use super::auth::{Refusal, RefusalCode};
+use super::turn::{IceServer, ViewerIceServers};
 
 /// Error codes of `{"type":"error"}` replies; the strings are part of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -165,6 +166,9 @@ pub(crate) enum ViewerMessage {
     /// `None` is end-of-candidates.
     Candidate(Option<IceCandidate>),
     Bye,
+    /// A request for the ICE servers to gather with (docs/protocol.md §4.9): sent before the
+    /// offer, it opens no session.
+    IceServers,
 }
 
 #[derive(Deserialize)]
@@ -187,6 +191,10 @@ enum InboundWire {
         #[serde(default)]
         #[allow(dead_code)] // accepted for symmetry with the device's bye; not acted on
         reason: Option<String>,
+    },
+    IceServers {
+        #[serde(rename = "v")]
+        _v: u32,
     },
 }
 
@@ -263,6 +271,7 @@ pub(crate) fn parse_viewer_message(
         }
         InboundWire::Candidate { candidate, .. } => ViewerMessage::Candidate(candidate),
         InboundWire::Bye { .. } => ViewerMessage::Bye,
+        InboundWire::IceServers { .. } => ViewerMessage::IceServers,
     })
 }
 
@@ -303,6 +312,14 @@ pub(crate) enum DeviceMessage {
         v: u32,
         reason: ByeReason,
     },
+    /// The ICE servers a viewer may gather with, TURN credentials included (§4.9).
+    IceServers {
+        v: u32,
+        ice_servers: Vec<IceServer>,
+        /// When the TURN credentials expire (Unix seconds); absent without any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires: Option<u64>,
+    },
 }
 
 impl DeviceMessage {
@@ -333,6 +350,14 @@ impl DeviceMessage {
         Self::Bye {
             v: PROTOCOL_VERSION,
             reason,
+        }
+    }
+
+    pub(crate) fn ice_servers(set: ViewerIceServers) -> Self {
+        Self::IceServers {
+            v: PROTOCOL_VERSION,
+            ice_servers: set.servers,
+            expires: set.expires_at_s,
         }
     }
 
@@ -425,6 +450,18 @@ mod tests {
         assert_eq!(
             parse(json!({"v":1,"type":"bye","reason":"closed"})),
             Ok(ViewerMessage::Bye)
+        );
+    }
+
+    #[test]
+    fn parses_the_ice_servers_request() {
+        assert_eq!(
+            parse(json!({"v":1,"type":"ice-servers"})),
+            Ok(ViewerMessage::IceServers)
+        );
+        assert_eq!(
+            code(parse(json!({"v":1,"type":"ice-servers","urls":[]}))),
+            ErrorCode::BadSchema
         );
     }
 
@@ -538,6 +575,34 @@ mod tests {
         assert_eq!(
             v(DeviceMessage::candidate(Some(c))),
             json!({"v":1,"type":"candidate","candidate":{"candidate":"candidate:x","sdpMid":"0","sdpMLineIndex":0}})
+        );
+        let servers = ViewerIceServers {
+            servers: vec![
+                IceServer {
+                    urls: vec!["stun:s:3478".into()],
+                    username: None,
+                    credential: None,
+                },
+                IceServer {
+                    urls: vec!["turn:t:3478".into()],
+                    username: Some("1700000000:cam-viewer".into()),
+                    credential: Some(crate::protocol::turn::Secret::new("pw")),
+                },
+            ],
+            expires_at_s: Some(1_700_000_000),
+        };
+        assert_eq!(
+            v(DeviceMessage::ice_servers(servers)),
+            json!({"v":1,"type":"ice-servers","expires":1_700_000_000u64,"ice_servers":[
+                {"urls":["stun:s:3478"]},
+                {"urls":["turn:t:3478"],"username":"1700000000:cam-viewer","credential":"pw"}]})
+        );
+        assert_eq!(
+            v(DeviceMessage::ice_servers(ViewerIceServers {
+                servers: vec![],
+                expires_at_s: None
+            })),
+            json!({"v":1,"type":"ice-servers","ice_servers":[]})
         );
     }
 

@@ -211,6 +211,11 @@ impl Owner {
                     h.end(EndRequest::ViewerBye);
                 }
             }
+            Decision::IceServers => {
+                let servers = self.deps.settings.ice_servers.for_viewers(now_ms / 1000);
+                tracing::debug!(session = %id, servers = servers.servers.len(), "ICE servers sent");
+                self.signal.send(id, &DeviceMessage::ice_servers(servers));
+            }
         }
     }
 

@@ -52,6 +52,8 @@ pub(crate) enum Decision {
     },
     /// The viewer said bye: end the session. Its slot stays taken until it reports closed.
     End { key: SessionKey },
+    /// The viewer asked for the ICE servers (before its offer): answer with them.
+    IceServers,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +229,7 @@ impl Registry {
                 entry.phase = Phase::Closing;
                 Decision::End { key: entry.key }
             }
+            ViewerMessage::IceServers => Decision::IceServers,
         }
     }
 
@@ -616,6 +619,28 @@ mod tests {
     }
 
     #[test]
+    fn ice_server_requests_open_no_session() {
+        let t = Instant::now();
+        let mut r = reg(1, 1);
+        let ask = msg(json!({"v":1,"type":"ice-servers"}));
+        assert_eq!(
+            r.on_message(&sid("x"), &ask, CB, t, 0),
+            Decision::IceServers
+        );
+        assert_eq!(r.len(), 0);
+        let (key, _) = start(&mut r, "x", t);
+        // A live session may ask again (e.g. before an ICE restart); it stays as it is.
+        assert_eq!(
+            r.on_message(&sid("x"), &ask, CB, t, 0),
+            Decision::IceServers
+        );
+        assert_eq!(
+            r.on_message(&sid("x"), &bye(), CB, t, 0),
+            Decision::End { key }
+        );
+    }
+
+    #[test]
     fn unknown_sessions_get_errors() {
         let t = Instant::now();
         let mut r = reg(1, 1);
@@ -792,6 +817,58 @@ mod tests {
                 ErrorCode::Unauthorized
             );
             assert_eq!(r.len(), 0, "no session was created");
+        }
+
+        #[test]
+        fn ice_servers_go_only_to_holders_of_a_credential() {
+            let t = Instant::now();
+            let mut r = reg();
+            let ask = msg(json!({"v":1,"type":"ice-servers"}));
+            let plain = refused(r.on_message(&sid("a"), &ask, CB, t, NOW_MS));
+            assert_eq!(plain.code, ErrorCode::Unauthorized);
+            let no_cred = signed(&viewer(), "a", NOW_MS, &ask, None);
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &no_cred, CB, t, NOW_MS)).code,
+                ErrorCode::Unauthorized
+            );
+            let stolen = signed(
+                &intruder(),
+                "a",
+                NOW_MS,
+                &ask,
+                Some(&good_credential(&viewer())),
+            );
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &stolen, CB, t, NOW_MS)).code,
+                ErrorCode::Unauthorized
+            );
+            let good = signed(
+                &viewer(),
+                "a",
+                NOW_MS,
+                &ask,
+                Some(&good_credential(&viewer())),
+            );
+            assert_eq!(
+                r.on_message(&sid("a"), &good, CB, t, NOW_MS),
+                Decision::IceServers
+            );
+            assert_eq!(r.len(), 0, "the request opens no session");
+            assert_eq!(
+                refused(r.on_message(&sid("a"), &good, CB, t, NOW_MS)).code,
+                ErrorCode::Replayed
+            );
+            // The offer that follows carries the credential again, as any first message does.
+            assert!(matches!(
+                r.on_message(
+                    &sid("a"),
+                    &signed_offer(&viewer(), "a", NOW_MS + 1),
+                    CB,
+                    t,
+                    NOW_MS + 1
+                ),
+                Decision::Start { .. }
+            ));
         }
 
         #[test]

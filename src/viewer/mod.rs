@@ -307,8 +307,10 @@ impl Driver {
                     }
                     Action::StartMedia => {
                         self.connected = true;
+                        let path = peer::selected_path(pc).await;
                         tracing::info!(
                             setup_ms = self.offered_at.elapsed().as_millis() as u64,
+                            path = path.as_deref().unwrap_or("unknown"),
                             "viewer connected"
                         );
                         let adaptive = self

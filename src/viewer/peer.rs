@@ -30,11 +30,14 @@ use super::link::{FeedbackTap, Link, PacedSender, TwccHistory};
 use super::session::Timeouts;
 use crate::ports::PortPool;
 use crate::protocol::sdp::SENT_PROFILE_LEVEL_ID;
+use crate::protocol::turn::IceServerSet;
 use crate::state::LinkBoard;
 
 /// WebRTC settings shared by every session.
 pub(crate) struct WebrtcSettings {
-    pub ice_servers: Vec<RTCIceServer>,
+    /// STUN and TURN servers; TURN credentials for coturn's REST scheme are minted per peer
+    /// connection.
+    pub ice_servers: IceServerSet,
     /// One DTLS certificate for every session (cached on disk by the service).
     pub certificate: RTCCertificate,
     pub bind_addresses: Vec<IpAddr>,
@@ -167,8 +170,21 @@ async fn build_with(
         )
         .map_err(|e| e.to_string())?;
     let registry = interceptors(&mut media_engine, link)?;
+    let ice_servers = settings
+        .ice_servers
+        .for_device(crate::outbound::unix_ms() / 1000)
+        .into_iter()
+        .map(|s| RTCIceServer {
+            urls: s.urls,
+            username: s.username.unwrap_or_default(),
+            credential: s
+                .credential
+                .map(|c| c.expose().to_owned())
+                .unwrap_or_default(),
+        })
+        .collect();
     let config = RTCConfigurationBuilder::new()
-        .with_ice_servers(settings.ice_servers.clone())
+        .with_ice_servers(ice_servers)
         .with_certificates(vec![settings.certificate.clone()])
         .build();
     let pc = PeerConnectionBuilder::new()
@@ -215,6 +231,20 @@ pub(crate) async fn build(
             build_with(settings, &addrs, events, MulticastDnsMode::Disabled, link).await
         }
     }
+}
+
+/// The connected candidate pair as "<local type> -> <remote type>" (e.g. "relay -> prflx"),
+/// for the log line of a connected viewer: how it reached the device.
+pub(crate) async fn selected_path(pc: &Arc<dyn PeerConnection>) -> Option<String> {
+    for sender in pc.get_senders().await {
+        let Ok(Some(dtls)) = sender.transport().await else {
+            continue;
+        };
+        if let Ok(Some(pair)) = dtls.ice_transport().get_selected_candidate_pair().await {
+            return Some(format!("{} -> {}", pair.local().typ, pair.remote().typ));
+        }
+    }
+    None
 }
 
 /// Whether this host can join the mDNS multicast group. Probed once at start: asking

@@ -364,7 +364,7 @@ class Rtcam(Proc):
 class Monitor:
     """Background paho client recording every status/state message."""
 
-    def __init__(self, port: int, login: tuple[str, str] | None = None):
+    def __init__(self, port: int, login: tuple[str, str] | None = None, host: str = HOST):
         self.cond = threading.Condition()
         self.history: list[tuple[float, str, Any]] = []
         self._latest: dict[str, Any] = {}
@@ -377,7 +377,7 @@ class Monitor:
         self.client.on_connect = self._on_connect
         self._subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.connect(HOST, port, keepalive=30)
+        self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError(f"monitor could not subscribe on broker port {port}")

@@ -49,6 +49,7 @@ import aiortc.codecs
 import paho.mqtt.client as mqtt
 from aiortc import (
     RTCConfiguration,
+    RTCIceServer,
     RTCPeerConnection,
     RTCRtpReceiver,
     RTCSessionDescription,
@@ -346,9 +347,47 @@ class BrowserLikeJitterBuffer(JitterBuffer):
         return True, None
 
 
-def rtc_configuration() -> RTCConfiguration:
-    # iceServers=[]: aiortc otherwise adds stun.l.google.com, i.e. non-loopback traffic.
-    return RTCConfiguration(iceServers=[])
+def rtc_configuration(ice_servers: list[dict] | None = None) -> RTCConfiguration:
+    """ice_servers: W3C RTCIceServer dicts (urls, username, credential), e.g. the device's
+    `ice-servers` reply. None or []: none at all (aiortc otherwise adds stun.l.google.com,
+    i.e. traffic that must not leave the test's namespaces). aiortc uses the first STUN and
+    the first TURN URL it is given."""
+    servers = [
+        RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+        for s in ice_servers or []
+    ]
+    return RTCConfiguration(iceServers=servers)
+
+
+def selected_pair(pc: RTCPeerConnection) -> dict | None:
+    """The nominated ICE candidate pair of the video transport, as candidate types and
+    addresses (aiortc keeps it in aioice's Connection; no public API exposes it)."""
+    for t in pc.getTransceivers():
+        ice = t.receiver.transport.transport if t.receiver.transport else None
+        conn = getattr(ice, "_connection", None)
+        nominated = getattr(conn, "_nominated", None)
+        if not nominated:
+            continue
+        pair = nominated.get(1)
+        if pair is None:
+            continue
+        lc, rc = pair.local_candidate, pair.remote_candidate
+        return {
+            "local": lc.type,
+            "remote": rc.type,
+            "local_address": f"{lc.host}:{lc.port}",
+            "remote_address": f"{rc.host}:{rc.port}",
+            # Every pair ICE tried so far, as "local type/remote type": state.
+            "checks": [
+                {
+                    "local": p.local_candidate.type,
+                    "remote": p.remote_candidate.type,
+                    "state": p.state.name.lower(),
+                }
+                for p in getattr(conn, "_check_list", [])
+            ],
+        }
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -604,6 +643,8 @@ class Viewer:
         self.t_answer_ms: float | None = None
         self.t_connected_ms: float | None = None
         self.t_first_frame_ms: float | None = None
+        self.t_ice_servers_ms: float | None = None
+        self.ice_servers: list[dict] | None = None  # as the device sent them
         self.connection_states: list[str] = []
         self.pc: RTCPeerConnection | None = None
         self.dc = None
@@ -747,13 +788,22 @@ class Viewer:
     # ---- lifecycle --------------------------------------------------------------------
 
     async def start(
-        self, timeout: float = 20.0, wait_connected: bool = True, trickle: bool = False
+        self,
+        timeout: float = 20.0,
+        wait_connected: bool = True,
+        trickle: bool = False,
+        ask_ice_servers: bool = False,
+        without_turn: bool = False,
     ) -> None:
         """Offer, apply the answer, wait for ICE/DTLS and the data channel.
 
         trickle=False: the offer carries all candidates (aiortc gathers before offering).
         trickle=True: the offer carries none; they follow as `candidate` messages, then
         `null`, sent right after the offer (before the answer arrives).
+        ask_ice_servers=True: first ask the device for its ICE servers (docs/protocol.md
+        §4.9) and gather with them; otherwise gather host candidates only.
+        without_turn=True: gather with the reply's STUN servers only (a viewer that cannot
+        use TURN: only the device's own relay can help it).
         """
         loop = asyncio.get_running_loop()
         self._answer = loop.create_future()
@@ -767,7 +817,29 @@ class Viewer:
         # Protocol 2: subscribe to `out` before publishing the offer.
         await self.mqtt.subscribe(self.topic_out, self._on_out)
 
-        self.pc = RTCPeerConnection(rtc_configuration())
+        if ask_ice_servers:
+            t0 = now_ms()
+            ask = {"v": 1, "type": "ice-servers"}
+            if self.signer is not None:
+                # No session yet: like the offer, the request carries the credential (§9.4).
+                await self.mqtt.publish(self.topic_in, self.seal(ask, cred=True))
+            else:
+                await self.send(ask)
+            try:
+                reply = await self.wait_message(
+                    lambda m: m.get("type") in ("ice-servers", "error"), timeout
+                )
+            except TimeoutError:
+                raise TimeoutError(f"no ice-servers reply within {timeout} s") from None
+            if reply.get("type") == "error":
+                raise ViewerError(f"ice-servers refused: {reply}", reply.get("code"), reply)
+            self.t_ice_servers_ms = now_ms() - t0
+            self.ice_servers = reply["ice_servers"]
+            if without_turn:
+                self.ice_servers = [
+                    s for s in self.ice_servers if not any(u.startswith("turn") for u in s["urls"])
+                ]
+        self.pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
         transceiver = self.pc.addTransceiver("video", direction="recvonly")
         self.jitter_buffer = BrowserLikeJitterBuffer()
         transceiver.receiver._RTCRtpReceiver__jitter_buffer = self.jitter_buffer
@@ -1163,15 +1235,47 @@ async def _cli(a: argparse.Namespace) -> int:
             await asyncio.sleep(0.25)
 
     sampler = asyncio.ensure_future(sample_bytes()) if a.record else None
+    def emit_ice_servers() -> None:
+        if v.ice_servers is not None:
+            # URLs and user names only: the credentials stay out of logs.
+            _emit(
+                "ice-servers",
+                ms=round(v.t_ice_servers_ms, 1),
+                servers=[{"urls": s["urls"], "username": s.get("username")} for s in v.ice_servers],
+            )
+
     try:
-        await v.start(timeout=a.timeout)
-    except ViewerError as e:
-        _emit("error", message=str(e), code=e.code)
+        await v.start(
+            timeout=a.timeout, ask_ice_servers=a.ask_ice_servers, without_turn=a.without_turn
+        )
+    except (ViewerError, TimeoutError) as e:
+        emit_ice_servers()
+        kind = "timeout: " if isinstance(e, TimeoutError) else ""
+        _emit("error", message=f"{kind}{e}", code=getattr(e, "code", None))
+        if a.wait_device_end > 0:
+            # What the device says about the session it could not connect (bye or error).
+            try:
+                msg = await v.wait_message(
+                    lambda m: m.get("type") in ("bye", "error"), a.wait_device_end
+                )
+                # When it arrived (it may have come while start() still waited).
+                at = next(t for t, m, _ in v.messages if m is msg)
+                since = at - v.t_offer_ms if v.t_offer_ms is not None else None
+                _emit(
+                    "device-ended",
+                    message=msg,
+                    ms_from_offer=None if since is None else round(since, 1),
+                )
+            except TimeoutError:
+                _emit("device-silent", seconds=a.wait_device_end)
         return 2
-    except TimeoutError as e:
-        _emit("error", message=f"timeout: {e}")
-        return 2
-    _emit("connected", session=v.session, ms_from_offer=round(v.t_connected_ms - v.t_offer_ms, 1))
+    emit_ice_servers()
+    _emit(
+        "connected",
+        session=v.session,
+        ms_from_offer=round(v.t_connected_ms - v.t_offer_ms, 1),
+        pair=selected_pair(v.pc),
+    )
     if not a.video_optional:
         await v.wait_frames(1, a.timeout)
     if v.frames:
@@ -1232,6 +1336,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="once connected, receive for --duration seconds even if no frame arrives "
         "(a network test measuring a path that may carry no picture at all)",
+    )
+    p.add_argument(
+        "--ask-ice-servers",
+        action="store_true",
+        help="ask the device for its ICE servers before offering (protocol §4.9)",
+    )
+    p.add_argument(
+        "--without-turn",
+        action="store_true",
+        help="with --ask-ice-servers: gather with the STUN servers only (no relay of its own)",
+    )
+    p.add_argument(
+        "--wait-device-end",
+        type=float,
+        default=0.0,
+        help="when the session fails, wait this long for the device's bye or error",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
