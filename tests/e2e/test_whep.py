@@ -366,3 +366,29 @@ def test_whep_and_mqtt_viewers_share_max_viewers(make_rtcam, broker):
             await m2.close()
 
     run(body(), 120)
+
+
+def test_whep_link_headers_list_the_ice_servers(make_rtcam):
+    """The 201's Link headers carry webrtc.stun_servers (RFC 9725 §4.6). The server is on
+    loopback, where nothing answers: the answer then waits whep.gather_timeout_ms for
+    gathering and still carries the host candidates. (TURN entries with username and
+    credential: unit tests, src/whep/mod.rs; the test config writer cannot express
+    [[webrtc.turn_servers]] tables.)"""
+    cam, url = whep_cam(
+        make_rtcam,
+        "whep-links",
+        webrtc__stun_servers=["stun:127.0.0.1:3478"],
+        whep__gather_timeout_ms=500,
+    )
+
+    async def body():
+        v = WhepViewer(url, token=credential(cam.device))
+        try:
+            await v.start()
+            assert v.links == ['<stun:127.0.0.1:3478>; rel="ice-server"'], v.links
+            await v.wait_frames(10, 15)
+            await v.delete()
+        finally:
+            await v.close()
+
+    run(body(), 60)
