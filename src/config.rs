@@ -242,6 +242,9 @@ pub struct WhepConfig {
     pub public_url: String,
     /// How long an answer waits for the device's ICE candidates, milliseconds.
     pub gather_timeout_ms: u64,
+    /// HTTPS: certificate chain and private key (PEM); both empty: plain HTTP.
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
 }
 
 impl WhepConfig {
@@ -253,7 +256,14 @@ impl WhepConfig {
         if !self.public_url.is_empty() {
             return Some(self.public_url.clone());
         }
-        (!self.listen.ip().is_unspecified()).then(|| format!("http://{}{}", self.listen, self.path))
+        let scheme = if self.tls() { "https" } else { "http" };
+        (!self.listen.ip().is_unspecified())
+            .then(|| format!("{scheme}://{}{}", self.listen, self.path))
+    }
+
+    /// True when the endpoint serves HTTPS.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert_file.as_os_str().is_empty()
     }
 }
 
@@ -645,6 +655,12 @@ impl Config {
         if !(100..=10_000).contains(&h.gather_timeout_ms) {
             return Err(invalid("whep.gather_timeout_ms", "100 to 10000"));
         }
+        if h.tls_cert_file.as_os_str().is_empty() != h.tls_key_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "whep.tls_key_file",
+                "set whep.tls_cert_file and whep.tls_key_file together (both empty: plain HTTP)",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -759,6 +775,7 @@ mod tests {
                 "whep.public_url",
             ),
             ("[whep]\ngather_timeout_ms = 50\n", "whep.gather_timeout_ms"),
+            ("[whep]\ntls_cert_file = \"/x.pem\"\n", "whep.tls_key_file"),
         ] {
             let e = err(Some(toml), &[]);
             assert!(e.contains(key), "{toml}: {e}");

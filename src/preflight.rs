@@ -94,6 +94,22 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
         crate::web::check_root(&config.web.root)
             .map_err(|e| invalid("web.root", format!("{e:#}")))?;
     }
+    let h = &config.whep;
+    if h.enabled && h.tls() {
+        let cert = read("whep.tls_cert_file", &h.tls_cert_file)?;
+        let key = read("whep.tls_key_file", &h.tls_key_file)?;
+        // The very parse `run` does: PEM, and the key belongs to the certificate.
+        crate::whep::server::tls_server_config(&cert, &key).map_err(|e| {
+            invalid(
+                "whep.tls_cert_file",
+                format!(
+                    "{e} ({}, {})",
+                    h.tls_cert_file.display(),
+                    h.tls_key_file.display()
+                ),
+            )
+        })?;
+    }
     check_identity(config)
 }
 

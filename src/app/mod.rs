@@ -217,11 +217,23 @@ async fn run_tracked(
                 settings::whep_ice_servers(&static_servers, now_ms)
             }),
             gather_timeout: Duration::from_millis(h.gather_timeout_ms),
+            tls: if h.tls() {
+                let cert = std::fs::read(&h.tls_cert_file)
+                    .with_context(|| format!("whep.tls_cert_file {:?}", h.tls_cert_file))?;
+                let key = std::fs::read(&h.tls_key_file)
+                    .with_context(|| format!("whep.tls_key_file {:?}", h.tls_key_file))?;
+                let tls = crate::whep::server::tls_server_config(&cert, &key)
+                    .map_err(|e| anyhow::anyhow!("whep.tls_cert_file: {e}"))?;
+                Some(Arc::new(tls))
+            } else {
+                None
+            },
         })
         .await?;
         tracing::info!(
             addr = %server.local_addr().context("WHEP server address")?,
             path = %h.path,
+            https = h.tls(),
             "serving WHEP"
         );
         tracker.spawn(server.run(cancel.clone()));

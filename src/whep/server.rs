@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use webrtc::peer_connection::RTCIceServer;
@@ -38,6 +38,30 @@ pub(crate) struct WhepParts {
     pub ice_servers: Arc<dyn Fn(u64) -> Vec<RTCIceServer> + Send + Sync>,
     /// How long the answer waits for the device's candidates.
     pub gather_timeout: Duration,
+    /// HTTPS: the server configuration (`whep.tls_cert_file`, `whep.tls_key_file`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The rustls server configuration for HTTPS from a PEM certificate chain and its key.
+pub(crate) fn tls_server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<rustls::ServerConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: not valid PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no PEM certificate in the certificate file".into());
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: not valid PEM: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| format!("TLS set-up refused: {e}"))
 }
 
 /// A bound WHEP listener.
@@ -88,9 +112,22 @@ impl WhepServer {
             let cancel = cancel.clone();
             connections.spawn(async move {
                 let _permit = permit;
+                let serve = async {
+                    match &parts.tls {
+                        None => serve_connection(stream, &parts).await,
+                        Some(tls) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                            match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(tls_stream)) => serve_connection(tls_stream, &parts).await,
+                                Ok(Err(e)) => Err(e),
+                                Err(_) => Err(io::ErrorKind::TimedOut.into()),
+                            }
+                        }
+                    }
+                };
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    r = serve_connection(stream, &parts) => {
+                    r = serve => {
                         if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "whep: connection ended");
                         }
@@ -111,8 +148,8 @@ fn refuse(status: u16, why: &str) -> Response {
 
 /// Reads one request: the head within [`MAX_HEAD_BYTES`] and [`IO_TIMEOUT`], then a body of
 /// exactly `Content-Length` bytes, at most `max_body`.
-async fn read_request(
-    stream: &mut TcpStream,
+async fn read_request<S: AsyncRead + Unpin>(
+    stream: &mut S,
     max_body: usize,
 ) -> io::Result<Result<Request, Response>> {
     let mut buf = Vec::with_capacity(2048);
@@ -213,7 +250,10 @@ pub(crate) fn parse_head(head: &[u8]) -> Result<Request, Response> {
     })
 }
 
-async fn serve_connection(mut stream: TcpStream, parts: &WhepParts) -> io::Result<()> {
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    parts: &WhepParts,
+) -> io::Result<()> {
     let max_body = parts.policy.max_sdp_bytes.max(MAX_PATCH_BYTES);
     let (response, cors) = match read_request(&mut stream, max_body).await? {
         Err(resp) => (resp, Vec::new()),
@@ -347,8 +387,8 @@ async fn offer(parts: &WhepParts, sdp: String, bearer: Option<String>) -> Respon
     super::created(&parts.policy, &id, sdp, &links)
 }
 
-async fn write_response(
-    stream: &mut TcpStream,
+async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     response: Response,
     cors: &[(String, String)],
 ) -> io::Result<()> {
@@ -416,6 +456,21 @@ mod tests {
             400
         );
         assert_eq!(parse_head(&[0xff]).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn tls_config_needs_a_matching_certificate_and_key() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["cam.lan".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        assert!(tls_server_config(cert_pem.as_bytes(), key_pem.as_bytes()).is_ok());
+        let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        assert!(tls_server_config(cert_pem.as_bytes(), other.as_bytes()).is_err());
+        assert!(tls_server_config(b"", key_pem.as_bytes()).is_err());
+        assert!(tls_server_config(cert_pem.as_bytes(), b"junk").is_err());
     }
 
     #[test]

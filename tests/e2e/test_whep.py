@@ -8,6 +8,9 @@ MQTT viewers share `webrtc.max_viewers` because both go through the one session 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -45,13 +48,18 @@ class Reply:
         return values[0] if values else None
 
 
+# HTTPS tests set this: the CA file the client trusts.
+TLS_CONTEXT: list[ssl.SSLContext] = []
+
+
 def http(method: str, url: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Reply:
     """One HTTP request; error statuses are returned, not raised."""
     req = urllib.request.Request(url, data=body if method in ("POST", "PATCH") else None, method=method)
     for k, v in (headers or {}).items():
         req.add_header(k, v)
+    context = TLS_CONTEXT[-1] if url.startswith("https:") and TLS_CONTEXT else None
     try:
-        with urllib.request.urlopen(req, timeout=20) as resp:
+        with urllib.request.urlopen(req, timeout=20, context=context) as resp:
             status, hdrs, data = resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as e:
         status, hdrs, data = e.code, e.headers, e.read()
@@ -392,3 +400,76 @@ def test_whep_link_headers_list_the_ice_servers(make_rtcam):
             await v.close()
 
     run(body(), 60)
+
+
+def self_signed(workdir) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, PEM files (Python cryptography)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rtcam-whep-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = workdir / "whep-cert.pem", workdir / "whep-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_whep_over_https(make_rtcam, workdir):
+    """whep.tls_cert_file/tls_key_file: the endpoint speaks HTTPS (rustls) and the client
+    verifies the certificate."""
+    cert, key = self_signed(workdir)
+    port = free_port()
+    cam = make_rtcam(
+        "whep-https",
+        whep__enabled=True,
+        whep__listen=f"{HOST}:{port}",
+        whep__tls_cert_file=cert,
+        whep__tls_key_file=key,
+    )
+    url = f"https://{HOST}:{port}/whep"
+    state = cam.wait_state(lambda s: "whep_url" in s, 10, "whep_url in state")
+    assert state["whep_url"] == url, state
+    TLS_CONTEXT.append(ssl.create_default_context(cafile=cert))
+    try:
+
+        async def body():
+            v = WhepViewer(url, token=credential(cam.device))
+            try:
+                await v.start()
+                await v.wait_frames(30, 15)
+                record_metric(
+                    "whep.https.post_to_first_frame_ms", round((v.t_first_frame - v.t_post) * 1000)
+                )
+                await v.delete()
+            finally:
+                await v.close()
+
+        run(body(), 60)
+        # A client that does not trust the certificate refuses the connection.
+        with pytest.raises(urllib.error.URLError) as e:
+            urllib.request.urlopen(f"https://{HOST}:{port}/whep", timeout=5)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(e.value), e.value
+    finally:
+        TLS_CONTEXT.pop()
