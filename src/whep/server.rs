@@ -151,9 +151,13 @@ fn refuse(status: u16, why: &str) -> Response {
 async fn read_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     max_body: usize,
+    io_timeout: Duration,
 ) -> io::Result<Result<Request, Response>> {
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 2048];
+    // Whole-phase deadlines, not per read: a client sending a byte at a time cannot hold a
+    // connection longer than these.
+    let head_deadline = tokio::time::Instant::now() + io_timeout;
     let head_end = loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break end;
@@ -161,7 +165,7 @@ async fn read_request<S: AsyncRead + Unpin>(
         if buf.len() > MAX_HEAD_BYTES {
             return Ok(Err(refuse(431, "request head too large")));
         }
-        let n = match tokio::time::timeout(IO_TIMEOUT, stream.read(&mut chunk)).await {
+        let n = match tokio::time::timeout_at(head_deadline, stream.read(&mut chunk)).await {
             Ok(r) => r?,
             Err(_) => return Ok(Err(refuse(408, "request head not received in time"))),
         };
@@ -203,8 +207,9 @@ async fn read_request<S: AsyncRead + Unpin>(
     if body.len() > length {
         body.truncate(length);
     }
+    let body_deadline = tokio::time::Instant::now() + io_timeout;
     while body.len() < length {
-        let n = match tokio::time::timeout(IO_TIMEOUT, stream.read(&mut chunk)).await {
+        let n = match tokio::time::timeout_at(body_deadline, stream.read(&mut chunk)).await {
             Ok(r) => r?,
             Err(_) => return Ok(Err(refuse(408, "request body not received in time"))),
         };
@@ -255,7 +260,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     parts: &WhepParts,
 ) -> io::Result<()> {
     let max_body = parts.policy.max_sdp_bytes.max(MAX_PATCH_BYTES);
-    let (response, cors) = match read_request(&mut stream, max_body).await? {
+    let (response, cors) = match read_request(&mut stream, max_body, IO_TIMEOUT).await? {
         Err(resp) => (resp, Vec::new()),
         Ok(req) => match super::cors(&req, &parts.policy) {
             Err(resp) => (resp, Vec::new()),
@@ -471,6 +476,96 @@ mod tests {
         assert!(tls_server_config(cert_pem.as_bytes(), other.as_bytes()).is_err());
         assert!(tls_server_config(b"", key_pem.as_bytes()).is_err());
         assert!(tls_server_config(cert_pem.as_bytes(), b"junk").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_gets_408_within_the_head_deadline() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let trickle = tokio::spawn(async move {
+            // A byte every 50 ms: each read is quick, the whole head never completes.
+            for b in b"POST /whep HTTP/1.1\r\nX: y".iter().cycle().take(100) {
+                if client.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let timeout = Duration::from_millis(400);
+        let start = tokio::time::Instant::now();
+        let r = read_request(&mut server, 1024, timeout).await.unwrap();
+        assert_eq!(r.unwrap_err().status, 408);
+        assert!(start.elapsed() < timeout + Duration::from_millis(300));
+        trickle.abort();
+    }
+
+    #[tokio::test]
+    async fn requests_are_read_with_their_body_and_limits() {
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client
+            .write_all(b"PATCH /whep/w1 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloEXTRA")
+            .await
+            .unwrap();
+        let r = read_request(&mut server, 1024, IO_TIMEOUT)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.body.as_slice()),
+            ("PATCH", &b"hello"[..])
+        );
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client
+            .write_all(b"POST /whep HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_request(&mut server, 1024, IO_TIMEOUT)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .status,
+            413
+        );
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client
+            .write_all(b"POST /whep HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_request(&mut server, 1024, IO_TIMEOUT)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .status,
+            411
+        );
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client
+            .write_all(b"POST /whep HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_request(&mut server, 1024, IO_TIMEOUT)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .status,
+            411
+        );
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let big = format!(
+            "GET / HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD_BYTES)
+        );
+        client.write_all(big.as_bytes()).await.unwrap();
+        assert_eq!(
+            read_request(&mut server, 1024, IO_TIMEOUT)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .status,
+            431
+        );
     }
 
     #[test]
