@@ -159,20 +159,22 @@ def produced_fps(monitor: Monitor, topic: str, t0: float, t1: float) -> float:
     return (b["frames_encoded"] - a["frames_encoded"]) / max(0.001, (tb - ta) / 1000)
 
 
-def recovery_s(rec: Record, t_up: float, t_end: float, ok) -> float | None:
-    """Seconds from t_up until every later 1 s window satisfies ok(window)."""
+def recovery_s(rec: Record, t_up: float, t_end: float, ok, hold_s: float = 5.0) -> float | None:
+    """Seconds from t_up to the end of the last 1 s window (250 ms steps) failing ok(window)
+    before ok holds for hold_s seconds on end (or to t_end, if that is at least 3 s): back,
+    and staying back. A later, unrelated dip shows in the row's fps and freezes, not here."""
     step = 250.0
     t_end = min(t_end, rec.end_ms)
-    t = t_up
-    last_bad = None
+    since, t = t_up, t_up
     while t + 1000 <= t_end:
         if not ok(rec.window(t, t + 1000)):
-            last_bad = t
+            since = t + 1000
+        elif t + 1000 - since >= hold_s * 1000:
+            break
         t += step
-    if last_bad is None:
-        return 0.0
-    end_of_bad = last_bad + 1000
-    return None if end_of_bad + 1000 > t_end else (end_of_bad - t_up) / 1000
+    if t_end - since < min(hold_s, 3.0) * 1000:
+        return None
+    return (since - t_up) / 1000
 
 
 def cpu_seconds(pid: int) -> float:
