@@ -29,6 +29,7 @@ pub struct Config {
     pub homeassistant: HomeAssistantConfig,
     pub broker: BrokerConfig,
     pub web: WebConfig,
+    pub whep: WhepConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
 }
@@ -238,6 +239,60 @@ pub struct WebConfig {
     pub listen: SocketAddr,
     /// Directory holding the built viewer (index.html); relative paths are from the working directory.
     pub root: PathBuf,
+}
+
+/// `[whep]`: the WHEP endpoint (docs/whep.md), viewers over HTTP signaling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhepConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// The endpoint's path; sessions are `<path>/<id>`.
+    pub path: String,
+    /// Browser origins CORS allows (`*`: any); requests from other origins get 403.
+    pub allowed_origins: Vec<String>,
+    /// The endpoint URL as clients reach it, for the state and HA discovery; empty: built
+    /// from `listen` when it is a specific address.
+    pub public_url: String,
+    /// How long an answer waits for the device's ICE candidates, milliseconds.
+    pub gather_timeout_ms: u64,
+    /// HTTPS: certificate chain and private key (PEM); both empty: plain HTTP.
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+}
+
+impl WhepConfig {
+    /// The URL the state and discovery announce, if there is one.
+    pub fn announced_url(&self) -> Option<String> {
+        if !self.enabled {
+            return None;
+        }
+        if !self.public_url.is_empty() {
+            return Some(self.public_url.clone());
+        }
+        let scheme = if self.tls() { "https" } else { "http" };
+        (!self.listen.ip().is_unspecified())
+            .then(|| format!("{scheme}://{}{}", self.listen, self.path))
+    }
+
+    /// True when the endpoint serves HTTPS.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert_file.as_os_str().is_empty()
+    }
+}
+
+/// `whep.path`: `/` and then segments of `A-Z a-z 0-9 _ -`, no trailing `/`.
+fn is_valid_whep_path(path: &str) -> bool {
+    path.len() <= 64
+        && path.strip_prefix('/').is_some_and(|rest| {
+            !rest.is_empty()
+                && rest.split('/').all(|seg| {
+                    !seg.is_empty()
+                        && seg
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                })
+        })
 }
 
 config_enum!(
@@ -617,6 +672,35 @@ impl Config {
                 "the directory of the built viewer (web/dist), required when web.enabled = true",
             ));
         }
+        let h = &self.whep;
+        if !is_valid_whep_path(&h.path) {
+            return Err(invalid(
+                "whep.path",
+                "a path like \"/whep\": segments of A-Z a-z 0-9 _ -, no trailing /",
+            ));
+        }
+        if h.allowed_origins.iter().any(|o| {
+            (o != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+                || o.contains([' ', ',', '\r', '\n'])
+        }) {
+            return Err(invalid(
+                "whep.allowed_origins",
+                "\"*\" or origins like \"https://ha.example:8123\"",
+            ));
+        }
+        let url_ok = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        if !(h.public_url.is_empty() || url_ok(&h.public_url)) {
+            return Err(invalid("whep.public_url", "empty or an http(s):// URL"));
+        }
+        if !(100..=10_000).contains(&h.gather_timeout_ms) {
+            return Err(invalid("whep.gather_timeout_ms", "100 to 10000"));
+        }
+        if h.tls_cert_file.as_os_str().is_empty() != h.tls_key_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "whep.tls_key_file",
+                "set whep.tls_cert_file and whep.tls_key_file together (both empty: plain HTTP)",
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -707,6 +791,59 @@ mod tests {
 
     fn err(file: Option<&str>, env: &[(&str, &str)]) -> String {
         load_with(file, env).expect_err("should fail").to_string()
+    }
+
+    #[test]
+    fn whep_keys_are_checked_and_its_url_announced() {
+        let c = load_with(None, &[]).unwrap();
+        assert!(!c.whep.enabled, "WHEP is off by default");
+        assert_eq!(c.whep.announced_url(), None);
+        for (toml, key) in [
+            ("[whep]\npath = \"whep\"\n", "whep.path"),
+            ("[whep]\npath = \"/whep/\"\n", "whep.path"),
+            ("[whep]\npath = \"/a b\"\n", "whep.path"),
+            (
+                "[whep]\nallowed_origins = [\"ha.example\"]\n",
+                "whep.allowed_origins",
+            ),
+            (
+                "[whep]\nallowed_origins = [\"https://a, https://b\"]\n",
+                "whep.allowed_origins",
+            ),
+            (
+                "[whep]\npublic_url = \"cam:8889/whep\"\n",
+                "whep.public_url",
+            ),
+            ("[whep]\ngather_timeout_ms = 50\n", "whep.gather_timeout_ms"),
+            ("[whep]\ntls_cert_file = \"/x.pem\"\n", "whep.tls_key_file"),
+        ] {
+            let e = err(Some(toml), &[]);
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let c = load_with(
+            Some("[whep]\nenabled = true\npath = \"/cam/whep\"\nallowed_origins = [\"*\", \"https://ha.example:8123\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.whep.announced_url().as_deref(),
+            Some("http://127.0.0.1:8889/cam/whep")
+        );
+        let c = load_with(
+            Some("[whep]\nenabled = true\nlisten = \"0.0.0.0:8889\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.whep.announced_url(), None, "a wildcard address is no URL");
+        let c = load_with(
+            Some("[whep]\nenabled = true\nlisten = \"0.0.0.0:8889\"\npublic_url = \"https://cam.lan/whep\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.whep.announced_url().as_deref(),
+            Some("https://cam.lan/whep")
+        );
     }
 
     #[test]

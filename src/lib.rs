@@ -29,3 +29,4 @@ mod systemd;
 pub mod token;
 pub mod viewer;
 mod web;
+mod whep;

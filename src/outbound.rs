@@ -29,13 +29,25 @@ pub(crate) trait Publish: Send + Sync + 'static {
 }
 
 /// A session's outbound signaling: device messages on `<base>/session/<id>/out`, signed
-/// with the device key in signed mode (docs/protocol.md §9.6).
+/// with the device key in signed mode (docs/protocol.md §9.6), or, for a WHEP session, to
+/// the HTTP request that opened it (docs/whep.md).
 #[derive(Clone)]
 pub(crate) struct SignalOut {
-    publish: Arc<dyn Publish>,
-    topics: Topics,
-    /// The device identity key; `None` in open mode (plain messages).
-    device_key: Option<Arc<SigningKey>>,
+    route: Route,
+}
+
+#[derive(Clone)]
+enum Route {
+    Mqtt {
+        publish: Arc<dyn Publish>,
+        topics: Topics,
+        /// The device identity key; `None` in open mode (plain messages).
+        device_key: Option<Arc<SigningKey>>,
+    },
+    /// A WHEP session: its answer and candidates go back in the POST's response. Once that
+    /// is sent nobody listens, and later messages (a bye) are dropped: WHEP has no channel
+    /// from the device to the client besides the media connection itself.
+    Http(tokio::sync::mpsc::Sender<DeviceMessage>),
 }
 
 impl SignalOut {
@@ -45,16 +57,38 @@ impl SignalOut {
         device_key: Option<Arc<SigningKey>>,
     ) -> Self {
         Self {
-            publish,
-            topics,
-            device_key,
+            route: Route::Mqtt {
+                publish,
+                topics,
+                device_key,
+            },
+        }
+    }
+
+    /// A WHEP session's messages, to the HTTP request waiting for its answer.
+    pub fn http(sink: tokio::sync::mpsc::Sender<DeviceMessage>) -> Self {
+        Self {
+            route: Route::Http(sink),
         }
     }
 
     pub fn send(&self, id: &SessionId, message: &DeviceMessage) {
-        let topic = self.topics.session_out(id);
+        let (publish, topics, device_key) = match &self.route {
+            Route::Mqtt {
+                publish,
+                topics,
+                device_key,
+            } => (publish, topics, device_key),
+            Route::Http(sink) => {
+                if sink.try_send(message.clone()).is_err() {
+                    tracing::debug!(session = %id, "WHEP: message after the response dropped");
+                }
+                return;
+            }
+        };
+        let topic = topics.session_out(id);
         let json = message.to_json();
-        let payload = match &self.device_key {
+        let payload = match device_key {
             None => json,
             Some(key) => {
                 // `to_json` writes UTF-8 JSON and topics never contain LF (ids are checked),
@@ -71,7 +105,7 @@ impl SignalOut {
         };
         // A refused publish is counted and logged by the publisher; the session's own state
         // does not depend on it.
-        let _ = self.publish.publish(topic, payload, false);
+        let _ = publish.publish(topic, payload, false);
     }
 }
 

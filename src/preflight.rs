@@ -108,6 +108,22 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
         crate::web::check_root(&config.web.root)
             .map_err(|e| invalid("web.root", format!("{e:#}")))?;
     }
+    let h = &config.whep;
+    if h.enabled && h.tls() {
+        let cert = read("whep.tls_cert_file", &h.tls_cert_file)?;
+        let key = read("whep.tls_key_file", &h.tls_key_file)?;
+        // The very parse `run` does: PEM, and the key belongs to the certificate.
+        crate::whep::server::tls_server_config(&cert, &key).map_err(|e| {
+            invalid(
+                "whep.tls_cert_file",
+                format!(
+                    "{e} ({}, {})",
+                    h.tls_cert_file.display(),
+                    h.tls_key_file.display()
+                ),
+            )
+        })?;
+    }
     check_identity(config)
 }
 
@@ -422,5 +438,37 @@ mod tests {
             Files::Check,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn whep_tls_files_are_read_and_must_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["cam.lan".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_path = dir.path().join("whep.crt");
+        let key_path = dir.path().join("whep.key");
+        let other_path = dir.path().join("other.key");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        std::fs::write(
+            &other_path,
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        let whep = |cert: &Path, key: &Path| {
+            format!(
+                "[whep]\nenabled = true\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            )
+        };
+        check(&config(&whep(&cert_path, &key_path)), Files::Check).unwrap();
+        let e = file_error(&whep(&cert_path, &other_path));
+        assert!(e.contains("whep.tls_cert_file"), "{e}");
+        let e = file_error(&whep(&dir.path().join("missing.crt"), &key_path));
+        assert!(e.contains("whep.tls_cert_file"), "{e}");
     }
 }

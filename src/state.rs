@@ -47,6 +47,11 @@ pub(crate) struct DeviceState {
     /// The stream's H.264 profile and level as an SDP `profile-level-id` (e.g. `42c01f`);
     /// `null` while the camera's own H.264 has not been read yet.
     pub profile_level_id: Option<String>,
+    /// Of `viewers`, those connected over WHEP (docs/whep.md).
+    pub whep_viewers: u32,
+    /// The WHEP endpoint's URL (`whep.public_url`), `null` when WHEP is off or the URL is not
+    /// known.
+    pub whep_url: Option<String>,
     pub uptime_s: u64,
 }
 
@@ -113,6 +118,8 @@ pub(crate) struct SessionCounts {
     pub pending: u32,
     /// Ending: their resources are being freed.
     pub closing: u32,
+    /// Of `connected`, the sessions opened over WHEP (docs/whep.md).
+    pub whep: u32,
 }
 
 /// Static facts the state carries.
@@ -120,6 +127,7 @@ pub(crate) struct SessionCounts {
 pub(crate) struct StateInfo {
     pub max_viewers: u32,
     pub source: String,
+    pub whep_url: Option<String>,
 }
 
 /// Reads the current state from its owners; cheap to clone.
@@ -173,6 +181,8 @@ impl StateReader {
             encoder: status.encoder,
             links: self.links.borrow().values().cloned().collect(),
             profile_level_id: status.h264.map(|h| h.profile_level_id()),
+            whep_viewers: sessions.whep,
+            whep_url: self.info.whep_url.clone(),
             uptime_s: self.started.elapsed().as_secs(),
         }
     }
@@ -281,6 +291,8 @@ mod tests {
                 keyframe_requests_ignored: 1,
             }],
             profile_level_id: Some("42c01f".into()),
+            whep_viewers: 0,
+            whep_url: None,
             uptime_s: 9,
         }
     }
@@ -308,6 +320,8 @@ mod tests {
             "camera_error",
             "encoder",
             "links",
+            "whep_viewers",
+            "whep_url",
             "profile_level_id",
             "uptime_s",
         ] {
@@ -316,7 +330,7 @@ mod tests {
         assert_eq!(v["camera_error"], serde_json::Value::Null);
         assert_eq!(v["controls"]["brightness"], 3);
         assert_eq!(v["profile_level_id"], "42c01f");
-        assert_eq!(v.as_object().unwrap().len(), 21, "no undocumented fields");
+        assert_eq!(v.as_object().unwrap().len(), 23, "no undocumented fields");
         let link = &v["links"][0];
         for key in [
             "viewer",

@@ -144,6 +144,9 @@ step "browser test dependencies (tests/web: npm ci)"
 step "browser tests (tests/web/run.mjs: Chromium + playwright-core in a private network namespace)"
 timeout --kill-after=30 "${WEB_TIMEOUT_S:-300}" \
     unshare "${unshare_args[@]}" -- bash -c 'ip link set lo up && exec node tests/web/run.mjs'
+step "WHEP browser test (tests/web/whep.mjs: the whip-whep npm library in Chromium, no broker)"
+timeout --kill-after=30 120 \
+    unshare "${unshare_args[@]}" -- bash -c 'ip link set lo up && exec node tests/web/whep.mjs'
 # The README's demo in an ordinary browser (no loopback flags): that browser needs a LAN
 # address to gather candidates from, so this namespace gets a veth pair that leads nowhere.
 step "browser test of the demo (config/demo.toml, the URL scripts/demo.sh prints, plain Chromium)"

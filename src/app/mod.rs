@@ -141,6 +141,7 @@ async fn run_tracked(
                 SourceKind::TestPattern => "test-pattern".into(),
                 SourceKind::V4l2 => config.capture.device.display().to_string(),
             },
+            whep_url: config.whep.announced_url(),
         },
     );
     let k = &config.control;
@@ -178,7 +179,7 @@ async fn run_tracked(
             }),
             signal: signal.clone(),
             webrtc: WebrtcSettings {
-                ice_servers,
+                ice_servers: ice_servers.clone(),
                 certificate,
                 bind_addresses: w.bind_addresses.clone(),
                 ports: PortPool::new(w.udp_port_min, w.udp_port_max),
@@ -200,6 +201,43 @@ async fn run_tracked(
         tracker,
         cancel.clone(),
     );
+    // WHEP: the second signaling transport into the same registry (docs/whep.md).
+    if config.whep.enabled {
+        let h = &config.whep;
+        let static_servers = ice_servers.clone();
+        let server = crate::whep::server::WhepServer::bind(crate::whep::server::WhepParts {
+            listen: h.listen,
+            policy: crate::whep::Policy {
+                path: h.path.clone(),
+                allowed_origins: h.allowed_origins.clone(),
+                max_sdp_bytes: w.max_sdp_bytes,
+            },
+            signaling: signaling.clone(),
+            ice_servers: Arc::new(move |now_ms| {
+                settings::whep_ice_servers(&static_servers, now_ms)
+            }),
+            gather_timeout: Duration::from_millis(h.gather_timeout_ms),
+            tls: if h.tls() {
+                let cert = std::fs::read(&h.tls_cert_file)
+                    .with_context(|| format!("whep.tls_cert_file {:?}", h.tls_cert_file))?;
+                let key = std::fs::read(&h.tls_key_file)
+                    .with_context(|| format!("whep.tls_key_file {:?}", h.tls_key_file))?;
+                let tls = crate::whep::server::tls_server_config(&cert, &key)
+                    .map_err(|e| anyhow::anyhow!("whep.tls_cert_file: {e}"))?;
+                Some(Arc::new(tls))
+            } else {
+                None
+            },
+        })
+        .await?;
+        tracing::info!(
+            addr = %server.local_addr().context("WHEP server address")?,
+            path = %h.path,
+            https = h.tls(),
+            "serving WHEP"
+        );
+        tracker.spawn(server.run(cancel.clone()));
+    }
     let commands = MqttCommands::spawn(
         controller,
         publish.clone(),

@@ -109,6 +109,12 @@ pub(crate) fn ice_servers(config: &Config) -> Result<IceServerSet> {
     })
 }
 
+/// The ICE servers a WHEP answer's `Link` headers announce at `now_ms` (Unix ms): today the
+/// configured STUN and static TURN servers. Time-limited TURN credentials are minted here.
+pub(crate) fn whep_ice_servers(configured: &[RTCIceServer], _now_ms: u64) -> Vec<RTCIceServer> {
+    configured.to_vec()
+}
+
 /// The device's topics.
 pub(crate) fn topics(config: &Config) -> Topics {
     Topics::new(&config.mqtt.prefix, &config.device.id)

@@ -456,6 +456,7 @@ pub(crate) mod testing {
                     StateInfo {
                         max_viewers: 4,
                         source: "test-pattern".into(),
+                        whep_url: None,
                     },
                 ),
             );

@@ -303,7 +303,19 @@ fn offered_formats<'a>(video: &'a Section<'a>) -> Vec<Offered<'a>> {
 /// offer's: payload types that declare at least the stream's level are preferred; when none
 /// does, the offer is still answered (browsers declare 3.1 and decode 4.x) and
 /// [`CheckedOffer::level_note`] says so.
+#[cfg(test)]
 pub fn check_offer(sdp: &str, stream: &SentStream) -> Result<CheckedOffer, Rejection> {
+    check_offer_for(sdp, stream, false)
+}
+
+/// [`check_offer`]; with `audio_allowed`, audio sections are accepted too and left to the
+/// answer to decline (rtcam sends no audio): WHEP clients such as go2rtc always offer one
+/// (docs/whep.md §2).
+pub fn check_offer_for(
+    sdp: &str,
+    stream: &SentStream,
+    audio_allowed: bool,
+) -> Result<CheckedOffer, Rejection> {
     let (session, sections) = parse(sdp)?;
     if sections.is_empty() {
         return Err(bad(
@@ -311,7 +323,9 @@ pub fn check_offer(sdp: &str, stream: &SentStream) -> Result<CheckedOffer, Rejec
         ));
     }
     for s in &sections {
-        if !matches!(s.kind, "video" | "application") {
+        let allowed =
+            matches!(s.kind, "video" | "application") || (audio_allowed && s.kind == "audio");
+        if !allowed {
             return Err(bad(format!(
                 "the offer has an m={} section; rtcam sends one video track and takes at most one data channel: remove it",
                 s.kind
@@ -811,6 +825,13 @@ mod tests {
         let audio = chrome_like().replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0 1 2")
             + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:2\r\na=recvonly\r\na=rtpmap:111 opus/48000/2\r\n";
         assert!(reason(cb_offer(&audio)).contains("m=audio"));
+        // WHEP (go2rtc offers audio too): accepted and kept for the answer to decline.
+        let whep = check_offer_for(&audio, &CB31, true).unwrap();
+        assert!(
+            whep.sdp.contains("m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"),
+            "{}",
+            whep.sdp
+        );
         let two_videos =
             chrome_like() + "m=video 9 UDP/TLS/RTP/SAVPF 102\r\na=mid:2\r\na=recvonly\r\n";
         assert!(reason(cb_offer(&two_videos)).contains("2 video sections"));

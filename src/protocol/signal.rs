@@ -29,6 +29,9 @@ pub(crate) enum ErrorCode {
     Unauthorized,
     /// Signed mode: the timestamp is outside the device's freshness window.
     Stale,
+    /// WHEP in signed mode: a valid credential that does not allow this (another device's,
+    /// or another session's). Never sent on MQTT (docs/whep.md).
+    Forbidden,
     /// Signed mode: this signed message was already accepted.
     Replayed,
 }
@@ -51,6 +54,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Unauthorized => "unauthorized",
             Self::Stale => "stale",
+            Self::Forbidden => "forbidden",
             Self::Replayed => "replayed",
         }
     }

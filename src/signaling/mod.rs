@@ -1,4 +1,4 @@
-//! The session registry's owner task: every session's lifecycle and slot, fed by `session/<id>/in` and by the sessions themselves.
+//! The session registry's owner task: every session's lifecycle and slot, fed by `session/<id>/in`, by WHEP requests and by the sessions themselves.
 
 pub(crate) mod registry;
 
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,7 +18,7 @@ use crate::viewer::peer::WebrtcSettings;
 
 use crate::log_limit::LogLimiter;
 use crate::outbound::SignalOut;
-use crate::protocol::signal::{DeviceMessage, ErrorCode, Rejection};
+use crate::protocol::signal::{DeviceMessage, ErrorCode, IceCandidate, Rejection, ViewerMessage};
 use crate::protocol::topics::SessionId;
 use crate::state::SessionCounts;
 use crate::viewer::{EndRequest, Lifecycle, SessionDeps, SessionHandle, SessionKey, spawn_session};
@@ -26,6 +26,8 @@ use registry::{Decision, Registry, SessionLimits, SignedInbound};
 
 /// Inbound signaling messages queued for the registry at most; more get `busy`.
 const INBOUND_QUEUE: usize = 256;
+/// WHEP requests queued for the registry at most (the HTTP server serves fewer at once).
+const WHEP_QUEUE: usize = 64;
 /// How long shutdown waits for every session to say bye and close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -38,6 +40,7 @@ pub(crate) struct SignalingBusy;
 #[derive(Clone)]
 pub(crate) struct SignalingHandle {
     inbound: mpsc::Sender<(SessionId, Bytes)>,
+    whep: mpsc::Sender<WhepCall>,
 }
 
 impl SignalingHandle {
@@ -47,6 +50,36 @@ impl SignalingHandle {
             .try_send((id, payload))
             .map_err(|_| SignalingBusy)
     }
+
+    /// A WHEP request (docs/whep.md), the second signaling transport into the same registry.
+    pub fn whep(&self, call: WhepCall) -> Result<(), SignalingBusy> {
+        self.whep.try_send(call).map_err(|_| SignalingBusy)
+    }
+}
+
+/// What a WHEP request asks of the registry. `reply` gets `Ok` when it was accepted (for an
+/// offer: the session started and its answer and candidates will arrive on `out`), or the
+/// rejection.
+#[derive(Debug)]
+pub(crate) struct WhepCall {
+    pub id: SessionId,
+    /// The `Authorization: Bearer` credential, if any.
+    pub bearer: Option<String>,
+    pub action: WhepAction,
+    pub reply: oneshot::Sender<Result<(), Rejection>>,
+}
+
+#[derive(Debug)]
+pub(crate) enum WhepAction {
+    /// POST: a new session for this offer; its device messages go to `out`.
+    Offer {
+        sdp: String,
+        out: mpsc::Sender<DeviceMessage>,
+    },
+    /// PATCH: trickled candidates (None: end of candidates).
+    Candidates(Vec<Option<IceCandidate>>),
+    /// DELETE.
+    End,
 }
 
 /// Everything the registry owner needs, injected.
@@ -71,6 +104,7 @@ pub(crate) fn spawn(
     cancel: CancellationToken,
 ) -> (SignalingHandle, JoinHandle<()>) {
     let (inbound, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let (whep, whep_rx) = mpsc::channel(WHEP_QUEUE);
     // Every live session reports at most three times (connected, ending, closed).
     let sessions_max = parts.limits.max_viewers + parts.limits.max_pending;
     let (lifecycle, lifecycle_rx) = mpsc::channel(3 * sessions_max + 8);
@@ -78,7 +112,6 @@ pub(crate) fn spawn(
         settings: parts.webrtc,
         pipeline: parts.pipeline,
         controller: parts.controller,
-        signal: parts.signal.clone(),
         lifecycle,
         tracker: tracker.clone(),
     });
@@ -91,8 +124,8 @@ pub(crate) fn spawn(
         cancel: cancel.clone(),
         log: LogLimiter::new(Duration::from_secs(10), 10),
     };
-    let task = tracker.spawn(owner.run(inbound_rx, lifecycle_rx));
-    (SignalingHandle { inbound }, task)
+    let task = tracker.spawn(owner.run(inbound_rx, whep_rx, lifecycle_rx));
+    (SignalingHandle { inbound, whep }, task)
 }
 
 struct Owner {
@@ -110,6 +143,7 @@ impl Owner {
     async fn run(
         mut self,
         mut inbound: mpsc::Receiver<(SessionId, Bytes)>,
+        mut whep: mpsc::Receiver<WhepCall>,
         mut lifecycle: mpsc::Receiver<Lifecycle>,
     ) {
         loop {
@@ -117,6 +151,7 @@ impl Owner {
                 biased;
                 _ = self.cancel.cancelled() => break,
                 Some(event) = lifecycle.recv() => self.on_lifecycle(event),
+                Some(call) = whep.recv() => self.on_whep(call),
                 msg = inbound.recv() => match msg {
                     Some((id, payload)) => self.on_message(&id, &payload),
                     None => break,
@@ -169,6 +204,75 @@ impl Owner {
             .on_message(id, payload, stream, Instant::now(), now_ms)
         {
             Decision::Reject(r) => self.reject(id, &r),
+            decision => self.apply(id, decision, self.signal.clone()),
+        }
+    }
+
+    /// A WHEP request: the same registry decisions as an MQTT message; rejections go back to
+    /// the HTTP request instead of a session topic.
+    fn on_whep(&mut self, call: WhepCall) {
+        let now = Instant::now();
+        let now_ms = crate::outbound::unix_ms();
+        let WhepCall {
+            id,
+            bearer,
+            action,
+            reply,
+        } = call;
+        let bearer = bearer.as_deref();
+        let result = match action {
+            WhepAction::Offer { sdp, out } => {
+                let stream = self.deps.pipeline.status().borrow().h264;
+                match self
+                    .registry
+                    .on_whep_offer(&id, sdp, bearer, stream, now, now_ms)
+                {
+                    Decision::Reject(r) => Err(r),
+                    d => {
+                        self.apply(&id, d, SignalOut::http(out));
+                        Ok(())
+                    }
+                }
+            }
+            WhepAction::Candidates(candidates) => {
+                let mut result = Ok(());
+                for c in candidates {
+                    let msg = ViewerMessage::Candidate(c);
+                    match self.registry.on_whep_message(&id, msg, bearer, now, now_ms) {
+                        Decision::Reject(r) => {
+                            result = Err(r);
+                            break;
+                        }
+                        d => self.apply(&id, d, self.signal.clone()),
+                    }
+                }
+                result
+            }
+            WhepAction::End => {
+                match self
+                    .registry
+                    .on_whep_message(&id, ViewerMessage::Bye, bearer, now, now_ms)
+                {
+                    Decision::Reject(r) => Err(r),
+                    d => {
+                        self.apply(&id, d, self.signal.clone());
+                        Ok(())
+                    }
+                }
+            }
+        };
+        if let Err(r) = &result
+            && let Some(suppressed) = self.log.allow(now)
+        {
+            tracing::info!(session = %id, code = %r.code, reason = %r.reason, suppressed, "WHEP request rejected");
+        }
+        let _ = reply.send(result);
+    }
+
+    /// Carries out an accepted decision; a new session's messages go out through `signal`.
+    fn apply(&mut self, id: &SessionId, decision: Decision, signal: SignalOut) {
+        match decision {
+            Decision::Reject(r) => self.reject(id, &r),
             Decision::Start {
                 key,
                 offer,
@@ -183,6 +287,7 @@ impl Owner {
                 }
                 let handle = spawn_session(
                     self.deps.clone(),
+                    signal,
                     id.clone(),
                     key,
                     offer,

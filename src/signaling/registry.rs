@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use crate::protocol::auth::credential::CredentialError;
 use crate::protocol::auth::{Grant, ReplayCache, Verifier};
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
-use crate::protocol::sdp::{CheckedOffer, SentStream, check_offer};
+use crate::protocol::sdp::{CheckedOffer, SentStream, check_offer_for};
 use crate::protocol::signal::{
     ErrorCode, IceCandidate, Limits, Ref, Rejection, ViewerMessage, parse_viewer_message,
 };
@@ -65,9 +66,20 @@ enum Phase {
     Closing,
 }
 
+/// How a session is signaled: MQTT session topics, or WHEP over HTTP (docs/whep.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Mqtt,
+    Whep,
+}
+
 #[derive(Debug)]
 struct Entry {
     key: SessionKey,
+    transport: Transport,
+    /// WHEP in signed mode: SHA-256 of the bearer credential that opened the session; its
+    /// PATCH and DELETE must carry the same one.
+    bearer: Option<[u8; 32]>,
     phase: Phase,
     /// Candidate messages received (end-of-candidates included).
     candidates: u32,
@@ -102,7 +114,12 @@ impl Registry {
         for e in self.sessions.values() {
             match e.phase {
                 Phase::Pending(_) => c.pending += 1,
-                Phase::Connected => c.connected += 1,
+                Phase::Connected => {
+                    c.connected += 1;
+                    if e.transport == Transport::Whep {
+                        c.whep += 1;
+                    }
+                }
                 Phase::Closing => c.closing += 1,
             }
         }
@@ -195,7 +212,9 @@ impl Registry {
         now_ms: u64,
     ) -> Decision {
         match message {
-            ViewerMessage::Offer { sdp } => self.on_offer(id, sdp, grant, stream, now, now_ms),
+            ViewerMessage::Offer { sdp } => {
+                self.on_offer(id, sdp, grant, stream, Transport::Mqtt, now, now_ms)
+            }
             ViewerMessage::Candidate(candidate) => {
                 let Some(entry) = self
                     .sessions
@@ -233,12 +252,14 @@ impl Registry {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_offer(
         &mut self,
         id: &SessionId,
         sdp: String,
         grant: Option<Grant>,
         stream: Option<SentStream>,
+        transport: Transport,
         now: Instant,
         now_ms: u64,
     ) -> Decision {
@@ -256,7 +277,7 @@ impl Registry {
                 "the camera's H.264 profile is not known yet (rtcam reads it from the camera's first SPS); retry in a moment",
             ));
         };
-        let offer = match check_offer(&sdp, &stream) {
+        let offer = match check_offer_for(&sdp, &stream, transport == Transport::Whep) {
             Ok(o) => o,
             Err(r) => return Decision::Reject(r),
         };
@@ -302,6 +323,8 @@ impl Registry {
             id.clone(),
             Entry {
                 key,
+                transport,
+                bearer: None,
                 phase: Phase::Pending(now),
                 candidates: 0,
                 grant,
@@ -367,6 +390,102 @@ impl Registry {
         }
     }
 
+    /// A WHEP offer (docs/whep.md §2): `bearer` is the `Authorization: Bearer` credential.
+    /// Open mode ignores it; signed mode verifies it as the offer's credential (no envelope:
+    /// the HTTP request is the channel, so there is no per-message signature or replay check).
+    pub fn on_whep_offer(
+        &mut self,
+        id: &SessionId,
+        sdp: String,
+        bearer: Option<&str>,
+        stream: Option<SentStream>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Decision {
+        let grant = match self.whep_grant(bearer, now_ms) {
+            Ok(g) => g,
+            Err(r) => return Decision::Reject(r),
+        };
+        let decision = self.on_offer(id, sdp, grant, stream, Transport::Whep, now, now_ms);
+        if matches!(decision, Decision::Start { .. })
+            && let Some(e) = self.sessions.get_mut(id)
+        {
+            e.bearer = self
+                .signed
+                .is_some()
+                .then(|| bearer.map(bearer_digest))
+                .flatten();
+        }
+        decision
+    }
+
+    /// A WHEP PATCH's candidate or a DELETE's `Bye` for a live WHEP session. Signed mode: the
+    /// request must carry the credential that opened the session.
+    pub fn on_whep_message(
+        &mut self,
+        id: &SessionId,
+        message: ViewerMessage,
+        bearer: Option<&str>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Decision {
+        let Some(entry) = self
+            .sessions
+            .get(id)
+            .filter(|e| e.transport == Transport::Whep)
+        else {
+            return unknown(id);
+        };
+        if let Some(expected) = entry.bearer {
+            let Some(token) = bearer else {
+                return Decision::Reject(Rejection::new(
+                    ErrorCode::Unauthorized,
+                    "this session needs the Authorization: Bearer credential that opened it",
+                ));
+            };
+            if bearer_digest(token) != expected {
+                return Decision::Reject(match self.whep_grant(Some(token), now_ms) {
+                    Ok(_) => Rejection::new(
+                        ErrorCode::Forbidden,
+                        "this session was opened with another credential",
+                    ),
+                    Err(r) => r,
+                });
+            }
+        }
+        if matches!(message, ViewerMessage::Offer { .. }) {
+            return Decision::Reject(Rejection::new(
+                ErrorCode::SessionExists,
+                format!("session {id} is already live"),
+            ));
+        }
+        self.handle(id, message, None, None, now, now_ms)
+    }
+
+    /// The grant of a WHEP request's bearer credential: `None` in open mode.
+    fn whep_grant(&self, bearer: Option<&str>, now_ms: u64) -> Result<Option<Grant>, Rejection> {
+        let Some(signed) = self.signed.as_ref() else {
+            return Ok(None);
+        };
+        let Some(token) = bearer else {
+            return Err(Rejection::new(
+                ErrorCode::Unauthorized,
+                "this device runs auth.mode = \"signed\": send Authorization: Bearer <credential>",
+            ));
+        };
+        match signed.verifier.grant(token, now_ms) {
+            Ok(g) => Ok(Some(g)),
+            Err(e @ CredentialError::WrongDevice { .. }) => Err(Rejection::new(
+                ErrorCode::Forbidden,
+                format!("credential refused: {e}"),
+            )),
+            Err(e) => Err(Rejection::new(
+                ErrorCode::Unauthorized,
+                format!("credential refused: {e}"),
+            )),
+        }
+    }
+
     /// Marks every session closing, for shutdown; returns how many there are.
     pub fn close_all(&mut self) -> usize {
         for e in self.sessions.values_mut() {
@@ -374,6 +493,13 @@ impl Registry {
         }
         self.sessions.len()
     }
+}
+
+fn bearer_digest(token: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 fn unknown(id: &SessionId) -> Decision {
@@ -490,7 +616,8 @@ mod tests {
             SessionCounts {
                 connected: 0,
                 pending: 1,
-                closing: 0
+                closing: 0,
+                whep: 0
             }
         );
     }
@@ -565,7 +692,8 @@ mod tests {
             SessionCounts {
                 connected: 1,
                 pending: 0,
-                closing: 1
+                closing: 1,
+                whep: 0
             }
         );
         assert!(r.on_closed(&sid("b"), b));
@@ -587,7 +715,8 @@ mod tests {
             SessionCounts {
                 connected: 0,
                 pending: 3,
-                closing: 1
+                closing: 1,
+                whep: 0
             }
         );
         assert_eq!(r.on_connected(&sid("real"), real), Ok(()));
@@ -694,6 +823,59 @@ mod tests {
         assert_eq!(r.counts().pending, 1);
         assert_eq!(r.close_all(), 1);
         assert_eq!(r.counts().closing, 1);
+    }
+
+    #[test]
+    fn whep_sessions_share_the_limits_and_stay_apart_from_mqtt_ones() {
+        let t = Instant::now();
+        let mut r = reg(1, 2);
+        let w = sid("whep-a");
+        // Open mode: a bearer is ignored.
+        let Decision::Start { key, admission, .. } =
+            r.on_whep_offer(&w, SDP.into(), Some("anything"), CB, t, 0)
+        else {
+            panic!("start")
+        };
+        assert_eq!(admission, Admission::open());
+        r.on_connected(&w, key).unwrap();
+        assert_eq!(
+            r.counts(),
+            SessionCounts {
+                connected: 1,
+                pending: 0,
+                closing: 0,
+                whep: 1
+            }
+        );
+        // The one viewer slot is taken by WHEP: an MQTT offer is refused, and so is another
+        // WHEP offer.
+        let m = r.on_message(&sid("m1"), &offer(), CB, t, 0);
+        assert!(matches!(m, Decision::Reject(ref x) if x.code == ErrorCode::MaxViewers));
+        let w2 = r.on_whep_offer(&sid("whep-b"), SDP.into(), None, CB, t, 0);
+        assert!(matches!(w2, Decision::Reject(ref x) if x.code == ErrorCode::MaxViewers));
+        // Bad SDP and an unknown profile are refused before a slot is taken.
+        let bad = r.on_whep_offer(&sid("whep-c"), "v=0\r\n".into(), None, CB, t, 0);
+        assert!(matches!(bad, Decision::Reject(ref x) if x.code == ErrorCode::BadSdp));
+        let early = r.on_whep_offer(&sid("whep-c"), SDP.into(), None, None, t, 0);
+        assert!(matches!(early, Decision::Reject(ref x) if x.code == ErrorCode::Busy));
+        let u = r.on_whep_message(&sid("nope"), ViewerMessage::Bye, None, t, 0);
+        assert!(matches!(u, Decision::Reject(ref x) if x.code == ErrorCode::UnknownSession));
+        // DELETE ends it; the slot frees when it reports closed.
+        assert_eq!(
+            r.on_whep_message(&w, ViewerMessage::Bye, None, t, 0),
+            Decision::End { key }
+        );
+        let again = r.on_whep_message(&w, ViewerMessage::Bye, None, t, 0);
+        assert!(matches!(again, Decision::Reject(ref x) if x.code == ErrorCode::UnknownSession));
+        assert!(r.on_closed(&w, key));
+        assert!(matches!(
+            r.on_message(&sid("m2"), &offer(), CB, t, 0),
+            Decision::Start { .. }
+        ));
+        // A WHEP request cannot address an MQTT session.
+        let x = r.on_whep_message(&sid("m2"), ViewerMessage::Bye, None, t, 0);
+        assert!(matches!(x, Decision::Reject(ref e) if e.code == ErrorCode::UnknownSession));
+        assert_eq!(r.counts().pending, 1);
     }
 
     mod signed {
@@ -1046,6 +1228,57 @@ mod tests {
             let b = signed(&viewer(), "a", NOW_MS + 1000, &bye(), None);
             assert_eq!(
                 r.on_message(&sid("a"), &b, CB, t, NOW_MS + 1000),
+                Decision::End { key }
+            );
+        }
+
+        #[test]
+        fn whep_needs_a_bearer_credential_and_keeps_to_it() {
+            let t = Instant::now();
+            let mut r = reg();
+            let id = sid("whep-1");
+            // No bearer, a garbage one, an expired one: unauthorized; another device's: forbidden.
+            let no = refused(r.on_whep_offer(&id, SDP.into(), None, CB, t, NOW_MS));
+            assert_eq!(no.code, ErrorCode::Unauthorized);
+            let bad = refused(r.on_whep_offer(&id, SDP.into(), Some("x.y.z"), CB, t, NOW_MS));
+            assert_eq!(bad.code, ErrorCode::Unauthorized);
+            let expired = credential(&viewer(), "cam1", NOW_MS / 1000 - 1);
+            let e = refused(r.on_whep_offer(&id, SDP.into(), Some(&expired), CB, t, NOW_MS));
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+            assert!(e.reason.contains("expired"), "{}", e.reason);
+            let other = credential(&viewer(), "cam2", NOW_MS / 1000 + 60);
+            let f = refused(r.on_whep_offer(&id, SDP.into(), Some(&other), CB, t, NOW_MS));
+            assert_eq!(f.code, ErrorCode::Forbidden);
+            assert_eq!(r.len(), 0);
+            // A valid credential opens the session with its grant.
+            let cred = good_credential(&viewer());
+            let Decision::Start { key, admission, .. } =
+                r.on_whep_offer(&id, SDP.into(), Some(&cred), CB, t, NOW_MS)
+            else {
+                panic!("start")
+            };
+            assert_eq!(
+                admission.access,
+                Access::Granted(Rights::new(Permission::View, &[], &[]))
+            );
+            // Its PATCH and DELETE need the same credential.
+            let c = || ViewerMessage::Candidate(None);
+            let u = refused(r.on_whep_message(&id, c(), None, t, NOW_MS));
+            assert_eq!(u.code, ErrorCode::Unauthorized);
+            let other_cred = good_credential(&intruder());
+            let f = refused(r.on_whep_message(&id, c(), Some(&other_cred), t, NOW_MS));
+            assert_eq!(f.code, ErrorCode::Forbidden);
+            let g = refused(r.on_whep_message(&id, c(), Some("junk"), t, NOW_MS));
+            assert_eq!(g.code, ErrorCode::Unauthorized);
+            assert_eq!(
+                r.on_whep_message(&id, c(), Some(&cred), t, NOW_MS),
+                Decision::Candidate {
+                    key,
+                    candidate: None
+                }
+            );
+            assert_eq!(
+                r.on_whep_message(&id, ViewerMessage::Bye, Some(&cred), t, NOW_MS),
                 Decision::End { key }
             );
         }

@@ -105,7 +105,6 @@ pub(crate) struct SessionDeps {
     pub settings: WebrtcSettings,
     pub pipeline: PipelineHandle,
     pub controller: Controller,
-    pub signal: SignalOut,
     pub lifecycle: mpsc::Sender<Lifecycle>,
     pub tracker: TaskTracker,
 }
@@ -134,9 +133,11 @@ impl SessionHandle {
 }
 
 /// Starts the session task for an accepted offer; it is tracked by `deps.tracker` and ends
-/// with `cancel` (shutdown) at the latest.
+/// with `cancel` (shutdown) at the latest. Its messages go out through `signal` (MQTT, or
+/// the WHEP request that opened it).
 pub(crate) fn spawn_session(
     deps: Arc<SessionDeps>,
+    signal: SignalOut,
     id: SessionId,
     key: SessionKey,
     offer: CheckedOffer,
@@ -156,6 +157,7 @@ pub(crate) fn spawn_session(
         async move {
             let driver = Driver {
                 id,
+                signal,
                 key,
                 offer,
                 admission,
@@ -174,6 +176,7 @@ pub(crate) fn spawn_session(
 
 struct Driver {
     id: SessionId,
+    signal: SignalOut,
     key: SessionKey,
     offer: CheckedOffer,
     /// What the session's credential allows, and until when.
@@ -270,7 +273,7 @@ impl Driver {
                 let Some(pc) = pc.as_ref() else {
                     // Without a peer connection only messages and the close remain.
                     if let Action::Send(m) = action {
-                        self.deps.signal.send(&self.id, &m);
+                        self.signal.send(&self.id, &m);
                     }
                     continue;
                 };
@@ -296,7 +299,7 @@ impl Driver {
                             session.handle(Input::RemoteCandidateRefused(e.to_string()), now());
                         }
                     }
-                    Action::Send(m) => self.deps.signal.send(&self.id, &m),
+                    Action::Send(m) => self.signal.send(&self.id, &m),
                     Action::ClaimSlot => {
                         let verdict = self.claim_slot().await;
                         let input = match verdict {

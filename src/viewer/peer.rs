@@ -97,7 +97,7 @@ impl PeerConnectionEventHandler for Handler {
 /// The H.264 codec rtcam registers: Constrained Baseline, packetization-mode=1. webrtc-rs
 /// matches offered payload types against it (profile first, else by name) and its answer
 /// repeats the chosen payload type's own parameters; which payload types are left to choose
-/// from (those that take the stream's real profile) is decided by `protocol::sdp::check_offer`.
+/// from (those that take the stream's real profile) is decided by `protocol::sdp::check_offer_for`.
 pub fn h264_codec() -> RTCRtpCodec {
     let fb = |typ: &str, parameter: &str| RTCPFeedback {
         typ: typ.into(),
