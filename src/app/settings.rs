@@ -109,10 +109,26 @@ pub(crate) fn ice_servers(config: &Config) -> Result<IceServerSet> {
     })
 }
 
-/// The ICE servers a WHEP answer's `Link` headers announce at `now_ms` (Unix ms): today the
-/// configured STUN and static TURN servers. Time-limited TURN credentials are minted here.
-pub(crate) fn whep_ice_servers(configured: &[RTCIceServer], _now_ms: u64) -> Vec<RTCIceServer> {
-    configured.to_vec()
+/// The ICE servers a WHEP answer's `Link` headers announce at `now_ms` (Unix ms): the
+/// configured STUN servers and TURN with credentials minted now (static TURN passwords are
+/// never handed out, as over MQTT: docs/turn.md).
+pub(crate) fn whep_ice_servers(
+    configured: &IceServerSet,
+    now_ms: u64,
+) -> Vec<webrtc::peer_connection::RTCIceServer> {
+    configured
+        .for_viewers(now_ms / 1000)
+        .servers
+        .into_iter()
+        .map(|s| webrtc::peer_connection::RTCIceServer {
+            urls: s.urls,
+            username: s.username.unwrap_or_default(),
+            credential: s
+                .credential
+                .map(|c| c.expose().to_owned())
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// The device's topics.

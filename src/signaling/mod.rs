@@ -317,9 +317,10 @@ impl Owner {
                 }
             }
             Decision::IceServers => {
-                let servers = self.deps.settings.ice_servers.for_viewers(now_ms / 1000);
+                let now_s = crate::outbound::unix_ms() / 1000;
+                let servers = self.deps.settings.ice_servers.for_viewers(now_s);
                 tracing::debug!(session = %id, servers = servers.servers.len(), "ICE servers sent");
-                self.signal.send(id, &DeviceMessage::ice_servers(servers));
+                signal.send(id, &DeviceMessage::ice_servers(servers));
             }
         }
     }

@@ -377,6 +377,8 @@ async fn offer(parts: &WhepParts, sdp: String, bearer: Option<String>) -> Respon
             Some(DeviceMessage::Bye { reason, .. }) => {
                 return Response::text(503, &format!("the session ended: {reason:?}"));
             }
+            // Only an MQTT viewer asks for these (§4.9); WHEP hands them out as Link headers.
+            Some(DeviceMessage::IceServers { .. }) => {}
             None => break,
         }
     }
