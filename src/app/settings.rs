@@ -232,3 +232,39 @@ pub(crate) fn mqtt_settings(
         subscriptions,
     })
 }
+
+#[cfg(test)]
+mod whep_link_tests {
+    use super::*;
+
+    #[test]
+    fn whep_ice_servers_mint_rest_credentials_and_withhold_static_ones() {
+        let set = IceServerSet {
+            stun: vec!["stun:stun.example:3478".into()],
+            static_turn: vec![StaticTurn {
+                url: "turn:static.example:3478".into(),
+                username: "u".into(),
+                credential: Secret::new(String::from("static-password")),
+            }],
+            rest: Some(RestTurn {
+                urls: vec!["turn:relay.example:3478".into()],
+                secret: Secret::new(String::from("north")),
+                ttl_s: 600,
+            }),
+            name: "cam1".into(),
+        };
+        let servers = whep_ice_servers(&set, 1_699_999_400_000);
+        assert!(servers.iter().any(|s| s.urls == ["stun:stun.example:3478"]));
+        let relay = servers
+            .iter()
+            .find(|s| s.urls.iter().any(|u| u.contains("relay.example")))
+            .expect("the REST TURN server is announced");
+        assert_eq!(relay.username, "1700000000:cam1-viewer");
+        // base64(HMAC-SHA1("north", username)), computed with Python's hmac.
+        assert_eq!(relay.credential, "igenMGQc6o/bQEnkFY9OwnfA5xU=");
+        assert!(
+            servers.iter().all(|s| s.credential != "static-password"),
+            "a static TURN password is never handed out"
+        );
+    }
+}
