@@ -284,8 +284,14 @@ async fn serve_connection(mut stream: TcpStream, root: &Path) -> io::Result<()> 
         Ok(r) => r?,
         Err(_) => return Err(io::ErrorKind::TimedOut.into()),
     }
-    // Lingering close: read what the client may still be sending (e.g. an oversized head)
-    // so that closing does not reset the connection before it has read the response.
+    lingering_close(&mut stream).await;
+    Ok(())
+}
+
+/// Lingering close: reads (up to 64 KiB, for up to 1 s) what the client may still be sending,
+/// e.g. an oversized head or a refused body, so that closing does not reset the connection
+/// before it has read the response. Shared with the WHEP listener.
+pub(crate) async fn lingering_close<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) {
     let drain = async {
         let mut sink = [0u8; 4096];
         let mut total = 0;
@@ -297,7 +303,6 @@ async fn serve_connection(mut stream: TcpStream, root: &Path) -> io::Result<()> 
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
-    Ok(())
 }
 
 /// Reads `root/rel` if it is a regular file inside the root (symlinks out of it are refused).

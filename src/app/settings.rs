@@ -120,14 +120,7 @@ pub(crate) fn whep_ice_servers(
         .for_viewers(now_ms / 1000)
         .servers
         .into_iter()
-        .map(|s| webrtc::peer_connection::RTCIceServer {
-            urls: s.urls,
-            username: s.username.unwrap_or_default(),
-            credential: s
-                .credential
-                .map(|c| c.expose().to_owned())
-                .unwrap_or_default(),
-        })
+        .map(crate::viewer::peer::rtc_ice_server)
         .collect()
 }
 

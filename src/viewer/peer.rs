@@ -174,14 +174,7 @@ async fn build_with(
         .ice_servers
         .for_device(crate::outbound::unix_ms() / 1000)
         .into_iter()
-        .map(|s| RTCIceServer {
-            urls: s.urls,
-            username: s.username.unwrap_or_default(),
-            credential: s
-                .credential
-                .map(|c| c.expose().to_owned())
-                .unwrap_or_default(),
-        })
+        .map(rtc_ice_server)
         .collect();
     let config = RTCConfigurationBuilder::new()
         .with_ice_servers(ice_servers)
@@ -312,6 +305,18 @@ impl Interceptor for KeyframeRequestInterceptor {
     fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// webrtc-rs's form of one ICE server (empty strings where there is no credential).
+pub(crate) fn rtc_ice_server(s: crate::protocol::turn::IceServer) -> RTCIceServer {
+    RTCIceServer {
+        urls: s.urls,
+        username: s.username.unwrap_or_default(),
+        credential: s
+            .credential
+            .map(|c| c.expose().to_owned())
+            .unwrap_or_default(),
+    }
 }
 
 #[cfg(test)]

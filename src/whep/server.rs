@@ -422,19 +422,8 @@ async fn write_response<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(r) => r?,
         Err(_) => return Err(io::ErrorKind::TimedOut.into()),
     }
-    // Lingering close: let the client read the response before the socket goes (a refused
-    // oversized body may still be arriving).
-    let drain = async {
-        let mut sink = [0u8; 4096];
-        let mut total = 0;
-        while total < 64 * 1024 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    // A refused oversized body may still be arriving.
+    crate::web::lingering_close(stream).await;
     Ok(())
 }
 
