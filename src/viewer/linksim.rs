@@ -72,6 +72,21 @@ pub(crate) fn run(
     seconds: u64,
     path: impl Fn(f64) -> PathState,
 ) -> Vec<Second> {
+    run_traced(estimator, ceiling, 1.0, feedback, seconds, path).0
+}
+
+/// [`run`] with an encoder that makes `encoder_yield` of its target (openh264 on easy content
+/// undershoots), returning also the encoder's target each time it is set: (seconds, bits per
+/// second).
+pub(crate) fn run_traced(
+    estimator: &mut BandwidthEstimator,
+    ceiling: f64,
+    encoder_yield: f64,
+    feedback: Feedback,
+    seconds: u64,
+    path: impl Fn(f64) -> PathState,
+) -> (Vec<Second>, Vec<(f64, f64)>) {
+    let mut targets = Vec::new();
     let epoch = Instant::now();
     let at = |ms: u64| epoch + Duration::from_millis(ms);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -94,9 +109,10 @@ pub(crate) fn run(
         // every 500 ms.
         if ms % 500 == 0 {
             target = (VIDEO_SHARE * f64::from(estimator.estimate())).min(ceiling);
+            targets.push((ms as f64 / 1000.0, target));
         }
         if ms * 30 / 1000 >= frame {
-            let mut bytes = (target / 8.0 / 30.0) as usize;
+            let mut bytes = (encoder_yield * target / 8.0 / 30.0) as usize;
             if frame.is_multiple_of(60) {
                 bytes *= 4;
             }
@@ -203,5 +219,5 @@ pub(crate) fn run(
             s.lost += 1;
         }
     }
-    seconds_out
+    (seconds_out, targets)
 }

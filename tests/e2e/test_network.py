@@ -9,11 +9,14 @@ browser. Everything is measured from the pattern's frame stamps (fps, freezes = 
 frame rate (from its state) is the reference for frame rates, so a machine too loaded to encode
 30 fps does not fail a viewer for frames that were never made.
 
-Scenarios (durations chosen to fit CI: about four minutes for all eight runs):
+Scenarios (durations chosen to fit CI: about five minutes for all ten runs):
   (a) one viewer behind 600 kbit/s, 40 ms RTT: 25 s
+  (b0) the unconstrained viewer of (b) alone, the reference for its bytes: 20 s
   (b) (a) plus a viewer on an unconstrained path: 25 s
   (c) 3 Mbit/s, then 500 kbit/s for 20 s, then 3 Mbit/s again: 8 + 20 + 12 s
   (d) 2 % random loss each way on a 3 Mbit/s, 40 ms RTT path: 20 s
+rtcam's CPU time is sampled per thread, so the capture/encode thread (the pipeline) and the
+rest (network, SRTP, and with adaptation the estimator, pacer and layer choice) show apart.
 The table of figures goes to the test output (`METRIC network.*`) and to
 target/network-table.txt when the tests run from the repository (`scripts/network-table.sh`).
 """
@@ -50,6 +53,8 @@ FREEZE_MS = 200
 WARMUP_S = 5.0
 VIEWER_PY = str(Path(__file__).resolve().parent / "viewer.py")
 TABLE: list[dict] = []
+#: One entry per run: rtcam's CPU seconds, in all and in its capture/encode thread.
+CPU: list[dict] = []
 
 
 def require_root_netns() -> None:
@@ -82,7 +87,7 @@ def net(tmp_path_factory):
     monitor.close()
     broker.stop()
     if TABLE:
-        text = format_table(TABLE)
+        text = format_table(TABLE) + "\n\n" + format_cpu(CPU)
         print("\n" + text)
         out = REPO / "target"
         if out.is_dir():
@@ -182,6 +187,55 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class ThreadCpu:
+    """Samples the CPU time of each of a process's threads every 200 ms while a run lasts (a
+    thread's figures vanish from /proc when it ends, and rtcam's capture thread ends when its
+    last viewer goes)."""
+
+    PIPELINE = "rtcam-capture"
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.last: dict[int, tuple[str, float]] = {}
+        self.first: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        try:
+            tids = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return
+        for tid in tids:
+            try:
+                text = Path(f"/proc/{self.pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            self.first.setdefault(int(tid), cpu)
+            self.last[int(tid)] = (comm, cpu)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(0.2)
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._sample()
+            self._stop.set()
+            self._thread.join()
+
+    def pipeline_s(self) -> float:
+        return sum(
+            cpu - self.first[tid] for tid, (comm, cpu) in self.last.items() if comm == self.PIPELINE
+        )
+
+
 def fmt(v, digits=0) -> str:
     if v is None:
         return "-"
@@ -217,6 +271,33 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines) + f"\nload average at the end: {' '.join(load)}"
 
 
+def format_cpu(runs: list[dict]) -> str:
+    """rtcam's CPU per run, split into the capture/encode thread (the pipeline) and the rest
+    (network, SRTP, and with adaptation the estimator, pacer and layer choice), and what
+    adaptation adds to the rest relative to the pipeline. Only a scenario whose viewers get
+    the same bytes on and off (b0, d) compares like with like; in the others adaptation sends
+    less and the difference is mostly that."""
+    lines = [
+        "CPU seconds over each run (rtcam: all threads / capture+encode thread / the rest):",
+    ]
+    by = {(r["scenario"], r["adapt"]): r for r in runs}
+    for r in runs:
+        rest = r["total"] - r["pipeline"]
+        lines.append(
+            f"  {r['scenario']:<3} {r['adapt']:<3} {r['total']:6.2f} / {r['pipeline']:6.2f} / "
+            f"{rest:5.2f}  ({100 * r['total'] / max(0.001, r['seconds']):.1f} % of a core over {r['seconds']:.0f} s)"
+        )
+    for scenario in dict.fromkeys(r["scenario"] for r in runs):
+        on, off = by.get((scenario, "on")), by.get((scenario, "off"))
+        if on and off and on["pipeline"] > 0:
+            extra = (on["total"] - on["pipeline"]) - (off["total"] - off["pipeline"])
+            lines.append(
+                f"  {scenario}: adaptation on minus off, outside the pipeline: {extra:+.2f} s = "
+                f"{100 * extra / on['pipeline']:+.1f} % of the pipeline's CPU"
+            )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------
 # Running a scenario
 # --------------------------------------------------------------------------------------
@@ -238,8 +319,11 @@ class Run:
     records: dict
     produced: float
     cpu_s: float
+    #: CPU seconds of the capture/encode thread (the pipeline) over the run.
+    pipeline_cpu_s: float
     links: dict
     cam_log: Path
+    #: (Unix ms, state) as the device published it.
     states: list
 
 
@@ -253,6 +337,7 @@ def run_scenario(
     links: dict[str, Link] = {}
     procs: list[tuple[str, subprocess.Popen, Path]] = []
     cam = None
+    threads = None
     try:
         for i, spec in enumerate(viewers, start=1):
             links[spec.name] = Link(i, workdir, spec.down, spec.up, spec.rate_kbit)
@@ -269,6 +354,7 @@ def run_scenario(
         )
         cam.start()
         cpu0 = cpu_seconds(cam.popen.pid)
+        threads = ThreadCpu(cam.popen.pid)
         t_start = time.time() * 1000
         for spec in viewers:
             link = links[spec.name]
@@ -311,6 +397,7 @@ def run_scenario(
                 pytest.fail(f"{tag}: viewer {who} did not finish", pytrace=False)
         t_end = time.time() * 1000
         cpu = cpu_seconds(cam.popen.pid) - cpu0
+        threads.stop()
         records = {}
         for who, p, out in procs:
             if p.returncode != 0 or not out.exists():
@@ -327,9 +414,15 @@ def run_scenario(
             )
         first = min((r.first_frame_ms() or t_start) for r in records.values())
         produced = produced_fps(monitor, cam.topic_state, first + WARMUP_S * 1000, t_end)
-        states = [s for _, s in monitor.messages(cam.topic_state, t_start)]
-        return Run(adaptation, t_start, t_end, records, produced, cpu, links, cam.log_path, states)
+        states = list(monitor.messages(cam.topic_state, t_start))
+        CPU.append({"scenario": name, "adapt": "on" if adaptation else "off", "total": cpu, "pipeline": threads.pipeline_s(), "seconds": (t_end - t_start) / 1000})  # fmt: skip
+        return Run(
+            adaptation, t_start, t_end, records, produced, cpu, threads.pipeline_s(), links,
+            cam.log_path, states,
+        )  # fmt: skip
     finally:
+        if threads is not None:
+            threads.stop()
         if cam is not None:
             cam.stop()
         for _, p, _ in procs:
@@ -361,8 +454,14 @@ def steady(run: Run, who: str) -> tuple[float, float]:
     return first + WARMUP_S * 1000, run.t_end - 500
 
 
+def encoder_target_kbps(run: Run, t0: float, t1: float) -> float | None:
+    """The encoder's mean target between t0 and t1 (Unix ms), from the device's state."""
+    values = [s["encoder_bitrate"] for t, s in run.states if t0 <= t <= t1 and "encoder_bitrate" in s]
+    return sum(values) / len(values) / 1000 if values else None
+
+
 def last_links(run: Run) -> list:
-    for s in reversed(run.states):
+    for _, s in reversed(run.states):
         if s.get("links"):
             return s["links"]
     return []
@@ -492,6 +591,32 @@ def test_a_viewer_behind_600k_gets_a_steady_picture(net):
     )
 
 
+#: The unconstrained viewer alone (b0), per adaptation setting: the reference for (b).
+ALONE: dict[bool, dict] = {}
+
+
+def test_b0_an_unconstrained_viewer_alone_gets_what_the_encoder_makes(net):
+    """The reference for (b): the fast viewer with no slow one next to it. Without adaptation
+    the encoder runs at encoder.bitrate all along, so what this viewer receives is what
+    openh264 makes of the test pattern at that setting; with adaptation the policy must give
+    the one unconstrained viewer the ceiling, and the viewer the same bytes."""
+    specs = [ViewerSpec("fast", Shape(delay_ms=1), Shape(delay_ms=1), None)]
+    for adaptation in (True, False):
+        run = run_scenario(net, "b0", adaptation, specs, 20)
+        t0, t1 = steady(run, "fast")
+        target = encoder_target_kbps(run, t0, t1)
+        r = row(
+            "b0", run, "fast", t0, t1, "after 5 s",
+            encoder_target_kbps=fmt(target), cpu_s=round(run.cpu_s, 2),
+        )  # fmt: skip
+        r["encoder_target_kbps"] = target
+        ALONE[adaptation] = r
+    on, off = ALONE[True], ALONE[False]
+    assert on["fps"] >= 29 / 30 * on["produced"], on
+    assert on["encoder_target_kbps"] is not None and on["encoder_target_kbps"] >= 0.95 * CEILING / 1000, on
+    assert on["kbps"] >= 0.9 * off["kbps"], (on, off)
+
+
 def test_b_a_slow_viewer_does_not_hold_back_a_fast_one(net):
     down, up, rate = constrained(600)
     specs = [
@@ -504,8 +629,17 @@ def test_b_a_slow_viewer_does_not_hold_back_a_fast_one(net):
         links = {l["viewer"]: l for l in last_links(run)}
         for who in ("600k", "fast"):
             t0, t1 = steady(run, who)
+            w = run.records[who].window(t0, t1)
+            notes = {"encoder_target_kbps": fmt(encoder_target_kbps(run, t0, t1))}
+            if who == "fast":
+                # The honest ratios: against encoder.bitrate, and against the same viewer
+                # alone with the same adaptation setting (b0, when it ran).
+                notes["of_configured"] = f"{w['kbps'] * 1000 / CEILING:.2f}"
+                alone = ALONE.get(adaptation)
+                if alone is not None:
+                    notes["of_alone"] = f"{w['kbps'] / alone['kbps']:.2f}"
             results[(adaptation, who)] = row(
-                "b", run, who, t0, t1, "after 5 s", cpu_s=round(run.cpu_s, 2)
+                "b", run, who, t0, t1, "after 5 s", **notes, cpu_s=round(run.cpu_s, 2)
             )
         record_metric(f"network.b.{'on' if adaptation else 'off'}.links", list(links.values()))
     fast, slow = results[(True, "fast")], results[(True, "600k")]
