@@ -3,15 +3,18 @@
 # tests/e2e/test_network.py ((a) 600 kbit/s, (b) plus a fast viewer, (c) a dip to 500 kbit/s,
 # (d) 2 % loss; each with webrtc.adaptation on and off) in a private network namespace, as
 # tests/run.sh does, and prints the table they write to target/network-table.txt with the
-# load average. About four and a half minutes. Needs root (namespaces, veth, tc) and the
-# end-to-end venv tests/run.sh creates (target/e2e-venv).
+# load average, and rtcam's CPU per run (all threads, the capture/encode thread, the rest)
+# with what adaptation adds outside the pipeline. About five and a half minutes. Needs root
+# (namespaces, veth, tc) and the end-to-end venv tests/run.sh creates (target/e2e-venv, or
+# another one named by RTCAM_E2E_VENV).
 #
 #   ./scripts/network-table.sh             all scenarios and the emulator's own check
 #   ./scripts/network-table.sh -k test_c   extra arguments go to pytest
+# (the (b) row's of_alone ratio needs test_b0 in the same run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
-VENV="$REPO/target/e2e-venv"
+VENV="${RTCAM_E2E_VENV:-$REPO/target/e2e-venv}"
 [[ "$(id -u)" == 0 ]] || { echo "network-table.sh: needs root (network namespaces, tc)" >&2; exit 1; }
 [[ -x "$VENV/bin/python" ]] || {
     echo "network-table.sh: $VENV is missing: run ./tests/run.sh --e2e-only once to create it" >&2
