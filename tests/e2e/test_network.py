@@ -704,9 +704,10 @@ def test_c_a_dip_to_500k_is_followed_and_the_frame_rate_back_within_5_s(net):
     assert during_off["fps"] < during_on["fps"], (during_on, during_off)
     # Full frame rate within 5 s of the recovery.
     assert fps_back is not None and fps_back <= 5, f"full frame rate {fps_back} s after: {r}"
-    # Full bit rate: the estimate climbs back by its ramp (about 6.5 s measured for
-    # 350 kbit/s -> 1.5 Mbit/s, above the 5 s target: see the README's performance section);
-    # asserted is that it gets back within the 12 s after the dip.
+    # Full bit rate: the estimate climbs back by its ramp (2.2-4.5 s measured over six runs
+    # on a loaded 2-core machine, within the 5 s target: see the README's performance
+    # section); asserted is that it gets back within the 12 s after the dip, as a 5 s bound
+    # this close to the measured worst would fail spuriously under load.
     assert rate_back is not None, (
         f"not back to the rate before the dip ({pre['kbps']:.0f} kbit/s) within "
         f"{after - 2:.0f} s of the recovery: {r}"
