@@ -688,10 +688,15 @@ impl Config {
                 "\"*\" or origins like \"https://ha.example:8123\"",
             ));
         }
-        // The URL goes into state and Home Assistant's discovery: no credential in it (a
-        // query like ?access_token= or user info).
+        // The URL goes into state and Home Assistant's "WHEP URL" sensor: no credential in it
+        // (a query like ?access_token= or user info), and no longer than a sensor's state.
         let url_ok = |u: &str| {
-            let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
+            if u.len() > 255 {
+                return false;
+            }
+            let rest = u
+                .strip_prefix("http://")
+                .or_else(|| u.strip_prefix("https://"));
             rest.is_some_and(|r| {
                 let authority = r.split('/').next().unwrap_or("");
                 !r.contains(['?', '#']) && !authority.contains('@')
@@ -700,7 +705,7 @@ impl Config {
         if !(h.public_url.is_empty() || url_ok(&h.public_url)) {
             return Err(invalid(
                 "whep.public_url",
-                "empty or an http(s):// URL without query or user info",
+                "empty or an http(s):// URL without query or user info, at most 255 bytes",
             ));
         }
         if !(100..=10_000).contains(&h.gather_timeout_ms) {
@@ -831,6 +836,14 @@ mod tests {
             ),
             (
                 "[whep]\npublic_url = \"https://user:pw@cam.lan/whep\"\n",
+                "whep.public_url",
+            ),
+            (
+                format!(
+                    "[whep]\npublic_url = \"https://cam.lan/{}\"\n",
+                    "w".repeat(250)
+                )
+                .as_str(),
                 "whep.public_url",
             ),
             ("[whep]\ngather_timeout_ms = 50\n", "whep.gather_timeout_ms"),

@@ -290,7 +290,10 @@ mod tests {
         assert_eq!(w["value_template"], "{{ value_json.whep_url }}");
         // The payload names where the URL is, it carries no URL and so no token.
         let text = on.to_string();
-        assert!(!text.contains("access_token") && !text.contains("Bearer"), "{text}");
+        assert!(
+            !text.contains("access_token") && !text.contains("Bearer"),
+            "{text}"
+        );
         // Rendered the way Home Assistant would against a state message.
         let state = serde_json::json!({"whep_url": "https://cam.lan:8889/whep"});
         let field = w["value_template"]

@@ -50,7 +50,7 @@ fn initial_discovery(config: &Config) -> Vec<u8> {
         config.whep.announced_url().is_some(),
     )
     .to_string()
-        .into_bytes()
+    .into_bytes()
 }
 
 /// Runs until `cancel` fires, then shuts down in order: viewers get their bye, status goes
