@@ -697,6 +697,8 @@ def test_whep_through_the_relay_from_behind_a_symmetric_nat(lab, workdir, cam_tu
         lambda s: s.get("whep_viewers") == 0 and s.get("viewers") == 0, 15, "the WHEP session gone"
     )
     record_metric("natlab.whep_relay.post_to_first_frame_ms", event(events, "first-frame")["ms_from_post"])
+    record_metric("natlab.whep_relay.post_to_answer_ms", event(events, "posted")["ms_from_post"])
+    record_metric("natlab.whep_relay.post_to_patch_ms", event(events, "patched")["ms_from_post"])
     record_metric("natlab.whep_relay.pair", f"{pair['local']}->{pair['remote']}")
 
 
@@ -714,3 +716,5 @@ def test_whep_direct_on_the_devices_lan(lab, workdir, cam_turn):
         lambda s: s.get("whep_viewers") == 0 and s.get("viewers") == 0, 15, "the WHEP session gone"
     )
     record_metric("natlab.whep_direct.post_to_first_frame_ms", event(events, "first-frame")["ms_from_post"])
+    record_metric("natlab.whep_direct.post_to_answer_ms", event(events, "posted")["ms_from_post"])
+    record_metric("natlab.whep_direct.post_to_patch_ms", event(events, "patched")["ms_from_post"])

@@ -8,7 +8,7 @@ servers from the answer are applied, candidates are gathered with them and sent 
 set on the transport's aioice Connection (its public stun_server/turn_* attributes), reached
 through the gatherer, before gathering starts.
 
-Events: posted (status, links), connected (the nominated pair), first-frame (ms from the POST),
+Events: posted (status, links), ice-servers, local-candidates (types), patched, connected (the nominated pair), first-frame (ms from the POST),
 done (frames, good: pattern stamps decoded), deleted (status), error.
 """
 
@@ -139,7 +139,8 @@ async def watch(a: argparse.Namespace) -> int:
             lambda: http("POST", a.url, offer.sdp.encode(), {"Content-Type": "application/sdp", **auth}),
         )
         links = headers.get_all("Link") or []
-        emit("posted", status=status, links=[l.split(";", 1)[0] for l in links])
+        ms = lambda: round((time.monotonic() - t_post) * 1000)  # noqa: E731
+        emit("posted", status=status, links=[l.split(";", 1)[0] for l in links], ms_from_post=ms())
         if status != 201:
             emit("error", message=f"POST {status}: {body[:300]!r}")
             return 1
@@ -156,7 +157,7 @@ async def watch(a: argparse.Namespace) -> int:
         frag += ["m=video 9 UDP/TLS/RTP/SAVPF 0", "a=mid:0"]
         cands = [line for line in sdp.splitlines() if line.startswith("a=candidate:")]
         frag += cands + ["a=end-of-candidates"]
-        emit("local-candidates", types=sorted({c.split()[7] for c in cands}))
+        emit("local-candidates", types=sorted({c.split()[7] for c in cands}), ms_from_post=ms())
         await pc.setRemoteDescription(RTCSessionDescription(body.decode(), "answer"))
         status, _, reply = await loop.run_in_executor(
             None,
@@ -170,6 +171,7 @@ async def watch(a: argparse.Namespace) -> int:
         if status != 204:
             emit("error", message=f"PATCH {status}: {reply[:300]!r}")
             return 1
+        emit("patched", ms_from_post=ms())
         deadline = time.monotonic() + a.timeout
         while frames["good"] < a.frames:
             if time.monotonic() > deadline:

@@ -70,7 +70,7 @@ function credential(owner, device, name) {
   const key = join(WORK, `${name}.key`);
   cli(["token", "keygen", "--out", key]);
   const pub = cli(["token", "public", "--key", key]);
-  return cli(["token", "issue", "--key", owner, "--viewer-key", pub, "--device", device, "--allow", "view", "--expires", "1h", "--name", name]);
+  return cli(["token", "issue", "--key", owner, `--viewer-key=${pub}`, "--device", device, "--allow", "view", "--expires", "1h", "--name", name]);
 }
 
 const rtcams = [];
