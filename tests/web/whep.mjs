@@ -315,14 +315,19 @@ async function relayCase(page, owner, ownerPublic, origin) {
   const [expiry, name] = turn.username.split(":");
   assert.equal(name, `${device}-viewer`, `not a REST credential minted for viewers: ${turn.username}`);
   assert.ok(Number(expiry) * 1000 > Date.now(), `expired credential: ${turn.username}`);
-  await page.waitForFunction(
-    ([w, h]) => {
-      const v = document.getElementById("video");
-      return v.videoWidth === w && v.videoHeight === h && v.currentTime > 0;
-    },
-    [WIDTH, HEIGHT],
-    { timeout: 30000, polling: 100 },
-  );
+  try {
+    await page.waitForFunction(
+      ([w, h]) => {
+        const v = document.getElementById("video");
+        return v.videoWidth === w && v.videoHeight === h && v.currentTime > 0;
+      },
+      [WIDTH, HEIGHT],
+      { timeout: 30000, polling: 100 },
+    );
+  } catch (e) {
+    const ice = await page.evaluate(() => window.whep.pc.iceConnectionState);
+    throw new Error(`no video through the relay (ICE ${ice}; did coturn refuse the minted credential? see coturn.log): ${e.message}`);
+  }
   const firstFrameMs = Date.now() - t0;
   const pair = await page.evaluate(() => window.selectedPair());
   assert.ok(pair, "no selected candidate pair in getStats");
