@@ -14,7 +14,7 @@
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { accessSync, constants, mkdtempSync, openSync, readFileSync, writeFileSync } from "node:fs";
+import { accessSync, constants, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { createServer as netServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -362,4 +362,6 @@ try {
     }
   }
 }
+// Keys, configs and logs stay for a failed run (the logs' tails are printed above).
+if (!failed) rmSync(WORK, { recursive: true, force: true });
 process.exit(failed ? 1 : 0);
