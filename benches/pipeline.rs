@@ -1,6 +1,12 @@
 //! Prints pipeline vs bare-openh264 CPU cost per frame, fps, bytes copied and the conversion's own cost, for I420, YUYV and MJPEG input, and for a camera's own H.264 passed through.
 //!
-//! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs).
+//! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs, `-- --rounds 9`
+//! for more alternating bare/pipeline rounds; the machine's load moves single rounds by
+//! several percent, so read the ratio's minimum and median, and quote `uptime`).
+//! "input B/f" is what the camera hands over per frame (the JPEG's size for MJPEG). The stage
+//! table at the end splits MJPEG's decode into libjpeg-turbo's own work and rtcam's pass to
+//! video-range I420, and times the YUYV conversion from cold buffers (each frame its own, as
+//! the pipeline rows do) and from one buffer that stays in cache.
 //! H264 rows: the camera's access units (openh264's encoding of the same frames) through
 //! rtcam's passthrough stage and RTP packetization, no encoder; "copied B/f" is the access unit
 //! copied out of the camera's buffer, "convert ms/f" the passthrough stage alone.
