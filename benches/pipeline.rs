@@ -1,6 +1,12 @@
 //! Prints pipeline vs bare-openh264 CPU cost per frame, fps, bytes copied and the conversion's own cost, for I420, YUYV and MJPEG input, and for a camera's own H.264 passed through.
 //!
-//! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs).
+//! Run: `cargo bench --bench pipeline` (add `-- --frames 300` for longer runs, `-- --rounds 9`
+//! for more alternating bare/pipeline rounds; the machine's load moves single rounds by
+//! several percent, so read the ratio's minimum and median, and quote `uptime`).
+//! "input B/f" is what the camera hands over per frame (the JPEG's size for MJPEG). The stage
+//! table at the end splits MJPEG's decode into libjpeg-turbo's own work and rtcam's pass to
+//! video-range I420, and times the YUYV conversion from cold buffers (each frame its own, as
+//! the pipeline rows do) and from one buffer that stays in cache.
 //! H264 rows: the camera's access units (openh264's encoding of the same frames) through
 //! rtcam's passthrough stage and RTP packetization, no encoder; "copied B/f" is the access unit
 //! copied out of the camera's buffer, "convert ms/f" the passthrough stage alone.
@@ -237,26 +243,108 @@ fn finish(
     }
 }
 
+/// Median of a non-empty list.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// Where the MJPEG and YUYV stages spend their time, CPU ms per frame: libjpeg-turbo's own
+/// decode to YCbCr planes (the calls `MjpegDecoder` makes) against the whole decode to I420,
+/// and the YUYV conversion from cold buffers (each frame its own, as from a camera) against
+/// one buffer that stays in cache.
+fn stages(
+    frames: &[I420Buffer],
+    jpegs: &[Vec<u8>],
+    yuyv: &[Vec<u8>],
+    w: usize,
+    h: usize,
+) -> String {
+    let per_frame =
+        |start: Duration| (cpu_time() - start).as_secs_f64() * 1000.0 / jpegs.len() as f64;
+    let mut decompressor = turbojpeg::Decompressor::new().expect("turbojpeg");
+    let header = decompressor.read_header(&jpegs[0]).expect("header");
+    let mut planes =
+        vec![0u8; turbojpeg::yuv_pixels_len(w, 1, h, header.subsamp).expect("plane size")];
+    let start = cpu_time();
+    for jpeg in jpegs {
+        let header = decompressor.read_header(jpeg).expect("header");
+        let image = turbojpeg::YuvImage {
+            pixels: &mut planes[..],
+            width: w,
+            align: 1,
+            height: h,
+            subsamp: header.subsamp,
+        };
+        decompressor.decompress_to_yuv(jpeg, image).expect("decode");
+    }
+    let libjpeg = per_frame(start);
+    let mut mjpeg = MjpegDecoder::default();
+    let start = cpu_time();
+    for jpeg in jpegs {
+        std::hint::black_box(mjpeg.decode(jpeg, w, h).expect("mjpeg").0.y[w / 2]);
+    }
+    let to_i420 = per_frame(start);
+    let mut converter = Converter::default();
+    let start = cpu_time();
+    for buf in yuyv {
+        std::hint::black_box(converter.yuyv(buf, w, h, w * 2).expect("yuyv").0.y[w / 2]);
+    }
+    let yuyv_cold = per_frame(start);
+    let start = cpu_time();
+    for _ in yuyv {
+        std::hint::black_box(converter.yuyv(&yuyv[0], w, h, w * 2).expect("yuyv").0.y[w / 2]);
+    }
+    let yuyv_hot = per_frame(start);
+    let encode = bare(frames).cpu_per_frame_ms;
+    format!(
+        "{:<10} {:>12.3} {:>12.3} {:>12.3} {:>12.3} {:>12.3} {:>12}",
+        format!("{w}x{h}"),
+        libjpeg,
+        to_i420 - libjpeg,
+        yuyv_cold,
+        yuyv_hot,
+        encode,
+        jpegs.iter().map(Vec::len).sum::<usize>() / jpegs.len(),
+    )
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let frames_n = args
-        .iter()
-        .position(|a| a == "--frames")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120usize);
+    let arg = |name: &str, default: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let frames_n = arg("--frames", 120);
+    // Bare and pipeline runs alternate round by round, so load from other processes and
+    // frequency drift reach both; the ratio is taken per round.
+    let rounds = arg("--rounds", 5).max(1);
     println!(
-        "{:<10} {:<5} {:>9} {:>15} {:>15} {:>7} {:>13} {:>12} {:>12}",
+        "{rounds} rounds of {frames_n} frames; ratio = pipeline / bare openh264 CPU time per frame, per round"
+    );
+    println!(
+        "{:<10} {:<5} {:>9} {:>15} {:>15} {:>9} {:>9} {:>13} {:>11} {:>12} {:>12}",
         "size",
         "input",
         "fps",
         "pipeline ms/f",
         "openh264 ms/f",
-        "ratio",
+        "ratio min",
+        "ratio med",
         "copied B/f",
+        "input B/f",
         "encoded B/f",
         "convert ms/f"
     );
+    let mut stage_lines = Vec::new();
     for (w, h) in [(640, 480), (1280, 720), (1920, 1080)] {
         let pattern = PatternGenerator::new(w, h);
         // Camera-like content: the test pattern with a panning texture over its lower third,
@@ -279,6 +367,7 @@ fn main() {
                 b
             })
             .collect();
+        let (mut jpegs, mut yuyv) = (Vec::new(), Vec::new());
         for input in [Input::I420, Input::Yuyv, Input::Mjpg, Input::H264] {
             let buffers: Vec<Vec<u8>> = match input {
                 Input::Yuyv => frames.iter().map(to_yuyv).collect(),
@@ -286,16 +375,22 @@ fn main() {
                 Input::I420 => frames.iter().map(|f| f.data.clone()).collect(),
                 Input::H264 => camera_h264(&frames),
             };
-            // Alternate to spread any frequency drift over both measurements.
-            let b1 = bare(&frames);
-            let p1 = pipeline(&buffers, w, h, input);
-            let b2 = bare(&frames);
-            let p2 = pipeline(&buffers, w, h, input);
+            let (mut bare_ms, mut pipe_ms, mut ratios, mut fps) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut last = None;
+            for _ in 0..rounds {
+                let b = bare(&frames);
+                let p = pipeline(&buffers, w, h, input);
+                ratios.push(p.cpu_per_frame_ms / b.cpu_per_frame_ms);
+                bare_ms.push(b.cpu_per_frame_ms);
+                pipe_ms.push(p.cpu_per_frame_ms);
+                fps.push(p.fps);
+                last = Some(p);
+            }
+            let p = last.expect("at least one round");
             let convert_ms = conversion_only(&buffers, w, h, input);
-            let bare_ms = (b1.cpu_per_frame_ms + b2.cpu_per_frame_ms) / 2.0;
-            let pipe_ms = (p1.cpu_per_frame_ms + p2.cpu_per_frame_ms) / 2.0;
             println!(
-                "{:<10} {:<5} {:>9.1} {:>15.3} {:>15.3} {:>7.3} {:>13} {:>12} {:>12.3}",
+                "{:<10} {:<5} {:>9.1} {:>15.3} {:>15.3} {:>9.3} {:>9.3} {:>13} {:>11} {:>12} {:>12.3}",
                 format!("{w}x{h}"),
                 match input {
                     Input::I420 => "I420",
@@ -303,15 +398,31 @@ fn main() {
                     Input::Mjpg => "MJPG",
                     Input::H264 => "H264",
                 },
-                (p1.fps + p2.fps) / 2.0,
-                pipe_ms,
-                bare_ms,
-                pipe_ms / bare_ms,
-                p1.bytes_copied,
-                p1.encoded_bytes,
+                median(fps),
+                median(pipe_ms),
+                median(bare_ms),
+                ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                median(ratios),
+                p.bytes_copied,
+                buffers.iter().map(Vec::len).sum::<usize>() / buffers.len(),
+                p.encoded_bytes,
                 convert_ms,
             );
-            let _ = b1.encoded_bytes;
+            match input {
+                Input::Mjpg => jpegs = buffers,
+                Input::Yuyv => yuyv = buffers,
+                _ => {}
+            }
         }
+        stage_lines.push(stages(&frames, &jpegs, &yuyv, w, h));
+    }
+    println!();
+    println!("Stages, CPU ms per frame (MJPEG: 4:2:2, quality 85, as to_mjpeg makes it)");
+    println!(
+        "{:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "size", "libjpeg ms/f", "to I420 ms/f", "YUYV cold", "YUYV hot", "encode ms/f", "JPEG B/f"
+    );
+    for line in stage_lines {
+        println!("{line}");
     }
 }

@@ -688,9 +688,25 @@ impl Config {
                 "\"*\" or origins like \"https://ha.example:8123\"",
             ));
         }
-        let url_ok = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        // The URL goes into state and Home Assistant's "WHEP URL" sensor: no credential in it
+        // (a query like ?access_token= or user info), and no longer than a sensor's state.
+        let url_ok = |u: &str| {
+            if u.len() > 255 {
+                return false;
+            }
+            let rest = u
+                .strip_prefix("http://")
+                .or_else(|| u.strip_prefix("https://"));
+            rest.is_some_and(|r| {
+                let authority = r.split('/').next().unwrap_or("");
+                !r.contains(['?', '#']) && !authority.contains('@')
+            })
+        };
         if !(h.public_url.is_empty() || url_ok(&h.public_url)) {
-            return Err(invalid("whep.public_url", "empty or an http(s):// URL"));
+            return Err(invalid(
+                "whep.public_url",
+                "empty or an http(s):// URL without query or user info, at most 255 bytes",
+            ));
         }
         if !(100..=10_000).contains(&h.gather_timeout_ms) {
             return Err(invalid("whep.gather_timeout_ms", "100 to 10000"));
@@ -812,6 +828,22 @@ mod tests {
             ),
             (
                 "[whep]\npublic_url = \"cam:8889/whep\"\n",
+                "whep.public_url",
+            ),
+            (
+                "[whep]\npublic_url = \"https://cam.lan/whep?access_token=x\"\n",
+                "whep.public_url",
+            ),
+            (
+                "[whep]\npublic_url = \"https://user:pw@cam.lan/whep\"\n",
+                "whep.public_url",
+            ),
+            (
+                format!(
+                    "[whep]\npublic_url = \"https://cam.lan/{}\"\n",
+                    "w".repeat(250)
+                )
+                .as_str(),
                 "whep.public_url",
             ),
             ("[whep]\ngather_timeout_ms = 50\n", "whep.gather_timeout_ms"),

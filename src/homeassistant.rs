@@ -17,8 +17,15 @@ pub(crate) use crate::protocol::topics::{
 /// The device discovery payload: camera image, buttons, numbers (bitrate, fps and each
 /// integer camera control with the driver's range), a select and sensors, all bound to
 /// rtcam's retained status topic for availability. `controls` is empty until the camera has
-/// been opened once.
-pub(crate) fn discovery_payload(topics: &Topics, device: &str, controls: &[ControlInfo]) -> Value {
+/// been opened once. With `whep` (the WHEP endpoint is on and has a URL to announce), a
+/// diagnostic sensor shows that URL from the state's `whep_url`: the URL alone, never a
+/// credential (whep.public_url refuses query strings and user info).
+pub(crate) fn discovery_payload(
+    topics: &Topics,
+    device: &str,
+    controls: &[ControlInfo],
+    whep: bool,
+) -> Value {
     let uid = |what: &str| format!("rtcam_{device}_{what}");
     let cmd = topics.command();
     let state = topics.state();
@@ -87,6 +94,16 @@ pub(crate) fn discovery_payload(topics: &Topics, device: &str, controls: &[Contr
         },
     });
     if let Some(map) = components.as_object_mut() {
+        if whep {
+            map.insert(
+                "whep_url".into(),
+                json!({
+                    "p": "sensor", "unique_id": uid("whep_url"), "name": "WHEP URL",
+                    "state_topic": state, "value_template": "{{ value_json.whep_url }}",
+                    "entity_category": "diagnostic", "icon": "mdi:video-wireless",
+                }),
+            );
+        }
         for c in controls.iter().filter(|c| c.kind == ControlKind::Integer) {
             let name = &c.name;
             map.insert(
@@ -144,7 +161,7 @@ mod tests {
     #[test]
     fn discovery_has_every_entity_bound_to_rtcam_topics() {
         let t = Topics::new("rtcam", "cam1");
-        let d = discovery_payload(&t, "cam1", &[]);
+        let d = discovery_payload(&t, "cam1", &[], false);
         assert_eq!(
             config_topic("homeassistant", "cam1"),
             "homeassistant/device/cam1/config"
@@ -184,7 +201,7 @@ mod tests {
     fn command_templates_render_to_valid_commands() {
         // Render the Jinja the way Home Assistant would for one value, by hand.
         let t = Topics::new("rtcam", "cam1");
-        let d = discovery_payload(&t, "cam1", &[]);
+        let d = discovery_payload(&t, "cam1", &[], false);
         let tpl = d["cmps"]["bitrate"]["command_template"].as_str().unwrap();
         let rendered = tpl.replace("{{ value | int }}", "500000");
         let v: Value = serde_json::from_str(&rendered).unwrap();
@@ -224,7 +241,7 @@ mod tests {
             control("power_line_frequency", ControlKind::Menu, 0, 2, 1),
             control("white_balance_automatic", ControlKind::Boolean, 0, 1, 1),
         ];
-        let d = discovery_payload(&t, "cam1", &controls);
+        let d = discovery_payload(&t, "cam1", &controls, false);
         let c = &d["cmps"];
         let b = &c["control_brightness"];
         assert_eq!(b["p"], "number");
@@ -257,5 +274,33 @@ mod tests {
         // Only integer controls become numbers.
         assert!(c.get("control_power_line_frequency").is_none());
         assert!(c.get("control_white_balance_automatic").is_none());
+    }
+
+    #[test]
+    fn whep_url_is_a_diagnostic_sensor_read_from_state_only_when_whep_is_on() {
+        let t = Topics::new("rtcam", "cam1");
+        let off = discovery_payload(&t, "cam1", &[], false);
+        assert!(off["cmps"].get("whep_url").is_none());
+        let on = discovery_payload(&t, "cam1", &[], true);
+        let w = &on["cmps"]["whep_url"];
+        assert_eq!(w["p"], "sensor");
+        assert_eq!(w["unique_id"], "rtcam_cam1_whep_url");
+        assert_eq!(w["entity_category"], "diagnostic");
+        assert_eq!(w["state_topic"], "rtcam/cam1/state");
+        assert_eq!(w["value_template"], "{{ value_json.whep_url }}");
+        // The payload names where the URL is, it carries no URL and so no token.
+        let text = on.to_string();
+        assert!(
+            !text.contains("access_token") && !text.contains("Bearer"),
+            "{text}"
+        );
+        // Rendered the way Home Assistant would against a state message.
+        let state = serde_json::json!({"whep_url": "https://cam.lan:8889/whep"});
+        let field = w["value_template"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("{{ value_json.")
+            .trim_end_matches(" }}");
+        assert_eq!(state[field], "https://cam.lan:8889/whep");
     }
 }

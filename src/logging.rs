@@ -8,9 +8,48 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogTarget;
 
+/// Third-party log lines that come with every viewer or client and ask nothing of the
+/// operator, and the level each target is held to (config/default.toml says why for each).
+const QUIET_TARGETS: [(&str, &str); 4] = [
+    ("rtc_dtls::config", "error"),
+    ("rtc_ice::agent", "error"),
+    ("rtc_sctp::endpoint", "error"),
+    ("rumqttd", "off"),
+];
+
+/// The filter actually installed: `level` plus the [`QUIET_TARGETS`] it does not decide
+/// itself, so that an operator's plain `log.level = "info"` keeps a normal run free of
+/// WARN and ERROR lines too. `level` decides a quiet target when it names that target, or
+/// names a target containing it at `debug` or `trace` (someone debugging `rtc_ice` sees all
+/// of `rtc_ice::agent`).
+pub(crate) fn effective_filter(level: &str) -> String {
+    let directives: Vec<(&str, &str)> = level
+        .split(',')
+        .filter_map(|d| d.split_once('='))
+        .map(|(target, lvl)| {
+            let target = target.split('[').next().unwrap_or(target).trim();
+            (target, lvl.trim())
+        })
+        .collect();
+    let mut filter = level.to_owned();
+    for (quiet, quiet_level) in QUIET_TARGETS {
+        let decided = directives.iter().any(|&(target, lvl)| {
+            target == quiet
+                || (!target.is_empty()
+                    && quiet.starts_with(target)
+                    && matches!(lvl.to_ascii_lowercase().as_str(), "debug" | "trace"))
+        });
+        if !decided {
+            filter.push_str(&format!(",{quiet}={quiet_level}"));
+        }
+    }
+    filter
+}
+
 /// Installs the global subscriber. `level` is a tracing filter (validated by the config).
 pub fn init(level: &str, target: LogTarget) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_new(effective_filter(level)).unwrap_or_else(|_| EnvFilter::new("info"));
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let use_journald = match target {
         LogTarget::Journald => true,
@@ -46,6 +85,35 @@ mod tests {
     use tracing::Level;
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn a_plain_level_is_kept_quiet_where_it_does_not_decide() {
+        let f = super::effective_filter("info");
+        assert_eq!(
+            f,
+            "info,rtc_dtls::config=error,rtc_ice::agent=error,rtc_sctp::endpoint=error,rumqttd=off"
+        );
+        let subscriber = tracing_subscriber::registry().with(EnvFilter::new(&f));
+        tracing::subscriber::with_default(subscriber, || {
+            assert!(tracing::enabled!(target: "rtcam::app", Level::INFO));
+            assert!(tracing::enabled!(target: "rtc_ice::candidate", Level::INFO));
+            assert!(!tracing::enabled!(target: "rtc_ice::agent", Level::WARN));
+            assert!(!tracing::enabled!(target: "rumqttd::server::broker", Level::ERROR));
+        });
+        // Named, or debugged through a containing target: the operator's choice stands.
+        let f = super::effective_filter("info,rtc_ice=debug,rtc_sctp::endpoint=warn");
+        assert_eq!(
+            f,
+            "info,rtc_ice=debug,rtc_sctp::endpoint=warn,rtc_dtls::config=error,rumqttd=off"
+        );
+        // A containing target at warn does not decide: the three stay error-only.
+        let f = super::effective_filter("info,rtc=warn");
+        assert!(f.ends_with(",rtc_sctp::endpoint=error,rumqttd=off"), "{f}");
+        // The shipped default names all four: nothing is added.
+        let config = crate::config::Config::load(&crate::config::Sources::default())
+            .expect("built-in defaults load");
+        assert_eq!(super::effective_filter(&config.log.level), config.log.level);
+    }
 
     #[test]
     fn default_level_keeps_rtcam_info_and_quietens_the_webrtc_stack() {

@@ -46,8 +46,9 @@ pub struct IssueArgs {
     #[arg(long)]
     pub key: PathBuf,
     /// The viewer's public key: 43 base64url characters, or a JWK
-    /// `{"kty":"OKP","crv":"Ed25519","x":"..."}`.
-    #[arg(long)]
+    /// `{"kty":"OKP","crv":"Ed25519","x":"..."}`. One key in 64 starts with `-`: taken as
+    /// the value, not as an option.
+    #[arg(long, allow_hyphen_values = true)]
     pub viewer_key: String,
     /// Device id the credential is for, or `*` for every device trusting the owner key
     /// (repeatable, or comma-separated).
@@ -274,6 +275,29 @@ mod tests {
     use super::*;
     use crate::config::Sources;
     use crate::protocol::auth::keys::SigningKey;
+
+    #[test]
+    fn a_viewer_key_starting_with_a_hyphen_is_a_value() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            issue: IssueArgs,
+        }
+        let key = "-LopAlSO0pJh9u9XQpOsWqis-ruDcfUy-DdZ6mjqSyc";
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "issue",
+            "--key",
+            "owner.key",
+            "--viewer-key",
+            key,
+            "--device",
+            "cam1",
+            "--expires",
+            "1h",
+        ])
+        .unwrap();
+        assert_eq!(cli.issue.viewer_key, key);
+    }
 
     fn args(viewer: &str) -> IssueArgs {
         IssueArgs {

@@ -52,6 +52,11 @@ step "checking system packages"
 # openh264-sys2 quietly builds the plain C encoder; scripts/check-openh264-asm.sh fails then).
 # coturn and nftables: the NAT lab (tests/e2e/natlab.py: a TURN relay, NAT routers).
 pkgs=(mosquitto libclang-dev iproute2 util-linux build-essential pkg-config cmake chromium openssl nasm coturn nftables)
+# GStreamer's webrtcbin as a second, independent viewer (tests/e2e/test_gstreamer.py), run by
+# Debian's python3 with PyGObject; without recommends, so no graphics stack comes along.
+pkgs+=(python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0
+    gir1.2-nice-0.1 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+    gstreamer1.0-nice gstreamer1.0-libav)
 if ! command -v python3 >/dev/null; then
     pkgs+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' 2>/dev/null; then

@@ -43,9 +43,14 @@ fn initial_discovery(config: &Config) -> Vec<u8> {
     if !config.homeassistant.enabled {
         return Vec::new();
     }
-    homeassistant::discovery_payload(&settings::topics(config), &config.device.id, &[])
-        .to_string()
-        .into_bytes()
+    homeassistant::discovery_payload(
+        &settings::topics(config),
+        &config.device.id,
+        &[],
+        config.whep.announced_url().is_some(),
+    )
+    .to_string()
+    .into_bytes()
 }
 
 /// Runs until `cancel` fires, then shuts down in order: viewers get their bye, status goes
@@ -301,6 +306,7 @@ async fn run_tracked(
                 config_topic,
                 topics: topics.clone(),
                 device: config.device.id.clone(),
+                whep: config.whep.announced_url().is_some(),
                 publish: publish.clone(),
             }),
         },

@@ -27,6 +27,8 @@ pub(crate) struct DiscoveryUpdate {
     pub config_topic: String,
     pub topics: Topics,
     pub device: String,
+    /// The WHEP endpoint has a URL to announce (a sensor shows it).
+    pub whep: bool,
     pub publish: Arc<dyn Publish>,
 }
 
@@ -59,7 +61,7 @@ pub(crate) async fn announce_ready(mut r: Readiness, cancel: CancellationToken) 
     };
     tracing::info!(controls = controls.len(), "camera probed");
     if let Some(d) = r.discovery {
-        let payload = homeassistant::discovery_payload(&d.topics, &d.device, &controls)
+        let payload = homeassistant::discovery_payload(&d.topics, &d.device, &controls, d.whep)
             .to_string()
             .into_bytes();
         // The dispatcher republishes the newest payload after every (re)connect; publish here

@@ -160,6 +160,12 @@ pub struct CheckedOffer {
     /// Set when the stream's level is above every level the viewer declared it can receive
     /// (browsers declare 3.1 and decode more): the session goes ahead and says so.
     pub level_note: Option<String>,
+    /// The viewer offered one section and no `a=group:BUNDLE` (GStreamer webrtcbin at its
+    /// default `bundle-policy` does). The WebRTC stack answers only sections in the offer's
+    /// BUNDLE group, so [`CheckedOffer::sdp`] carries a group of that one section, and
+    /// [`answer_for_viewer`] takes it out of the answer again: an answerer must not bundle
+    /// what was not offered bundled (RFC 8843 §7.3).
+    pub bundle_group_added: bool,
 }
 
 /// A media section: its `m=` line split up, and its attribute lines.
@@ -369,10 +375,11 @@ pub fn check_offer_for(
             return Err(bad(format!("the m={} section has no a=mid", s.kind)));
         }
     }
+    let bundle_group = session
+        .iter()
+        .find_map(|l| l.strip_prefix("a=group:BUNDLE"));
     if sections.len() > 1 {
-        let bundled: Vec<&str> = session
-            .iter()
-            .find_map(|l| l.strip_prefix("a=group:BUNDLE"))
+        let bundled: Vec<&str> = bundle_group
             .map(|g| g.split(' ').filter(|m| !m.is_empty()).collect())
             .unwrap_or_default();
         if let Some(missing) = sections
@@ -449,12 +456,34 @@ pub fn check_offer_for(
         .collect();
     let keep = |pt: &str| accepted.contains(&pt) || rtx.contains(&pt);
     let payload_types = accepted.iter().filter_map(|pt| pt.parse().ok()).collect();
+    let bundle_group_added = bundle_group.is_none();
+    let mut session = session;
+    let added_group = format!("a=group:BUNDLE {video_mid}");
+    if bundle_group_added {
+        // One section (more without a group were refused above).
+        session.push(&added_group);
+    }
     Ok(CheckedOffer {
         sdp: rewrite(&session, &sections, video_mid, &keep),
         payload_types,
         video_mid: video_mid.to_owned(),
         level_note,
+        bundle_group_added,
     })
+}
+
+/// The answer as the viewer gets it: without the BUNDLE group rtcam added to the offer.
+pub fn answer_for_viewer(answer: &str, offer: &CheckedOffer) -> String {
+    if !offer.bundle_group_added {
+        return answer.to_owned();
+    }
+    let mut out = String::with_capacity(answer.len());
+    for line in answer.split_inclusive('\n') {
+        if !line.trim_end().starts_with("a=group:BUNDLE") {
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 /// The offer again, with the video section's payload types limited to `keep`.
@@ -847,6 +876,32 @@ mod tests {
         // A lone video section needs no group.
         let lone = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 100\r\na=mid:v\r\na=recvonly\r\na=rtpmap:100 H264/90000\r\na=fmtp:100 packetization-mode=1\r\n";
         assert_eq!(cb_offer(lone).unwrap().video_mid, "v");
+    }
+
+    #[test]
+    fn a_lone_unbundled_section_is_bundled_for_the_stack_and_unbundled_in_the_answer() {
+        // webrtc-rs answers only sections in the offer's BUNDLE group: without one, the video
+        // section of a lone-section offer (webrtcbin's default) came back rejected.
+        let lone = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 100\r\na=mid:video0\r\na=recvonly\r\na=rtpmap:100 H264/90000\r\na=fmtp:100 packetization-mode=1\r\n";
+        let c = cb_offer(lone).unwrap();
+        assert!(c.bundle_group_added);
+        assert!(
+            c.sdp.contains("t=0 0\r\na=group:BUNDLE video0\r\nm=video"),
+            "{}",
+            c.sdp
+        );
+        let answer = "v=0\r\no=- 3 4 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE video0\r\nm=video 9 UDP/TLS/RTP/SAVPF 100\r\na=mid:video0\r\na=sendonly\r\n";
+        let to_viewer = answer_for_viewer(answer, &c);
+        assert_eq!(to_viewer, answer.replace("a=group:BUNDLE video0\r\n", ""));
+        assert_eq!(check_answer(&to_viewer, &c), Ok(100));
+        // An offer that bundles keeps its group, and the answer is passed on as it is.
+        let bundled = lone.replace("t=0 0\r\n", "t=0 0\r\na=group:BUNDLE video0\r\n");
+        let c = cb_offer(&bundled).unwrap();
+        assert!(!c.bundle_group_added);
+        assert_eq!(c.sdp.matches("a=group:BUNDLE").count(), 1, "{}", c.sdp);
+        assert_eq!(answer_for_viewer(answer, &c), answer);
+        let c = cb_offer(&chrome_like()).unwrap();
+        assert!(!c.bundle_group_added);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::outbound::SignalOut;
 use crate::protocol::auth::Grant;
 use crate::protocol::auth::permissions::Access;
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
-use crate::protocol::sdp::{CheckedOffer, check_answer};
+use crate::protocol::sdp::{CheckedOffer, answer_for_viewer, check_answer};
 use crate::protocol::signal::{ErrorCode, IceCandidate, Rejection};
 use crate::protocol::topics::SessionId;
 use link::Link;
@@ -446,6 +446,7 @@ impl Driver {
         let sdp = answer.sdp.clone();
         pc.set_local_description(answer).await.map_err(bad_sdp)?;
         let pt = check_answer(&sdp, &self.offer)?;
+        let sdp = answer_for_viewer(&sdp, &self.offer);
         tracing::debug!(%sdp, "answer");
         Ok((sdp, pt))
     }

@@ -80,6 +80,8 @@ class NatLab:
     def __init__(self) -> None:
         self.ns: dict[str, Netns] = {}
         self.nat: dict[str, str] = {}
+        # router -> [(tcp port, host)]: port forwards (DNAT) on the router's wan address
+        self.forwards: dict[str, list[tuple[int, str]]] = {}
         self._veths = 0
 
     def argv(self, where: str, *argv: str) -> list[str]:
@@ -149,14 +151,32 @@ class NatLab:
         self.run_in(a, "ip", "link", "set", a_if, "master", bridge)
         self.run_in(a, "ip", "link", "set", a_if, "up")
 
+    def forward_port(self, router: str, port: int, host: str) -> None:
+        """A home router's port forward: TCP `port` on `router`'s wan address goes to `host`
+        (same port), kept across set_nat."""
+        if HOSTS[host][0] != router:
+            raise ValueError(f"{host} is not behind {router}")
+        self.forwards.setdefault(router, [])
+        if (port, host) not in self.forwards[router]:
+            self.forwards[router].append((port, host))
+        self.set_nat(router, self.nat[router])
+
     def set_nat(self, router: str, kind: str) -> None:
         """Make `router` a cone or a symmetric NAT. Flows it already tracks keep their
         mapping; every viewer run binds new local ports, so its flows are new ones."""
         if kind not in NAT_KINDS:
             raise ValueError(kind)
         flags = " fully-random" if kind == "symmetric" else ""
+        lan = ROUTERS[router][1]
+        dnat = "".join(
+            f'        iifname "wan" tcp dport {port} dnat to {lan}.{HOSTS[host][1]}:{port}\n'
+            for port, host in self.forwards.get(router, [])
+        )
         rules = f"""flush ruleset
 table ip nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+{dnat}    }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         oifname "wan" masquerade{flags}
@@ -166,6 +186,7 @@ table inet filter {{
     chain forward {{
         type filter hook forward priority filter; policy accept;
         iifname "wan" ct state established,related accept
+        iifname "wan" ct status dnat accept
         iifname "wan" drop
     }}
     chain input {{

@@ -30,6 +30,7 @@ import pytest
 import paho.mqtt.client as mqtt
 from conftest import (
     PREFIX,
+    mint,
     Monitor,
     Proc,
     Rtcam,
@@ -39,9 +40,13 @@ from conftest import (
     viewer_auth,
 )
 from natlab import BROKER_IP, HOSTS, ROUTERS, NatLab
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rtcam_auth import public_b64
 
 
 VIEWER = str(Path(__file__).resolve().parent / "viewer.py")
+WHEP_CLIENT = str(Path(__file__).resolve().parent / "whep_client.py")
+WHEP_PORT = 8889
 TURN_PORT = 3478
 STATIC_TURN_PORT = 3479
 BROKER_PORT = 1883
@@ -227,9 +232,14 @@ STUN = f"stun:{BROKER_IP}:{TURN_PORT}"
 TURN_URLS = [f"turn:{BROKER_IP}:{TURN_PORT}", f"turn:{BROKER_IP}:{TURN_PORT}?transport=tcp"]
 
 
+WHEP_PUBLIC_URL = f"http://{ROUTERS['rdev'][0]}:{WHEP_PORT}/whep"
+
+
 @pytest.fixture(scope="module")
 def cam_turn(workdir, lab, lab_monitor, coturn):
-    """A device with STUN and coturn's REST TURN."""
+    """A device with STUN and coturn's REST TURN, and WHEP behind its router's port forward
+    (announced at the forwarded address, whep.public_url)."""
+    lab.forward_port("rdev", WHEP_PORT, "dev")
     r = LabRtcam(
         workdir,
         lab,
@@ -237,6 +247,9 @@ def cam_turn(workdir, lab, lab_monitor, coturn):
         lab_monitor,
         webrtc__stun_servers=[STUN],
         webrtc__connect_timeout_ms=8000,
+        whep__enabled=True,
+        whep__listen=f"{host_ip('dev')}:{WHEP_PORT}",
+        whep__public_url=WHEP_PUBLIC_URL,
     )
     r.settings["webrtc.turn_rest"] = {
         "urls": TURN_URLS,
@@ -626,3 +639,82 @@ def test_no_path_ends_with_a_bye_within_connect_timeout(lab, workdir, cam_stun):
     )
     record_metric("natlab.no_path.bye_reason", msg.get("reason"))
     record_metric("natlab.no_path.offer_to_bye_ms", ended["ms_from_offer"])
+
+
+# --------------------------------------------------------------------------------------
+# WHEP through the lab (a non-browser client: aiortc over HTTP, whep_client.py)
+# --------------------------------------------------------------------------------------
+
+
+def run_whep_client(lab: NatLab, workdir: Path, where: str, url: str, device: str) -> list[dict]:
+    token_file = workdir / f"natlab-whep-{secrets.token_hex(4)}.jwt"
+    token_file.write_text(mint(public_b64(Ed25519PrivateKey.generate()), device, "view"))
+    token_file.chmod(0o600)
+    argv = lab.argv(
+        where, sys.executable, WHEP_CLIENT, "--url", url, "--token-file", str(token_file),
+        "--ice-address", host_ip(where), "--frames", str(FPS), "--timeout", "40",
+    )
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+    events = parse_events(r.stdout)
+    if r.returncode != 0 or not events:
+        raise AssertionError(
+            f"WHEP client in {where} failed (exit {r.returncode}): {events}\n{r.stderr[-3000:]}"
+        )
+    return events
+
+
+def test_whep_through_the_relay_from_behind_a_symmetric_nat(lab, workdir, cam_turn, coturn):
+    """A WHEP viewer on the internet side, behind a symmetric NAT, watching the device behind
+    its home router. HTTP reaches the device the way a remote home user's client does: through
+    a port forward (DNAT) on the device's router, at the URL the device announces
+    (whep.public_url); routing the viewer into the device's LAN would skip the NAT under test.
+    The client has no ICE configuration: it uses the STUN and TURN servers of the 201's Link
+    headers, with the TURN REST credential the device minted. Only the relay can work; frames
+    carry the test pattern's stamps; DELETE ends the session in the device's state."""
+    lab.set_nat("rview", "symmetric")
+    state = cam_turn.wait_state(lambda s: "whep_url" in s, 10, "whep_url in state")
+    assert state["whep_url"] == WHEP_PUBLIC_URL, state
+    events = run_whep_client(lab, workdir, "view", WHEP_PUBLIC_URL, cam_turn.device)
+    assert event(events, "posted")["status"] == 201, events
+    servers = event(events, "ice-servers")["servers"]
+    urls = [u for s in servers for u in s["urls"]]
+    assert STUN in urls and TURN_URLS[0] in urls, servers
+    turn = next(s for s in servers if TURN_URLS[0] in s["urls"])
+    expiry, name = turn["username"].split(":", 1)
+    assert name == f"{cam_turn.device}-viewer" and 0 < int(expiry) - time.time() <= 600, turn
+    # The client's relay candidate exists only if coturn accepted the minted credential.
+    assert "relay" in event(events, "local-candidates")["types"], events
+    pair = event(events, "connected")["pair"]
+    assert pair["local"] == "relay", f"not relayed by the viewer's TURN allocation: {pair}"
+    worked = [c for c in pair["checks"] if c["state"] == "succeeded"]
+    assert worked and all(is_relay(c) for c in worked), (
+        f"a pair without a relay worked through a symmetric NAT: {pair['checks']}"
+    )
+    done = event(events, "done")
+    assert done["good"] >= FPS and done["good"] >= 0.95 * done["frames"], done
+    assert event(events, "deleted")["status"] == 200, events
+    cam_turn.wait_state(
+        lambda s: s.get("whep_viewers") == 0 and s.get("viewers") == 0, 15, "the WHEP session gone"
+    )
+    record_metric("natlab.whep_relay.post_to_first_frame_ms", event(events, "first-frame")["ms_from_post"])
+    record_metric("natlab.whep_relay.post_to_answer_ms", event(events, "posted")["ms_from_post"])
+    record_metric("natlab.whep_relay.post_to_patch_ms", event(events, "patched")["ms_from_post"])
+    record_metric("natlab.whep_relay.pair", f"{pair['local']}->{pair['remote']}")
+
+
+def test_whep_direct_on_the_devices_lan(lab, workdir, cam_turn):
+    """The same client on the device's LAN, at the listener's own address: host candidates
+    meet (the relay-only case's counterpart for offer -> first frame)."""
+    url = f"http://{host_ip('dev')}:{WHEP_PORT}/whep"
+    events = run_whep_client(lab, workdir, "lanview", url, cam_turn.device)
+    pair = event(events, "connected")["pair"]
+    assert (pair["local"], pair["remote"]) == ("host", "host"), pair
+    done = event(events, "done")
+    assert done["good"] >= FPS and done["good"] >= 0.95 * done["frames"], done
+    assert event(events, "deleted")["status"] == 200, events
+    cam_turn.wait_state(
+        lambda s: s.get("whep_viewers") == 0 and s.get("viewers") == 0, 15, "the WHEP session gone"
+    )
+    record_metric("natlab.whep_direct.post_to_first_frame_ms", event(events, "first-frame")["ms_from_post"])
+    record_metric("natlab.whep_direct.post_to_answer_ms", event(events, "posted")["ms_from_post"])
+    record_metric("natlab.whep_direct.post_to_patch_ms", event(events, "patched")["ms_from_post"])

@@ -13,7 +13,7 @@ import time
 import pytest
 from aiortc import RTCPeerConnection
 
-from conftest import HOST, PREFIX, device_message, record_metric
+from conftest import HOST, PREFIX, device_message, file_size, record_metric
 from viewer import (
     MqttLink,
     Viewer,
@@ -148,6 +148,8 @@ def test_status_and_idle_state(cam, monitor):
 def test_one_viewer_10s(cam, monitor):
     seconds = 10
 
+    log_start = file_size(cam.log_path)
+
     async def body():
         v = Viewer(HOST, cam.broker_port, cam.device)
         try:
@@ -170,6 +172,13 @@ def test_one_viewer_10s(cam, monitor):
             await stop(v)
 
     v, t0, t1, fe0, fe1, streaming_state = run(body(), 60)
+    # A normal session logs no WARN or ERROR, with the plain `log.level = "info"` these tests
+    # set (logging.rs keeps the webrtc stack's non-actionable warnings out of it).
+    with open(cam.log_path, "rb") as log:
+        log.seek(log_start)
+        lines = log.read().decode(errors="replace").splitlines()
+    noisy = [ln for ln in lines if " WARN " in ln or " ERROR " in ln]
+    assert not noisy, "a normal session logged:\n" + "\n".join(noisy[:10])
     assert (streaming_state["width"], streaming_state["height"]) == (WIDTH, HEIGHT), (
         f"state while capturing: {streaming_state}"
     )

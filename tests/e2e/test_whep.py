@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
+import threading
 import ssl
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+import paho.mqtt.client as mqtt
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from conftest import HOST, free_port, mint, record_metric
+from conftest import HOST, PREFIX, free_port, mint, record_metric
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pattern import decode_frame
 from rtcam_auth import public_b64
@@ -473,3 +476,46 @@ def test_whep_over_https(make_rtcam, workdir):
         assert "CERTIFICATE_VERIFY_FAILED" in str(e.value), e.value
     finally:
         TLS_CONTEXT.pop()
+
+
+def test_home_assistant_discovery_shows_the_whep_url(make_rtcam):
+    """With [whep] and Home Assistant discovery on, the device's discovery has a diagnostic
+    "WHEP URL" sensor whose template, applied to the retained state, gives the endpoint URL;
+    neither carries a credential."""
+    public = "https://cam.lan:8889/whep"
+    port = free_port()
+    cam = make_rtcam(
+        "whep-ha",
+        homeassistant__enabled=True,
+        whep__enabled=True,
+        whep__listen=f"{HOST}:{port}",
+        whep__public_url=public,
+    )
+    state = cam.wait_state(lambda s: "whep_url" in s, 10, "whep_url in state")
+    got: dict[str, bytes] = {}
+    ready = threading.Event()
+    topic = f"homeassistant/device/{cam.device}/config"
+
+    def on_message(client, userdata, msg):
+        if msg.payload:
+            got[msg.topic] = msg.payload
+            ready.set()
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="e2e-ha-whep")
+    c.on_message = on_message
+    c.connect(HOST, cam.broker_port)
+    c.loop_start()
+    try:
+        c.subscribe(topic, qos=1)
+        assert ready.wait(10), f"no retained discovery on {topic}"
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    text = got[topic].decode()
+    sensor = json.loads(text)["cmps"]["whep_url"]
+    assert sensor["p"] == "sensor" and sensor["entity_category"] == "diagnostic", sensor
+    assert sensor["state_topic"] == f"{PREFIX}/{cam.device}/state", sensor
+    # HA renders "{{ value_json.whep_url }}" against the state message.
+    field = sensor["value_template"].removeprefix("{{ value_json.").removesuffix(" }}")
+    assert state[field] == public, (sensor, state)
+    assert "access_token" not in text and "Bearer" not in text, text

@@ -702,10 +702,7 @@ class Viewer:
         elif kind == "candidate":
             cand = msg.get("candidate")
             self.remote_candidates.append(cand)
-            if self.pc is not None and self.pc.remoteDescription is not None:
-                self._tasks.append(asyncio.ensure_future(self._add_candidate(cand)))
-            else:
-                self._pending_candidates.append(cand)
+            self._remote_candidate(cand)
         elif kind == "error":
             self.errors.append(msg)
             if self._answer is not None and not self._answer.done():
@@ -720,6 +717,13 @@ class Viewer:
             self.byes.append(msg)
             if self._answer is not None and not self._answer.done():
                 self._answer.set_exception(ViewerError(f"device sent bye: {msg}", reply=msg))
+
+    def _remote_candidate(self, cand: dict | None) -> None:
+        """A device candidate: to the peer connection once it has the answer, else held."""
+        if self.pc is not None and self.pc.remoteDescription is not None:
+            self._tasks.append(asyncio.ensure_future(self._add_candidate(cand)))
+        else:
+            self._pending_candidates.append(cand)
 
     async def _add_candidate(self, cand: dict | None) -> None:
         if cand is None:
@@ -805,17 +809,7 @@ class Viewer:
         without_turn=True: gather with the reply's STUN servers only (a viewer that cannot
         use TURN: only the device's own relay can help it).
         """
-        loop = asyncio.get_running_loop()
-        self._answer = loop.create_future()
-        self._dc_open = asyncio.Event()
-        self._frame_event = asyncio.Event()
-        self._msg_event = asyncio.Event()
-        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop, broker_login)
-        await self.mqtt.connect()
-        if self.auth is not None and self.device_key is None:
-            await self._learn_device_key(timeout)
-        # Protocol 2: subscribe to `out` before publishing the offer.
-        await self.mqtt.subscribe(self.topic_out, self._on_out)
+        await self._connect_signaling(timeout)
 
         if ask_ice_servers:
             t0 = now_ms()
@@ -876,6 +870,20 @@ class Viewer:
         if wait_connected:
             left = max(1.0, timeout - (now_ms() - self.t_offer_ms) / 1000)
             await self.wait_connected(left)
+
+    async def _connect_signaling(self, timeout: float) -> None:
+        """MQTT up, the device's key learnt (signed mode), `out` subscribed: ready to offer."""
+        loop = asyncio.get_running_loop()
+        self._answer = loop.create_future()
+        self._dc_open = asyncio.Event()
+        self._frame_event = asyncio.Event()
+        self._msg_event = asyncio.Event()
+        self.mqtt = MqttLink(self.host, self.port, f"viewer-{self.session}", loop, broker_login)
+        await self.mqtt.connect()
+        if self.auth is not None and self.device_key is None:
+            await self._learn_device_key(timeout)
+        # Protocol 2: subscribe to `out` before publishing the offer.
+        await self.mqtt.subscribe(self.topic_out, self._on_out)
 
     async def _send_twcc(self, receiver) -> None:
         """Transport-wide feedback every 100 ms, as browsers send it."""

@@ -1,14 +1,20 @@
 // WHEP in Chromium with a third-party client library: medooze's `whip-whep` (npm, pinned in
 // package-lock.json) against rtcam's [whep] endpoint (docs/whep.md), in signed mode with a
 // Bearer credential, CORS from a page on another origin, trickle ICE by PATCH, DELETE on stop.
+// A second case forces the browser onto a TURN relay: a coturn on loopback with the REST scheme
+// (use-auth-secret), rtcam minting the credential it puts in the 201's Link headers, and
+// whip-whep applying those (pc.setConfiguration) to a peer connection made with
+// iceTransportPolicy "relay"; getStats shows the selected pair's local candidate is a relay.
 // Run inside a private network namespace (every socket is on 127.0.0.1):
 //
 //   unshare -n -- bash -c 'ip link set lo up && exec node tests/web/whep.mjs'
 //
-// Needs $RTCAM_BIN or target/release/rtcam and /usr/bin/chromium; no broker (WHEP needs none).
+// Needs $RTCAM_BIN or target/release/rtcam, /usr/bin/chromium and coturn's /usr/bin/turnserver
+// ($TURNSERVER); no broker (WHEP needs none).
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { accessSync, constants, mkdtempSync, openSync, readFileSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { accessSync, constants, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { createServer as netServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -22,6 +28,7 @@ const HOST = "127.0.0.1";
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const RTCAM_BIN = resolve(REPO, process.env.RTCAM_BIN || "target/release/rtcam");
 const LIBRARY = join(HERE, "node_modules/whip-whep/whep.js");
+const TURNSERVER = process.env.TURNSERVER || "/usr/bin/turnserver";
 const WORK = mkdtempSync(join(tmpdir(), "rtcam-whep-"));
 const WIDTH = 640;
 const HEIGHT = 480;
@@ -31,6 +38,7 @@ for (const [path, what, fix] of [
   [CHROMIUM, "Chromium", "apt-get install chromium (or set CHROMIUM)"],
   [RTCAM_BIN, "the rtcam binary", "cargo build --release (or set RTCAM_BIN)"],
   [LIBRARY, "the whip-whep library", "cd tests/web && npm ci"],
+  [TURNSERVER, "coturn (turnserver)", "apt-get install coturn (or set TURNSERVER)"],
 ]) {
   try {
     accessSync(path, constants.R_OK);
@@ -62,21 +70,21 @@ function credential(owner, device, name) {
   const key = join(WORK, `${name}.key`);
   cli(["token", "keygen", "--out", key]);
   const pub = cli(["token", "public", "--key", key]);
-  return cli(["token", "issue", "--key", owner, "--viewer-key", pub, "--device", device, "--allow", "view", "--expires", "1h", "--name", name]);
+  return cli(["token", "issue", "--key", owner, `--viewer-key=${pub}`, "--device", device, "--allow", "view", "--expires", "1h", "--name", name]);
 }
 
-let rtcam;
+const rtcams = [];
+let coturn;
 let browser;
 let pageServer;
-const log = join(WORK, "rtcam.log");
+const logs = [];
 
-async function main() {
-  const owner = join(WORK, "owner.key");
-  const ownerPublic = cli(["token", "keygen", "--out", owner]);
-  const device = "whepcam";
-  const [whepPort, pagePort, mqttPort] = [await freePort(), await freePort(), await freePort()];
-  const origin = `http://${HOST}:${pagePort}`;
-  const config = join(WORK, "rtcam.toml");
+/** Starts rtcam for `device` with WHEP on `whepPort`; `extra`: more TOML lines. */
+async function startRtcam(device, ownerPublic, whepPort, origin, extra = []) {
+  const mqttPort = await freePort();
+  const config = join(WORK, `${device}.toml`);
+  const log = join(WORK, `${device}.log`);
+  logs.push(log);
   writeFileSync(
     config,
     [
@@ -102,10 +110,74 @@ async function main() {
       `allowed_origins = ["${origin}"]`,
       "[log]",
       'target = "stderr"',
+      ...extra,
       "",
     ].join("\n"),
   );
-  rtcam = spawn(RTCAM_BIN, ["--config", config], { cwd: WORK, stdio: ["ignore", openSync(log, "a"), openSync(log, "a")] });
+  rtcams.push(spawn(RTCAM_BIN, ["--config", config], { cwd: WORK, stdio: ["ignore", openSync(log, "a"), openSync(log, "a")] }));
+  const endpoint = `http://${HOST}:${whepPort}/whep`;
+  // rtcam starts in well under a second; poll its endpoint until it answers.
+  for (let i = 0; ; i++) {
+    const r = await fetch(endpoint, { method: "OPTIONS" }).catch(() => null);
+    if (r && r.status === 204) break;
+    assert.ok(i < 100, `rtcam's WHEP endpoint did not come up:\n${readFileSync(log, "utf8")}`);
+    await sleep(100);
+  }
+  return endpoint;
+}
+
+/** coturn on loopback with the REST scheme (docs/turn.md), its own config in WORK. */
+async function startCoturn(port, secret) {
+  const conf = join(WORK, "turnserver.conf");
+  const log = join(WORK, "coturn.log");
+  logs.push(log);
+  writeFileSync(
+    conf,
+    [
+      `listening-ip=${HOST}`,
+      `relay-ip=${HOST}`,
+      `listening-port=${port}`,
+      "min-port=49160",
+      "max-port=49299",
+      "fingerprint",
+      "use-auth-secret",
+      `static-auth-secret=${secret}`,
+      "realm=rtcam.test",
+      // rtcam's host candidates are on 127.0.0.1 here.
+      "allow-loopback-peers",
+      "no-cli",
+      "no-tls",
+      "no-dtls",
+      "no-tcp-relay",
+      "no-software-attribute",
+      `userdb=${join(WORK, "turndb")}`,
+      `pidfile=${join(WORK, "turnserver.pid")}`,
+      "log-file=stdout",
+      "simple-log",
+      "",
+    ].join("\n"),
+  );
+  coturn = spawn(TURNSERVER, ["-c", conf], { cwd: WORK, stdio: ["ignore", openSync(log, "a"), openSync(log, "a")] });
+  const hexPort = `:${port.toString(16).toUpperCase().padStart(4, "0")} `;
+  for (let i = 0; ; i++) {
+    assert.ok(coturn.exitCode === null, `coturn (${TURNSERVER}) exited:\n${readFileSync(log, "utf8")}`);
+    let udp = "";
+    try {
+      udp = readFileSync(`/proc/${coturn.pid}/net/udp`, "utf8");
+    } catch {}
+    if (udp.includes(hexPort)) break;
+    assert.ok(i < 100, `coturn (${TURNSERVER}) did not listen on ${HOST}:${port}:\n${readFileSync(log, "utf8")}`);
+    await sleep(100);
+  }
+}
+
+async function main() {
+  const owner = join(WORK, "owner.key");
+  const ownerPublic = cli(["token", "keygen", "--out", owner]);
+  const device = "whepcam";
+  const [whepPort, pagePort] = [await freePort(), await freePort()];
+  const origin = `http://${HOST}:${pagePort}`;
+  const endpoint = await startRtcam(device, ownerPublic, whepPort, origin);
   const token = credential(owner, device, "browser");
   const otherDevice = credential(owner, "another-cam", "stranger");
 
@@ -119,8 +191,9 @@ async function main() {
       res.end(`<!doctype html><video id="video" autoplay muted playsinline></video>
 <script type="module">
 import { WHEPClient } from "/whep.js";
-window.view = async (url, token) => {
-  const pc = new RTCPeerConnection();
+window.view = async (url, token, policy = "all") => {
+  // whip-whep keeps this configuration and adds the Link headers' iceServers to it.
+  const pc = new RTCPeerConnection({ iceTransportPolicy: policy });
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.ontrack = (e) => { document.getElementById("video").srcObject = e.streams[0] || new MediaStream([e.track]); };
   const client = new WHEPClient();
@@ -132,6 +205,16 @@ window.framesDecoded = async () => {
   (await window.whep.pc.getStats()).forEach((s) => { if (s.type === "inbound-rtp" && s.kind === "video") n = s.framesDecoded || 0; });
   return n;
 };
+window.selectedPair = async () => {
+  const stats = await window.whep.pc.getStats();
+  let pair;
+  stats.forEach((s) => { if (s.type === "transport" && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId); });
+  if (!pair) return null;
+  const local = stats.get(pair.localCandidateId);
+  const remote = stats.get(pair.remoteCandidateId);
+  return { local: local.candidateType, remote: remote.candidateType, relayProtocol: local.relayProtocol || null, localAddress: local.address + ":" + local.port };
+};
+window.iceServers = () => window.whep.pc.getConfiguration().iceServers.map((s) => ({ urls: s.urls, username: s.username || null }));
 window.ready = true;
 </script>`);
     }
@@ -160,15 +243,6 @@ window.ready = true;
   page.on("response", (r) => responses.push(`${r.request().method()} ${r.status()} ${r.url()}`));
   await page.goto(`${origin}/`);
   await page.waitForFunction(() => window.ready === true);
-  const endpoint = `http://${HOST}:${whepPort}/whep`;
-
-  // rtcam starts in well under a second; poll its endpoint until it answers.
-  for (let i = 0; ; i++) {
-    const r = await fetch(endpoint, { method: "OPTIONS" }).catch(() => null);
-    if (r && r.status === 204) break;
-    assert.ok(i < 100, `rtcam's WHEP endpoint did not come up:\n${readFileSync(log, "utf8")}`);
-    await sleep(100);
-  }
 
   // Refused: no credential (401), another device's (403).
   assert.match(await page.evaluate((u) => window.view(u, undefined), endpoint), /status 401/);
@@ -213,6 +287,58 @@ window.ready = true;
   await page.evaluate(() => window.whep.client.stop());
   console.log(`WHEP browser test passed: whip-whep in Chromium, ${b - a} frames decoded in 2 s, POST -> playing ${firstFrameMs} ms`);
   console.log(`METRIC whep.chromium.post_to_playing_ms = ${firstFrameMs}`);
+
+  await relayCase(page, owner, ownerPublic, origin);
+}
+
+/** Chromium forced onto coturn's relay with the credential rtcam minted for the Link header. */
+async function relayCase(page, owner, ownerPublic, origin) {
+  const device = "whepcam-relay";
+  const [turnPort, whepPort] = [await freePort(), await freePort()];
+  const secret = randomBytes(24).toString("hex");
+  const secretFile = join(WORK, "turn-secret");
+  writeFileSync(secretFile, `${secret}\n`, { mode: 0o600 });
+  await startCoturn(turnPort, secret);
+  const turnUrl = `turn:${HOST}:${turnPort}`;
+  const endpoint = await startRtcam(device, ownerPublic, whepPort, origin, [
+    "[webrtc.turn_rest]",
+    `urls = ["${turnUrl}"]`,
+    `secret_file = "${secretFile}"`,
+    "ttl_s = 600",
+  ]);
+  const token = credential(owner, device, "relay-browser");
+  const t0 = Date.now();
+  assert.equal(await page.evaluate(([u, t]) => window.view(u, t, "relay"), [endpoint, token]), "ok");
+  const servers = await page.evaluate(() => window.iceServers());
+  const turn = servers.find((s) => [].concat(s.urls).includes(turnUrl));
+  assert.ok(turn, `whip-whep did not apply the Link header's TURN server: ${JSON.stringify(servers)}`);
+  const [expiry, name] = turn.username.split(":");
+  assert.equal(name, `${device}-viewer`, `not a REST credential minted for viewers: ${turn.username}`);
+  assert.ok(Number(expiry) * 1000 > Date.now(), `expired credential: ${turn.username}`);
+  try {
+    await page.waitForFunction(
+      ([w, h]) => {
+        const v = document.getElementById("video");
+        return v.videoWidth === w && v.videoHeight === h && v.currentTime > 0;
+      },
+      [WIDTH, HEIGHT],
+      { timeout: 30000, polling: 100 },
+    );
+  } catch (e) {
+    const ice = await page.evaluate(() => window.whep.pc.iceConnectionState);
+    throw new Error(`no video through the relay (ICE ${ice}; did coturn refuse the minted credential? see coturn.log): ${e.message}`);
+  }
+  const firstFrameMs = Date.now() - t0;
+  const pair = await page.evaluate(() => window.selectedPair());
+  assert.ok(pair, "no selected candidate pair in getStats");
+  assert.equal(pair.local, "relay", `the browser's selected pair is not relayed: ${JSON.stringify(pair)}`);
+  const a = await page.evaluate(() => window.framesDecoded());
+  await sleep(2000);
+  const b = await page.evaluate(() => window.framesDecoded());
+  assert.ok(b > a + 20, `framesDecoded did not rise through the relay: ${a} -> ${b}`);
+  await page.evaluate(() => window.whep.client.stop());
+  console.log(`WHEP browser relay test passed: ${b - a} frames decoded in 2 s through coturn (pair ${pair.local}/${pair.relayProtocol} -> ${pair.remote}), POST -> playing ${firstFrameMs} ms`);
+  console.log(`METRIC whep.chromium.relay.post_to_playing_ms = ${firstFrameMs}`);
 }
 
 let failed = false;
@@ -221,15 +347,21 @@ try {
 } catch (e) {
   failed = true;
   console.error(`WHEP browser test FAILED: ${e.stack || e}`);
-  try {
-    console.error(`--- rtcam log ---\n${readFileSync(log, "utf8").split("\n").slice(-60).join("\n")}`);
-  } catch {}
+  for (const log of logs) {
+    try {
+      console.error(`--- ${log} ---\n${readFileSync(log, "utf8").split("\n").slice(-60).join("\n")}`);
+    } catch {}
+  }
 } finally {
   await browser?.close().catch(() => {});
   pageServer?.close();
-  if (rtcam && rtcam.exitCode === null) {
-    rtcam.kill("SIGTERM");
-    await Promise.race([new Promise((r) => rtcam.once("exit", r)), sleep(10000)]);
+  for (const p of [...rtcams, coturn]) {
+    if (p && p.exitCode === null) {
+      p.kill("SIGTERM");
+      await Promise.race([new Promise((r) => p.once("exit", r)), sleep(10000)]);
+    }
   }
 }
+// Keys, configs and logs stay for a failed run (the logs' tails are printed above).
+if (!failed) rmSync(WORK, { recursive: true, force: true });
 process.exit(failed ? 1 : 0);
