@@ -682,6 +682,18 @@ def test_c_a_dip_to_500k_is_followed_and_the_frame_rate_back_within_5_s(net):
         full_rate = lambda w: w["fps"] >= 0.9 * run.produced and w["kbps"] >= 0.9 * pre["kbps"]  # noqa: E731
         fps_back = recovery_s(rec, t_up, run.t_end, full_fps)
         rate_back = recovery_s(rec, t_up, run.t_end, full_rate)
+        # Where the time goes: the device's own estimate for the viewer (its state, every
+        # 0.5-1 s) reaching the most the ceiling can use, apart from the encoder's response
+        # and the viewer's windows.
+        estimate_top = next(
+            (
+                (t - t_up) / 1000
+                for t, s in run.states
+                if t >= t_up
+                and any(l["estimate_bps"] >= 0.95 * CEILING / 0.85 for l in s.get("links") or [])
+            ),
+            None,
+        )
         tag = "on" if adaptation else "off"
         row("c", run, "dip", first + 3000, t_down, "3 Mbit/s before")
         dips[adaptation] = row("c", run, "dip", t_down, t_up, "500 kbit/s")
@@ -694,6 +706,7 @@ def test_c_a_dip_to_500k_is_followed_and_the_frame_rate_back_within_5_s(net):
             "3 Mbit/s after",
             fps_back_s=fmt(fps_back, 1),
             rate_back_s=fmt(rate_back, 1),
+            estimate_top_s=fmt(estimate_top, 1),
             cpu_s=round(run.cpu_s, 2),
         )
         results[adaptation] = (r, fps_back, rate_back, pre)
