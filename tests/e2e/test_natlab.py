@@ -690,16 +690,21 @@ def test_whep_through_the_relay_from_behind_a_symmetric_nat(lab, workdir, cam_tu
     assert worked and all(is_relay(c) for c in worked), (
         f"a pair without a relay worked through a symmetric NAT: {pair['checks']}"
     )
+    assert_whep_played_and_ended(events, cam_turn, "whep_relay")
+    record_metric("natlab.whep_relay.pair", f"{pair['local']}->{pair['remote']}")
+
+
+def assert_whep_played_and_ended(events: list[dict], cam, metric: str) -> None:
+    """Enough stamped frames, DELETE answered 200, the session gone from the state; the
+    timings recorded as natlab.<metric>.*."""
     done = event(events, "done")
     assert done["good"] >= FPS and done["good"] >= 0.95 * done["frames"], done
     assert event(events, "deleted")["status"] == 200, events
-    cam_turn.wait_state(
+    cam.wait_state(
         lambda s: s.get("whep_viewers") == 0 and s.get("viewers") == 0, 15, "the WHEP session gone"
     )
-    record_metric("natlab.whep_relay.post_to_first_frame_ms", event(events, "first-frame")["ms_from_post"])
-    record_metric("natlab.whep_relay.post_to_answer_ms", event(events, "posted")["ms_from_post"])
-    record_metric("natlab.whep_relay.post_to_patch_ms", event(events, "patched")["ms_from_post"])
-    record_metric("natlab.whep_relay.pair", f"{pair['local']}->{pair['remote']}")
+    for name, kind in (("first_frame", "first-frame"), ("answer", "posted"), ("patch", "patched")):
+        record_metric(f"natlab.{metric}.post_to_{name}_ms", event(events, kind)["ms_from_post"])
 
 
 def test_whep_direct_on_the_devices_lan(lab, workdir, cam_turn):
@@ -709,12 +714,4 @@ def test_whep_direct_on_the_devices_lan(lab, workdir, cam_turn):
     events = run_whep_client(lab, workdir, "lanview", url, cam_turn.device)
     pair = event(events, "connected")["pair"]
     assert (pair["local"], pair["remote"]) == ("host", "host"), pair
-    done = event(events, "done")
-    assert done["good"] >= FPS and done["good"] >= 0.95 * done["frames"], done
-    assert event(events, "deleted")["status"] == 200, events
-    cam_turn.wait_state(
-        lambda s: s.get("whep_viewers") == 0 and s.get("viewers") == 0, 15, "the WHEP session gone"
-    )
-    record_metric("natlab.whep_direct.post_to_first_frame_ms", event(events, "first-frame")["ms_from_post"])
-    record_metric("natlab.whep_direct.post_to_answer_ms", event(events, "posted")["ms_from_post"])
-    record_metric("natlab.whep_direct.post_to_patch_ms", event(events, "patched")["ms_from_post"])
+    assert_whep_played_and_ended(events, cam_turn, "whep_direct")

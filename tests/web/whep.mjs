@@ -171,6 +171,18 @@ async function startCoturn(port, secret) {
   }
 }
 
+/** Waits until the page's <video> plays the stream at the test's size. */
+function playing(page) {
+  return page.waitForFunction(
+    ([w, h]) => {
+      const v = document.getElementById("video");
+      return v.videoWidth === w && v.videoHeight === h && v.currentTime > 0;
+    },
+    [WIDTH, HEIGHT],
+    { timeout: 30000, polling: 100 },
+  );
+}
+
 async function main() {
   const owner = join(WORK, "owner.key");
   const ownerPublic = cli(["token", "keygen", "--out", owner]);
@@ -252,14 +264,7 @@ window.ready = true;
 
   const t0 = Date.now();
   assert.equal(await page.evaluate(([u, t]) => window.view(u, t), [endpoint, token]), "ok");
-  await page.waitForFunction(
-    ([w, h]) => {
-      const v = document.getElementById("video");
-      return v.videoWidth === w && v.videoHeight === h && v.currentTime > 0;
-    },
-    [WIDTH, HEIGHT],
-    { timeout: 30000, polling: 100 },
-  );
+  await playing(page);
   const firstFrameMs = Date.now() - t0;
   const a = await page.evaluate(() => window.framesDecoded());
   const ta = await page.evaluate(() => document.getElementById("video").currentTime);
@@ -316,14 +321,7 @@ async function relayCase(page, owner, ownerPublic, origin) {
   assert.equal(name, `${device}-viewer`, `not a REST credential minted for viewers: ${turn.username}`);
   assert.ok(Number(expiry) * 1000 > Date.now(), `expired credential: ${turn.username}`);
   try {
-    await page.waitForFunction(
-      ([w, h]) => {
-        const v = document.getElementById("video");
-        return v.videoWidth === w && v.videoHeight === h && v.currentTime > 0;
-      },
-      [WIDTH, HEIGHT],
-      { timeout: 30000, polling: 100 },
-    );
+    await playing(page);
   } catch (e) {
     const ice = await page.evaluate(() => window.whep.pc.iceConnectionState);
     throw new Error(`no video through the relay (ICE ${ice}; did coturn refuse the minted credential? see coturn.log): ${e.message}`);
