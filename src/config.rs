@@ -691,7 +691,7 @@ impl Config {
         // The URL goes into state and Home Assistant's "WHEP URL" sensor: no credential in it
         // (a query like ?access_token= or user info), and no longer than a sensor's state.
         let url_ok = |u: &str| {
-            if u.len() > 255 {
+            if u.len() > limits::MAX_ANNOUNCED_URL {
                 return false;
             }
             let rest = u

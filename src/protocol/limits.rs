@@ -34,6 +34,9 @@ pub const CHUNK_BYTES: usize = 16 * 1024;
 pub const MAX_SIGNED_COMMAND_BYTES: usize = 2 * MAX_COMMAND_BYTES + MAX_CREDENTIAL_BYTES;
 /// Longest `reply_to` topic, bytes.
 pub const MAX_REPLY_TOPIC: usize = 256;
+/// Longest URL the device announces (`whep.public_url`): it is the state of Home Assistant's
+/// "WHEP URL" sensor, and Home Assistant keeps at most 255 characters of a sensor's state.
+pub const MAX_ANNOUNCED_URL: usize = 255;
 /// Longest control name.
 pub const MAX_CONTROL_NAME: usize = 64;
 /// Longest namespace or action of a forwarded `namespace.action` command.

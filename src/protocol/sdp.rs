@@ -458,9 +458,10 @@ pub fn check_offer_for(
     let payload_types = accepted.iter().filter_map(|pt| pt.parse().ok()).collect();
     let bundle_group_added = bundle_group.is_none();
     let mut session = session;
-    let added_group = format!("a=group:BUNDLE {video_mid}");
+    let added_group;
     if bundle_group_added {
         // One section (more without a group were refused above).
+        added_group = format!("a=group:BUNDLE {video_mid}");
         session.push(&added_group);
     }
     Ok(CheckedOffer {

@@ -201,12 +201,8 @@ class GstViewer(Viewer):
     async def close(self, send_bye: bool = False) -> None:
         if self.closed:
             return
-        if send_bye and self.mqtt is not None:
-            try:
-                await self.send({"v": 1, "type": "bye"})
-            except Exception:
-                pass
-        self.closed = True
+        # Viewer's own: the bye, the reader and other tasks, MQTT (there is no aiortc pc).
+        await super().close(send_bye)
         if self.proc is not None and self.proc.returncode is None:
             try:
                 await self._tell("stop")
@@ -215,13 +211,9 @@ class GstViewer(Viewer):
             except (TimeoutError, ConnectionError):
                 self.proc.kill()
                 await self.proc.wait()
-        for t in self._tasks:
-            t.cancel()
         if self._frames_file is not None:
             self._frames_file.close()
         self.frames_path.unlink(missing_ok=True)
-        if self.mqtt is not None:
-            self.mqtt.close()
 
 
 def test_webrtcbin_plays_the_stream_and_talks_on_the_data_channel(cam, workdir):
