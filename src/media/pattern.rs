@@ -62,8 +62,9 @@ pub fn noise_rows(width: usize, height: usize) -> std::ops::Range<usize> {
 
 /// Fills `luma` with fresh pseudo-random values in [96, 159], different for every `seed`.
 /// Medium-amplitude noise no encoder can predict: cheap to code coarsely, dear to code finely,
-/// so the encoder's rate control spends whatever bitrate it is given (from ~100 kbit/s to a few
-/// Mbit/s at 640x480) without having to skip frames.
+/// so the encoder's rate control spends the bitrate it is given without having to skip frames,
+/// from about 100 kbit/s up to what one band can take (openh264, 30 fps, three temporal
+/// layers: about 1.6 Mbit/s at 640x480, where more makes no difference).
 pub fn fill_noise(luma: &mut [u8], seed: u64) {
     // xorshift64*: fast, and good enough to defeat motion search and entropy coding.
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

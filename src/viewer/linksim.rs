@@ -123,9 +123,9 @@ pub(crate) fn run_traced(
             }
             frame += 1;
         }
-        // Pacer at PACING_FACTOR times the estimate, 5 ms bursts.
+        // Pacer at PACING_FACTOR times the estimate, in the real pacer's bursts.
         let pace = PACING_FACTOR * f64::from(estimator.estimate());
-        budget_bits = (budget_bits + pace / 1000.0).min(pace * 0.005);
+        budget_bits = (budget_bits + pace / 1000.0).min(super::link::burst(pace));
         while let Some(&size) = pacer.front() {
             if budget_bits < 0.0 {
                 break;

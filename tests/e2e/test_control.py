@@ -361,7 +361,8 @@ async def measured_bps(v: Viewer, settle: float, window: float) -> float:
 
 
 def test_received_bitrate_follows_set_bitrate(make_rtcam):
-    # Fresh noise under the box: content that needs every bit it is given, like a busy scene.
+    # Fresh noise under the box: content that needs every bit it is given up to about
+    # 1.6 Mbit/s at 640x480, like a busy scene.
     # Without webrtc.adaptation: this checks that the encoder obeys set-bitrate. With it, the
     # encoder follows the viewer's bandwidth estimate below that ceiling, which starts at
     # 1 Mbit/s and climbs over seconds after the ceiling rises (tests/e2e/test_network.py and
