@@ -5,9 +5,13 @@
 #
 # Nothing installed is ever removed or upgraded behind the caller's back: the install is first
 # simulated (`apt-get install -s`), and when it would remove a package, or upgrade or downgrade
-# an installed one, the script stops and names them. RTCAM_APT_ALLOW_UPGRADES=1 lets upgrades
-# through (never removals) on a machine where that is fine. The arm64 architecture is added
-# only when an :arm64 package is asked for.
+# an installed one, the script stops and names them. One case is mended first: a library whose
+# sibling packages (same source package) would come new from a security update that wants the
+# installed one at the same version (libevent-extra-2.1-7 from bookworm-security pulls up the
+# libevent-core-2.1-7 a machine came with). The new siblings are then asked for at the installed
+# version, when the archive still has it, and the install is simulated again.
+# RTCAM_APT_ALLOW_UPGRADES=1 lets upgrades through (never removals) on a machine where that is
+# fine. The arm64 architecture is added only when an :arm64 package is asked for.
 
 # The packages an `apt-get install -s` transcript would remove, upgrade or downgrade.
 apt_changes_to_installed() {
@@ -16,14 +20,57 @@ apt_changes_to_installed() {
     awk '/^Remv / { print "remove " $2 } /^Inst [^ ]+ \[/ { gsub(/[][]/, "", $3); print "upgrade " $2 " " $3 " -> " substr($4, 2) }'
 }
 
+# The packages an `apt-get install -s` transcript installs new, as "NAME VERSION" lines.
+apt_new_packages() {
+    awk '/^Inst [^ ]+ \(/ { print $2 " " substr($3, 2) }'
+}
+
+# NAME=VERSION requests that keep the upgrades of a transcript away: each package it installs
+# new from the source package of an installed one it would upgrade, at that installed version,
+# where the archive has that version of it.
+apt_pins_to_installed() {
+    local sim="$1" new sources kind pkg from src name version
+    new="$(apt_new_packages <<<"$sim")"
+    [[ -n "$new" ]] || return 0
+    # "PACKAGE SOURCE" for every new package, from one apt-cache call.
+    # shellcheck disable=SC2046 # one argument per package
+    sources="$(apt-cache show $(awk '{ print $1 "=" $2 }' <<<"$new") 2>/dev/null |
+        awk '/^Package: / { p = $2; s = $2 } /^Source: / { s = $2 }
+             /^$/ { if (p != "") print p, s; p = "" } END { if (p != "") print p, s }')"
+    while read -r kind pkg from _; do
+        [[ "$kind" == upgrade ]] || continue
+        src="$(dpkg-query -W -f='${source:Package}\n' "$pkg" 2>/dev/null | head -n 1)"
+        [[ -n "$src" ]] || continue
+        while read -r name version; do
+            [[ "$(awk -v n="${name%%:*}" '$1 == n { print $2; exit }' <<<"$sources")" == "$src" ]] ||
+                continue
+            if apt-cache show "$name=$from" >/dev/null 2>&1; then
+                printf '%s=%s\n' "$name" "$from"
+            fi
+        done <<<"$new"
+    done < <(apt_changes_to_installed <<<"$sim") | sort -u
+}
+
 apt_install_checked() {
-    local sim changes
+    local sim changes pins=()
     export DEBIAN_FRONTEND=noninteractive
     if ! sim="$(apt-get install -s --no-install-recommends "$@" 2>&1)"; then
         die "apt-get cannot install $* here:
 $sim"
     fi
     changes="$(apt_changes_to_installed <<<"$sim")"
+    if [[ -n "$changes" ]] && ! grep -q '^remove ' <<<"$changes" &&
+        [[ "${RTCAM_APT_ALLOW_UPGRADES:-0}" != 1 ]]; then
+        mapfile -t pins < <(apt_pins_to_installed "$sim")
+        if ((${#pins[@]})) &&
+            sim="$(apt-get install -s --no-install-recommends "$@" "${pins[@]}" 2>&1)" &&
+            [[ -z "$(apt_changes_to_installed <<<"$sim")" ]]; then
+            printf 'asking for %s: the installed version, so that nothing installed is upgraded instead of:\n%s\n' \
+                "${pins[*]}" "$(sed 's/^/    /' <<<"$changes")"
+            set -- "$@" "${pins[@]}"
+            changes=""
+        fi
+    fi
     if grep -q '^remove ' <<<"$changes" ||
         { [[ -n "$changes" ]] && [[ "${RTCAM_APT_ALLOW_UPGRADES:-0}" != 1 ]]; }; then
         die "installing $* would change packages this machine already has:
