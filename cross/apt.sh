@@ -36,10 +36,10 @@ apt_pins_to_installed() {
     # shellcheck disable=SC2046 # one argument per package
     sources="$(apt-cache show $(awk '{ print $1 "=" $2 }' <<<"$new") 2>/dev/null |
         awk '/^Package: / { p = $2; s = $2 } /^Source: / { s = $2 }
-             /^$/ { if (p != "") print p, s; p = "" } END { if (p != "") print p, s }')"
+             /^$/ { if (p != "") print p, s; p = "" } END { if (p != "") print p, s }' || true)"
     while read -r kind pkg from _; do
         [[ "$kind" == upgrade ]] || continue
-        src="$(dpkg-query -W -f='${source:Package}\n' "$pkg" 2>/dev/null | head -n 1)"
+        src="$(dpkg-query -W -f='${source:Package}\n' "$pkg" 2>/dev/null | head -n 1 || true)"
         [[ -n "$src" ]] || continue
         while read -r name version; do
             [[ "$(awk -v n="${name%%:*}" '$1 == n { print $2; exit }' <<<"$sources")" == "$src" ]] ||
