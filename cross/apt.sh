@@ -101,7 +101,9 @@ ensure_packages() {
 # qemu this machine already has. Debian 12's qemu-system-* (7.2) would replace a qemu-utils
 # from bookworm-backports (10.x) -- a removal -- so when qemu-utils is a backports version the
 # emulators are installed at exactly that version from bookworm-backports (adding that source
-# first if it is not configured); otherwise from bookworm.
+# first if it is not configured); otherwise from bookworm. A dependency those versions want
+# newer than bookworm has (qemu 10.0.2's qemu-system-x86 needs seabios > 1.16.3-1~) is taken
+# from bookworm-backports too; the install is still checked by apt_install_checked.
 ensure_qemu_system() {
     local missing=() pkg version
     for pkg in "$@"; do
@@ -125,6 +127,18 @@ ensure_qemu_system() {
         [[ "$(dpkg-query -W -f='${Status} ${Version}' "$pkg" 2>/dev/null || true)" == "install ok installed $version" ]] \
             || wanted+=("$pkg=$version")
     done
-    printf 'installing %s (qemu-utils is %s, from bookworm-backports)\n' "${wanted[*]}" "$version"
+    local sim deps dep round
+    for round in 1 2 3 4 5; do
+        sim="$(apt-get install -s --no-install-recommends "${wanted[@]}" 2>&1)" && break
+        # " qemu-system-x86 : Depends: seabios (> 1.16.3-1~) but 1.16.2-1 is to be installed"
+        deps="$(sed -n 's/.*Depends: \([^ ]*\) .* but .* is to be installed$/\1/p' <<<"$sim" | sort -u)"
+        [[ -n "$deps" ]] || break
+        for dep in $deps; do
+            [[ " ${wanted[*]} " != *" $dep/bookworm-backports "* ]] || break 2
+            wanted+=("$dep/bookworm-backports")
+        done
+    done
+    printf 'installing %s (round %s; qemu-utils is %s, from bookworm-backports)\n' \
+        "${wanted[*]}" "$round" "$version"
     apt_install_checked "${wanted[@]}"
 }

@@ -17,6 +17,45 @@ const QUIET_TARGETS: [(&str, &str); 4] = [
     ("rumqttd", "off"),
 ];
 
+/// webrtc-rs's SCTP logs an ABORT from the viewer as an ERROR ("handle_inbound got err: abort
+/// chunk, ..."), but aiortc and browsers end every association that way when they close, even
+/// after a `bye`: routine, and rtcam logs the session's end itself. Only that one line is
+/// dropped; any other error of `rtc_sctp::association` is kept.
+const PEER_ABORT_TARGET: &str = "rtc_sctp::association";
+const PEER_ABORT_MESSAGE: &str = "handle_inbound got err: abort chunk";
+
+/// Drops webrtc-rs's ERROR for an SCTP association the viewer ended with an ABORT (see
+/// [`PEER_ABORT_MESSAGE`]) before any layer writes it.
+struct PeerAbortIsNoError;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PeerAbortIsNoError {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        !is_peer_abort(event)
+    }
+}
+
+fn is_peer_abort(event: &tracing::Event<'_>) -> bool {
+    struct Message(bool);
+    impl tracing::field::Visit for Message {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}").starts_with(PEER_ABORT_MESSAGE);
+            }
+        }
+    }
+    let meta = event.metadata();
+    if meta.target() != PEER_ABORT_TARGET || *meta.level() != tracing::Level::ERROR {
+        return false;
+    }
+    let mut message = Message(false);
+    event.record(&mut message);
+    message.0
+}
+
 /// The filter actually installed: `level` plus the [`QUIET_TARGETS`] it does not decide
 /// itself, so that an operator's plain `log.level = "info"` keeps a normal run free of
 /// WARN and ERROR lines too. `level` decides a quiet target when it names that target, or
@@ -61,6 +100,7 @@ pub fn init(level: &str, target: LogTarget) {
             Ok(layer) => {
                 let _ = tracing_subscriber::registry()
                     .with(filter)
+                    .with(PeerAbortIsNoError)
                     .with(layer)
                     .try_init();
                 return;
@@ -70,6 +110,7 @@ pub fn init(level: &str, target: LogTarget) {
     }
     let _ = tracing_subscriber::registry()
         .with(filter)
+        .with(PeerAbortIsNoError)
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
@@ -85,6 +126,40 @@ mod tests {
     use tracing::Level;
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::layer::SubscriberExt;
+
+    /// Counts the events that reach the layers after [`super::PeerAbortIsNoError`].
+    struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+        fn on_event(
+            &self,
+            _event: &tracing::Event<'_>,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_viewer_ending_sctp_with_an_abort_is_not_logged_as_an_error() {
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(super::PeerAbortIsNoError)
+            .with(Count(seen.clone()));
+        let count = || seen.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::subscriber::with_default(subscriber, || {
+            // The line as rtc-sctp 0.21 writes it (`Error::ErrAbortChunk` formatted after it).
+            let err = "abort chunk, with following errors: ";
+            tracing::error!(target: "rtc_sctp::association", "handle_inbound got err: {}", err);
+            assert_eq!(count(), 0, "the viewer's ABORT is routine");
+            // Any other error of the association, or the same words elsewhere, still shows.
+            tracing::error!(target: "rtc_sctp::association", "handle_inbound got err: {}", "bad chunk");
+            assert_eq!(count(), 1);
+            tracing::error!(target: "rtcam::viewer", "handle_inbound got err: {}", err);
+            assert_eq!(count(), 2);
+            tracing::warn!(target: "rtc_sctp::association", "handle_inbound got err: {}", err);
+            assert_eq!(count(), 3);
+        });
+    }
 
     #[test]
     fn a_plain_level_is_kept_quiet_where_it_does_not_decide() {
