@@ -1211,6 +1211,10 @@ mod tests {
         };
         assert!(handle.reconfigure(too_wide).await.unwrap().is_err());
         assert_eq!(status.borrow().params, wanted);
+        // The rollback released and reopened the camera: `capturing` is false until the
+        // capture loop runs again (long enough to be seen under qemu), so wait for it before
+        // a closed queue's effect on it is checked below.
+        wait_for("capture to resume", || status.borrow().capturing).await;
         assert!(rx.recv().await.is_some(), "still streaming");
 
         // A viewer that goes away without unsubscribing is noticed by its closed queue.
