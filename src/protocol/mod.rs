@@ -4,6 +4,7 @@
 pub mod auth;
 pub(crate) mod command;
 pub(crate) mod limits;
+pub(crate) mod nomination;
 pub(crate) mod sdp;
 pub(crate) mod signal;
 pub(crate) mod topics;

@@ -26,6 +26,7 @@ use webrtc::peer_connection::{
     RTCPeerConnectionState, Registry, SettingEngineBuilder, register_default_interceptors,
 };
 
+use super::ice_socket::IceRuntime;
 use super::link::{FeedbackTap, Link, PacedSender, TwccHistory};
 use super::session::Timeouts;
 use crate::ports::PortPool;
@@ -189,6 +190,9 @@ async fn build_with(
                 .build(),
         )
         .with_interceptor_registry(registry)
+        // Its UDP sockets answer aggressive nominations a round trip after the check, not at
+        // the viewer's retransmission (`protocol::nomination`).
+        .with_runtime(IceRuntime::runtime())
         .with_handler(Arc::new(Handler { tx: events.clone() }))
         .with_udp_addrs(addrs.to_vec())
         .build()
