@@ -46,19 +46,22 @@ struct Stun {
     use_candidate: bool,
 }
 
+/// Whether `datagram` starts like a STUN message: the two top bits zero and the magic cookie
+/// (RTP and DTLS records never do). A cheap test to keep media off the slower path.
+pub(crate) fn may_be_stun(datagram: &[u8]) -> bool {
+    datagram.len() >= HEADER_LEN && datagram[0] & 0xC0 == 0 && datagram[4..8] == MAGIC_COOKIE
+}
+
 impl Stun {
     /// `None` for anything that is not a well-formed STUN message (RTP, DTLS, garbage).
     fn parse(datagram: &[u8]) -> Option<Self> {
-        let header = datagram.get(..HEADER_LEN)?;
+        if !may_be_stun(datagram) {
+            return None;
+        }
+        let header = &datagram[..HEADER_LEN];
         let message_type = u16::from_be_bytes([header[0], header[1]]);
         let length = usize::from(u16::from_be_bytes([header[2], header[3]]));
-        // The two top bits of a STUN message are zero; RTP and DTLS records never start so
-        // with the cookie behind.
-        if message_type & 0xC000 != 0
-            || header[4..8] != MAGIC_COOKIE
-            || length % 4 != 0
-            || datagram.len() != HEADER_LEN + length
-        {
+        if length % 4 != 0 || datagram.len() != HEADER_LEN + length {
             return None;
         }
         let mut transaction = [0u8; 12];
@@ -101,9 +104,9 @@ impl HeldNominations {
     /// A datagram arrived from `from`. Returns a kept check to hand to the agent right after
     /// this datagram, when this is the success response that makes it answerable.
     pub fn inbound(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+        let stun = Stun::parse(datagram)?;
         self.held
             .retain(|h| now.saturating_duration_since(h.at) <= HOLD_FOR);
-        let stun = Stun::parse(datagram)?;
         match stun.message_type {
             BINDING_REQUEST if stun.use_candidate => {
                 // A retransmission or a newer check from the same address replaces the kept one.

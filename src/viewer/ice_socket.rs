@@ -19,7 +19,7 @@ use webrtc::runtime::{
     TokioRuntime, Transmit,
 };
 
-use crate::protocol::nomination::HeldNominations;
+use crate::protocol::nomination::{HeldNominations, may_be_stun};
 
 /// webrtc-rs's tokio runtime, whose UDP sockets hand unanswered nominations back to the agent.
 #[derive(Debug)]
@@ -133,9 +133,11 @@ impl AsyncUdpSocket for NominatingSocket {
 
     fn poll_send(&self, cx: &mut Context<'_>, transmit: &Transmit<'_>) -> Poll<io::Result<usize>> {
         // STUN is never sent as several GSO segments; a single datagram is all there is to see.
+        // Media (every RTP packet) is told apart before the lock.
         if transmit
             .segment_size
             .is_none_or(|size| size >= transmit.contents.len())
+            && may_be_stun(transmit.contents)
         {
             self.state()
                 .held
@@ -169,6 +171,9 @@ impl AsyncUdpSocket for NominatingSocket {
             let received = buf.get(..recv_meta.len).unwrap_or_default();
             // One message may hold several same-sized datagrams coalesced by GRO.
             for datagram in received.chunks(recv_meta.stride.max(1)) {
+                if !may_be_stun(datagram) {
+                    continue;
+                }
                 if let Some(check) = state.held.inbound(now, recv_meta.addr, datagram) {
                     let mut due_meta = *recv_meta;
                     due_meta.len = check.len();
