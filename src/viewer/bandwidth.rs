@@ -115,6 +115,9 @@ const LOSS_WINDOW: Duration = Duration::from_secs(1);
 const LOSS_MIN_PACKETS: u32 = 20;
 /// Without transport-wide feedback this long (after it once came), the estimate decays.
 const FEEDBACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// The estimate has been the most the ceiling can use, with feedback and no overuse, for this
+/// long: the path carries everything rtcam may send it ([`BandwidthEstimator::path_is_clear`]).
+const CLEAR_AFTER: Duration = Duration::from_secs(1);
 /// A receiver report's loss counts this long.
 const RR_LOSS_VALID: Duration = Duration::from_secs(3);
 /// Round trip assumed until one is measured.
@@ -321,6 +324,9 @@ pub(crate) struct BandwidthEstimator {
     rtt: Option<Duration>,
     last_feedback: Option<Instant>,
     last_timeout_decrease: Option<Instant>,
+    /// Since when the estimate has been at the most the ceiling can use, by feedback without
+    /// overuse.
+    at_top_since: Option<Instant>,
 }
 
 impl BandwidthEstimator {
@@ -348,6 +354,7 @@ impl BandwidthEstimator {
             rtt: None,
             last_feedback: None,
             last_timeout_decrease: None,
+            at_top_since: None,
         }
     }
 
@@ -366,6 +373,21 @@ impl BandwidthEstimator {
     pub fn estimate(&self) -> u32 {
         let capped = self.remb.map_or(self.rate, |r| self.rate.min(r));
         capped.clamp(self.floor, self.max_rate()) as u32
+    }
+
+    fn at_top(&self) -> bool {
+        f64::from(self.estimate()) >= self.max_rate().floor()
+    }
+
+    /// Whether the path has carried every rate rtcam may send it: the estimate has been the
+    /// most the ceiling can use for [`CLEAR_AFTER`], reached and held by feedback without
+    /// overuse, loss cuts or a feedback timeout (a start at the top, with a low ceiling,
+    /// counts only once feedback confirms it). The pacer allows longer bursts on such a path.
+    pub fn path_is_clear(&self, now: Instant) -> bool {
+        self.at_top()
+            && self
+                .at_top_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= CLEAR_AFTER)
     }
 
     pub fn stats(&self, now: Instant) -> EstimateStats {
@@ -504,6 +526,7 @@ impl BandwidthEstimator {
         self.last_timeout_decrease = Some(now);
         self.rate = (self.rate * 0.8).max(self.floor);
         self.climbing_since = None;
+        self.at_top_since = None;
         self.last_increase = Some(now);
         self.control = Control::Hold;
     }
@@ -565,6 +588,11 @@ impl BandwidthEstimator {
             self.climbing_since = None;
         }
         self.rate = self.rate.clamp(self.floor, self.max_rate());
+        self.at_top_since = if usage != Usage::Over && self.at_top() {
+            Some(self.at_top_since.unwrap_or(now))
+        } else {
+            None
+        };
     }
 
     fn increase(&mut self, now: Instant, rtt: Duration) {
@@ -659,8 +687,37 @@ impl LinkCapacity {
     }
 }
 
+/// Feedback fixtures shared with the pacer's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Feeds `span` of transport-wide feedback from `t0 + from`: a 1200-byte packet every
+    /// 10 ms, each arriving after the same delay (no queue), reported every 100 ms.
+    pub(crate) fn steady_feedback(
+        e: &mut BandwidthEstimator,
+        t0: Instant,
+        from: Duration,
+        span: Duration,
+    ) {
+        let (from, span) = (from.as_millis() as u64, span.as_millis() as u64);
+        for batch in (from..from + span).step_by(100) {
+            let packets: Vec<_> = (batch..batch + 100)
+                .step_by(10)
+                .map(|ms| PacketResult {
+                    departure: t0 + Duration::from_millis(ms),
+                    arrival: Some(Duration::from_millis(500 + ms)),
+                    size: 1200,
+                })
+                .collect();
+            e.on_transport_feedback(t0 + Duration::from_millis(batch + 120), &packets);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::steady_feedback;
     use super::*;
     use crate::viewer::linksim::{self, Feedback, PathState, Second};
 
@@ -760,34 +817,40 @@ mod tests {
     }
 
     /// Seconds from the end of a 20 s dip to 500 kbit/s (3 Mbit/s before and after) until the
-    /// encoder's target is back at 90 % of the ceiling, for the worst of 16 moments of the
-    /// dip's end (every 125 ms over 2 s: wherever the saw-tooth near the dip's capacity is).
-    /// The encoder makes 75 % of its target, as openh264 does on the test pattern.
-    fn worst_recovery_after_a_dip() -> f64 {
+    /// encoder's target is back at 90 % of the ceiling, for each of 64 moments of the dip's end
+    /// (every 125 ms over 8 s: a whole period of the saw-tooth near the dip's capacity, whose
+    /// phase at the end decides between an additive and a multiplicative climb). The encoder
+    /// makes 75 % of its target, as openh264 does on the test pattern. Sorted.
+    fn recoveries_after_a_dip() -> Vec<f64> {
         let ceiling = f64::from(CEILING);
-        (0..16)
+        let mut backs: Vec<f64> = (0..64)
             .map(|k| {
                 let end = 30.0 + f64::from(k) * 0.125;
                 let (_, targets) =
                     linksim::run_traced(&mut estimator(), ceiling, 0.75, Feedback::Twcc, 45, |t| {
                         path(if (10.0..end).contains(&t) { 500e3 } else { 3e6 })
                     });
-                let back = targets
+                targets
                     .iter()
                     .find(|(t, target)| *t >= end && *target >= 0.9 * ceiling)
-                    .map_or(f64::INFINITY, |(t, _)| t - end);
-                eprintln!("dip ends at {end:.3} s: target back after {back:.3} s");
-                back
+                    .map_or(f64::INFINITY, |(t, _)| t - end)
             })
-            .fold(0.0, f64::max)
+            .collect();
+        backs.sort_by(f64::total_cmp);
+        backs
     }
 
     #[test]
-    fn after_a_dip_the_target_is_back_within_4_25_s_whatever_the_phase_of_the_saw_tooth() {
-        // Measured 4.125 s (5.5 s with the increase capped at 50 % a second); the rest of the
-        // e2e's 5 s goes to the encoder's rate control and the viewer's 1 s windows.
-        let worst = worst_recovery_after_a_dip();
-        assert!(worst <= 4.25, "worst recovery {worst:.3} s");
+    fn after_a_dip_the_target_is_back_within_5_5_s_whatever_the_phase_of_the_saw_tooth() {
+        // Measured: median 4.0 s, 90th percentile 5.125 s, worst 5.5 s (before the longer
+        // bursts on a clear path: 3.75, 5.0 and 5.5 s; sampling only 2 s of the saw-tooth, as
+        // this test once did, had shown a worst of 4.125 s). The e2e's (c) adds the encoder's
+        // rate control and the viewer's 1 s windows.
+        let backs = recoveries_after_a_dip();
+        eprintln!("target back after (s): {backs:?}");
+        let (median, worst) = (backs[backs.len() / 2], backs[backs.len() - 1]);
+        assert!(median <= 4.0, "median recovery {median:.3} s");
+        assert!(worst <= 5.5, "worst recovery {worst:.3} s");
     }
 
     #[test]
@@ -875,6 +938,43 @@ mod tests {
             e.handle_timeout(t);
         }
         assert_eq!(e.estimate(), FLOOR);
+    }
+
+    #[test]
+    fn a_path_is_clear_after_a_second_at_the_top_confirmed_by_feedback() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        // A low ceiling: the estimate starts at the top, but nothing confirms the path yet.
+        let mut e = BandwidthEstimator::new(FLOOR, 500_000);
+        assert_eq!(e.estimate(), (500_000.0 / VIDEO_SHARE) as u32);
+        assert!(!e.path_is_clear(t0), "no feedback yet");
+        steady_feedback(&mut e, t0, ms(0), ms(800));
+        assert!(
+            !e.path_is_clear(t0 + ms(900)),
+            "under a second of feedback at the top"
+        );
+        steady_feedback(&mut e, t0, ms(800), ms(600));
+        assert!(e.path_is_clear(t0 + ms(1_500)));
+        // Feedback that stops: the timeout's cut ends it.
+        let due = e.poll_timeout().unwrap();
+        e.handle_timeout(due);
+        assert!(!e.path_is_clear(due + ms(1)));
+        // A ceiling raised above the estimate: the path has not carried the new top.
+        let mut e = BandwidthEstimator::new(FLOOR, 500_000);
+        steady_feedback(&mut e, t0, ms(0), ms(1_500));
+        assert!(e.path_is_clear(t0 + ms(1_500)));
+        e.set_bounds(FLOOR, 2_000_000);
+        assert!(!e.path_is_clear(t0 + ms(1_500)));
+    }
+
+    #[test]
+    fn a_climbing_estimate_is_not_a_clear_path() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut e = estimator();
+        steady_feedback(&mut e, t0, ms(0), ms(1_500));
+        assert!(f64::from(e.estimate()) < f64::from(CEILING) / VIDEO_SHARE);
+        assert!(!e.path_is_clear(t0 + ms(1_600)));
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //! * [`FeedbackTap`]: reads REMB, receiver reports (loss; round trip from the sender reports it
 //!   saw leave) and stamps the absolute send time (for viewers that estimate with REMB) on each
 //!   packet as it leaves the pacer.
-//! * [`PacedSender`]: paces at [`PACING_FACTOR`] times the estimate, sends retransmissions
-//!   first but only within their budget and while still useful, and tells the writer how much
-//!   is queued (webrtc-rs's pacer follows only its own estimate and hides its queue).
+//! * [`PacedSender`]: paces at [`PACING_FACTOR`] times the estimate, in bursts of
+//!   [`BURST_INTERVAL`] ([`CLEAR_BURST_INTERVAL`] on a path that carries the ceiling), sends
+//!   retransmissions first but only within their budget and while still useful, and tells the
+//!   writer how much is queued (webrtc-rs's pacer follows only its own estimate and hides its
+//!   queue).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -100,6 +102,13 @@ impl Link {
     /// The bandwidth estimate, bits per second.
     pub fn estimate(&self) -> u32 {
         self.lock().estimator.estimate()
+    }
+
+    /// The pacing rate (bits per second) and the largest burst (bits) at `now`.
+    fn pacing(&self, now: Instant) -> (f64, f64) {
+        let s = self.lock();
+        let rate = pacing_rate(s.estimator.estimate());
+        (rate, burst(rate, s.estimator.path_is_clear(now)))
     }
 
     /// How long what waits in the pacer takes to leave.
@@ -433,19 +442,35 @@ impl Bucket {
 
 /// The pacer's bursts: this long at the pacing rate, so a burst queues about this long at a
 /// bottleneck of the estimated rate. Each burst leaves in one wake-up of the whole WebRTC
-/// stack (not one per packet). Longer bursts would mean fewer wake-ups (libwebrtc's pacer
-/// allows 40 ms at 2.5 times its estimate), but they slowed the climb after a dip: 15 and
-/// 20 ms in the closed-loop simulation (worst 5.5 s against 4.1 s: `linksim`), 10 ms in the
-/// end-to-end dip (full rate back 4.0-6.0 s after it in four runs, 3.2-5.2 s at 5 ms in three).
+/// stack (not one per packet). Longer bursts would mean fewer wake-ups, but while the
+/// estimate climbs they seemed to slow the climb after a dip: 15 and 20 ms in the closed-loop
+/// simulation (worst 5.5 s against 4.1 s in `linksim`, when it sampled only 2 s of the
+/// saw-tooth's phases), 10 ms in the end-to-end dip (full rate back 4.0-6.0 s after it in
+/// four runs, 3.2-5.2 s at 5 ms in three); not measured since.
 const BURST_INTERVAL: Duration = Duration::from_millis(5);
+/// Bursts on a path that has carried the most rtcam may send it for a while (the estimate
+/// held at the top by feedback: [`BandwidthEstimator::path_is_clear`]): a 2 Mbit/s frame
+/// leaves in one or two wake-ups instead of three or four, while a keyframe is still spread
+/// over several frame intervals. Such a burst queues at most this long at a bottleneck that
+/// carries the estimate (RFC 9002 7.7: a sender that knows the path absorbs larger bursts may
+/// allow them); overuse lowers the estimate and brings the short bursts back. 25 ms and more
+/// made the simulated dip (`linksim`) meet overuse right after the estimate reached the top.
+///
+/// [`BandwidthEstimator::path_is_clear`]: super::bandwidth::BandwidthEstimator::path_is_clear
+const CLEAR_BURST_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A full RTP packet, bits.
 const FULL_PACKET_BITS: f64 = 1200.0 * 8.0;
 
-/// The most the pacer sends at once: two full packets or [`BURST_INTERVAL`] at the rate,
-/// whichever is more.
-pub(crate) fn burst(rate: f64) -> f64 {
-    (2.0 * FULL_PACKET_BITS).max(rate * BURST_INTERVAL.as_secs_f64())
+/// The most the pacer sends at once: two full packets or [`BURST_INTERVAL`] at the rate
+/// ([`CLEAR_BURST_INTERVAL`] on a clear path), whichever is more.
+pub(crate) fn burst(rate: f64, clear_path: bool) -> f64 {
+    let interval = if clear_path {
+        CLEAR_BURST_INTERVAL
+    } else {
+        BURST_INTERVAL
+    };
+    (2.0 * FULL_PACKET_BITS).max(rate * interval.as_secs_f64())
 }
 
 /// Paces RTP at [`PACING_FACTOR`] times the link's estimate; retransmissions go first, within
@@ -456,6 +481,8 @@ pub(crate) struct PacedSender {
     queue: VecDeque<TaggedPacket>,
     queued_bytes: usize,
     media: Bucket,
+    /// The largest burst at the last release, bits (for the next wake-up).
+    burst_bits: f64,
     retransmit: Bucket,
     /// When each RTP sequence number (by slot) was first released.
     first_sent: Vec<Option<(u16, Instant)>>,
@@ -473,6 +500,7 @@ impl PacedSender {
             queue: VecDeque::new(),
             queued_bytes: 0,
             media: Bucket::new(),
+            burst_bits: 2.0 * FULL_PACKET_BITS,
             retransmit: Bucket::new(),
             first_sent: vec![None; SENT_SLOTS],
             rtx_ssrcs: HashSet::new(),
@@ -578,8 +606,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
-        let rate = pacing_rate(self.link.estimate());
-        self.media.refill(now, rate, burst(rate));
+        let (rate, burst) = self.link.pacing(now);
+        self.burst_bits = burst;
+        self.media.refill(now, rate, burst);
         while let Some(head) = self.queue.front() {
             let size = Self::size(head);
             if self.media.bits <= 0.0 {
@@ -616,7 +645,8 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
         // pass over the whole WebRTC stack. Packets leave while the budget is positive, so
         // `n` packets need a budget above `n - 1` of them.
         let queued_bits = self.queued_bytes as f64 * 8.0;
-        let wanted = burst(rate)
+        let wanted = self
+            .burst_bits
             .min(queued_bits - FULL_PACKET_BITS + 1.0)
             .max(1.0);
         let wait = (wanted - self.media.bits).max(0.0) / rate.max(1.0);
@@ -642,6 +672,7 @@ impl Interceptor for PacedSender {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::viewer::bandwidth;
     use bytes::Bytes;
     use rtc::interceptor::{AttributedPacket, RTPHeaderExtension, Registry, Slot};
     use rtc::rtcp::reception_report::ReceptionReport;
@@ -699,7 +730,7 @@ mod tests {
     }
 
     /// Runs the chain's timers until it has nothing queued; returns what left, when.
-    fn drain(chain: &mut impl Interceptor) -> Vec<(Instant, TaggedPacket)> {
+    fn drain(chain: &mut (impl Interceptor + ?Sized)) -> Vec<(Instant, TaggedPacket)> {
         let mut out = Vec::new();
         loop {
             while let Some(p) = chain.poll_write() {
@@ -743,7 +774,7 @@ mod tests {
         let rate = f64::from(link.estimate()) * PACING_FACTOR;
         // Every bit after the first (full) burst is paid for at the pacing rate; the last
         // packet leaves the budget one packet below zero.
-        let expected = (19.0 * FULL_PACKET_BITS - burst(rate)) / rate;
+        let expected = (19.0 * FULL_PACKET_BITS - burst(rate, false)) / rate;
         assert!(
             (span.as_secs_f64() - expected).abs() < 0.01,
             "20 packets over {span:?}, expected about {expected:.3} s"
@@ -765,17 +796,10 @@ mod tests {
         }
         let out = drain(&mut chain);
         assert_eq!(out.len(), 28);
-        let mut wake_ups: Vec<(Instant, usize)> = Vec::new();
-        for (t, _) in &out {
-            match wake_ups.last_mut() {
-                Some((at, n)) if at == t => *n += 1,
-                _ => wake_ups.push((*t, 1)),
-            }
-        }
         let rate = f64::from(link.estimate()) * PACING_FACTOR;
         // Packets leave while the budget is positive: a full budget lets this many go.
-        let per_burst = (burst(rate) / FULL_PACKET_BITS).ceil() as usize;
-        let sizes: Vec<usize> = wake_ups.iter().map(|(_, n)| *n).collect();
+        let per_burst = (burst(rate, false) / FULL_PACKET_BITS).ceil() as usize;
+        let sizes: Vec<usize> = wake_ups(&out).iter().map(|(_, n)| *n).collect();
         assert!(per_burst >= 2, "{per_burst}");
         assert!(
             sizes[..sizes.len() - 1].iter().all(|&n| n == per_burst)
@@ -785,9 +809,70 @@ mod tests {
         // The rate is unchanged: after the first (full) burst, every bit is paid for at the
         // pacing rate, the last packet leaving the budget one packet below zero.
         let span = (out.last().unwrap().0 - t0).as_secs_f64();
-        let expected = (27.0 * FULL_PACKET_BITS - burst(rate)) / rate;
+        let expected = (27.0 * FULL_PACKET_BITS - burst(rate, false)) / rate;
         assert!(
             (span - expected).abs() < 0.001,
+            "{span} s, expected {expected}"
+        );
+    }
+
+    /// Groups what left by release instant: the packets of each wake-up.
+    fn wake_ups(out: &[(Instant, TaggedPacket)]) -> Vec<(Instant, usize)> {
+        let mut groups: Vec<(Instant, usize)> = Vec::new();
+        for (t, _) in out {
+            match groups.last_mut() {
+                Some((at, n)) if at == t => *n += 1,
+                _ => groups.push((*t, 1)),
+            }
+        }
+        groups
+    }
+
+    #[test]
+    fn on_a_clear_path_a_frame_leaves_in_one_wake_up_and_a_keyframe_is_still_paced() {
+        let link = Link::new(150_000, 2_000_000);
+        let mut chain = chain(&link);
+        let t0 = Instant::now();
+        let write = |chain: &mut dyn Interceptor, at: Instant, seqs: std::ops::Range<u16>| {
+            for seq in seqs {
+                chain
+                    .handle_write(tagged(at, Packet::Rtp(rtp(seq)), false))
+                    .unwrap();
+            }
+            wake_ups(&drain(chain))
+        };
+        // Before any feedback, a frame of 6 full packets (1.5 Mbit/s at 30 fps) leaves in
+        // short bursts.
+        let before = write(&mut chain, t0, 0..6);
+        assert!(before.len() >= 3, "{before:?}");
+        // Six seconds of feedback without a queue: the estimate climbs to the top and holds.
+        bandwidth::testing::steady_feedback(
+            &mut link.lock().estimator,
+            t0,
+            Duration::ZERO,
+            Duration::from_secs(6),
+        );
+        let mut at = t0 + Duration::from_secs(6);
+        assert!(link.lock().estimator.path_is_clear(at));
+        let rate = f64::from(link.estimate()) * PACING_FACTOR;
+        let per_burst = (burst(rate, true) / FULL_PACKET_BITS).ceil() as usize;
+        assert!(per_burst >= 6, "{per_burst}");
+        // The same frame now leaves at once.
+        let clear = write(&mut chain, at, 6..12);
+        assert_eq!(clear.iter().map(|(_, n)| *n).collect::<Vec<_>>(), vec![6]);
+        // A keyframe of 40 packets is still spread at the pacing rate, in bursts of the
+        // clear path's length.
+        at += Duration::from_millis(100);
+        let keyframe = write(&mut chain, at, 12..52);
+        let sizes: Vec<usize> = keyframe.iter().map(|(_, n)| *n).collect();
+        assert!(
+            sizes.len() >= 4 && sizes.iter().all(|&n| n <= per_burst),
+            "{sizes:?}"
+        );
+        let span = (keyframe.last().unwrap().0 - at).as_secs_f64();
+        let expected = (39.0 * FULL_PACKET_BITS - burst(rate, true)) / rate;
+        assert!(
+            (span - expected).abs() < 0.002,
             "{span} s, expected {expected}"
         );
     }
@@ -813,8 +898,9 @@ mod tests {
             .unwrap();
         let order: Vec<u16> = drain(&mut chain).iter().map(|(_, p)| seq_of(p)).collect();
         // Before it only what the full budget let go the moment the media was queued.
-        let per_burst =
-            (burst(f64::from(link.estimate()) * PACING_FACTOR) / FULL_PACKET_BITS).ceil() as usize;
+        let per_burst = (burst(f64::from(link.estimate()) * PACING_FACTOR, false)
+            / FULL_PACKET_BITS)
+            .ceil() as usize;
         let first_retransmission = order.iter().position(|s| *s == 1).unwrap();
         assert!(first_retransmission <= per_burst, "{order:?}");
         // Never sent, or sent too long ago: not sent again.

@@ -125,7 +125,8 @@ pub(crate) fn run_traced(
         }
         // Pacer at PACING_FACTOR times the estimate, in the real pacer's bursts.
         let pace = PACING_FACTOR * f64::from(estimator.estimate());
-        budget_bits = (budget_bits + pace / 1000.0).min(super::link::burst(pace));
+        budget_bits = (budget_bits + pace / 1000.0)
+            .min(super::link::burst(pace, estimator.path_is_clear(now)));
         while let Some(&size) = pacer.front() {
             if budget_bits < 0.0 {
                 break;
