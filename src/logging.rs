@@ -39,21 +39,39 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PeerAbortIsNoError
 }
 
 fn is_peer_abort(event: &tracing::Event<'_>) -> bool {
-    struct Message(bool);
-    impl tracing::field::Visit for Message {
+    /// The message, and the `log` crate's target: rtc-sctp logs through `log`, whose records
+    /// reach tracing (tracing-log, installed by `try_init`) as events of target `log`
+    /// carrying the real target in a `log.target` field.
+    #[derive(Default)]
+    struct Fields {
+        abort_message: bool,
+        log_target: Option<String>,
+    }
+    impl tracing::field::Visit for Fields {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            if field.name() == "log.target" {
+                self.log_target = Some(value.to_owned());
+            }
+        }
         fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
             if field.name() == "message" {
-                self.0 = format!("{value:?}").starts_with(PEER_ABORT_MESSAGE);
+                self.abort_message = format!("{value:?}").starts_with(PEER_ABORT_MESSAGE);
             }
         }
     }
     let meta = event.metadata();
-    if meta.target() != PEER_ABORT_TARGET || *meta.level() != tracing::Level::ERROR {
+    if *meta.level() != tracing::Level::ERROR
+        || (meta.target() != PEER_ABORT_TARGET && meta.target() != "log")
+    {
         return false;
     }
-    let mut message = Message(false);
-    event.record(&mut message);
-    message.0
+    let mut fields = Fields::default();
+    event.record(&mut fields);
+    let target = match (meta.target(), fields.log_target.as_deref()) {
+        ("log", Some(target)) => target,
+        (target, _) => target,
+    };
+    target == PEER_ABORT_TARGET && fields.abort_message
 }
 
 /// The filter actually installed: `level` plus the [`QUIET_TARGETS`] it does not decide
@@ -157,6 +175,30 @@ mod tests {
             tracing::error!(target: "rtcam::viewer", "handle_inbound got err: {}", err);
             assert_eq!(count(), 2);
             tracing::warn!(target: "rtc_sctp::association", "handle_inbound got err: {}", err);
+            assert_eq!(count(), 3);
+        });
+    }
+
+    #[test]
+    fn the_abort_is_dropped_when_it_comes_through_the_log_crate_as_rtc_sctp_writes_it() {
+        // rtc-sctp logs with `log`; `try_init` bridges it to tracing (tracing-log), where the
+        // event's own target is `log` and the real one a field. Without this the line reached
+        // the journal (the systemd VM test caught it once).
+        let _ = tracing_log::LogTracer::init();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry()
+            .with(super::PeerAbortIsNoError)
+            .with(Count(seen.clone()));
+        let count = || seen.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::subscriber::with_default(subscriber, || {
+            let err = "abort chunk, with following errors: ";
+            log::error!(target: "rtc_sctp::association", "handle_inbound got err: {}", err);
+            assert_eq!(count(), 0, "the viewer's ABORT through log is routine too");
+            log::error!(target: "rtc_sctp::association", "handle_inbound got err: {}", "bad chunk");
+            assert_eq!(count(), 1);
+            log::error!(target: "rtc_sctp::endpoint", "handle_inbound got err: {}", err);
+            assert_eq!(count(), 2);
+            log::warn!(target: "rtc_sctp::association", "handle_inbound got err: {}", err);
             assert_eq!(count(), 3);
         });
     }
