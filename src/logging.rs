@@ -181,10 +181,10 @@ mod tests {
 
     #[test]
     fn the_abort_is_dropped_when_it_comes_through_the_log_crate_as_rtc_sctp_writes_it() {
-        // rtc-sctp logs with `log`; `try_init` bridges it to tracing (tracing-log), where the
-        // event's own target is `log` and the real one a field. Without this the line reached
-        // the journal (the systemd VM test caught it once).
-        let _ = tracing_log::LogTracer::init();
+        // rtc-sctp logs with `log`; `try_init` bridges it to tracing (tracing-log 0.2's
+        // `dispatch_record`): the event's own target is `log`, the real one is the
+        // `log.target` field, the message the `message` field. These events have that shape.
+        // Without this the line reached the journal (the systemd VM test caught it once).
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let subscriber = tracing_subscriber::registry()
             .with(super::PeerAbortIsNoError)
@@ -192,14 +192,18 @@ mod tests {
         let count = || seen.load(std::sync::atomic::Ordering::Relaxed);
         tracing::subscriber::with_default(subscriber, || {
             let err = "abort chunk, with following errors: ";
-            log::error!(target: "rtc_sctp::association", "handle_inbound got err: {}", err);
+            let sctp = "rtc_sctp::association";
+            tracing::event!(target: "log", Level::ERROR, log.target = sctp, "handle_inbound got err: {}", err);
             assert_eq!(count(), 0, "the viewer's ABORT through log is routine too");
-            log::error!(target: "rtc_sctp::association", "handle_inbound got err: {}", "bad chunk");
+            tracing::event!(target: "log", Level::ERROR, log.target = sctp, "handle_inbound got err: bad chunk");
             assert_eq!(count(), 1);
-            log::error!(target: "rtc_sctp::endpoint", "handle_inbound got err: {}", err);
+            let endpoint = "rtc_sctp::endpoint";
+            tracing::event!(target: "log", Level::ERROR, log.target = endpoint, "handle_inbound got err: {}", err);
             assert_eq!(count(), 2);
-            log::warn!(target: "rtc_sctp::association", "handle_inbound got err: {}", err);
-            assert_eq!(count(), 3);
+            tracing::error!(target: "log", "handle_inbound got err: {}", err);
+            assert_eq!(count(), 3, "no log.target: not rtc-sctp's");
+            tracing::event!(target: "log", Level::WARN, log.target = sctp, "handle_inbound got err: {}", err);
+            assert_eq!(count(), 4);
         });
     }
 
