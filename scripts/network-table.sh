@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Prints the adaptive-streaming table (issue 15): runs the network-emulation scenarios of
 # tests/e2e/test_network.py ((a) 600 kbit/s, (b0) a fast viewer alone, also at 1280x720,
-# (b) both, (c) a dip to 500 kbit/s, (d) 2 % loss; each with webrtc.adaptation on and off)
+# (b) both, also at 1280x720, (c) a dip to 500 kbit/s, (d) 2 % loss; each with
+# webrtc.adaptation on and off)
 # in a private network namespace, as tests/run.sh does, and prints the table they write to
 # target/network-table.txt with the load average, and rtcam's CPU per run (all threads, the capture/encode thread, the rest)
-# with what adaptation adds outside the pipeline. About six minutes. Needs root
+# with what adaptation adds outside the pipeline. About seven minutes. Needs root
 # (namespaces, veth, tc) and the end-to-end venv tests/run.sh creates (target/e2e-venv, or
 # another one named by RTCAM_E2E_VENV).
 #
