@@ -8,11 +8,16 @@
 //! * **Rate control (AIMD).** Overuse: down to 85 % of what the viewer acknowledged receiving.
 //!   Normal: up, additively near the last link capacity seen (for [`CAPACITY_MEMORY`] after an
 //!   overuse), else multiplicatively at 8 % a second, four times faster each second without
-//!   congestion up to 150 % a second (libwebrtc probes with padding instead; rtcam has no
-//!   padding, so it ramps faster to come back within seconds after a dip; a climb near a
-//!   path's capacity meets overuse within its first second, at 8-30 % a second, so only a
-//!   long climb reaches the fast end; without TWCC it stays at 8 %). Underuse: hold while the
-//!   queue drains.
+//!   congestion up to 150 % a second (a climb near a path's capacity meets overuse within its
+//!   first second, at 8-30 % a second, so only a long climb reaches the fast end; without
+//!   TWCC it stays at 8 %). Underuse: hold while the queue drains.
+//! * **Probes** ([`super::probe`], as libwebrtc's): with TWCC, a normal and not rising delay
+//!   trend, no queue on the path and low loss, below the most the ceiling can use, the pacer
+//!   sends a short burst at 1.5 times the estimate (twice, right after one that was carried).
+//!   A burst the path carried at its rate raises the estimate to that rate at once; one it
+//!   did not marks the rate it arrived at as the path's capacity, and the next probe waits
+//!   2.5 s. So a viewer starts at the ceiling within a second on a fast path, and comes back
+//!   to it within a few after a dip, without the climb near a known capacity being faster.
 //! * **Loss.** More than 10 % lost (TWCC, or a receiver report's fraction lost when there is no
 //!   TWCC) cuts the rate by half the loss; 2-10 % holds it (5-10 % with TWCC, whose delay
 //!   trend shows congestion before loss does: random loss alone does not stop a climb).
@@ -28,6 +33,10 @@
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+#[cfg(test)]
+use super::probe::PROBE_RETRY;
+use super::probe::{ProbeOutcome, ProbeRequest, Prober};
 
 /// One sent packet, as transport-wide feedback reported it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -122,6 +131,15 @@ const CLEAR_AFTER: Duration = Duration::from_secs(1);
 const RR_LOSS_VALID: Duration = Duration::from_secs(3);
 /// Round trip assumed until one is measured.
 const DEFAULT_RTT: Duration = Duration::from_millis(100);
+/// No probe once the estimate is this close to the most it may be.
+const PROBE_BELOW_TOP: f64 = 0.95;
+/// No probe while the path holds more queue than this.
+const PROBE_MAX_QUEUE: Duration = Duration::from_millis(20);
+/// The queue is measured against the least one-way delay seen over this many seconds
+/// (windowed, as the device's and the viewer's clocks drift apart).
+const BASE_DELAY_SECONDS: usize = 10;
+/// No probe while the delay trend is over this share of the overuse threshold.
+const RISING_SHARE: f64 = 0.25;
 
 /// Arrival-time groups of packets sent within [`GROUP_SPAN`] of each other.
 #[derive(Debug, Clone, Copy)]
@@ -143,6 +161,8 @@ struct Trendline {
     deltas: usize,
     history: VecDeque<(f64, f64)>,
     trend: f64,
+    /// The last trend as compared with the threshold.
+    modified: f64,
     previous_trend: f64,
     threshold_ms: f64,
     threshold_updated_ms: Option<f64>,
@@ -161,6 +181,11 @@ impl Trendline {
 
     fn usage(&self) -> Usage {
         self.usage.unwrap_or(Usage::Normal)
+    }
+
+    /// The delay grows, if not yet enough to be overuse: over [`RISING_SHARE`] of the threshold.
+    fn rising(&self) -> bool {
+        self.modified > RISING_SHARE * self.threshold_ms
     }
 
     /// A packet that arrived; returns the usage when a group completed.
@@ -239,6 +264,7 @@ impl Trendline {
             return Usage::Normal;
         }
         let modified = self.deltas.min(TREND_MIN_DELTAS) as f64 * self.trend * TREND_GAIN;
+        self.modified = modified;
         if modified > self.threshold_ms {
             let over = match self.over_ms {
                 None => send_delta_ms / 2.0,
@@ -286,6 +312,59 @@ impl Trendline {
     }
 }
 
+/// The queue on the path: the one-way delay of the newest packet reported above the least
+/// seen lately. The delay is measured between clocks with
+/// different origins, so only differences mean anything.
+#[derive(Debug, Default)]
+struct QueueDelay {
+    /// Origin of departures.
+    epoch: Option<Instant>,
+    /// Least delay per second (when that second began, seconds).
+    base: VecDeque<(Instant, f64)>,
+    last: Option<f64>,
+}
+
+impl QueueDelay {
+    fn feedback(&mut self, now: Instant, packets: &[PacketResult]) {
+        let epoch = *self
+            .epoch
+            .get_or_insert_with(|| packets.first().map_or(now, |p| p.departure));
+        let delays: Vec<f64> = packets
+            .iter()
+            .filter_map(|p| {
+                let arrival = p.arrival?.as_secs_f64();
+                Some(arrival - p.departure.saturating_duration_since(epoch).as_secs_f64())
+            })
+            .collect();
+        let (Some(least), Some(&newest)) =
+            (delays.iter().copied().min_by(f64::total_cmp), delays.last())
+        else {
+            return;
+        };
+        self.last = Some(newest);
+        match self.base.back_mut() {
+            Some((start, min))
+                if now.saturating_duration_since(*start) < Duration::from_secs(1) =>
+            {
+                *min = min.min(least);
+            }
+            _ => {
+                self.base.push_back((now, least));
+                if self.base.len() > BASE_DELAY_SECONDS {
+                    self.base.pop_front();
+                }
+            }
+        }
+    }
+
+    /// The queue at the last feedback, if there was any.
+    fn queued(&self) -> Option<Duration> {
+        let last = self.last?;
+        let base = self.base.iter().map(|(_, m)| *m).min_by(f64::total_cmp)?;
+        Some(Duration::from_secs_f64((last - base).max(0.0)))
+    }
+}
+
 /// Least-squares slope of (x, y) points.
 fn fit_slope(points: &VecDeque<(f64, f64)>) -> Option<f64> {
     let n = points.len() as f64;
@@ -312,6 +391,8 @@ pub(crate) struct BandwidthEstimator {
     /// Link capacity seen at overuse.
     capacity: Option<LinkCapacity>,
     last_decrease: Option<Instant>,
+    /// When the path last showed its capacity (overuse, or a probe it could not carry).
+    capacity_confirmed: Option<Instant>,
     last_loss_decrease: Option<Instant>,
     /// Last time the rate was raised (or could have been).
     last_increase: Option<Instant>,
@@ -327,6 +408,8 @@ pub(crate) struct BandwidthEstimator {
     /// Since when the estimate has been at the most the ceiling can use, by feedback without
     /// overuse.
     at_top_since: Option<Instant>,
+    prober: Prober,
+    queue: QueueDelay,
 }
 
 impl BandwidthEstimator {
@@ -345,6 +428,7 @@ impl BandwidthEstimator {
             acked: VecDeque::new(),
             capacity: None,
             last_decrease: None,
+            capacity_confirmed: None,
             last_loss_decrease: None,
             last_increase: None,
             climbing_since: None,
@@ -355,6 +439,8 @@ impl BandwidthEstimator {
             last_feedback: None,
             last_timeout_decrease: None,
             at_top_since: None,
+            prober: Prober::new(),
+            queue: QueueDelay::default(),
         }
     }
 
@@ -400,6 +486,36 @@ impl BandwidthEstimator {
             twcc: self.twcc_active(now),
             usage: self.trend.usage(),
         }
+    }
+
+    /// A probe the pacer should send now (see [`super::probe`]): only with transport-wide
+    /// feedback to read it, while the delay trend is normal and not rising and the path holds
+    /// no queue (a queue says the path is full), loss low, below the most the
+    /// ceiling can use and below the viewer's own maximum (REMB).
+    pub fn probe_request(&mut self, now: Instant) -> Option<ProbeRequest> {
+        let max = self
+            .remb
+            .map_or(self.max_rate(), |r| r.min(self.max_rate()));
+        if !self.twcc_active(now)
+            || self.trend.usage() != Usage::Normal
+            || self.trend.rising()
+            || self.queue.queued().is_none_or(|q| q > PROBE_MAX_QUEUE)
+            || self.loss(now).is_some_and(|l| l >= LOSS_LOW)
+            || self.rate >= PROBE_BELOW_TOP * max
+        {
+            return None;
+        }
+        self.prober.request(now, self.rate, max)
+    }
+
+    /// The pacer sent probe `id` between these departures.
+    pub fn probe_sent(&mut self, id: u32, first: Instant, last: Instant) {
+        self.prober.sent(id, first, last);
+    }
+
+    /// The pacer could not send probe `id`.
+    pub fn probe_abandoned(&mut self, id: u32, now: Instant) {
+        self.prober.abandoned(id, now);
     }
 
     fn rtt(&self) -> Duration {
@@ -448,6 +564,7 @@ impl BandwidthEstimator {
         self.last_feedback = Some(now);
         let mut lost = 0;
         let mut usage = None;
+        self.queue.feedback(now, packets);
         for p in packets {
             match p.arrival {
                 Some(arrival) => {
@@ -466,6 +583,25 @@ impl BandwidthEstimator {
                 .is_some_and(|(t, _)| newest.saturating_sub(*t) > ACKED_WINDOW)
             {
                 self.acked.pop_front();
+            }
+        }
+        let outcome = self.prober.on_feedback(now, packets);
+        if let Some(ProbeOutcome::Saturated(Some(bps))) = outcome {
+            // The rate the burst left the bottleneck at is the path's capacity, as overuse
+            // would show it: the climb near it is slow again.
+            self.capacity_seen(now, bps);
+        }
+        if let Some(ProbeOutcome::Carried(bps)) = outcome {
+            let carried = bps.min(self.max_rate());
+            if carried > self.rate {
+                // The path carries more than the estimate; past the capacity learnt at the
+                // last overuse, that capacity is gone.
+                self.rate = carried;
+                if self.capacity.is_some_and(|c| carried > c.upper()) {
+                    self.capacity = None;
+                }
+                self.climbing_since = None;
+                self.last_increase = Some(now);
             }
         }
         self.twcc_loss.push_back((now, lost, packets.len() as u32));
@@ -550,10 +686,11 @@ impl BandwidthEstimator {
                         self.rate = target;
                     }
                     if let Some(a) = acked {
-                        self.capacity_seen(a);
+                        self.capacity_seen(now, a);
                     }
                     self.last_decrease = Some(now);
                     self.climbing_since = None;
+                    self.prober.defer(now);
                 }
                 self.control = Control::Hold;
                 self.last_increase = Some(now);
@@ -585,6 +722,7 @@ impl BandwidthEstimator {
         {
             self.rate *= 1.0 - 0.5 * l;
             self.last_loss_decrease = Some(now);
+            self.prober.defer(now);
             self.climbing_since = None;
         }
         self.rate = self.rate.clamp(self.floor, self.max_rate());
@@ -606,7 +744,7 @@ impl BandwidthEstimator {
             return;
         }
         if self
-            .last_decrease
+            .capacity_confirmed
             .is_some_and(|t| now.saturating_duration_since(t) > CAPACITY_MEMORY)
         {
             // No overuse for a while near the old capacity: it may have grown (a path that
@@ -639,7 +777,8 @@ impl BandwidthEstimator {
 
     /// Learns the link capacity from the acknowledged rate at an overuse; a rate far below
     /// it means the path changed, and the old capacity is forgotten.
-    fn capacity_seen(&mut self, acked: f64) {
+    fn capacity_seen(&mut self, now: Instant, acked: f64) {
+        self.capacity_confirmed = Some(now);
         if self.capacity.is_some_and(|c| acked < c.lower()) {
             self.capacity = None;
         }
@@ -736,13 +875,14 @@ mod tests {
     fn show(name: &str, run: &[Second]) {
         for (i, s) in run.iter().enumerate() {
             eprintln!(
-                "{name} t={i:2} est={:7.0}k target={:7.0}k delivered={:7.0}k lost={}/{} queue={:4.0}ms",
+                "{name} t={i:2} est={:7.0}k target={:7.0}k delivered={:7.0}k lost={}/{} queue={:4.0}ms probes={}",
                 s.estimate_bps / 1e3,
                 s.target_bps / 1e3,
                 s.delivered_bps / 1e3,
                 s.lost,
                 s.sent,
-                s.max_queue_ms
+                s.max_queue_ms,
+                s.probes
             );
         }
     }
@@ -775,6 +915,110 @@ mod tests {
         }
     }
 
+    /// A probe's packets as feedback reports them: sent at its rate from `at`, arriving
+    /// `spacing` times as far apart (1: the path carried it; 2: at half its rate), after the
+    /// same delay as [`steady_feedback`]'s; then one media packet after it.
+    fn probe_feedback(
+        t0: Instant,
+        at: Instant,
+        r: &ProbeRequest,
+        spacing: f64,
+    ) -> (Instant, Vec<PacketResult>) {
+        let gap = 1200.0 * 8.0 / r.bps;
+        let n = r.bytes.div_ceil(1200);
+        let offset = at.duration_since(t0).as_secs_f64() + 0.5;
+        let mut packets: Vec<PacketResult> = (0..n)
+            .map(|i| PacketResult {
+                departure: at + Duration::from_secs_f64(i as f64 * gap),
+                arrival: Some(Duration::from_secs_f64(offset + i as f64 * gap * spacing)),
+                size: 1200,
+            })
+            .collect();
+        let last = packets[n - 1].departure;
+        packets.push(PacketResult {
+            departure: last + Duration::from_millis(5),
+            arrival: Some(Duration::from_secs_f64(
+                offset + n as f64 * gap * spacing + 0.005,
+            )),
+            size: 1200,
+        });
+        (last, packets)
+    }
+
+    #[test]
+    fn probes_need_transport_feedback_raise_the_estimate_when_carried_and_stop_at_the_top() {
+        let mut e = estimator();
+        let t0 = Instant::now();
+        assert_eq!(
+            e.probe_request(t0),
+            None,
+            "no feedback to read a probe with"
+        );
+        steady_feedback(&mut e, t0, Duration::ZERO, Duration::from_secs(1));
+        let mut at = t0 + Duration::from_millis(1_200);
+        let before = f64::from(e.estimate());
+        let r = e.probe_request(at).expect("a probe");
+        assert!(
+            (r.bps / before - 1.5).abs() < 0.01,
+            "{} against {before}",
+            r.bps
+        );
+        let mut probes = 0;
+        let mut r = Some(r);
+        while let Some(probe) = r {
+            probes += 1;
+            let estimate = f64::from(e.estimate());
+            let (last, feedback) = probe_feedback(t0, at, &probe, 1.0);
+            e.probe_sent(probe.id, at, last);
+            at = last + Duration::from_millis(100);
+            e.on_transport_feedback(at, &feedback);
+            assert!(
+                f64::from(e.estimate()) >= (0.98 * probe.bps).min(estimate),
+                "carried at {} bit/s: estimate {}",
+                probe.bps,
+                e.estimate()
+            );
+            r = e.probe_request(at);
+            assert!(probes < 5, "still probing at {}", e.estimate());
+        }
+        assert!(f64::from(e.estimate()) >= 0.95 * f64::from(CEILING) / VIDEO_SHARE);
+        assert_eq!(
+            e.probe_request(at + Duration::from_secs(10)),
+            None,
+            "at the top"
+        );
+    }
+
+    #[test]
+    fn a_probe_the_path_does_not_carry_leaves_the_estimate_and_waits_before_the_next() {
+        let mut e = estimator();
+        let t0 = Instant::now();
+        steady_feedback(&mut e, t0, Duration::ZERO, Duration::from_secs(1));
+        let at = t0 + Duration::from_millis(1_200);
+        let r = e.probe_request(at).expect("a probe");
+        let (last, feedback) = probe_feedback(t0, at, &r, 2.0);
+        e.probe_sent(r.id, at, last);
+        let before = f64::from(e.estimate());
+        let now = last + Duration::from_millis(100);
+        e.on_transport_feedback(now, &feedback);
+        // Not raised to the probe's rate (the feedback's own small increase aside).
+        let after = f64::from(e.estimate());
+        assert!(after <= 1.02 * before, "{after} after {before}");
+        // Feedback goes on without a queue; the next probe waits its time all the same.
+        let from = Duration::from_millis(now.duration_since(t0).as_millis() as u64 + 10);
+        steady_feedback(&mut e, t0, from, Duration::from_secs(3));
+        let later = t0 + from + Duration::from_secs(3);
+        assert_eq!(
+            e.probe_request(now + Duration::from_secs(2)),
+            None,
+            "too soon"
+        );
+        assert!(
+            e.probe_request(later.max(now + PROBE_RETRY)).is_some(),
+            "retried"
+        );
+    }
+
     #[test]
     fn converges_below_a_600k_bottleneck_without_standing_queue_or_loss() {
         let run = run_twcc(25, |_| path(600e3));
@@ -789,9 +1033,9 @@ mod tests {
     }
 
     #[test]
-    fn climbs_from_the_start_rate_to_the_ceiling_on_a_fast_path_within_3_s() {
+    fn probes_take_it_from_the_start_rate_to_the_ceiling_on_a_fast_path_within_1_s() {
         let run = run_twcc(15, |_| path(50e6));
-        check_from("fast", &run, 3, |s| {
+        check_from("fast", &run, 1, |s| {
             s.estimate_bps >= f64::from(CEILING) && s.target_bps >= 0.999 * f64::from(CEILING)
         });
     }
@@ -808,8 +1052,11 @@ mod tests {
         check_from("before", &run[..10], 4, |s| {
             s.target_bps >= 0.9 * f64::from(CEILING)
         });
+        // A probe the path cannot carry, sent right after a keyframe (the estimate learns of
+        // the keyframe's queue a feedback interval and a round trip late), queues up to a
+        // probe's worth more than the keyframe alone: 100 ms once in this run.
         check_from("dip", &run[..30], 12, |s| {
-            s.estimate_bps <= 600e3 && s.max_queue_ms < 100.0 && s.lost == 0
+            s.estimate_bps <= 600e3 && s.max_queue_ms < 125.0 && s.lost == 0
         });
         check_from("after", &run, 35, |s| {
             s.target_bps >= 0.9 * f64::from(CEILING)
@@ -841,16 +1088,16 @@ mod tests {
     }
 
     #[test]
-    fn after_a_dip_the_target_is_back_within_5_5_s_whatever_the_phase_of_the_saw_tooth() {
-        // Measured: median 4.0 s, 90th percentile 5.125 s, worst 5.5 s (before the longer
-        // bursts on a clear path: 3.75, 5.0 and 5.5 s; sampling only 2 s of the saw-tooth, as
-        // this test once did, had shown a worst of 4.125 s). The e2e's (c) adds the encoder's
-        // rate control and the viewer's 1 s windows.
+    fn after_a_dip_the_target_is_back_within_3_5_s_whatever_the_phase_of_the_saw_tooth() {
+        // Measured with probes: median 1.875 s, worst 3.25 s (the next probe comes at most
+        // 2.5 s after the last one the dip did not carry). Without probes the climb alone
+        // took a median 4.0 s, at worst 5.5 s. The e2e's (c) adds the encoder's rate control
+        // and the viewer's 1 s windows.
         let backs = recoveries_after_a_dip();
         eprintln!("target back after (s): {backs:?}");
         let (median, worst) = (backs[backs.len() / 2], backs[backs.len() - 1]);
-        assert!(median <= 4.0, "median recovery {median:.3} s");
-        assert!(worst <= 5.5, "worst recovery {worst:.3} s");
+        assert!(median <= 2.5, "median recovery {median:.3} s");
+        assert!(worst <= 3.5, "worst recovery {worst:.3} s");
     }
 
     #[test]

@@ -1,8 +1,7 @@
-//! A viewer's congestion control inside webrtc-rs's interceptor chain: feedback into its bandwidth estimate, pacing and the retransmission budget out, shared with its writer through a `Link`.
+//! A viewer's congestion control inside webrtc-rs's interceptor chain: feedback into its bandwidth estimate, pacing, probes and the retransmission budget out, shared with its writer through a `Link`.
 //!
-//! webrtc-rs 0.21 gives the pieces this is built on: the transport-wide sequence numbers
-//! (`TwccSenderInterceptor`), TWCC feedback decoding (`convert_twcc`), the NACK responder and
-//! the RTCP packet types. Its `CongestionControlInterceptor` + `Gcc` estimator are not used:
+//! webrtc-rs 0.21 gives the pieces this is built on: TWCC feedback decoding (`convert_twcc`),
+//! the NACK responder and the RTCP packet types. Its `CongestionControlInterceptor` + `Gcc` estimator are not used:
 //! `Gcc` hears only TWCC (no REMB, no receiver reports), starts at 300 kbit/s and climbs 8 % a
 //! second, its delay detector compares the raw per-group delay with the threshold (libwebrtc
 //! scales it by the number of deltas), its estimate reaches the application only through
@@ -13,11 +12,14 @@
 //! * [`FeedbackTap`]: reads REMB, receiver reports (loss; round trip from the sender reports it
 //!   saw leave) and stamps the absolute send time (for viewers that estimate with REMB) on each
 //!   packet as it leaves the pacer.
+//! * [`TwccNumbering`]: the transport-wide sequence numbers, on the retransmission (RTX)
+//!   stream too (webrtc-rs's `TwccSenderInterceptor` numbers only the media SSRC).
 //! * [`PacedSender`]: paces at [`PACING_FACTOR`] times the estimate, in bursts of
 //!   [`BURST_INTERVAL`] ([`CLEAR_BURST_INTERVAL`] on a path that carries the ceiling), sends
-//!   retransmissions first but only within their budget and while still useful, and tells the
-//!   writer how much is queued (webrtc-rs's pacer follows only its own estimate and hides its
-//!   queue).
+//!   retransmissions first but only within their budget and while still useful, sends the
+//!   estimate's bandwidth probes (media, then RTX copies of recent packets as padding), and
+//!   tells the writer how much is queued (webrtc-rs's pacer follows only its own estimate and
+//!   hides its queue).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,6 +37,7 @@ use rtc::sansio::Protocol;
 use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 
 use super::bandwidth::{BandwidthEstimator, EstimateStats, PacketResult};
+use super::probe::ProbeRequest;
 
 /// Packets leave at this multiple of the estimate: a keyframe is spread over several frame
 /// intervals instead of bursting into the path's buffer, while the video (at most
@@ -59,6 +62,9 @@ pub(crate) struct LinkCounters {
     pub retransmissions_dropped: u64,
     /// Media packets refused by a full pacer.
     pub pacer_dropped: u64,
+    /// Bandwidth probes sent, and of their packets those that were padding.
+    pub probes: u64,
+    pub padding_packets: u64,
 }
 
 #[derive(Debug)]
@@ -111,6 +117,11 @@ impl Link {
         (rate, burst(rate, s.estimator.path_is_clear(now)))
     }
 
+    /// A probe to send now, if the estimate wants one (see [`super::probe`]).
+    fn probe_request(&self, now: Instant) -> Option<ProbeRequest> {
+        self.lock().estimator.probe_request(now)
+    }
+
     /// How long what waits in the pacer takes to leave.
     pub fn backlog(&self) -> Duration {
         let s = self.lock();
@@ -138,6 +149,81 @@ fn pacing_rate(estimate: u32) -> f64 {
 
 fn backlog_time(bytes: usize, estimate: u32) -> Duration {
     Duration::from_secs_f64(bytes as f64 * 8.0 / pacing_rate(estimate).max(1.0))
+}
+
+/// Writes the transport-wide sequence number on every RTP packet of a bound stream, its
+/// retransmission (RTX) stream included. webrtc-rs's `TwccSenderInterceptor` numbers only
+/// the media SSRC, so retransmissions and probe padding, which leave on the RTX SSRC, would
+/// be invisible to the feedback the estimate and the probes read.
+#[derive(Default)]
+pub(crate) struct TwccNumbering {
+    next: u16,
+    /// Header extension id by SSRC (media and RTX).
+    ext_ids: std::collections::HashMap<u32, u8>,
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for TwccNumbering {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.reads.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<Self::Rout> {
+        self.reads.pop_front()
+    }
+
+    fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtp(rtp) = &mut msg.message.packet
+            && let Some(&id) = self.ext_ids.get(&rtp.header.ssrc)
+        {
+            let ext = TransportCcExtension {
+                transport_sequence: self.next,
+            };
+            self.next = self.next.wrapping_add(1);
+            if let Ok(raw) = ext.marshal() {
+                let _ = rtp.header.set_extension(id, raw.freeze());
+            }
+        }
+        self.writes.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<Self::Wout> {
+        self.writes.pop_front()
+    }
+}
+
+impl Interceptor for TwccNumbering {
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        if let Some(ext) = info
+            .rtp_header_extensions
+            .iter()
+            .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+            && let Ok(id) = u8::try_from(ext.id)
+            && (1..=14).contains(&id)
+        {
+            self.ext_ids.insert(info.ssrc, id);
+            if let Some(rtx) = info.ssrc_rtx {
+                self.ext_ids.insert(rtx, id);
+            }
+        }
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.ext_ids.remove(&info.ssrc);
+        if let Some(rtx) = info.ssrc_rtx {
+            self.ext_ids.remove(&rtx);
+        }
+    }
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 /// Sent-packet slots kept for matching TWCC feedback (by transport-wide sequence number).
@@ -258,10 +344,16 @@ impl Interceptor for TwccHistory {
             && let Ok(id) = u8::try_from(ext.id)
         {
             self.ext_ids.insert(info.ssrc, id);
+            if let Some(rtx) = info.ssrc_rtx {
+                self.ext_ids.insert(rtx, id);
+            }
         }
     }
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
         self.ext_ids.remove(&info.ssrc);
+        if let Some(rtx) = info.ssrc_rtx {
+            self.ext_ids.remove(&rtx);
+        }
     }
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -473,9 +565,35 @@ pub(crate) fn burst(rate: f64, clear_path: bool) -> f64 {
     (2.0 * FULL_PACKET_BITS).max(rate * interval.as_secs_f64())
 }
 
+/// Media packets kept for probe padding: the last this many released.
+const PADDING_SOURCES: usize = 32;
+
+/// A media packet probe padding may repeat.
+struct PaddingSource {
+    sequence_number: u16,
+    timestamp: u32,
+    payload: bytes::Bytes,
+    transport: rtc::shared::TransportContext,
+}
+
+/// A bandwidth probe being sent (see [`super::probe`]).
+struct ActiveProbe {
+    id: u32,
+    bps: f64,
+    bucket: Bucket,
+    bytes_left: isize,
+    first: Option<Instant>,
+}
+
 /// Paces RTP at [`PACING_FACTOR`] times the link's estimate; retransmissions go first, within
 /// [`RETRANSMIT_SHARE`] of the estimate and only for packets sent within
 /// [`RETRANSMIT_MAX_AGE`]. RTCP passes straight through.
+///
+/// Probes: when the estimate asks for one and the stream has an RTX (RFC 4588) SSRC, the
+/// pacer sends the probe's bytes at the probe's rate, media first, then padding: RTX copies
+/// of media packets just sent (the viewer already has them and drops them; libwebrtc pads
+/// the same way). The pacer numbers every RTX packet itself (webrtc-rs's NACK responder
+/// numbers only its own), so retransmissions and padding share one sequence.
 pub(crate) struct PacedSender {
     link: Link,
     queue: VecDeque<TaggedPacket>,
@@ -489,6 +607,14 @@ pub(crate) struct PacedSender {
     /// The RTX (RFC 4588) SSRCs of the bound streams: a retransmission on one of them has its
     /// own sequence number and carries the original one in its first two payload bytes.
     rtx_ssrcs: HashSet<u32>,
+    /// Media SSRC → its RTX SSRC and payload type, for padding.
+    rtx_of: std::collections::HashMap<u32, (u32, u8)>,
+    /// The next RTX sequence number.
+    rtx_sequence: u16,
+    /// Recent media packets, by media SSRC, for padding.
+    padding_sources: VecDeque<(u32, PaddingSource)>,
+    padding_next: usize,
+    probe: Option<ActiveProbe>,
     released: VecDeque<TaggedPacket>,
     reads: VecDeque<TaggedPacket>,
 }
@@ -504,6 +630,11 @@ impl PacedSender {
             retransmit: Bucket::new(),
             first_sent: vec![None; SENT_SLOTS],
             rtx_ssrcs: HashSet::new(),
+            rtx_of: std::collections::HashMap::new(),
+            rtx_sequence: random_sequence_number(),
+            padding_sources: VecDeque::new(),
+            padding_next: 0,
+            probe: None,
             released: VecDeque::new(),
             reads: VecDeque::new(),
         }
@@ -606,34 +737,52 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), Self::Error> {
-        let (rate, burst) = self.link.pacing(now);
-        self.burst_bits = burst;
-        self.media.refill(now, rate, burst);
-        while let Some(head) = self.queue.front() {
-            let size = Self::size(head);
-            if self.media.bits <= 0.0 {
-                break;
+        if self.probe.is_none()
+            && !self.padding_sources.is_empty()
+            && let Some(request) = self.link.probe_request(now)
+        {
+            self.probe = Some(ActiveProbe {
+                id: request.id,
+                bps: request.bps,
+                // Starts with no burst: the packets leave evenly spaced at the probe's rate,
+                // which is what the estimate measures the path with.
+                bucket: Bucket {
+                    bits: 1.0,
+                    last: Some(now),
+                },
+                bytes_left: request.bytes as isize,
+                first: None,
+            });
+        }
+        if let Some(probe) = self.probe.take() {
+            self.send_probe(now, probe);
+        } else {
+            let (rate, burst) = self.link.pacing(now);
+            self.burst_bits = burst;
+            self.media.refill(now, rate, burst);
+            while let Some(head) = self.queue.front() {
+                let size = Self::size(head);
+                if self.media.bits <= 0.0 {
+                    break;
+                }
+                self.media.bits -= size as f64 * 8.0;
+                let Some(packet) = self.queue.pop_front() else {
+                    break;
+                };
+                self.queued_bytes -= size;
+                self.release(now, packet);
             }
-            self.media.bits -= size as f64 * 8.0;
-            let Some(mut packet) = self.queue.pop_front() else {
-                break;
-            };
-            self.queued_bytes -= size;
-            // Departs now: the send history and the absolute send time see the release instant.
-            packet.now = now;
-            if let Packet::Rtp(rtp) = &packet.message.packet
-                && !packet.message.has(&Attribute::Retransmission)
-            {
-                let seq = rtp.header.sequence_number;
-                self.first_sent[usize::from(seq) % SENT_SLOTS] = Some((seq, now));
-            }
-            self.released.push_back(packet);
         }
         self.publish_backlog();
         Ok(())
     }
 
     fn poll_timeout(&mut self) -> Option<Instant> {
+        if let Some(probe) = &self.probe {
+            let last = probe.bucket.last?;
+            let wait = (1.0 - probe.bucket.bits).max(0.0) / probe.bps.max(1.0);
+            return Some(last + Duration::from_secs_f64(wait).max(Duration::from_micros(500)));
+        }
         if self.queue.is_empty() {
             return None;
         }
@@ -654,16 +803,142 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
     }
 }
 
+impl PacedSender {
+    /// Releases a packet: it departs now (the send history and the absolute send time see
+    /// the release instant); media is remembered for retransmission ages and padding, RTX
+    /// gets the next RTX sequence number.
+    fn release(&mut self, now: Instant, mut packet: TaggedPacket) {
+        packet.now = now;
+        let retransmission = packet.message.has(&Attribute::Retransmission);
+        if let Packet::Rtp(rtp) = &mut packet.message.packet {
+            if self.rtx_ssrcs.contains(&rtp.header.ssrc) {
+                rtp.header.sequence_number = self.rtx_sequence;
+                self.rtx_sequence = self.rtx_sequence.wrapping_add(1);
+            } else if !retransmission {
+                let seq = rtp.header.sequence_number;
+                self.first_sent[usize::from(seq) % SENT_SLOTS] = Some((seq, now));
+                if self.rtx_of.contains_key(&rtp.header.ssrc) {
+                    if self.padding_sources.len() == PADDING_SOURCES {
+                        self.padding_sources.pop_front();
+                    }
+                    self.padding_sources.push_back((
+                        rtp.header.ssrc,
+                        PaddingSource {
+                            sequence_number: seq,
+                            timestamp: rtp.header.timestamp,
+                            payload: rtp.payload.clone(),
+                            transport: packet.transport,
+                        },
+                    ));
+                }
+            }
+        }
+        self.released.push_back(packet);
+    }
+
+    /// Padding: an RTX copy of a recent media packet (cycling through them), not yet numbered.
+    fn padding(&mut self, now: Instant) -> Option<TaggedPacket> {
+        if self.padding_sources.is_empty() {
+            return None;
+        }
+        let (ssrc, source) = &self.padding_sources[self.padding_next % self.padding_sources.len()];
+        self.padding_next = self.padding_next.wrapping_add(1);
+        let &(rtx_ssrc, rtx_payload_type) = self.rtx_of.get(ssrc)?;
+        let mut payload = bytes::BytesMut::with_capacity(2 + source.payload.len());
+        payload.extend_from_slice(&source.sequence_number.to_be_bytes());
+        payload.extend_from_slice(&source.payload);
+        let rtp = rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                ssrc: rtx_ssrc,
+                payload_type: rtx_payload_type,
+                timestamp: source.timestamp,
+                ..Default::default()
+            },
+            payload: payload.freeze(),
+        };
+        Some(TaggedPacket {
+            now,
+            transport: source.transport,
+            message: rtc::interceptor::AttributedPacket::new(Packet::Rtp(rtp)),
+        })
+    }
+
+    /// Sends what the probe's budget allows now, media first; when all its bytes are out,
+    /// tells the estimate when it left. Normal pacing resumes from an empty budget.
+    fn send_probe(&mut self, now: Instant, mut probe: ActiveProbe) {
+        probe.bucket.refill(now, probe.bps, burst(probe.bps, false));
+        let mut out_of_padding = false;
+        while probe.bucket.bits > 0.0 && probe.bytes_left > 0 {
+            let packet = match self.queue.pop_front() {
+                Some(p) => {
+                    self.queued_bytes -= Self::size(&p);
+                    p
+                }
+                None => match self.padding(now) {
+                    Some(p) => {
+                        self.link.lock().counters.padding_packets += 1;
+                        p
+                    }
+                    None => {
+                        out_of_padding = true;
+                        break;
+                    }
+                },
+            };
+            let size = Self::size(&packet);
+            probe.bucket.bits -= size as f64 * 8.0;
+            probe.bytes_left -= size as isize;
+            probe.first.get_or_insert(now);
+            self.release(now, packet);
+        }
+        let mut link = self.link.lock();
+        if probe.bytes_left <= 0 {
+            link.counters.probes += 1;
+            link.estimator
+                .probe_sent(probe.id, probe.first.unwrap_or(now), now);
+            drop(link);
+            self.media = Bucket::new();
+            self.media.refill(now, 0.0, 0.0);
+        } else if out_of_padding {
+            // Nothing to pad with (the stream was unbound): a partial probe reads as too few
+            // packets, or as what it is if enough left.
+            match probe.first {
+                Some(first) => link.estimator.probe_sent(probe.id, first, now),
+                None => link.estimator.probe_abandoned(probe.id, now),
+            }
+        } else {
+            drop(link);
+            self.probe = Some(probe);
+        }
+    }
+}
+
+/// A random first RTX sequence number (RFC 3550 5.1: unpredictable, for the encryption).
+fn random_sequence_number() -> u16 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 2];
+    // Falls back to 0 (what webrtc-rs's NACK responder starts at) if the system has no
+    // randomness to give, which only makes the numbers predictable.
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    u16::from_be_bytes(bytes)
+}
+
 impl Interceptor for PacedSender {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
         if let Some(rtx) = info.ssrc_rtx {
             self.rtx_ssrcs.insert(rtx);
+            if let Some(pt) = info.payload_type_rtx {
+                self.rtx_of.insert(info.ssrc, (rtx, pt));
+            }
         }
     }
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
         if let Some(rtx) = info.ssrc_rtx {
             self.rtx_ssrcs.remove(&rtx);
         }
+        self.rtx_of.remove(&info.ssrc);
+        self.padding_sources.retain(|(ssrc, _)| *ssrc != info.ssrc);
     }
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -680,6 +955,7 @@ mod tests {
 
     const SSRC: u32 = 0x1234;
     const RTX_SSRC: u32 = 0x5678;
+    const RTX_PT: u8 = 103;
     const CEILING: u32 = 1_000_000;
 
     fn rtp(seq: u16) -> rtc::rtp::Packet {
@@ -1081,6 +1357,129 @@ mod tests {
             fb_pkt_count: 0,
             packet_chunks,
             recv_deltas,
+        }
+    }
+
+    fn rtp_fields(p: &TaggedPacket) -> (u32, u8, u16, Bytes) {
+        match &p.message.packet {
+            Packet::Rtp(r) => (
+                r.header.ssrc,
+                r.header.payload_type,
+                r.header.sequence_number,
+                r.payload.clone(),
+            ),
+            _ => panic!("not RTP"),
+        }
+    }
+
+    #[test]
+    fn a_probe_leaves_at_its_rate_media_first_then_rtx_padding_in_the_one_rtx_sequence() {
+        let link = Link::new(150_000, 2_000_000);
+        let mut chain = Registry::new()
+            .with(Slot::Pacer, PacedSender::new(link.clone()))
+            .build();
+        chain.bind_local_stream(&StreamInfo {
+            payload_type_rtx: Some(RTX_PT),
+            ..stream()
+        });
+        let t0 = Instant::now();
+        // Before any feedback: no probe (nothing could read it).
+        for seq in 0..3 {
+            chain
+                .handle_write(tagged(t0, Packet::Rtp(rtp(seq)), false))
+                .unwrap();
+        }
+        assert_eq!(drain(&mut chain).len(), 3);
+        assert_eq!(link.report(t0).counters.probes, 0);
+        // A second of feedback without a queue: the estimate (about 1.1 Mbit/s) asks for a
+        // probe at one and a half times itself when the next packet comes.
+        bandwidth::testing::steady_feedback(
+            &mut link.lock().estimator,
+            t0,
+            Duration::ZERO,
+            Duration::from_secs(1),
+        );
+        let at = t0 + Duration::from_millis(1_200);
+        let estimate = f64::from(link.estimate());
+        chain
+            .handle_write(tagged(at, Packet::Rtp(rtp(3)), false))
+            .unwrap();
+        let out = drain(&mut chain);
+        let counters = link.report(at).counters;
+        assert_eq!(counters.probes, 1);
+        assert_eq!(counters.padding_packets as usize, out.len() - 1);
+        assert!(out.len() >= 5, "{} packets", out.len());
+        // Media first, then RTX copies of the packets sent (original sequence number first).
+        assert_eq!(rtp_fields(&out[0].1).2, 3);
+        let padding: Vec<_> = out[1..].iter().map(|(_, p)| rtp_fields(p)).collect();
+        let first_rtx = padding[0].2;
+        for (i, (ssrc, pt, seq, payload)) in padding.iter().enumerate() {
+            assert_eq!((*ssrc, *pt), (RTX_SSRC, RTX_PT));
+            assert_eq!(*seq, first_rtx.wrapping_add(i as u16), "one RTX sequence");
+            let osn = u16::from_be_bytes([payload[0], payload[1]]);
+            assert!(osn <= 3, "repeats a packet sent: {osn}");
+            assert_eq!(payload.len(), 2 + 1188);
+        }
+        // Evenly spaced at the probe's rate, not the pacing rate.
+        let span = (out.last().unwrap().0 - out[0].0).as_secs_f64();
+        let rate = (out.len() - 1) as f64 * 1200.0 * 8.0 / span;
+        assert!(
+            (1.45 * estimate..=1.55 * estimate).contains(&rate),
+            "{rate:.0} bit/s against an estimate of {estimate:.0}"
+        );
+        // A retransmission on the RTX stream (numbered by webrtc-rs's responder from 0)
+        // continues the pacer's RTX sequence.
+        let mut rtx = rtp(0);
+        rtx.header.ssrc = RTX_SSRC;
+        rtx.header.payload_type = RTX_PT;
+        rtx.payload = Bytes::from([&[0u8, 3][..], &[0u8; 1188][..]].concat());
+        let later = out.last().unwrap().0;
+        chain
+            .handle_write(tagged(later, Packet::Rtp(rtx), true))
+            .unwrap();
+        let repaired = drain(&mut chain);
+        assert_eq!(repaired.len(), 1);
+        assert_eq!(
+            rtp_fields(&repaired[0].1).2,
+            padding.last().unwrap().2.wrapping_add(1)
+        );
+    }
+
+    #[test]
+    fn transport_wide_numbers_cover_the_rtx_stream_too() {
+        const TWCC_ID: u8 = 5;
+        let mut numbering = TwccNumbering::default();
+        numbering.bind_local_stream(&StreamInfo {
+            ssrc: SSRC,
+            ssrc_rtx: Some(RTX_SSRC),
+            rtp_header_extensions: vec![RTPHeaderExtension {
+                uri: rtc::sdp::extmap::TRANSPORT_CC_URI.into(),
+                id: TWCC_ID.into(),
+            }],
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        for (ssrc, expected) in [
+            (SSRC, Some(0)),
+            (RTX_SSRC, Some(1)),
+            (0x9999, None),
+            (SSRC, Some(2)),
+        ] {
+            let mut packet = rtp(7);
+            packet.header.ssrc = ssrc;
+            numbering
+                .handle_write(tagged(t0, Packet::Rtp(packet), false))
+                .unwrap();
+            let out = numbering.poll_write().expect("passed on");
+            let Packet::Rtp(r) = &out.message.packet else {
+                panic!("not RTP")
+            };
+            let number = r.header.get_extension(TWCC_ID).map(|mut raw| {
+                TransportCcExtension::unmarshal(&mut raw)
+                    .unwrap()
+                    .transport_sequence
+            });
+            assert_eq!(number, expected, "SSRC {ssrc:#x}");
         }
     }
 

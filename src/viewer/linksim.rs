@@ -2,7 +2,8 @@
 //!
 //! Time is simulated in 1 ms steps from an arbitrary `Instant`; nothing sleeps. The sender
 //! makes 30 frames a second at its target rate (a keyframe every 2 s, four times the size),
-//! cuts them into 1200-byte packets and paces them at 2.5 times the estimate; the bottleneck
+//! cuts them into 1200-byte packets and paces them at 1.1 times the estimate (probes, when the
+//! estimator asks, at their own rate, padded with 1200-byte packets); the bottleneck
 //! serves at the path's capacity with a drop-tail buffer; packets then take the one-way delay
 //! and may be lost at random. The viewer sends transport-wide feedback every 100 ms and a
 //! receiver report every second; both take the one-way delay back.
@@ -43,6 +44,8 @@ pub(crate) struct Second {
     pub sent: u32,
     /// Worst queueing delay at the bottleneck in this second, ms.
     pub max_queue_ms: f64,
+    /// Probes sent in this second.
+    pub probes: u32,
 }
 
 struct Sent {
@@ -93,6 +96,7 @@ pub(crate) fn run_traced(
     let mut sent: Vec<Sent> = Vec::new();
     let mut pacer: VecDeque<usize> = VecDeque::new();
     let mut budget_bits = 0.0f64;
+    let mut probe = None;
     let mut bottleneck_free_at = 0.0f64; // ms
     let mut feedback_due: VecDeque<(u64, Vec<PacketResult>)> = VecDeque::new();
     let mut rr_due: VecDeque<(u64, u8)> = VecDeque::new();
@@ -123,16 +127,43 @@ pub(crate) fn run_traced(
             }
             frame += 1;
         }
-        // Pacer at PACING_FACTOR times the estimate, in the real pacer's bursts.
-        let pace = PACING_FACTOR * f64::from(estimator.estimate());
-        budget_bits = (budget_bits + pace / 1000.0)
-            .min(super::link::burst(pace, estimator.path_is_clear(now)));
-        while let Some(&size) = pacer.front() {
-            if budget_bits < 0.0 {
-                break;
+        // Pacer at PACING_FACTOR times the estimate, in the real pacer's bursts; a probe
+        // (the real pacer's: media first, then padding) when the estimator asks for one.
+        let mut leaving: Vec<usize> = Vec::new();
+        if probe.is_none()
+            && let Some(r) = estimator.probe_request(now)
+        {
+            probe = Some((r, 0.0f64, r.bytes as isize, None::<u64>));
+        }
+        if let Some((r, budget, left, first)) = &mut probe {
+            *budget = (*budget + r.bps / 1000.0).min(super::link::burst(r.bps, false));
+            while *budget > 0.0 && *left > 0 {
+                let size = pacer.pop_front().unwrap_or(1200);
+                *budget -= size as f64 * 8.0;
+                *left -= size as isize;
+                first.get_or_insert(ms);
+                leaving.push(size);
             }
-            budget_bits -= size as f64 * 8.0;
-            pacer.pop_front();
+            if *left <= 0 {
+                estimator.probe_sent(r.id, at(first.unwrap_or(ms)), now);
+                seconds_out[second].probes += 1;
+                probe = None;
+                budget_bits = 0.0;
+            }
+        } else {
+            let pace = PACING_FACTOR * f64::from(estimator.estimate());
+            budget_bits = (budget_bits + pace / 1000.0)
+                .min(super::link::burst(pace, estimator.path_is_clear(now)));
+            while let Some(&size) = pacer.front() {
+                if budget_bits < 0.0 {
+                    break;
+                }
+                budget_bits -= size as f64 * 8.0;
+                pacer.pop_front();
+                leaving.push(size);
+            }
+        }
+        for size in leaving {
             // Bottleneck: a virtual queue served at the capacity.
             let start = bottleneck_free_at.max(ms as f64);
             let queue_ms = start - ms as f64;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpRtxParameters, RtpCodecKind,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +78,9 @@ impl VideoSender {
     /// Adds rtcam's H.264 track to `pc`.
     pub async fn add_to(pc: &Arc<dyn PeerConnection>) -> Result<Self, String> {
         let ssrc = random_u32();
+        let rtx_ssrc = std::iter::repeat_with(random_u32)
+            .find(|r| *r != ssrc)
+            .unwrap_or(!ssrc);
         let track = TrackLocalStaticSample::new(
             Instant::now(),
             MediaStreamTrack::new(
@@ -88,6 +91,9 @@ impl VideoSender {
                 vec![RTCRtpEncodingParameters {
                     rtp_coding_parameters: RTCRtpCodingParameters {
                         ssrc: Some(ssrc),
+                        // Retransmissions and probe padding on their own SSRC (RFC 4588) when
+                        // the viewer offers RTX; webrtc-rs drops it when the viewer does not.
+                        rtx: Some(RTCRtpRtxParameters { ssrc: rtx_ssrc }),
                         ..Default::default()
                     },
                     codec: h264_codec(),
@@ -235,6 +241,8 @@ impl AdaptiveWriter {
             backlog_ms = r.backlog.as_millis() as u64,
             retransmitted = r.counters.retransmitted,
             retransmissions_dropped = r.counters.retransmissions_dropped,
+            probes = r.counters.probes,
+            padding_packets = r.counters.padding_packets,
             "link"
         );
         let feedback = if e.twcc {

@@ -9,6 +9,7 @@ pub(crate) mod link;
 pub(crate) mod linksim;
 pub(crate) mod media;
 pub(crate) mod peer;
+pub(crate) mod probe;
 pub(crate) mod session;
 
 pub use peer::h264_codec;

@@ -7,10 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::{
-    Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket, TwccSenderBuilder,
-};
-use rtc::peer_connection::configuration::media_engine::MIME_TYPE_H264;
+use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_RTX};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability;
@@ -27,7 +25,7 @@ use webrtc::peer_connection::{
 };
 
 use super::ice_socket::IceRuntime;
-use super::link::{FeedbackTap, Link, PacedSender, TwccHistory};
+use super::link::{FeedbackTap, Link, PacedSender, TwccHistory, TwccNumbering};
 use super::session::Timeouts;
 use crate::ports::PortPool;
 use crate::protocol::sdp::SENT_PROFILE_LEVEL_ID;
@@ -117,8 +115,9 @@ pub fn h264_codec() -> RTCRtpCodec {
 
 /// webrtc-rs's default chain (NACK, receiver/sender reports, TWCC feedback for what rtcam
 /// receives) plus rtcam's keyframe-request tap; with a `link`, also congestion control: TWCC
-/// numbering and its send history feeding the link's estimate, the feedback tap (REMB,
-/// receiver reports, absolute send time) and the pacer with the retransmission budget.
+/// numbering (media and RTX) and its send history feeding the link's estimate, the feedback
+/// tap (REMB, receiver reports, absolute send time) and the pacer with the retransmission
+/// budget and the probes.
 fn interceptors(media_engine: &mut MediaEngine, link: Option<&Link>) -> Result<Registry, String> {
     let registry = register_default_interceptors(Registry::new(), media_engine)
         .map_err(|e| e.to_string())?
@@ -146,7 +145,7 @@ fn interceptors(media_engine: &mut MediaEngine, link: Option<&Link>) -> Result<R
     );
     Ok(registry
         .with(Slot::CongestionControl, TwccHistory::new(link.clone()))
-        .with(Slot::TwccSender, TwccSenderBuilder::new().build())
+        .with(Slot::TwccSender, TwccNumbering::default())
         // Wire-ward of the pacer (the send time is the release instant), app-ward of the
         // TWCC numbering.
         .with(Slot::from(2_500), FeedbackTap::new(link.clone()))
@@ -166,6 +165,23 @@ async fn build_with(
             RTCRtpCodecParameters {
                 rtp_codec: h264_codec(),
                 payload_type: 102,
+            },
+            RtpCodecKind::Video,
+        )
+        .map_err(|e| e.to_string())?;
+    // Its retransmission stream (RFC 4588): repairs and probe padding on an SSRC of their own,
+    // for viewers that offer it.
+    media_engine
+        .register_codec(
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: MIME_TYPE_RTX.to_owned(),
+                    clock_rate: 90_000,
+                    channels: 0,
+                    sdp_fmtp_line: "apt=102".to_owned(),
+                    rtcp_feedback: vec![],
+                },
+                payload_type: 103,
             },
             RtpCodecKind::Video,
         )
