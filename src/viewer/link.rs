@@ -151,6 +151,39 @@ fn backlog_time(bytes: usize, estimate: u32) -> Duration {
     Duration::from_secs_f64(bytes as f64 * 8.0 / pacing_rate(estimate).max(1.0))
 }
 
+/// The transport-wide-cc header extension id of each bound stream's SSRCs, media and RTX
+/// (both carry the transport-wide sequence number).
+#[derive(Debug, Default)]
+struct TwccStreams(std::collections::HashMap<u32, u8>);
+
+impl TwccStreams {
+    fn bind(&mut self, info: &StreamInfo) {
+        if let Some(ext) = info
+            .rtp_header_extensions
+            .iter()
+            .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+            && let Ok(id) = u8::try_from(ext.id)
+            && (1..=14).contains(&id)
+        {
+            self.0.insert(info.ssrc, id);
+            if let Some(rtx) = info.ssrc_rtx {
+                self.0.insert(rtx, id);
+            }
+        }
+    }
+
+    fn unbind(&mut self, info: &StreamInfo) {
+        self.0.remove(&info.ssrc);
+        if let Some(rtx) = info.ssrc_rtx {
+            self.0.remove(&rtx);
+        }
+    }
+
+    fn get(&self, ssrc: &u32) -> Option<&u8> {
+        self.0.get(ssrc)
+    }
+}
+
 /// Writes the transport-wide sequence number on every RTP packet of a bound stream, its
 /// retransmission (RTX) stream included. webrtc-rs's `TwccSenderInterceptor` numbers only
 /// the media SSRC, so retransmissions and probe padding, which leave on the RTX SSRC, would
@@ -158,8 +191,7 @@ fn backlog_time(bytes: usize, estimate: u32) -> Duration {
 #[derive(Default)]
 pub(crate) struct TwccNumbering {
     next: u16,
-    /// Header extension id by SSRC (media and RTX).
-    ext_ids: std::collections::HashMap<u32, u8>,
+    ext_ids: TwccStreams,
     reads: VecDeque<TaggedPacket>,
     writes: VecDeque<TaggedPacket>,
 }
@@ -203,24 +235,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for TwccNumbering {
 
 impl Interceptor for TwccNumbering {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
-        if let Some(ext) = info
-            .rtp_header_extensions
-            .iter()
-            .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
-            && let Ok(id) = u8::try_from(ext.id)
-            && (1..=14).contains(&id)
-        {
-            self.ext_ids.insert(info.ssrc, id);
-            if let Some(rtx) = info.ssrc_rtx {
-                self.ext_ids.insert(rtx, id);
-            }
-        }
+        self.ext_ids.bind(info);
     }
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.ext_ids.remove(&info.ssrc);
-        if let Some(rtx) = info.ssrc_rtx {
-            self.ext_ids.remove(&rtx);
-        }
+        self.ext_ids.unbind(info);
     }
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
@@ -240,7 +258,7 @@ const TWCC_SLOTS: usize = 8192;
 /// reads as a loss burst; here only what the viewer reported as missing counts.
 pub(crate) struct TwccHistory {
     link: Link,
-    ext_ids: std::collections::HashMap<u32, u8>,
+    ext_ids: TwccStreams,
     /// By sequence number modulo the slot count: (sequence number, departure, bytes).
     sent: Vec<Option<(u16, Instant, usize)>>,
     reads: VecDeque<TaggedPacket>,
@@ -251,7 +269,7 @@ impl TwccHistory {
     pub fn new(link: Link) -> Self {
         Self {
             link,
-            ext_ids: std::collections::HashMap::new(),
+            ext_ids: TwccStreams::default(),
             sent: vec![None; TWCC_SLOTS],
             reads: VecDeque::new(),
             writes: VecDeque::new(),
@@ -337,23 +355,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for TwccHistory {
 
 impl Interceptor for TwccHistory {
     fn bind_local_stream(&mut self, info: &StreamInfo) {
-        if let Some(ext) = info
-            .rtp_header_extensions
-            .iter()
-            .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
-            && let Ok(id) = u8::try_from(ext.id)
-        {
-            self.ext_ids.insert(info.ssrc, id);
-            if let Some(rtx) = info.ssrc_rtx {
-                self.ext_ids.insert(rtx, id);
-            }
-        }
+        self.ext_ids.bind(info);
     }
     fn unbind_local_stream(&mut self, info: &StreamInfo) {
-        self.ext_ids.remove(&info.ssrc);
-        if let Some(rtx) = info.ssrc_rtx {
-            self.ext_ids.remove(&rtx);
-        }
+        self.ext_ids.unbind(info);
     }
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
