@@ -294,10 +294,10 @@ impl TwccHistory {
             return;
         }
         results.sort_by_key(|r| r.departure);
-        self.link
-            .lock()
-            .estimator
-            .on_transport_feedback(now, &results);
+        let mut link = self.link.lock();
+        if let Some(outcome) = link.estimator.on_transport_feedback(now, &results) {
+            tracing::debug!(?outcome, estimate = link.estimator.estimate(), "probe read");
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! makes 30 frames a second at its target rate (a keyframe every 2 s, four times the size),
 //! cuts them into 1200-byte packets and paces them at 1.1 times the estimate (probes, when the
 //! estimator asks, at their own rate, padded with 1200-byte packets); the bottleneck
-//! serves at the path's capacity with a drop-tail buffer; packets then take the one-way delay
+//! serves at the path's capacity with a drop-tail buffer, as a token bucket (Linux `tbf`) that
+//! may let a few packets through at line rate; packets then take the one-way delay
 //! and may be lost at random. The viewer sends transport-wide feedback every 100 ms and a
 //! receiver report every second; both take the one-way delay back.
 
@@ -21,6 +22,9 @@ pub(crate) struct PathState {
     pub capacity_bps: f64,
     /// Bottleneck buffer, in milliseconds at the capacity.
     pub buffer_ms: f64,
+    /// Token bucket, bytes: after an idle moment this much passes the bottleneck at once
+    /// (`tbf`'s burst; 0: a plain queue served at the capacity).
+    pub bucket_bytes: f64,
     pub one_way: Duration,
     /// Random loss after the bottleneck, 0..=1.
     pub loss: f64,
@@ -98,6 +102,7 @@ pub(crate) fn run_traced(
     let mut budget_bits = 0.0f64;
     let mut probe = None;
     let mut bottleneck_free_at = 0.0f64; // ms
+    let mut tokens_bits = 0.0f64; // in the bucket at bottleneck_free_at
     let mut feedback_due: VecDeque<(u64, Vec<PacketResult>)> = VecDeque::new();
     let mut rr_due: VecDeque<(u64, u8)> = VecDeque::new();
     let mut next_report = 0usize; // first packet not yet reported
@@ -164,16 +169,26 @@ pub(crate) fn run_traced(
             }
         }
         for size in leaving {
-            // Bottleneck: a virtual queue served at the capacity.
+            // Bottleneck: a FIFO served at the capacity, through a token bucket filled at
+            // the capacity while the queue is idle.
             let start = bottleneck_free_at.max(ms as f64);
-            let queue_ms = start - ms as f64;
+            let bits = size as f64 * 8.0;
+            let tokens = (tokens_bits + (start - bottleneck_free_at) / 1000.0 * p.capacity_bps)
+                .min(p.bucket_bytes * 8.0);
+            let leaves = if tokens >= bits {
+                start
+            } else {
+                start + (bits - tokens) / p.capacity_bps * 1000.0
+            };
+            let queue_ms = leaves - ms as f64 - bits / p.capacity_bps * 1000.0;
             let s = &mut seconds_out[second];
             s.sent += 1;
             s.max_queue_ms = s.max_queue_ms.max(queue_ms);
             let arrival_ms = if queue_ms > p.buffer_ms {
                 None // drop-tail
             } else {
-                bottleneck_free_at = start + size as f64 * 8.0 / p.capacity_bps * 1000.0;
+                tokens_bits = (tokens - bits).max(0.0);
+                bottleneck_free_at = leaves;
                 (rng.next() >= p.loss)
                     .then_some(bottleneck_free_at + p.one_way.as_secs_f64() * 1000.0)
             };

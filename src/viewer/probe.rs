@@ -3,13 +3,14 @@
 //! Without probes an estimate learns that a path got faster only by climbing into it, which
 //! takes seconds (the climb must be slow near a path's last known capacity, or a constrained
 //! viewer is flooded). A probe asks the path directly, as libwebrtc's probe controller does:
-//! the pacer sends [`PROBE_DURATION`] at twice the estimate (media first, then redundant
+//! the pacer sends [`PROBE_DURATION`] at 1.5 times the estimate (media first, then redundant
 //! retransmissions as padding), the viewer's transport-wide feedback tells when each packet
 //! arrived, and the rate the burst arrived at is what the path carried:
-//! * received at (nearly) the rate it was sent: the path carries at least that much, the
-//!   estimate may jump to it, and the next probe, at twice that, follows at once;
-//! * received slower: the path is saturated; nothing is learnt beyond what the delay trend
-//!   already says, and the next probe waits [`PROBE_RETRY`].
+//! * received at (nearly) the rate it was sent: the path carries at least that much, and the
+//!   next probe, at twice that, follows at once (the estimator believes a carried probe only
+//!   once the next confirms it, see [`super::bandwidth`]);
+//! * received slower: the path is saturated, the rate it arrived at is its capacity, and
+//!   the next probe waits [`PROBE_RETRY`].
 //!
 //! The estimator says when probing makes sense (transport-wide feedback, no recent overuse
 //! or loss, an estimate below the most the ceiling can use); this module keeps the schedule
@@ -34,8 +35,11 @@ const PROBE_FACTOR: f64 = 1.5;
 pub(crate) const PROBE_RETRY: Duration = Duration::from_millis(2500);
 /// After overuse or a loss cut, the next probe waits this long (the queue drains first).
 const PROBE_AFTER_DECREASE: Duration = Duration::from_secs(1);
-/// A burst received at this share of its send rate or more was carried.
-const UNSATURATED: f64 = 0.9;
+/// A burst received at this share of its send rate or more was carried, at the lower of
+/// the two rates (libwebrtc's 0.9 misread probes of four or five packets whose arrivals a
+/// few milliseconds of jitter spread, on a free path, as saturated; the estimator believes a
+/// carried probe only once the next confirms it).
+const UNSATURATED: f64 = 0.8;
 /// A probe that lost more than this share of its packets was not carried.
 const MAX_PROBE_LOSS: f64 = 0.1;
 /// A probe not sent or not answered within this is forgotten.
