@@ -17,9 +17,10 @@
 //!   A burst the path carried at its rate is believed once the next, at twice that rate and
 //!   sent at once, is carried too (a token bucket lets a short burst through at line rate on
 //!   a full path): the estimate then jumps to the first one's rate; if the next is not
-//!   carried, to 95 % of the rate that one arrived at, at most the first one's. A probe the
-//!   path did not carry marks the rate it arrived at as the path's capacity, the estimate
-//!   is at most 95 % of it, and the next probe waits 2.5 s. So a viewer starts at the ceiling within a second on a fast
+//!   carried, up to 95 % of the rate that one arrived at, at most the first one's. A probe
+//!   the path did not carry marks the rate it arrived at as the path's capacity, brings an
+//!   estimate above 95 % of it down to that (unless it was confirming a carried one), and
+//!   the next probe waits 2.5 s. So a viewer starts at the ceiling within a second on a fast
 //!   path, and comes back to it within a few after a dip, without the climb near a known
 //!   capacity being faster.
 //! * **Loss.** More than 10 % lost (TWCC, or a receiver report's fraction lost when there is no
@@ -619,8 +620,10 @@ impl BandwidthEstimator {
         match outcome {
             Some(ProbeOutcome::Saturated(Some(bps))) => {
                 // The rate the burst left the bottleneck at is the path's capacity, as
-                // overuse would show it: the climb near it is slow again, and the estimate
-                // (or the rate an unconfirmed probe carried) is at most that capacity.
+                // overuse would show it: the climb near it is slow again. The estimate comes
+                // down to 95 % of it (libwebrtc sets it to a probe's result); a probe that
+                // was confirming a carried one lifts it up to that at most (the first was
+                // carried: not down).
                 self.capacity_seen(now, bps);
                 let limit = PROBE_SATURATED_SHARE * bps;
                 self.rate = match unconfirmed {
