@@ -566,6 +566,48 @@ pub fn check_answer(answer: &str, offer: &CheckedOffer) -> Result<u8, Rejection>
     Ok(pt)
 }
 
+/// The header extension transport-wide congestion control numbers packets with.
+const TRANSPORT_CC_URI: &str =
+    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
+
+/// Whether an answer's video section, sending payload type `pt`, negotiated what bandwidth
+/// probes need: transport-wide feedback (its header extension and `transport-cc` feedback) and
+/// a retransmission payload type for `pt`, whose stream carries the probes' padding.
+pub fn answer_carries_probes(answer: &str, pt: u8) -> bool {
+    let Ok((_, sections)) = parse(answer) else {
+        return false;
+    };
+    let Some(video) = sections.iter().find(|s| s.kind == "video" && s.port != "0") else {
+        return false;
+    };
+    let pt = pt.to_string();
+    let extension = video
+        .attr("extmap")
+        .any(|v| v.split_whitespace().nth(1) == Some(TRANSPORT_CC_URI));
+    let feedback = video.attr("rtcp-fb").any(|v| {
+        let mut parts = v.split_whitespace();
+        matches!(parts.next(), Some(p) if p == "*" || p == pt)
+            && parts.next() == Some("transport-cc")
+    });
+    let repairs_pt = video
+        .attr("rtpmap")
+        .filter_map(|v| {
+            let (rtx_pt, codec) = v.split_once(' ')?;
+            codec
+                .to_ascii_lowercase()
+                .starts_with("rtx/")
+                .then_some(rtx_pt)
+        })
+        .any(|rtx_pt| {
+            video.attr("fmtp").any(|v| {
+                v.split_once(' ').is_some_and(|(p, params)| {
+                    p == rtx_pt && fmtp_param(params, "apt") == Some(pt.as_str())
+                })
+            })
+        });
+    extension && feedback && repairs_pt
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -932,6 +974,52 @@ mod tests {
         );
         assert!(check_answer(&answer("102", "inactive"), &c).is_err());
         assert!(check_answer("garbage", &c).is_err());
+    }
+
+    #[test]
+    fn probes_need_transport_feedback_and_retransmissions_for_the_sent_type() {
+        let answer = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
+             m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 102 103\r\na=mid:0\r\na=sendonly\r\n\
+             a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n\
+             a=rtpmap:102 H264/90000\r\na=rtcp-fb:102 nack\r\na=rtcp-fb:102 transport-cc\r\n\
+             a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n";
+        assert!(answer_carries_probes(answer, 102));
+        // Retransmissions for another payload type only.
+        assert!(!answer_carries_probes(answer, 96));
+        assert!(answer_carries_probes(
+            &answer.replace("a=rtcp-fb:102 transport-cc", "a=rtcp-fb:* transport-cc"),
+            102
+        ));
+        for missing in [
+            "a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n",
+            "a=rtcp-fb:102 transport-cc\r\n",
+            "a=rtpmap:103 rtx/90000\r\n",
+            "a=fmtp:103 apt=102\r\n",
+        ] {
+            assert!(
+                !answer_carries_probes(&answer.replace(missing, ""), 102),
+                "without {missing:?}"
+            );
+        }
+        // Extension in the data channel's section only; a rejected video section; garbage.
+        let elsewhere = answer.replace(
+            "a=mid:1\r\n",
+            "a=mid:1\r\na=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n",
+        );
+        assert!(!answer_carries_probes(
+            &elsewhere.replacen(
+                "a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\na=rtpmap:102",
+                "a=rtpmap:102",
+                1
+            ),
+            102
+        ));
+        assert!(!answer_carries_probes(
+            &answer.replace("m=video 9", "m=video 0"),
+            102
+        ));
+        assert!(!answer_carries_probes("garbage", 102));
     }
 
     #[test]

@@ -20,9 +20,12 @@
 //!   carried, up to 95 % of the rate that one arrived at, at most the first one's. A probe
 //!   the path did not carry marks the rate it arrived at as the path's capacity, brings an
 //!   estimate above 95 % of it down to that (unless it was confirming a carried one), and
-//!   the next probe waits 2.5 s. So a viewer starts at the ceiling within a second on a fast
-//!   path, and comes back to it within a few after a dip, without the climb near a known
-//!   capacity being faster.
+//!   the next probe waits 2.5 s. A probe that lost packets on the way makes what the viewer
+//!   acknowledged the capacity (as overuse would). So a viewer starts at the ceiling within a
+//!   second on a fast path, and comes back to it within a few after a dip, without the climb
+//!   near a known capacity being faster.
+//! * **Start.** At 1 Mbit/s; a viewer that negotiated TWCC and retransmissions (so probes can
+//!   find its path) at 300 kbit/s instead, as libwebrtc starts, below most constrained paths.
 //! * **Loss.** More than 10 % lost (TWCC, or a receiver report's fraction lost when there is no
 //!   TWCC) cuts the rate by half the loss; 2-10 % holds it (5-10 % with TWCC, whose delay
 //!   trend shows congestion before loss does: random loss alone does not stop a climb).
@@ -94,6 +97,14 @@ pub(crate) struct EstimateStats {
 pub(crate) const VIDEO_SHARE: f64 = 0.85;
 /// Where a new viewer's estimate starts, bits per second.
 pub(crate) const START_BITRATE: f64 = 1_000_000.0;
+/// Where it starts when probes can find the path (libwebrtc's start): below most constrained
+/// paths, so the first keyframe is not lost at the bottleneck; probes take it to the ceiling
+/// within about a second on a fast path. Without probes the climb from here would take
+/// seconds, so other viewers start at [`START_BITRATE`].
+pub(crate) const START_BITRATE_WITH_PROBES: f64 = 300_000.0;
+/// Receiver reports with no transport-wide feedback before them, after which a viewer that
+/// negotiated it is taken not to send it (its estimate goes to [`START_BITRATE`]).
+const REPORTS_WITHOUT_FEEDBACK: u8 = 2;
 /// Send-time span of one packet group.
 const GROUP_SPAN: Duration = Duration::from_millis(5);
 /// Groups the trend is fitted over.
@@ -422,6 +433,9 @@ pub(crate) struct BandwidthEstimator {
     /// A probe the path carried (bits per second, when), not yet confirmed by the next.
     unconfirmed: Option<(f64, Instant)>,
     queue: QueueDelay,
+    /// Started low for probes ([`Self::expect_probes`]); receiver reports counted while no
+    /// transport-wide feedback has come.
+    low_start: Option<u8>,
 }
 
 impl BandwidthEstimator {
@@ -454,6 +468,18 @@ impl BandwidthEstimator {
             prober: Prober::new(),
             unconfirmed: None,
             queue: QueueDelay::default(),
+            low_start: None,
+        }
+    }
+
+    /// The viewer negotiated transport-wide feedback and retransmissions (which carry probe
+    /// padding): before any feedback, the estimate starts at [`START_BITRATE_WITH_PROBES`]
+    /// instead, and probes find the path. Should the viewer send receiver reports and no
+    /// transport-wide feedback, it goes back to [`START_BITRATE`] and climbs as before.
+    pub fn expect_probes(&mut self) {
+        if self.last_feedback.is_none() && self.low_start.is_none() {
+            self.rate = self.rate.min(START_BITRATE_WITH_PROBES).max(self.floor);
+            self.low_start = Some(0);
         }
     }
 
@@ -633,7 +659,17 @@ impl BandwidthEstimator {
                 .max(self.floor);
                 self.unconfirmed = None;
             }
-            Some(ProbeOutcome::Saturated(None)) => self.unconfirmed = None,
+            Some(ProbeOutcome::Saturated(None)) => {
+                // Lost on the way (a full queue) or too few arrived to time: the path is full
+                // at a rate not measured. What the viewer acknowledged stands for its
+                // capacity, as at overuse, so the climb near it is slow again (a viewer on
+                // fewer layers, sending less than its estimate, shows no overuse as it climbs).
+                if let Some(acked) = self.acked_rate() {
+                    self.capacity_seen(now, acked);
+                }
+                self.climbing_since = None;
+                self.unconfirmed = None;
+            }
             Some(ProbeOutcome::Carried(bps)) => {
                 // A short burst carried may have passed a token bucket (Linux `tbf`, many
                 // home routers' shapers) at line rate on a path that is full, if the bucket
@@ -681,6 +717,19 @@ impl BandwidthEstimator {
             });
         }
         self.rr_loss = Some((now, f64::from(fraction_lost) / 256.0));
+        if self.last_feedback.is_none()
+            && let Some(reports) = &mut self.low_start
+        {
+            *reports += 1;
+            if *reports >= REPORTS_WITHOUT_FEEDBACK {
+                // Negotiated, never sent: no probes will lift it.
+                self.low_start = None;
+                self.rate = self
+                    .rate
+                    .max(START_BITRATE.min(self.max_rate()))
+                    .max(self.floor);
+            }
+        }
         if !self.twcc_active(now) {
             // No delay signal: loss (and REMB) alone steer the rate.
             self.update(now, Usage::Normal);
@@ -1108,6 +1157,61 @@ mod tests {
     }
 
     #[test]
+    fn a_viewer_with_probes_starts_below_a_600k_path_and_loses_nothing_at_the_start() {
+        // Started at 1 Mbit/s, the e2e's (a) viewer lost its first keyframe at the 100 ms queue
+        // and froze for 2.6-3.2 s.
+        let run = run_twcc(5, |_| PathState {
+            buffer_ms: 100.0,
+            bucket_bytes: 3000.0,
+            ..path(600e3)
+        });
+        check_from("start", &run, 0, |s| s.lost == 0 && s.max_queue_ms < 100.0);
+        assert!(run[0].target_bps < 0.85 * 600e3, "{:?}", run[0]);
+    }
+
+    #[test]
+    fn a_viewer_that_negotiated_transport_feedback_and_sends_none_starts_over_at_1_mbit_s() {
+        let t0 = Instant::now();
+        let mut e = estimator();
+        e.expect_probes();
+        assert_eq!(e.estimate(), START_BITRATE_WITH_PROBES as u32);
+        e.expect_probes();
+        assert_eq!(e.estimate(), START_BITRATE_WITH_PROBES as u32);
+        e.on_receiver_report(t0 + Duration::from_secs(1), 0, None);
+        assert_eq!(
+            e.estimate(),
+            START_BITRATE_WITH_PROBES as u32,
+            "one report may come before the first feedback"
+        );
+        e.on_receiver_report(t0 + Duration::from_secs(2), 0, None);
+        assert!(
+            e.estimate() >= START_BITRATE as u32,
+            "two reports and no feedback: {}",
+            e.estimate()
+        );
+        // With feedback first, the reports change nothing about the start.
+        let mut e = estimator();
+        e.expect_probes();
+        steady_feedback(&mut e, t0, Duration::ZERO, Duration::from_millis(300));
+        let fed = e.estimate();
+        assert!(fed < START_BITRATE as u32, "{fed}");
+        for k in 1..4 {
+            e.on_receiver_report(t0 + Duration::from_millis(300 + k), 0, None);
+        }
+        assert_eq!(e.estimate(), fed);
+        // Once feedback came, a late call does not lower the estimate.
+        let mut e = estimator();
+        steady_feedback(&mut e, t0, Duration::ZERO, Duration::from_millis(300));
+        let fed = e.estimate();
+        e.expect_probes();
+        assert_eq!(e.estimate(), fed);
+        // A floor above the low start holds.
+        let mut e = BandwidthEstimator::new(500_000, CEILING);
+        e.expect_probes();
+        assert_eq!(e.estimate(), 500_000);
+    }
+
+    #[test]
     fn a_token_bucket_does_not_fool_probes_into_flooding_a_600k_path() {
         // tbf's 3000-byte bucket (the e2e tests' shaper) lets a 50 ms probe at 1.5 times the
         // estimate through at line rate on a full 600 kbit/s path; believed, it took the
@@ -1171,6 +1275,41 @@ mod tests {
         assert!(
             e.probe_request(later.max(now + PROBE_RETRY)).is_some(),
             "retried"
+        );
+    }
+
+    #[test]
+    fn a_probe_lost_on_the_way_makes_the_climb_near_what_was_acknowledged_slow() {
+        // In the e2e's (b), the 600 kbit/s viewer's second probe lost packets at the full
+        // queue; climbing on (it sent on one layer, so no overuse showed), its estimate went
+        // from 530k to 1.3M in a second and its next layer lost 15 %.
+        let mut e = estimator();
+        let t0 = Instant::now();
+        // Up to the probe, so the acknowledged rate stays what the viewer receives.
+        steady_feedback(&mut e, t0, Duration::ZERO, Duration::from_millis(1_200));
+        let at = t0 + Duration::from_millis(1_250);
+        let r = e.probe_request(at).expect("a probe");
+        let (last, mut feedback) = probe_feedback(t0, at, &r, 1.0);
+        let n = feedback.len();
+        for p in &mut feedback[1..=n / 4] {
+            p.arrival = None;
+        }
+        e.probe_sent(r.id, at, last);
+        let now = last + Duration::from_millis(100);
+        let outcome = e.on_transport_feedback(now, &feedback);
+        assert_eq!(outcome, Some(ProbeOutcome::Saturated(None)));
+        let before = f64::from(e.estimate());
+        let from = Duration::from_millis(now.duration_since(t0).as_millis() as u64 + 10);
+        steady_feedback(&mut e, t0, from, Duration::from_millis(1500));
+        let after = f64::from(e.estimate());
+        // Additive: about a packet per response time (48 kbit/s a second at a 100 ms RTT).
+        assert!(
+            after <= before + 100e3,
+            "{after:.0} after {before:.0}: the climb accelerated"
+        );
+        assert!(
+            after > before,
+            "{after:.0} after {before:.0}: no climb at all"
         );
     }
 

@@ -128,6 +128,12 @@ impl Link {
         backlog_time(s.backlog_bytes, s.estimator.estimate())
     }
 
+    /// The answer negotiated transport-wide feedback and retransmissions: the estimate starts
+    /// low and probes find the path ([`BandwidthEstimator::expect_probes`]).
+    pub fn expect_probes(&self) {
+        self.lock().estimator.expect_probes();
+    }
+
     /// New floor and ceiling for the estimate (`encoder.min_bitrate`, `encoder.bitrate`).
     pub fn set_bounds(&self, floor: u32, ceiling: u32) {
         self.lock().estimator.set_bounds(floor, ceiling);

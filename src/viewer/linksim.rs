@@ -93,6 +93,10 @@ pub(crate) fn run_traced(
     seconds: u64,
     path: impl Fn(f64) -> PathState,
 ) -> (Vec<Second>, Vec<(f64, f64)>) {
+    if feedback == Feedback::Twcc {
+        // The simulated viewer has transport-wide feedback and retransmissions (probes pad).
+        estimator.expect_probes();
+    }
     let mut targets = Vec::new();
     let epoch = Instant::now();
     let at = |ms: u64| epoch + Duration::from_millis(ms);

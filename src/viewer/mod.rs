@@ -31,7 +31,7 @@ use crate::outbound::SignalOut;
 use crate::protocol::auth::Grant;
 use crate::protocol::auth::permissions::Access;
 use crate::protocol::limits::MAX_CANDIDATES_PER_SESSION;
-use crate::protocol::sdp::{CheckedOffer, answer_for_viewer, check_answer};
+use crate::protocol::sdp::{CheckedOffer, answer_carries_probes, answer_for_viewer, check_answer};
 use crate::protocol::signal::{ErrorCode, IceCandidate, Rejection};
 use crate::protocol::topics::SessionId;
 use link::Link;
@@ -281,7 +281,7 @@ impl Driver {
                 };
                 let now = Instant::now;
                 match action {
-                    Action::ApplyOffer => match self.apply_offer(pc).await {
+                    Action::ApplyOffer => match self.apply_offer(pc, link.as_ref()).await {
                         Ok((answer, pt)) => {
                             payload_type = pt;
                             session.handle(Input::Answered(answer), now());
@@ -441,15 +441,26 @@ impl Driver {
     }
 
     /// Applies the narrowed offer and makes the answer; returns it with the payload type.
-    async fn apply_offer(&self, pc: &Arc<dyn PeerConnection>) -> Result<(String, u8), Rejection> {
+    /// Answers the offer; with a `link`, tells it whether probes can find the viewer's path.
+    async fn apply_offer(
+        &self,
+        pc: &Arc<dyn PeerConnection>,
+        link: Option<&Link>,
+    ) -> Result<(String, u8), Rejection> {
         let offer = RTCSessionDescription::offer(self.offer.sdp.clone()).map_err(bad_sdp)?;
         pc.set_remote_description(offer).await.map_err(bad_sdp)?;
         let answer = pc.create_answer(None).await.map_err(bad_sdp)?;
         let sdp = answer.sdp.clone();
         pc.set_local_description(answer).await.map_err(bad_sdp)?;
         let pt = check_answer(&sdp, &self.offer)?;
+        let probes = answer_carries_probes(&sdp, pt);
+        if let Some(link) = link
+            && probes
+        {
+            link.expect_probes();
+        }
         let sdp = answer_for_viewer(&sdp, &self.offer);
-        tracing::debug!(%sdp, "answer");
+        tracing::debug!(%sdp, probes, "answer");
         Ok((sdp, pt))
     }
 
