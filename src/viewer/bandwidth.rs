@@ -102,9 +102,11 @@ pub(crate) const START_BITRATE: f64 = 1_000_000.0;
 /// within about a second on a fast path. Without probes the climb from here would take
 /// seconds, so other viewers start at [`START_BITRATE`].
 pub(crate) const START_BITRATE_WITH_PROBES: f64 = 300_000.0;
-/// Receiver reports with no transport-wide feedback before them, after which a viewer that
-/// negotiated it is taken not to send it (its estimate goes to [`START_BITRATE`]).
-const REPORTS_WITHOUT_FEEDBACK: u8 = 2;
+/// A viewer that negotiated transport-wide feedback and sent receiver reports this long apart
+/// with none (the first may come before the first feedback) is taken not to send it: its
+/// estimate goes to [`START_BITRATE`]. By time, not by count: one report carries a block for
+/// each of rtcam's streams it received (media, retransmissions).
+const REPORTS_WITHOUT_FEEDBACK_FOR: Duration = Duration::from_secs(1);
 /// Send-time span of one packet group.
 const GROUP_SPAN: Duration = Duration::from_millis(5);
 /// Groups the trend is fitted over.
@@ -433,9 +435,9 @@ pub(crate) struct BandwidthEstimator {
     /// A probe the path carried (bits per second, when), not yet confirmed by the next.
     unconfirmed: Option<(f64, Instant)>,
     queue: QueueDelay,
-    /// Started low for probes ([`Self::expect_probes`]); receiver reports counted while no
-    /// transport-wide feedback has come.
-    low_start: Option<u8>,
+    /// Started low for probes ([`Self::expect_probes`]): `Some`, with the first receiver
+    /// report that came before any transport-wide feedback.
+    low_start: Option<Option<Instant>>,
 }
 
 impl BandwidthEstimator {
@@ -479,7 +481,7 @@ impl BandwidthEstimator {
     pub fn expect_probes(&mut self) {
         if self.last_feedback.is_none() && self.low_start.is_none() {
             self.rate = self.rate.min(START_BITRATE_WITH_PROBES).max(self.floor);
-            self.low_start = Some(0);
+            self.low_start = Some(None);
         }
     }
 
@@ -718,10 +720,10 @@ impl BandwidthEstimator {
         }
         self.rr_loss = Some((now, f64::from(fraction_lost) / 256.0));
         if self.last_feedback.is_none()
-            && let Some(reports) = &mut self.low_start
+            && let Some(first_report) = &mut self.low_start
         {
-            *reports += 1;
-            if *reports >= REPORTS_WITHOUT_FEEDBACK {
+            let first = *first_report.get_or_insert(now);
+            if now.saturating_duration_since(first) >= REPORTS_WITHOUT_FEEDBACK_FOR {
                 // Negotiated, never sent: no probes will lift it.
                 self.low_start = None;
                 self.rate = self
@@ -1177,11 +1179,15 @@ mod tests {
         assert_eq!(e.estimate(), START_BITRATE_WITH_PROBES as u32);
         e.expect_probes();
         assert_eq!(e.estimate(), START_BITRATE_WITH_PROBES as u32);
+        // One report's two blocks (media and retransmissions) are one report.
         e.on_receiver_report(t0 + Duration::from_secs(1), 0, None);
-        assert_eq!(
-            e.estimate(),
-            START_BITRATE_WITH_PROBES as u32,
-            "one report may come before the first feedback"
+        e.on_receiver_report(t0 + Duration::from_secs(1), 0, None);
+        e.on_receiver_report(t0 + Duration::from_millis(1_900), 0, None);
+        // (Receiver reports alone climb it 8 % a second meanwhile.)
+        assert!(
+            e.estimate() < 400_000,
+            "reports within 1 s may all come before the first feedback: {}",
+            e.estimate()
         );
         e.on_receiver_report(t0 + Duration::from_secs(2), 0, None);
         assert!(
