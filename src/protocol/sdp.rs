@@ -566,10 +566,6 @@ pub fn check_answer(answer: &str, offer: &CheckedOffer) -> Result<u8, Rejection>
     Ok(pt)
 }
 
-/// The header extension transport-wide congestion control numbers packets with.
-const TRANSPORT_CC_URI: &str =
-    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
-
 /// Whether an answer's video section, sending payload type `pt`, negotiated what bandwidth
 /// probes need: transport-wide feedback (its header extension and `transport-cc` feedback) and
 /// a retransmission payload type for `pt`, whose stream carries the probes' padding.
@@ -583,7 +579,7 @@ pub fn answer_carries_probes(answer: &str, pt: u8) -> bool {
     let pt = pt.to_string();
     let extension = video
         .attr("extmap")
-        .any(|v| v.split_whitespace().nth(1) == Some(TRANSPORT_CC_URI));
+        .any(|v| v.split_whitespace().nth(1) == Some(rtc::sdp::extmap::TRANSPORT_CC_URI));
     let feedback = video.attr("rtcp-fb").any(|v| {
         let mut parts = v.split_whitespace();
         matches!(parts.next(), Some(p) if p == "*" || p == pt)
