@@ -117,6 +117,11 @@ impl Link {
         (rate, burst(rate, s.estimator.path_is_clear(now)))
     }
 
+    /// The round trip from the viewer's receiver reports, once one came.
+    fn rtt(&self) -> Option<Duration> {
+        self.lock().estimator.reported_rtt()
+    }
+
     /// A probe to send now, if the estimate wants one (see [`super::probe`]).
     fn probe_request(&self, now: Instant) -> Option<ProbeRequest> {
         self.lock().estimator.probe_request(now)
@@ -517,6 +522,14 @@ impl Interceptor for FeedbackTap {
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
+/// One media packet's send times, for retransmission checks.
+#[derive(Debug, Clone, Copy)]
+struct SentSlot {
+    seq: u16,
+    first: Instant,
+    resent: Option<Instant>,
+}
+
 /// A token bucket in bits.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -597,8 +610,10 @@ struct ActiveProbe {
 }
 
 /// Paces RTP at [`PACING_FACTOR`] times the link's estimate; retransmissions go first, within
-/// [`RETRANSMIT_SHARE`] of the estimate and only for packets sent within
-/// [`RETRANSMIT_MAX_AGE`]. RTCP passes straight through.
+/// [`RETRANSMIT_SHARE`] of the estimate, only for packets sent within [`RETRANSMIT_MAX_AGE`]
+/// and not again within a round trip of the last time (libwebrtc's rule: a viewer that asks
+/// again for every packet still missing, as aiortc does at each new loss, would otherwise
+/// spend the budget on copies in flight). RTCP passes straight through.
 ///
 /// Probes: when the estimate asks for one and the stream has an RTX (RFC 4588) SSRC, the
 /// pacer sends the probe's bytes at the probe's rate, media first, then padding: RTX copies
@@ -613,8 +628,8 @@ pub(crate) struct PacedSender {
     /// The largest burst at the last release, bits (for the next wake-up).
     burst_bits: f64,
     retransmit: Bucket,
-    /// When each RTP sequence number (by slot) was first released.
-    first_sent: Vec<Option<(u16, Instant)>>,
+    /// When each RTP sequence number (by slot) was first released, and last sent again.
+    first_sent: Vec<Option<SentSlot>>,
     /// The RTX (RFC 4588) SSRCs of the bound streams: a retransmission on one of them has its
     /// own sequence number and carries the original one in its first two payload bytes.
     rtx_ssrcs: HashSet<u32>,
@@ -675,12 +690,23 @@ impl PacedSender {
 
     /// Admits a retransmission, or says why not.
     fn admit_retransmission(&mut self, now: Instant, seq: u16, bits: f64, estimate: u32) -> bool {
-        let sent = self.first_sent[usize::from(seq) % SENT_SLOTS]
-            .filter(|(s, _)| *s == seq)
-            .map(|(_, t)| t);
-        if sent.is_none_or(|t| now.saturating_duration_since(t) > RETRANSMIT_MAX_AGE) {
+        let rtt = self.link.rtt();
+        let Some(slot) = self.first_sent[usize::from(seq) % SENT_SLOTS]
+            .as_mut()
+            .filter(|s| s.seq == seq)
+        else {
+            return false;
+        };
+        if now.saturating_duration_since(slot.first) > RETRANSMIT_MAX_AGE {
             return false;
         }
+        if let (Some(resent), Some(rtt)) = (slot.resent, rtt)
+            && now.saturating_duration_since(resent) < rtt
+        {
+            // The copy sent last is still on its way.
+            return false;
+        }
+        let slot_index = usize::from(seq) % SENT_SLOTS;
         let rate = RETRANSMIT_SHARE * f64::from(estimate);
         // Up to 100 ms of the share at once: a burst of losses is repaired promptly.
         self.retransmit
@@ -689,6 +715,9 @@ impl PacedSender {
             return false;
         }
         self.retransmit.bits -= bits;
+        if let Some(slot) = &mut self.first_sent[slot_index] {
+            slot.resent = Some(now);
+        }
         true
     }
 }
@@ -827,7 +856,11 @@ impl PacedSender {
                 self.rtx_sequence = self.rtx_sequence.wrapping_add(1);
             } else if !retransmission {
                 let seq = rtp.header.sequence_number;
-                self.first_sent[usize::from(seq) % SENT_SLOTS] = Some((seq, now));
+                self.first_sent[usize::from(seq) % SENT_SLOTS] = Some(SentSlot {
+                    seq,
+                    first: now,
+                    resent: None,
+                });
                 if self.rtx_of.contains_key(&rtp.header.ssrc) {
                     if self.padding_sources.len() == PADDING_SOURCES {
                         self.padding_sources.pop_front();
@@ -1222,6 +1255,41 @@ mod tests {
             "{resent} retransmitted, budget {budget:.1}"
         );
         assert!(resent >= 1.0);
+    }
+
+    #[test]
+    fn a_packet_asked_for_again_within_a_round_trip_of_its_copy_is_not_sent_again() {
+        // aiortc asks again for every packet still missing at each new loss: in the e2e's
+        // (d), copies still in flight spent the budget, and the next loss was not repaired.
+        let link = Link::new(150_000, CEILING);
+        let mut chain = chain(&link);
+        let t0 = Instant::now();
+        chain
+            .handle_write(tagged(t0, Packet::Rtp(rtp(1)), false))
+            .unwrap();
+        drain(&mut chain);
+        let ask = |chain: &mut dyn Interceptor, ms: u64| {
+            let at = t0 + Duration::from_millis(ms);
+            chain
+                .handle_write(tagged(at, Packet::Rtp(rtp(1)), true))
+                .unwrap();
+            drain(chain).len()
+        };
+        // (Requests 110 ms or more apart: the budget, a packet per 96 ms at the 1 Mbit/s
+        // start, is never what holds one back.) No round trip known yet: each is answered.
+        assert_eq!(ask(&mut chain, 10), 1);
+        assert_eq!(ask(&mut chain, 120), 1);
+        link.lock()
+            .estimator
+            .on_receiver_report(t0, 0, Some(Duration::from_millis(150)));
+        assert_eq!(ask(&mut chain, 240), 0, "within 150 ms of the last copy");
+        assert_eq!(
+            ask(&mut chain, 280),
+            1,
+            "a round trip later: that copy was lost"
+        );
+        let c = link.report(t0 + Duration::from_millis(280)).counters;
+        assert_eq!((c.retransmitted, c.retransmissions_dropped), (3, 1));
     }
 
     #[test]
