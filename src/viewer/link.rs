@@ -706,7 +706,6 @@ impl PacedSender {
             // The copy sent last is still on its way.
             return false;
         }
-        let slot_index = usize::from(seq) % SENT_SLOTS;
         let rate = RETRANSMIT_SHARE * f64::from(estimate);
         // Up to 100 ms of the share at once: a burst of losses is repaired promptly.
         self.retransmit
@@ -715,9 +714,7 @@ impl PacedSender {
             return false;
         }
         self.retransmit.bits -= bits;
-        if let Some(slot) = &mut self.first_sent[slot_index] {
-            slot.resent = Some(now);
-        }
+        slot.resent = Some(now);
         true
     }
 }
