@@ -709,8 +709,11 @@ impl PacedSender {
         let rate = RETRANSMIT_SHARE * f64::from(estimate);
         // Up to 100 ms of the share at once: a burst of losses is repaired promptly.
         self.retransmit
-            .refill(now, rate, (rate * 0.1).max(1200.0 * 8.0));
-        if self.retransmit.bits < bits {
+            .refill(now, rate, (rate * 0.1).max(FULL_PACKET_BITS));
+        // A copy goes while the budget holds anything and may take it into debt, as media
+        // does: an RTX copy of a full packet is larger than a slow viewer's whole burst, and
+        // must still go. The share repays the debt, so over time the rate is the share.
+        if self.retransmit.bits <= 0.0 {
             return false;
         }
         self.retransmit.bits -= bits;
@@ -1364,6 +1367,42 @@ mod tests {
             },
             payload: Bytes::from(payload),
         }
+    }
+
+    #[test]
+    fn a_full_sized_rtx_copy_is_sent_on_a_slow_link() {
+        // The e2e's (a) at 600 kbit/s: the budget held at most one 1200-byte packet, and an
+        // RTX copy (its 2-byte original sequence number on top) is larger, so below about
+        // 960 kbit/s no lost full packet was ever repaired and the viewer waited for a keyframe.
+        let link = Link::new(150_000, CEILING);
+        link.lock().estimator.on_remb(500_000);
+        assert_eq!(link.estimate(), 500_000);
+        let mut chain = chain(&link);
+        let t0 = Instant::now();
+        for seq in [1, 2] {
+            chain
+                .handle_write(tagged(t0, Packet::Rtp(rtp(seq)), false))
+                .unwrap();
+        }
+        drain(&mut chain);
+        let t1 = t0 + Duration::from_millis(60);
+        chain
+            .handle_write(tagged(t1, Packet::Rtp(rtx(0, 1)), true))
+            .unwrap();
+        assert_eq!(drain(&mut chain).len(), 1, "the first copy");
+        // The budget is spent: the next copy waits for it (60 ms of a 50 kbit/s share holds
+        // less than a packet), and is sent once it refilled.
+        chain
+            .handle_write(tagged(t1, Packet::Rtp(rtx(1, 2)), true))
+            .unwrap();
+        assert!(drain(&mut chain).is_empty(), "within the budget's debt");
+        let t2 = t1 + Duration::from_millis(250);
+        chain
+            .handle_write(tagged(t2, Packet::Rtp(rtx(2, 2)), true))
+            .unwrap();
+        assert_eq!(drain(&mut chain).len(), 1, "once the budget refilled");
+        let c = link.report(t2).counters;
+        assert_eq!((c.retransmitted, c.retransmissions_dropped), (2, 1));
     }
 
     #[test]
