@@ -1050,6 +1050,19 @@ mod tests {
     }
 
     /// Runs the chain's timers until it has nothing queued; returns what left, when.
+    /// Writes `packet` at `at` (as a retransmission or not) and returns how many packets left.
+    fn write_and_count(
+        chain: &mut (impl Interceptor + ?Sized),
+        at: Instant,
+        packet: rtc::rtp::Packet,
+        retransmission: bool,
+    ) -> usize {
+        chain
+            .handle_write(tagged(at, Packet::Rtp(packet), retransmission))
+            .unwrap();
+        drain(chain).len()
+    }
+
     fn drain(chain: &mut (impl Interceptor + ?Sized)) -> Vec<(Instant, TaggedPacket)> {
         let mut out = Vec::new();
         loop {
@@ -1269,11 +1282,7 @@ mod tests {
             .unwrap();
         drain(&mut chain);
         let ask = |chain: &mut dyn Interceptor, ms: u64| {
-            let at = t0 + Duration::from_millis(ms);
-            chain
-                .handle_write(tagged(at, Packet::Rtp(rtp(1)), true))
-                .unwrap();
-            drain(chain).len()
+            write_and_count(chain, t0 + Duration::from_millis(ms), rtp(1), true)
         };
         // (Requests 110 ms or more apart: the budget, a packet per 96 ms at the 1 Mbit/s
         // start, is never what holds one back.) No round trip known yet: each is answered.
@@ -1379,28 +1388,27 @@ mod tests {
         assert_eq!(link.estimate(), 500_000);
         let mut chain = chain(&link);
         let t0 = Instant::now();
-        for seq in [1, 2] {
-            chain
-                .handle_write(tagged(t0, Packet::Rtp(rtp(seq)), false))
-                .unwrap();
-        }
-        drain(&mut chain);
+        assert_eq!(write_and_count(&mut chain, t0, rtp(1), false), 1);
+        assert_eq!(write_and_count(&mut chain, t0, rtp(2), false), 1);
         let t1 = t0 + Duration::from_millis(60);
-        chain
-            .handle_write(tagged(t1, Packet::Rtp(rtx(0, 1)), true))
-            .unwrap();
-        assert_eq!(drain(&mut chain).len(), 1, "the first copy");
+        assert_eq!(
+            write_and_count(&mut chain, t1, rtx(0, 1), true),
+            1,
+            "the first copy"
+        );
         // The budget is spent: the next copy waits for it (60 ms of a 50 kbit/s share holds
         // less than a packet), and is sent once it refilled.
-        chain
-            .handle_write(tagged(t1, Packet::Rtp(rtx(1, 2)), true))
-            .unwrap();
-        assert!(drain(&mut chain).is_empty(), "within the budget's debt");
+        assert_eq!(
+            write_and_count(&mut chain, t1, rtx(1, 2), true),
+            0,
+            "within the budget's debt"
+        );
         let t2 = t1 + Duration::from_millis(250);
-        chain
-            .handle_write(tagged(t2, Packet::Rtp(rtx(2, 2)), true))
-            .unwrap();
-        assert_eq!(drain(&mut chain).len(), 1, "once the budget refilled");
+        assert_eq!(
+            write_and_count(&mut chain, t2, rtx(2, 2), true),
+            1,
+            "once the budget refilled"
+        );
         let c = link.report(t2).counters;
         assert_eq!((c.retransmitted, c.retransmissions_dropped), (2, 1));
     }
