@@ -1049,7 +1049,6 @@ mod tests {
         chain
     }
 
-    /// Runs the chain's timers until it has nothing queued; returns what left, when.
     /// Writes `packet` at `at` (as a retransmission or not) and returns how many packets left.
     fn write_and_count(
         chain: &mut (impl Interceptor + ?Sized),
@@ -1063,6 +1062,7 @@ mod tests {
         drain(chain).len()
     }
 
+    /// Runs the chain's timers until it has nothing queued; returns what left, when.
     fn drain(chain: &mut (impl Interceptor + ?Sized)) -> Vec<(Instant, TaggedPacket)> {
         let mut out = Vec::new();
         loop {
@@ -1396,8 +1396,8 @@ mod tests {
             1,
             "the first copy"
         );
-        // The budget is spent: the next copy waits for it (60 ms of a 50 kbit/s share holds
-        // less than a packet), and is sent once it refilled.
+        // The first copy took the budget (one packet's burst) into debt: a second copy at the
+        // same moment is refused, and one 250 ms later (12.5 kbit of a 50 kbit/s share) goes.
         assert_eq!(
             write_and_count(&mut chain, t1, rtx(1, 2), true),
             0,
