@@ -530,7 +530,9 @@ struct SentSlot {
     resent: Option<Instant>,
 }
 
-/// A token bucket in bits.
+/// A token bucket in bits. A packet goes while the bucket holds anything and may take it into
+/// debt: a packet larger than a slow path's whole burst must still go, and the refill repays
+/// the debt, so over time the rate is the refill rate.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     bits: f64,
@@ -553,6 +555,15 @@ impl Bucket {
         }
         self.bits = self.bits.min(burst);
         self.last = Some(now);
+    }
+
+    /// Whether a packet may go now, whatever its size.
+    fn has_credit(&self) -> bool {
+        self.bits > 0.0
+    }
+
+    fn spend(&mut self, bytes: usize) {
+        self.bits -= bytes as f64 * 8.0;
     }
 }
 
@@ -689,7 +700,13 @@ impl PacedSender {
     }
 
     /// Admits a retransmission, or says why not.
-    fn admit_retransmission(&mut self, now: Instant, seq: u16, bits: f64, estimate: u32) -> bool {
+    fn admit_retransmission(
+        &mut self,
+        now: Instant,
+        seq: u16,
+        bytes: usize,
+        estimate: u32,
+    ) -> bool {
         let rtt = self.link.rtt();
         let Some(slot) = self.first_sent[usize::from(seq) % SENT_SLOTS]
             .as_mut()
@@ -710,13 +727,12 @@ impl PacedSender {
         // Up to 100 ms of the share at once: a burst of losses is repaired promptly.
         self.retransmit
             .refill(now, rate, (rate * 0.1).max(FULL_PACKET_BITS));
-        // A copy goes while the budget holds anything and may take it into debt, as media
-        // does: an RTX copy of a full packet is larger than a slow viewer's whole burst, and
-        // must still go. The share repays the debt, so over time the rate is the share.
-        if self.retransmit.bits <= 0.0 {
+        // An RTX copy of a full packet is larger than a slow viewer's whole burst: it goes on
+        // credit, as media does, and the share repays the debt.
+        if !self.retransmit.has_credit() {
             return false;
         }
-        self.retransmit.bits -= bits;
+        self.retransmit.spend(bytes);
         slot.resent = Some(now);
         true
     }
@@ -748,9 +764,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
         let size = Self::size(&msg);
         let estimate = self.link.estimate();
         if msg.message.has(&Attribute::Retransmission) {
-            let admitted = self.original_sequence_number(rtp).is_some_and(|seq| {
-                self.admit_retransmission(now, seq, size as f64 * 8.0, estimate)
-            });
+            let admitted = self
+                .original_sequence_number(rtp)
+                .is_some_and(|seq| self.admit_retransmission(now, seq, size, estimate));
             let mut s = self.link.lock();
             if admitted {
                 s.counters.retransmitted += 1;
@@ -802,10 +818,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for PacedSender {
             self.media.refill(now, rate, burst);
             while let Some(head) = self.queue.front() {
                 let size = Self::size(head);
-                if self.media.bits <= 0.0 {
+                if !self.media.has_credit() {
                     break;
                 }
-                self.media.bits -= size as f64 * 8.0;
+                self.media.spend(size);
                 let Some(packet) = self.queue.pop_front() else {
                     break;
                 };
@@ -913,7 +929,7 @@ impl PacedSender {
     fn send_probe(&mut self, now: Instant, mut probe: ActiveProbe) {
         probe.bucket.refill(now, probe.bps, burst(probe.bps, false));
         let mut out_of_padding = false;
-        while probe.bucket.bits > 0.0 && probe.bytes_left > 0 {
+        while probe.bucket.has_credit() && probe.bytes_left > 0 {
             let packet = match self.queue.pop_front() {
                 Some(p) => {
                     self.queued_bytes -= Self::size(&p);
@@ -931,7 +947,7 @@ impl PacedSender {
                 },
             };
             let size = Self::size(&packet);
-            probe.bucket.bits -= size as f64 * 8.0;
+            probe.bucket.spend(size);
             probe.bytes_left -= size as isize;
             probe.first.get_or_insert(now);
             self.release(now, packet);
