@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prints the adaptive-streaming table (issue 15): runs the network-emulation scenarios of
 # tests/e2e/test_network.py ((a) 600 kbit/s, (b0) a fast viewer alone, also at 1280x720,
-# (b) both, also at 1280x720, (c) a dip to 500 kbit/s, (d) 2 % loss; each with
-# webrtc.adaptation on and off)
+# (b) both, also at 1280x720, (c) a dip to 500 kbit/s, (d) 2 % loss, also at 1280x720; each
+# with webrtc.adaptation on and off)
 # in a private network namespace, as tests/run.sh does, and prints the table they write to
 # target/network-table.txt with the load average, and rtcam's CPU per run (all threads, the capture/encode thread, the rest)
 # with what adaptation adds outside the pipeline. About seven minutes. Needs root
@@ -11,6 +11,9 @@
 #
 #   ./scripts/network-table.sh             all scenarios and the emulator's own check
 #   ./scripts/network-table.sh -k test_c   extra arguments go to pytest
+#   RTCAM_NET_CPU_ROUNDS=5 ./scripts/network-table.sh -k test_cpu
+#                                          the 1280x720 CPU scenarios (b0-720p, d-720p) in five
+#                                          rounds, on and off alternating, with each round's figure
 # (the (b) row's of_alone ratio needs test_b0 in the same run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
