@@ -37,6 +37,7 @@ use rtc::sansio::Protocol;
 use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 
 use super::bandwidth::{BandwidthEstimator, EstimateStats, PacketResult};
+use super::feedback_trace::{self, Input, TraceClock};
 use super::probe::ProbeRequest;
 
 /// Packets leave at this multiple of the estimate: a keyframe is spread over several frame
@@ -73,6 +74,20 @@ struct LinkState {
     /// Bytes waiting in the pacer.
     backlog_bytes: usize,
     counters: LinkCounters,
+    trace_clock: TraceClock,
+    /// The floor and ceiling last set (the writer sets them again at every pipeline change).
+    bounds: (u32, u32),
+}
+
+impl LinkState {
+    /// Logs an input of the estimate as a [`feedback_trace`] line, when that target logs at
+    /// trace level (`input` is not even built otherwise).
+    fn trace(&mut self, input: impl FnOnce(&mut TraceClock) -> Input) {
+        if tracing::enabled!(target: feedback_trace::TARGET, tracing::Level::TRACE) {
+            let line = input(&mut self.trace_clock);
+            tracing::trace!(target: feedback_trace::TARGET, "{line}");
+        }
+    }
 }
 
 /// One viewer's congestion state, shared by its interceptors and its writer.
@@ -91,12 +106,16 @@ pub(crate) struct LinkReport {
 
 impl Link {
     pub fn new(floor: u32, ceiling: u32) -> Self {
+        let mut state = LinkState {
+            estimator: BandwidthEstimator::new(floor, ceiling),
+            backlog_bytes: 0,
+            counters: LinkCounters::default(),
+            trace_clock: TraceClock::default(),
+            bounds: (floor, ceiling),
+        };
+        state.trace(|_| Input::Bounds { floor, ceiling });
         Self {
-            state: Arc::new(Mutex::new(LinkState {
-                estimator: BandwidthEstimator::new(floor, ceiling),
-                backlog_bytes: 0,
-                counters: LinkCounters::default(),
-            })),
+            state: Arc::new(Mutex::new(state)),
         }
     }
 
@@ -136,12 +155,20 @@ impl Link {
     /// The answer negotiated transport-wide feedback and retransmissions: the estimate starts
     /// low and probes find the path ([`BandwidthEstimator::expect_probes`]).
     pub fn expect_probes(&self) {
-        self.lock().estimator.expect_probes();
+        let mut s = self.lock();
+        s.trace(|_| Input::ExpectProbes);
+        s.estimator.expect_probes();
     }
 
     /// New floor and ceiling for the estimate (`encoder.min_bitrate`, `encoder.bitrate`).
     pub fn set_bounds(&self, floor: u32, ceiling: u32) {
-        self.lock().estimator.set_bounds(floor, ceiling);
+        let mut s = self.lock();
+        if s.bounds == (floor, ceiling) {
+            return;
+        }
+        s.bounds = (floor, ceiling);
+        s.trace(|_| Input::Bounds { floor, ceiling });
+        s.estimator.set_bounds(floor, ceiling);
     }
 
     pub fn report(&self, now: Instant) -> LinkReport {
@@ -306,6 +333,7 @@ impl TwccHistory {
         }
         results.sort_by_key(|r| r.departure);
         let mut link = self.link.lock();
+        link.trace(|clock| Input::transport(clock, now, &results));
         if let Some(outcome) = link.estimator.on_transport_feedback(now, &results) {
             tracing::debug!(?outcome, estimate = link.estimator.estimate(), "probe read");
         }
@@ -412,14 +440,17 @@ impl FeedbackTap {
                 .filter(|b| self.local_ssrcs.contains(&b.ssrc))
             {
                 let rtt = self.round_trip(now, block.last_sender_report, block.delay);
-                self.link
-                    .lock()
-                    .estimator
+                let mut link = self.link.lock();
+                link.trace(|clock| Input::receiver_report(clock, now, block.fraction_lost, rtt));
+                link.estimator
                     .on_receiver_report(now, block.fraction_lost, rtt);
             }
         } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
             if remb.bitrate.is_finite() && remb.bitrate >= 0.0 {
-                self.link.lock().estimator.on_remb(remb.bitrate as u64);
+                let bps = remb.bitrate as u64;
+                let mut link = self.link.lock();
+                link.trace(|clock| Input::remb(clock, now, bps));
+                link.estimator.on_remb(bps);
             }
         } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>()
             && self.local_ssrcs.contains(&nack.media_ssrc)

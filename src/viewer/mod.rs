@@ -2,6 +2,7 @@
 
 pub(crate) mod bandwidth;
 pub(crate) mod datachannel;
+pub(crate) mod feedback_trace;
 pub(crate) mod ice_socket;
 pub(crate) mod layers;
 pub(crate) mod link;
