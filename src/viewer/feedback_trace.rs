@@ -2,9 +2,9 @@
 //!
 //! Recording: run rtcam with `RTCAM__LOG__LEVEL="info,rtcam::viewer::feedback_trace=trace"`
 //! (one line per feedback packet: for a test bench, not for a device in use) and keep what
-//! follows `rtcam::viewer::feedback_trace: ` on one session's lines, e.g.
-//! `grep -o 'feedback_trace: .*' rtcam.log | cut -d' ' -f2-`. Lines, times in microseconds
-//! since the link's first traced input:
+//! follows `rtcam::viewer::feedback_trace: ` on one session's lines (each is in its session's
+//! span), e.g. `grep 'session{id=<id> .*feedback_trace: ' rtcam.log | sed 's/.*feedback_trace: //'`.
+//! Lines, times in microseconds since the link's first traced input:
 //! * `bounds <floor> <ceiling>`: the estimate's floor and ceiling (at the start, and after
 //!   `set-bitrate`);
 //! * `probes`: the answer negotiated what probes need ([`BandwidthEstimator::expect_probes`]);
@@ -367,6 +367,7 @@ mod recorded {
     //! how the estimate reads real feedback, not the closed loop (test_network and
     //! `linksim` do that).
 
+    use super::Input;
     use super::replay::{Sample, parse, replay};
 
     /// The most the 2 Mbit/s ceiling lets the estimate reach (the ceiling over the video's
@@ -448,6 +449,47 @@ mod recorded {
         let back =
             first_at(&samples, recovery, |e| e >= 0.95 * TOP).expect("never back at the top");
         assert!(back <= recovery + 5.0, "back at the top at {back:.1} s");
+    }
+
+    #[test]
+    fn a_browsers_feedback_on_a_free_path_never_reads_as_congestion() {
+        // Chromium's own feedback (its cadence, its 250 us arrival units, its receive timing)
+        // on a path with no limit: nothing in it may lower the estimate. The only fall is the
+        // test's set-bitrate to 300 kbit/s, after which the estimate is at the new top.
+        let inputs = parse(include_str!("traces/chromium-loopback.trace")).expect("parses");
+        let lowered = inputs
+            .iter()
+            .position(|i| {
+                matches!(
+                    i,
+                    Input::Bounds {
+                        ceiling: 300_000,
+                        ..
+                    }
+                )
+            })
+            .expect("the trace has the set-bitrate");
+        let before = replay(&inputs[..lowered]);
+        assert!(before.len() > 50, "{} samples", before.len());
+        for pair in before.windows(2) {
+            assert!(
+                pair[1].estimate >= pair[0].estimate,
+                "fell from {} to {} at {:.2} s",
+                pair[0].estimate,
+                pair[1].estimate,
+                pair[1].at_s
+            );
+        }
+        assert!(
+            before.last().is_some_and(|s| s.estimate > 600_000),
+            "climbed to {:?}",
+            before.last()
+        );
+        let all = replay(&inputs);
+        let after = &all[before.len()..];
+        assert!(after.len() > 20, "{} samples after", after.len());
+        let top = (300_000.0 / crate::viewer::bandwidth::VIDEO_SHARE) as u32;
+        assert!(after.iter().all(|s| s.estimate == top), "{after:?}");
     }
 
     #[test]

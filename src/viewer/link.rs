@@ -77,6 +77,9 @@ struct LinkState {
     trace_clock: TraceClock,
     /// The floor and ceiling last set (the writer sets them again at every pipeline change).
     bounds: (u32, u32),
+    /// The session's span: feedback arrives in webrtc-rs's tasks, outside it, and its trace
+    /// lines must still say whose they are.
+    span: tracing::Span,
 }
 
 impl LinkState {
@@ -85,7 +88,8 @@ impl LinkState {
     fn trace(&mut self, input: impl FnOnce(&mut TraceClock) -> Input) {
         if tracing::enabled!(target: feedback_trace::TARGET, tracing::Level::TRACE) {
             let line = input(&mut self.trace_clock);
-            tracing::trace!(target: feedback_trace::TARGET, "{line}");
+            self.span
+                .in_scope(|| tracing::trace!(target: feedback_trace::TARGET, "{line}"));
         }
     }
 }
@@ -112,6 +116,7 @@ impl Link {
             counters: LinkCounters::default(),
             trace_clock: TraceClock::default(),
             bounds: (floor, ceiling),
+            span: tracing::Span::current(),
         };
         state.trace(|_| Input::Bounds { floor, ceiling });
         Self {

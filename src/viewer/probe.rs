@@ -44,6 +44,9 @@ const UNSATURATED: f64 = 0.8;
 const MAX_PROBE_LOSS: f64 = 0.1;
 /// A probe not sent or not answered within this is forgotten.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Packets reported while a probe is still being sent, kept for it: far more than a probe
+/// and the media beside it send in [`PROBE_TIMEOUT`] at the rates rtcam sends.
+const MAX_EARLY_PACKETS: usize = 1024;
 
 /// What the pacer is asked to send: `bytes` at `bps`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,10 +69,13 @@ pub(crate) enum ProbeOutcome {
 #[derive(Debug)]
 enum State {
     Idle,
-    /// Handed to the pacer, not yet sent.
+    /// Handed to the pacer, not yet all sent. Feedback may already report its first packets
+    /// (a probe waits for media and lasts about as long as a browser's feedback interval):
+    /// what left since the request is kept for it.
     Requested {
         id: u32,
         at: Instant,
+        early: Vec<PacketResult>,
     },
     /// Sent between `first` and `last` (departures, both inclusive); feedback collected.
     Sent {
@@ -119,7 +125,11 @@ impl Prober {
         }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        self.state = State::Requested { id, at: now };
+        self.state = State::Requested {
+            id,
+            at: now,
+            early: Vec::new(),
+        };
         let bytes = ((bps * PROBE_DURATION.as_secs_f64() / 8.0) as usize)
             .max(PROBE_MIN_PACKETS * FULL_PACKET);
         Some(ProbeRequest { id, bps, bytes })
@@ -127,12 +137,16 @@ impl Prober {
 
     /// The pacer sent probe `id`: its first and last packet left at these instants.
     pub fn sent(&mut self, id: u32, first: Instant, last: Instant) {
-        if matches!(self.state, State::Requested { id: r, .. } if r == id) {
+        if let State::Requested { id: r, early, .. } = &mut self.state
+            && *r == id
+        {
+            let mut packets = std::mem::take(early);
+            packets.retain(|p| p.departure >= first && p.departure <= last);
             self.state = State::Sent {
                 id,
                 first,
                 last,
-                packets: Vec::new(),
+                packets,
             };
         }
     }
@@ -156,6 +170,11 @@ impl Prober {
     /// Transport-wide feedback (in send order): the probe's result once feedback has
     /// covered all of it.
     pub fn on_feedback(&mut self, now: Instant, results: &[PacketResult]) -> Option<ProbeOutcome> {
+        if let State::Requested { at, early, .. } = &mut self.state {
+            let at = *at;
+            let room = MAX_EARLY_PACKETS.saturating_sub(early.len());
+            early.extend(results.iter().filter(|p| p.departure >= at).take(room));
+        }
         let State::Sent {
             first,
             last,
@@ -338,6 +357,41 @@ mod tests {
             p.request(now, 1_000_000.0, 2_350_000.0).unwrap().bps,
             2_000_000.0
         );
+    }
+
+    #[test]
+    fn feedback_that_comes_while_the_probe_is_still_being_sent_counts_for_it() {
+        // Chromium reports every 50-60 ms and a probe lasts about 50 ms: traced in the
+        // browser test, the first half of a probe was reported before the pacer had sent the
+        // rest, and a probe read from the rest alone (one to three packets) was too short to
+        // say anything: "saturated" on a free path, and the next probe 2.5 s later.
+        let t0 = Instant::now();
+        let mut p = Prober::new();
+        let r = p.request(t0, 666_667.0, 2_350_000.0).unwrap();
+        let before = PacketResult {
+            // Sent before the request: not the probe's.
+            departure: t0 - Duration::from_millis(5),
+            arrival: Some(Duration::from_millis(10)),
+            size: 1200,
+        };
+        let sent = burst(t0, 6, 9.6, 3_000_000.0, |_| false);
+        let (first, last) = span(&sent);
+        let mut early = vec![before];
+        early.extend_from_slice(&sent[..4]);
+        assert_eq!(p.on_feedback(t0 + Duration::from_millis(35), &early), None);
+        p.sent(r.id, first, last);
+        let mut rest = sent[4..].to_vec();
+        rest.push(PacketResult {
+            departure: last + Duration::from_millis(5),
+            arrival: Some(Duration::from_millis(200)),
+            size: 1200,
+        });
+        match p.on_feedback(last + Duration::from_millis(60), &rest) {
+            Some(ProbeOutcome::Carried(bps)) => {
+                assert!((950_000.0..=1_050_000.0).contains(&bps), "{bps}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
