@@ -77,8 +77,8 @@ struct LinkState {
     trace_clock: TraceClock,
     /// The floor and ceiling last set (the writer sets them again at every pipeline change).
     bounds: (u32, u32),
-    /// The session's span: feedback arrives in webrtc-rs's tasks, outside it, and its trace
-    /// lines must still say whose they are.
+    /// The session's span: feedback arrives in webrtc-rs's tasks, outside it, and the lines
+    /// logged from it (trace lines, probe reads) must still say whose they are.
     span: tracing::Span,
 }
 
@@ -340,7 +340,9 @@ impl TwccHistory {
         let mut link = self.link.lock();
         link.trace(|clock| Input::transport(clock, now, &results));
         if let Some(outcome) = link.estimator.on_transport_feedback(now, &results) {
-            tracing::debug!(?outcome, estimate = link.estimator.estimate(), "probe read");
+            let estimate = link.estimator.estimate();
+            link.span
+                .in_scope(|| tracing::debug!(?outcome, estimate, "probe read"));
         }
     }
 }
