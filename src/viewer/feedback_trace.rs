@@ -208,6 +208,16 @@ pub(crate) mod replay {
             .collect()
     }
 
+    /// When a timed input came (the bounds and the probes line have no time).
+    fn time_of(input: &Input) -> Option<i64> {
+        match input {
+            Input::Transport { at, .. }
+            | Input::ReceiverReport { at, .. }
+            | Input::Remb { at, .. } => Some(*at),
+            Input::Bounds { .. } | Input::ExpectProbes => None,
+        }
+    }
+
     /// What the estimate was after an input: seconds since the trace's origin, bits per
     /// second.
     #[derive(Debug, Clone, Copy)]
@@ -224,12 +234,14 @@ pub(crate) mod replay {
         // Departures may precede the first input: start the clock early enough for any.
         let earliest = inputs
             .iter()
-            .flat_map(|i| match i {
-                Input::Transport { at, packets } => std::iter::once(*at)
-                    .chain(packets.iter().map(|p| p.departure))
-                    .min(),
-                Input::ReceiverReport { at, .. } | Input::Remb { at, .. } => Some(*at),
-                _ => None,
+            .flat_map(|i| {
+                let departures = match i {
+                    Input::Transport { packets, .. } => packets.as_slice(),
+                    _ => &[],
+                };
+                time_of(i)
+                    .into_iter()
+                    .chain(departures.iter().map(|p| p.departure))
             })
             .min()
             .unwrap_or(0)
@@ -250,16 +262,11 @@ pub(crate) mod replay {
             let e = estimator
                 .as_mut()
                 .expect("a trace starts with its bounds line");
-            let at = match input {
-                Input::Bounds { .. } => unreachable!("handled above"),
-                Input::ExpectProbes => {
-                    probes = true;
-                    e.expect_probes();
-                    continue;
-                }
-                Input::Transport { at, .. }
-                | Input::ReceiverReport { at, .. }
-                | Input::Remb { at, .. } => *at,
+            let Some(at) = time_of(input) else {
+                // The one other untimed input.
+                probes = true;
+                e.expect_probes();
+                continue;
             };
             let now = time(at);
             while let Some(due) = e.poll_timeout().filter(|d| *d <= now) {
@@ -284,7 +291,7 @@ pub(crate) mod replay {
                     fraction_lost, rtt, ..
                 } => e.on_receiver_report(now, *fraction_lost, rtt.map(Duration::from_micros)),
                 Input::Remb { bps, .. } => e.on_remb(*bps),
-                Input::Bounds { .. } | Input::ExpectProbes => unreachable!("handled above"),
+                Input::Bounds { .. } | Input::ExpectProbes => {} // untimed: handled above
             }
             samples.push(Sample {
                 at_s: at as f64 / 1e6,
